@@ -1,0 +1,22 @@
+"""Storage of domains, ACME account, certificates, challenge tokens, leases and events."""
+
+from .base import CertStore, DomainExists
+from .crypto import SecretBox, StoreKeyError, generate_key_text, load_key
+from .models import AcmeAccount, Domain, DomainState, Event, StoredCertificate
+from .sqlite import SQLiteStore, StoreError
+
+__all__ = [
+    "AcmeAccount",
+    "CertStore",
+    "Domain",
+    "DomainExists",
+    "DomainState",
+    "Event",
+    "SQLiteStore",
+    "SecretBox",
+    "StoreError",
+    "StoreKeyError",
+    "StoredCertificate",
+    "generate_key_text",
+    "load_key",
+]

@@ -1,0 +1,67 @@
+"""Plain records the store hands out; no behaviour beyond small derived facts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class DomainState(StrEnum):
+    PENDING = "pending"  # registered, CNAME not (yet) seen reaching the edge
+    VERIFIED = "verified"  # CNAME reaches the edge; no certificate yet
+    ACTIVE = "active"  # certificate issued
+    FAILED = "failed"  # issuance failed; see events
+    SUSPENDED = "suspended"  # operator kill switch: neither served nor issued
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    hostname: str
+    account: str
+    state: DomainState
+    cname_target_seen: str | None
+    verified_at: float | None
+    last_check_at: float | None
+    last_check_reason: str | None
+    created_at: float
+
+    @property
+    def may_issue(self) -> bool:
+        return self.state in (DomainState.VERIFIED, DomainState.ACTIVE, DomainState.FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeAccount:
+    directory_url: str
+    uri: str
+    key_pem: bytes  # decrypted; only ever held in memory
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCertificate:
+    hostname: str
+    chain_pem: bytes  # leaf first, then intermediates
+    key_pem: bytes  # decrypted; only ever held in memory
+    names: tuple[str, ...]
+    not_before: float
+    not_after: float
+    issuer: str
+    created_at: float
+
+    def is_valid_at(self, now: float) -> bool:
+        return self.not_before <= now < self.not_after
+
+    def __repr__(self) -> str:  # never print key material
+        return (
+            f"StoredCertificate(hostname={self.hostname!r}, names={self.names!r}, "
+            f"not_after={self.not_after!r}, issuer={self.issuer!r})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    at: float
+    hostname: str | None
+    kind: str
+    detail: str

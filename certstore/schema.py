@@ -1,0 +1,63 @@
+"""Versioned schema. Each migration moves `PRAGMA user_version` up by one.
+
+Append new migrations; never edit a released one.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: initial schema
+    """
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    );
+    CREATE TABLE domains (
+        hostname TEXT PRIMARY KEY,
+        account TEXT NOT NULL,
+        state TEXT NOT NULL,
+        cname_target_seen TEXT,
+        verified_at REAL,
+        last_check_at REAL,
+        last_check_reason TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE acme_accounts (
+        directory_url TEXT PRIMARY KEY,
+        uri TEXT NOT NULL,
+        key_sealed BLOB NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE certificates (
+        hostname TEXT PRIMARY KEY,
+        chain_pem BLOB NOT NULL,
+        key_sealed BLOB NOT NULL,
+        names TEXT NOT NULL,
+        not_before REAL NOT NULL,
+        not_after REAL NOT NULL,
+        issuer TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE challenges (
+        token TEXT PRIMARY KEY,
+        key_authorization TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        hostname TEXT,
+        kind TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX events_by_host ON events (hostname, id);
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)

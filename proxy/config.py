@@ -1,0 +1,203 @@
+"""Configuration: a TOML file, then LINKEDGE_<SECTION>_<KEY> environment overrides.
+
+Every key has a default except the few that only the operator can know; unknown
+keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+ENV_PREFIX = "LINKEDGE_"
+
+
+class ConfigError(Exception):
+    """Bad configuration; the message names the key and the problem."""
+
+
+@dataclass
+class ListenConfig:
+    https: str = "0.0.0.0:443"
+    http: str = "0.0.0.0:80"
+
+
+@dataclass
+class BackendConfig:
+    url: str = ""
+    connect_timeout: float = 5.0
+    timeout: float = 30.0
+    pool_size: int = 256
+
+
+@dataclass
+class EdgeConfig:
+    cname_target: str = ""
+    # Policy for ClientHellos without SNI: serve this host's certificate, or refuse if empty.
+    no_sni_host: str = ""
+
+
+@dataclass
+class AcmeConfig:
+    directory: str = LETS_ENCRYPT
+    ca_bundle: str = ""  # empty: system trust store
+    email: str = ""
+    threads: int = 4
+    order_timeout: float = 90.0
+
+
+@dataclass
+class StoreConfig:
+    path: str = "/var/lib/linkedge/linkedge.db"
+    key_file: str = ""
+    key_env: str = "LINKEDGE_STORE_KEY"
+
+
+@dataclass
+class DnsConfig:
+    nameservers: list[str] = field(default_factory=list)  # "ip[:port]"; empty: /etc/resolv.conf
+    timeout: float = 3.0
+
+
+@dataclass
+class TlsConfig:
+    hello_timeout: float = 10.0  # to receive a complete ClientHello
+    handshake_timeout: float = 10.0  # for the TLS handshake once a certificate is chosen
+    issuance_wait: float = 60.0  # how long a first handshake may wait for a new certificate
+    cache_size: int = 10_000  # TLS contexts kept in memory per worker
+    refusal_cache_seconds: float = 30.0  # refused names are not looked up again within this
+    failure_backoff_seconds: float = 60.0  # after a failed order, handshakes fail fast this long
+    pending_recheck_seconds: float = 60.0  # at most one live DNS check per pending host
+
+
+@dataclass
+class Config:
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
+    acme: AcmeConfig = field(default_factory=AcmeConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    workers: int = 1
+    log_level: str = "info"
+
+
+def load_config(path: str | Path | None, environ: dict[str, str] | None = None) -> Config:
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    config = _build(Config, data, "")
+    _apply_env(config, os.environ if environ is None else environ)
+    return config
+
+
+def parse_address(value: str, what: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port)."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not host:
+        raise ConfigError(f"{what}: {value!r} is not host:port")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{what}: port {port} out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
+def require_serving(config: Config) -> None:
+    """Checks only `serve` needs (the CLI's store commands work without them)."""
+    if not config.backend.url.startswith(("http://", "https://")):
+        raise ConfigError("backend.url must be an http:// or https:// URL")
+    if not config.edge.cname_target:
+        raise ConfigError("edge.cname_target is required (the name customers CNAME to)")
+    parse_address(config.listen.https, "listen.https")
+    parse_address(config.listen.http, "listen.http")
+    for ns in config.dns.nameservers:
+        parse_nameserver(ns)
+    if config.workers < 1:
+        raise ConfigError("workers must be at least 1")
+
+
+def parse_nameserver(value: str) -> tuple[str, int]:
+    if value.count(":") == 1 or value.startswith("["):
+        return parse_address(value, "dns.nameservers")
+    return value, 53
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, data[name], f"{prefix}{name}.")  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _coerce(data[name], hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        hint = next(a for a in get_args(hint) if a is not type(None))
+        origin = get_origin(hint)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} must be a list of strings")
+        return value
+    if hint is bool:
+        if isinstance(value, str):
+            return value.lower() in ("1", "true", "yes", "on")
+        return bool(value)
+    if hint in (int, float):
+        try:
+            number = hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if number < 0:
+            raise ConfigError(f"{key} must not be negative")
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string")
+        return value
+    raise ConfigError(f"{key}: unsupported type")
+
+
+def _apply_env(config: Config, environ: Any) -> None:
+    hints = get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        sub = getattr(config, section.name)
+        if not dataclasses.is_dataclass(sub):
+            var = f"{ENV_PREFIX}{section.name.upper()}"
+            if var in environ:
+                setattr(config, section.name, _coerce(environ[var], hints[section.name], var))
+            continue
+        sub_hints = get_type_hints(type(sub))
+        for f in dataclasses.fields(sub):
+            var = f"{ENV_PREFIX}{section.name.upper()}_{f.name.upper()}"
+            if var in environ:
+                setattr(sub, f.name, _coerce(environ[var], sub_hints[f.name], var))

@@ -1,0 +1,191 @@
+"""One edge worker: the store, the ACME issuer, the listeners, wired together.
+
+`--workers N` runs N of these in separate processes; each binds the same
+addresses with SO_REUSEPORT and opens the same SQLite store, which is what keeps
+them coordinated (challenge tokens, leases, certificates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from acme_client import AcmeIssuer, AcmeSettings
+from certstore import SQLiteStore, load_key
+
+from .certificates import CertificateManager, ManagerSettings
+from .clienthello import HANDSHAKE_FAILURE, ClientHello
+from .config import Config, parse_address
+from .dnscheck import CnameChecker
+from .forward import Forwarder
+from .gate import IssuanceGate
+from .hostnames import InvalidHostname, normalize_hostname
+from .http_app import make_http_app
+from .refusals import Refused
+from .tls_listener import ListenerSettings, TLSListener
+
+log = logging.getLogger(__name__)
+
+
+def listening_socket(address: str, what: str, *, reuse_port: bool) -> socket.socket:
+    host, port = parse_address(address, what)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address} ({what}): {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+async def open_store(config: Config, clock: Callable[[], float] = time.time) -> SQLiteStore:
+    key = load_key(config.store.key_file or None, config.store.key_env or None)
+    return await SQLiteStore.open(config.store.path, key, clock=clock)
+
+
+def acme_settings(config: Config) -> AcmeSettings:
+    return AcmeSettings(
+        directory_url=config.acme.directory,
+        ca_bundle=config.acme.ca_bundle or None,
+        contact_email=config.acme.email or None,
+        threads=config.acme.threads,
+        order_timeout=config.acme.order_timeout,
+    )
+
+
+class EdgeWorker:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._clock = clock
+        self._closers: list[Callable[[], object]] = []
+        self.manager: CertificateManager | None = None
+        self.tls_listener: TLSListener | None = None
+        self.http_address: tuple[str, int] | None = None
+        self.https_address: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        store = await open_store(config, self._clock)
+        self._closers.append(store.close)
+        issuer = AcmeIssuer(acme_settings(config), store)
+        self._closers.append(issuer.close)
+        await issuer.start()
+        checker = CnameChecker(config.dns.nameservers, config.dns.timeout)
+        gate = IssuanceGate(
+            store,
+            checker,
+            config.edge.cname_target,
+            config.tls.pending_recheck_seconds,
+            clock=self._clock,
+        )
+        self.manager = CertificateManager(
+            store,
+            issuer,
+            gate,
+            ManagerSettings(
+                refusal_seconds=config.tls.refusal_cache_seconds,
+                failure_backoff_seconds=config.tls.failure_backoff_seconds,
+                lease_seconds=config.acme.order_timeout + 60,
+                cache_size=config.tls.cache_size,
+            ),
+            clock=self._clock,
+        )
+        forwarder = Forwarder(
+            config.backend.url,
+            connect_timeout=config.backend.connect_timeout,
+            timeout=config.backend.timeout,
+            pool_size=config.backend.pool_size,
+        )
+        await forwarder.start()
+        self._closers.append(forwarder.close)
+
+        runner = web.AppRunner(make_http_app(store, forwarder), access_log=None)
+        await runner.setup()
+        self._closers.append(runner.cleanup)
+        http_sock = listening_socket(config.listen.http, "listen.http", reuse_port=True)
+        http_site = web.SockSite(runner, http_sock)
+        await http_site.start()
+        self.http_address = http_sock.getsockname()[:2]
+
+        https_sock = listening_socket(config.listen.https, "listen.https", reuse_port=True)
+        self.https_address = https_sock.getsockname()[:2]
+        assert runner.server is not None
+        self.tls_listener = TLSListener(
+            https_sock,
+            self._select_context,
+            runner.server,
+            ListenerSettings(
+                hello_timeout=config.tls.hello_timeout,
+                selection_timeout=config.tls.issuance_wait,
+                handshake_timeout=config.tls.handshake_timeout,
+            ),
+        )
+        self.tls_listener.start()
+        self._closers.append(self.tls_listener.close)
+        log.info(
+            "edge worker ready: https on %s, http on %s, backend %s",
+            _fmt(self.https_address),
+            _fmt(self.http_address),
+            config.backend.url,
+        )
+
+    async def close(self) -> None:
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                result = closer()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:  # keep closing the rest
+                log.exception("error while shutting down")
+
+    async def _select_context(self, hello: ClientHello) -> ssl.SSLContext:
+        assert self.manager is not None
+        name = hello.server_name
+        if name is None:
+            # Policy for clients without SNI (old tools, `openssl s_time`): serve the
+            # configured host's certificate if there is one, otherwise refuse.
+            if not self.config.edge.no_sni_host:
+                raise Refused("no SNI in ClientHello", HANDSHAKE_FAILURE)
+            name = self.config.edge.no_sni_host
+        try:
+            hostname = normalize_hostname(name)
+        except InvalidHostname as exc:
+            raise Refused(str(exc)) from None
+        return await self.manager.context_for(hostname)
+
+
+def _fmt(address: tuple[str, int] | None) -> str:
+    if address is None:
+        return "-"
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def run_worker(config: Config, ready: Callable[[], None] | None = None) -> None:
+    """Run one worker until SIGTERM/SIGINT."""
+    worker = EdgeWorker(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await worker.start()
+        if ready is not None:
+            ready()
+        await stop.wait()
+    finally:
+        await worker.close()

@@ -1,0 +1,174 @@
+"""Forwarding clicks to the tracking backend.
+
+The edge is transparent for the click: method, path and query (byte for byte),
+Host, User-Agent, cookies and bodies pass through; redirects are relayed as the
+backend sent them (a 302 stays a 302, never followed); nothing is cached. What
+the edge adds is who the client is: X-Forwarded-For/-Proto/-Host and Forwarded
+(RFC 7239), built only from what the edge itself saw. Client-supplied copies are
+dropped, since anyone can send them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 §7.6.1 connection-specific fields, plus ones a proxy must not relay
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Connection",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
+UNTRUSTED_FORWARDING = frozenset(
+    h.lower()
+    for h in ("Forwarded", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
+)
+
+
+class Forwarder:
+    def __init__(
+        self,
+        backend_url: str,
+        *,
+        connect_timeout: float = 5.0,
+        timeout: float = 30.0,
+        pool_size: int = 256,
+    ) -> None:
+        self._base = URL(backend_url.rstrip("/"))
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_connect=connect_timeout, sock_read=timeout
+        )
+        self._pool_size = pool_size
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._pool_size, keepalive_timeout=30, enable_cleanup_closed=True
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # never keep one recipient's cookies
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None, "Forwarder.start() not awaited"
+        url = URL(str(self._base) + request.raw_path, encoded=True)
+        headers = forwarded_headers(request)
+        body = request.content if request.body_exists else None
+        try:
+            async with self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                compress=None,
+            ) as upstream:
+                return await _relay(request, upstream)
+        except TimeoutError:
+            log.warning("backend timeout for %s %s", request.method, request.raw_path)
+            return _error(504, "Gateway Timeout: the tracking backend did not answer in time")
+        except aiohttp.ClientError as exc:
+            log.warning("backend error for %s %s: %s", request.method, request.raw_path, exc)
+            return _error(502, "Bad Gateway: the tracking backend is unavailable")
+
+
+def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in UNTRUSTED_FORWARDING or lname == "content-length":
+            continue
+        headers.add(name, value)
+    if request.body_exists and request.content_length is not None:
+        headers["Content-Length"] = str(request.content_length)
+    client = _client_ip(request)
+    proto = "https" if request.secure else "http"
+    host = request.headers.get("Host", "")
+    headers["X-Forwarded-For"] = client
+    headers["X-Forwarded-Proto"] = proto
+    if host:
+        headers["X-Forwarded-Host"] = host
+    forwarded = f"for={_forwarded_node(client)};proto={proto}"
+    if host:
+        forwarded += f";host={_quote(host)}"
+    headers["Forwarded"] = forwarded
+    return headers
+
+
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    for name, value in upstream.headers.items():
+        if name.lower() in HOP_BY_HOP:
+            continue
+        response.headers.add(name, value)
+    if "Content-Length" not in upstream.headers and request.method != "HEAD":
+        response.enable_chunked_encoding()
+    await response.prepare(request)
+    if request.method != "HEAD":
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are gone already: cut the connection so the client sees a
+            # truncated response, never a short body that looks complete.
+            log.warning("backend failed mid-response for %s: %s", request.raw_path, exc)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+    await response.write_eof()
+    return response
+
+
+def _client_ip(request: web.Request) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return request.remote or "unknown"
+
+
+def _forwarded_node(ip: str) -> str:
+    try:
+        if isinstance(ipaddress.ip_address(ip), ipaddress.IPv6Address):
+            return f'"[{ip}]"'
+    except ValueError:
+        return "unknown"
+    return ip
+
+
+def _quote(value: str) -> str:
+    if all(c.isalnum() or c in "-._~" for c in value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _error(status: int, text: str) -> web.Response:
+    return web.Response(
+        status=status,
+        text=text + "\n",
+        headers={"Cache-Control": "no-store", "Connection": "close"},
+    )

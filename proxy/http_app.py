@@ -1,0 +1,46 @@
+"""The HTTP application shared by both listeners.
+
+Plain HTTP stays useful forever: links in mail already sent are `http://`, and the
+CA's HTTP-01 validation arrives here. Challenge answers come from the store, so
+whichever worker process the CA reaches can answer for an order another placed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from aiohttp import web
+
+from certstore import CertStore
+
+from .forward import Forwarder
+
+log = logging.getLogger(__name__)
+CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+
+
+def make_http_app(store: CertStore, forwarder: Forwarder) -> web.Application:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path.startswith(CHALLENGE_PREFIX) and request.method in ("GET", "HEAD"):
+            return await _challenge(store, path[len(CHALLENGE_PREFIX) :])
+        return await forwarder.handle(request)
+
+    app = web.Application(client_max_size=0)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+async def _challenge(store: CertStore, token: str) -> web.Response:
+    answer = await store.get_challenge(token) if _is_token(token) else None
+    if answer is None:
+        log.info("unknown ACME challenge token %r (worker %d)", token[:64], os.getpid())
+        return web.Response(status=404, text="no such challenge\n")
+    log.info("served ACME challenge token %s (worker %d)", token, os.getpid())
+    return web.Response(text=answer, content_type="application/octet-stream")
+
+
+def _is_token(token: str) -> bool:
+    # RFC 8555 §8.3: base64url, at least 128 bits of entropy
+    return 0 < len(token) <= 256 and all(c.isalnum() or c in "-_" for c in token)

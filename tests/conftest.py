@@ -1,0 +1,197 @@
+"""Fixtures: real Pebble, a real DNS server, a recording backend and edge workers.
+
+Every edge gets its own loopback address 127.0.0.N and its own target name
+`edge-N.linkedge.test` (A -> 127.0.0.N). Pebble validates HTTP-01 on one fixed
+port, so edges share that port number on distinct addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from certstore import SQLiteStore, generate_key_text
+from certstore.crypto import parse_key_text
+from proxy.config import Config
+from proxy.demo.backend import RecordedRequest, start_backend
+from proxy.demo.dnsserver import DNSServer
+from proxy.demo.pebble import PebbleServer
+from proxy.edge import EdgeWorker
+
+_addresses = itertools.count(10)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def dns_server() -> Iterator[DNSServer]:
+    with DNSServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pebble(
+    dns_server: DNSServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PebbleServer]:
+    server = PebbleServer(
+        tmp_path_factory.mktemp("pebble"),
+        dns_server.nameserver,
+        http_port=free_port(),
+        tls_port=free_port(),
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[tuple[str, list[RecordedRequest]]]:
+    recorded: list[RecordedRequest] = []
+    runner, url = await start_backend(recorded=recorded)
+    yield url, recorded
+    await runner.cleanup()
+
+
+@dataclass
+class EdgeHandle:
+    """A running edge worker plus what a test needs to talk to it."""
+
+    ip: str
+    target: str
+    config: Config
+    key_text: str
+    worker: EdgeWorker | None = None
+    hosts: list[str] = field(default_factory=list)
+
+    @property
+    def https_port(self) -> int:
+        return int(self.config.listen.https.rsplit(":", 1)[1])
+
+    @property
+    def http_port(self) -> int:
+        return int(self.config.listen.http.rsplit(":", 1)[1])
+
+    async def start(self) -> None:
+        self.worker = EdgeWorker(self.config)
+        await self.worker.start()
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            await self.worker.close()
+            self.worker = None
+
+    async def open_store(self) -> SQLiteStore:
+        return await SQLiteStore.open(self.config.store.path, parse_key_text(self.key_text, "test"))
+
+
+class StaticResolver(AbstractResolver):
+    """aiohttp resolver sending every name to one address (the edge under test)."""
+
+    def __init__(self, ip: str) -> None:
+        self._ip = ip
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(
+                hostname=host, host=self._ip, port=port, family=socket.AF_INET, proto=0, flags=0
+            )
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+def make_config(
+    tmp_path: Path, ip: str, target: str, pebble: PebbleServer, dns: DNSServer, backend_url: str
+) -> Config:
+    config = Config()
+    config.listen.https = f"{ip}:{free_port(ip)}"
+    config.listen.http = f"{ip}:{pebble.http_port}"
+    config.backend.url = backend_url
+    config.backend.timeout = 5
+    config.edge.cname_target = target
+    config.acme.directory = pebble.directory_url
+    config.acme.ca_bundle = str(pebble.ca_bundle)
+    config.acme.order_timeout = 30
+    config.store.path = str(tmp_path / "store.db")
+    config.store.key_file = str(tmp_path / "store.key")
+    config.store.key_env = ""
+    config.dns.nameservers = [dns.nameserver]
+    config.dns.timeout = 2
+    config.tls.issuance_wait = 30
+    config.tls.hello_timeout = 2
+    return config
+
+
+@pytest.fixture
+def edge_config(
+    tmp_path: Path,
+    pebble: PebbleServer,
+    dns_server: DNSServer,
+    backend: tuple[str, list[RecordedRequest]],
+) -> EdgeHandle:
+    n = next(_addresses)
+    ip = f"127.0.0.{n}"
+    target = f"edge-{n}.linkedge.test"
+    dns_server.set_a(target, [ip])
+    key_text = generate_key_text()
+    (tmp_path / "store.key").write_text(key_text)
+    config = make_config(tmp_path, ip, target, pebble, dns_server, backend[0])
+    return EdgeHandle(ip=ip, target=target, config=config, key_text=key_text)
+
+
+@pytest.fixture
+async def edge(edge_config: EdgeHandle) -> AsyncIterator[EdgeHandle]:
+    await edge_config.start()
+    yield edge_config
+    await edge_config.stop()
+
+
+def client_context(pebble: PebbleServer) -> ssl.SSLContext:
+    """A strict TLS client context trusting only Pebble's issuing root."""
+    return ssl.create_default_context(cafile=str(pebble.root_path))
+
+
+def https_session(
+    edge: EdgeHandle, pebble: PebbleServer, **kwargs: object
+) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        resolver=StaticResolver(edge.ip), ssl=client_context(pebble), force_close=True
+    )
+    return aiohttp.ClientSession(connector=connector, **kwargs)  # type: ignore[arg-type]
+
+
+async def register(store: SQLiteStore, dns: DNSServer, host: str, target: str) -> None:
+    await store.add_domain(host, "acct-test")
+    dns.set_cname(host, target)
+
+
+async def tls_handshake(
+    ip: str, port: int, server_name: str | None, ctx: ssl.SSLContext, timeout: float = 30
+) -> ssl.SSLObject | None:
+    """One raw TLS handshake; returns the peer certificate's SSL object info."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(ip, port, ssl=ctx, server_hostname=server_name), timeout
+    )
+    obj = writer.get_extra_info("ssl_object")
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return obj
