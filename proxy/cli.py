@@ -1,0 +1,252 @@
+"""The `linkedge` command line.
+
+Every expected failure (bad config, bad hostname, wrong key, unreachable CA, port
+taken) ends as one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from acme_client import AcmeError
+from certstore import DomainExists, DomainState, SQLiteStore, StoreError, StoreKeyError
+from certstore.crypto import generate_key_text
+
+from .config import Config, ConfigError, load_config, require_serving
+from .dnscheck import CnameChecker, CnameStatus
+from .edge import open_store
+from .hostnames import InvalidHostname, display_hostname, normalize_hostname
+from .workers import configure_logging, serve
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="linkedge", description="HTTPS edge for tracked-link domains (on-demand ACME)."
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("LINKEDGE_CONFIG"),
+        help="TOML config file (default: $LINKEDGE_CONFIG); LINKEDGE_<SECTION>_<KEY> overrides",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the edge")
+    p.add_argument("--workers", type=int, help="worker processes sharing the listeners")
+
+    domains = sub.add_parser("domains", help="manage tracking hosts").add_subparsers(
+        dest="action", required=True
+    )
+    p = domains.add_parser("add", help="register a host (it still has to CNAME to the edge)")
+    p.add_argument("hostname")
+    p.add_argument("--account", default="default", help="customer account owning the host")
+    p = domains.add_parser("remove", help="unregister a host and delete its certificate")
+    p.add_argument("hostname")
+    p = domains.add_parser("list", help="list registered hosts")
+    p.add_argument("--json", action="store_true")
+    p = domains.add_parser("verify", help="check the CNAME now and record the result")
+    p.add_argument("hostname")
+
+    certs = sub.add_parser("certs", help="inspect certificates").add_subparsers(
+        dest="action", required=True
+    )
+    p = certs.add_parser("list", help="list certificates, soonest expiry first")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("keygen", help="write a new store encryption key to a file")
+    p.add_argument("path")
+
+    p = sub.add_parser("demo", help="run a local end-to-end demo (Pebble, DNS, backend, edge)")
+    p.add_argument("--keep", action="store_true", help="keep running after the demo click")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ConfigError, InvalidHostname, StoreKeyError, StoreError, AcmeError, OSError) as exc:
+        print(f"linkedge: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ConfigError | InvalidHostname) else EXIT_FAILURE
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "keygen":
+        return _keygen(Path(args.path))
+    if args.command == "demo":
+        from .demo.run import run_demo  # the demo stack is not needed for serving
+
+        return run_demo(keep=args.keep)
+    config = load_config(args.config)
+    if args.command == "serve":
+        if args.workers is not None:
+            config.workers = args.workers
+        require_serving(config)
+        configure_logging(config.log_level)
+        return serve(config)
+    handlers: dict[tuple[str, str], Callable[[SQLiteStore, Config, argparse.Namespace], Any]] = {
+        ("domains", "add"): _domains_add,
+        ("domains", "remove"): _domains_remove,
+        ("domains", "list"): _domains_list,
+        ("domains", "verify"): _domains_verify,
+        ("certs", "list"): _certs_list,
+    }
+    return asyncio.run(_with_store(config, args, handlers[(args.command, args.action)]))
+
+
+async def _with_store(
+    config: Config,
+    args: argparse.Namespace,
+    handler: Callable[[SQLiteStore, Config, argparse.Namespace], Awaitable[int]],
+) -> int:
+    store = await open_store(config)
+    try:
+        return await handler(store, config, args)
+    finally:
+        await store.close()
+
+
+def _keygen(path: Path) -> int:
+    if path.exists():
+        print(f"linkedge: error: {path} exists; refusing to overwrite a key", file=sys.stderr)
+        return EXIT_FAILURE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(generate_key_text() + "\n")
+    print(f"wrote a new store key to {path} (keep it secret, keep a backup)")
+    return 0
+
+
+async def _domains_add(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
+    hostname = normalize_hostname(args.hostname)
+    if config.edge.cname_target and hostname == config.edge.cname_target.rstrip(".").lower():
+        raise InvalidHostname(f"{hostname} is the edge's own name")
+    try:
+        await store.add_domain(hostname, args.account)
+    except DomainExists:
+        existing = await store.get_domain(hostname)
+        owner = existing.account if existing else "?"
+        print(
+            f"linkedge: error: {hostname} is already registered (account {owner})", file=sys.stderr
+        )
+        return EXIT_FAILURE
+    target = config.edge.cname_target or "<edge.cname_target>"
+    print(f"added {hostname} ({display_hostname(hostname)}); point a CNAME at {target}")
+    return 0
+
+
+async def _domains_remove(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:
+    hostname = normalize_hostname(args.hostname)
+    if not await store.remove_domain(hostname):
+        print(f"linkedge: error: {hostname} is not registered", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"removed {hostname}")
+    return 0
+
+
+async def _domains_list(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:
+    domains = await store.list_domains()
+    if args.json:
+        rows = [
+            {
+                "hostname": d.hostname,
+                "account": d.account,
+                "state": d.state.value,
+                "cname_target_seen": d.cname_target_seen,
+                "verified_at": d.verified_at,
+                "last_check_reason": d.last_check_reason,
+            }
+            for d in domains
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    _table(
+        ["HOST", "ACCOUNT", "STATE", "LAST CHECK"],
+        [[d.hostname, d.account, d.state.value, d.last_check_reason or "-"] for d in domains],
+    )
+    return 0
+
+
+async def _domains_verify(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
+    hostname = normalize_hostname(args.hostname)
+    domain = await store.get_domain(hostname)
+    if domain is None:
+        print(f"linkedge: error: {hostname} is not registered", file=sys.stderr)
+        return EXIT_FAILURE
+    if not config.edge.cname_target:
+        raise ConfigError("edge.cname_target is required to verify a CNAME")
+    result = await CnameChecker(config.dns.nameservers, config.dns.timeout).check(
+        hostname, config.edge.cname_target
+    )
+    ok = result.status is CnameStatus.OK
+    if domain.state is DomainState.PENDING or not ok:
+        new_state = DomainState.VERIFIED if ok else DomainState.PENDING
+        if domain.state in (DomainState.ACTIVE, DomainState.SUSPENDED):
+            new_state = domain.state  # verification never undoes these
+        await store.record_check(
+            hostname,
+            state=new_state,
+            cname_target_seen=result.first_target,
+            reason=result.reason,
+            verified=ok,
+        )
+        await store.record_event(hostname, "verified" if ok else "check_failed", result.reason)
+    mark = "ok" if ok else ("retry" if result.status is CnameStatus.UNKNOWN else "FAIL")
+    print(f"cname  [{mark}] {result.reason}")
+    return 0 if ok else EXIT_FAILURE
+
+
+async def _certs_list(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:
+    certs = await store.list_certificates()
+    now = time.time()
+    if args.json:
+        rows = [
+            {
+                "hostname": c.hostname,
+                "names": list(c.names),
+                "not_before": c.not_before,
+                "not_after": c.not_after,
+                "issuer": c.issuer,
+            }
+            for c in certs
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    _table(
+        ["HOST", "EXPIRES (UTC)", "DAYS LEFT", "ISSUER"],
+        [
+            [
+                c.hostname,
+                time.strftime("%Y-%m-%d %H:%M", time.gmtime(c.not_after)),
+                f"{(c.not_after - now) / 86400:.1f}",
+                c.issuer,
+            ]
+            for c in certs
+        ],
+    )
+    return 0
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+    if not rows:
+        print("(none)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
