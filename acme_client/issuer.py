@@ -31,7 +31,7 @@ from certstore import AcmeAccount, CertStore
 
 from .errors import AcmeError, AcmeUnavailable, AuthorizationFailed, IssuanceTimeout
 from .keys import certificate_facts, make_csr_pem, new_private_key_pem
-from .retry import with_retry
+from .retry import describe_network_error, with_retry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -206,9 +206,9 @@ class AcmeIssuer:
             )
         except AcmeUnavailable:
             raise
-        except requests.exceptions.SSLError as exc:
-            raise AcmeUnavailable(f"TLS error talking to ACME server {url}: {exc}") from exc
-        except (errors.Error, requests.RequestException, ValueError) as exc:
+        except requests.RequestException as exc:
+            raise AcmeUnavailable(describe_network_error(exc)) from exc
+        except (errors.Error, ValueError) as exc:
             raise AcmeUnavailable(
                 f"ACME server {url} did not answer with a directory: {exc}"
             ) from exc
@@ -302,5 +302,5 @@ def _as_acme_error(exc: BaseException, what: str) -> AcmeError:
     if isinstance(exc, messages.Error):
         return AcmeError(f"{what}: {exc.typ}: {exc.detail}")
     if isinstance(exc, requests.RequestException):
-        return AcmeUnavailable(f"{what}: ACME server unreachable ({exc})")
+        return AcmeUnavailable(f"{what}: {describe_network_error(exc)}")
     return AcmeError(f"{what}: {exc}")

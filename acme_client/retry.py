@@ -30,6 +30,8 @@ def is_transient(exc: BaseException) -> bool:
         return typ.endswith(":serverInternal")
     if isinstance(exc, acme_errors.BadNonce | acme_errors.NonceError):
         return True
+    if isinstance(exc, requests.exceptions.SSLError):
+        return False  # a certificate problem does not fix itself
     if isinstance(exc, requests.ConnectionError | requests.Timeout):
         return True
     if isinstance(exc, acme_errors.ClientError) and exc.args:
@@ -55,9 +57,27 @@ def with_retry(
         except Exception as exc:
             if not is_transient(exc) or attempt == attempts:
                 if isinstance(exc, requests.RequestException):
-                    raise AcmeUnavailable(f"{what}: ACME server unreachable ({exc})") from exc
+                    raise AcmeUnavailable(f"{what}: {describe_network_error(exc)}") from exc
                 raise
             log.info("%s: transient ACME error (%s), retry %d/%d", what, exc, attempt, attempts)
             sleep(delay * (0.5 + random.random()))
             delay = min(delay * 3, max_delay)
     raise AssertionError("unreachable")
+
+
+def describe_network_error(exc: requests.RequestException) -> str:
+    """The useful tail of a requests error, without urllib3's object reprs."""
+    url = exc.request.url if exc.request is not None else None
+    reason: object = exc.args[0] if exc.args else exc
+    reason = getattr(reason, "reason", reason)  # urllib3 MaxRetryError -> the cause
+    text = str(reason)
+    for marker in ("[Errno", "[SSL"):
+        if marker in text:
+            text = text[text.index(marker) :]
+            break
+    where = f" {url}" if url else ""
+    if isinstance(exc, requests.exceptions.SSLError):
+        return f"TLS error talking to ACME server{where}: {text}"
+    if isinstance(exc, requests.Timeout):
+        return f"ACME server{where} timed out: {text}"
+    return f"ACME server{where} unreachable: {text}"

@@ -24,7 +24,7 @@ from .config import Config, ConfigError, load_config, require_serving
 from .dnscheck import CnameChecker, CnameStatus
 from .edge import open_store
 from .hostnames import InvalidHostname, display_hostname, normalize_hostname
-from .workers import configure_logging, serve
+from .workers import serve
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -95,7 +95,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.workers is not None:
             config.workers = args.workers
         require_serving(config)
-        configure_logging(config.log_level)
         return serve(config)
     handlers: dict[tuple[str, str], Callable[[SQLiteStore, Config, argparse.Namespace], Any]] = {
         ("domains", "add"): _domains_add,

@@ -59,6 +59,12 @@ class CnameChecker:
             chain = _chain_from_nxdomain(exc, hostname)
             if target in chain:
                 return CnameResult(CnameStatus.OK, chain, f"CNAME reaches {target}")
+            if chain:
+                return CnameResult(
+                    CnameStatus.ELSEWHERE,
+                    chain,
+                    f"CNAME points to {chain[-1]} (which does not exist), not {target}",
+                )
             return CnameResult(CnameStatus.NXDOMAIN, chain, f"{hostname} does not exist in DNS")
         except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
             return CnameResult(CnameStatus.UNKNOWN, (), f"DNS lookup failed, will retry: {exc}")

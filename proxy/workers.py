@@ -43,7 +43,9 @@ async def preflight(config: Config) -> None:
 
 
 def serve(config: Config) -> int:
+    configure_logging("warning")  # retries during the preflight are not news
     asyncio.run(preflight(config))
+    configure_logging(config.log_level)
     if config.workers == 1:
         asyncio.run(run_worker(config))
         return 0
@@ -108,6 +110,7 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+        force=True,
     )
     # asyncio reports every client that aborts a TLS handshake; those are counted instead.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what linkedge needs on a Debian machine into ./.venv (idempotent).
+#   deploy/bootstrap.sh          runtime + demo (Debian: pebble, python3-venv)
+#   deploy/bootstrap.sh --test   also the test tools (curl, openssl, pytest, ...)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+with_tests=0
+[[ "${1:-}" == "--test" ]] && with_tests=1
+
+sudo_if_needed() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+
+debs=(pebble ca-certificates)
+((with_tests)) && debs+=(curl openssl)
+missing=()
+for pkg in "${debs[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    missing+=(python3-venv)
+fi
+if ((${#missing[@]})); then
+    echo "bootstrap: installing Debian packages: ${missing[*]}"
+    sudo_if_needed apt-get update -qq
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+    python3 -m venv .venv
+fi
+extra=""
+((with_tests)) && extra="[test]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".${extra}"

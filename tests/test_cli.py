@@ -1,0 +1,173 @@
+"""The command line as an operator uses it: clear one-line errors, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+from certstore import generate_key_text
+from proxy.demo.dnsserver import DNSServer
+from proxy.demo.pebble import PebbleServer
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_clean_error(
+    result: subprocess.CompletedProcess[str], code: int, *fragments: str
+) -> None:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("linkedge: error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def store_env(tmp_path: Path) -> dict[str, str]:
+    key = tmp_path / "store.key"
+    key.write_text(generate_key_text())
+    return {
+        "LINKEDGE_STORE_PATH": str(tmp_path / "store.db"),
+        "LINKEDGE_STORE_KEY_FILE": str(key),
+        "LINKEDGE_STORE_KEY_ENV": "",
+        "LINKEDGE_EDGE_CNAME_TARGET": "edge.linkedge.test",
+    }
+
+
+def test_keygen_writes_private_key_and_refuses_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "k"
+    assert run_cli("keygen", str(path)).returncode == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(path.read_text().strip()) == 44
+    before = path.read_text()
+    assert_clean_error(run_cli("keygen", str(path)), 1, "refusing to overwrite")
+    assert path.read_text() == before
+
+
+def test_domains_add_list_remove(store_env: dict[str, str]) -> None:
+    added = run_cli("domains", "add", "Links.Bücher.Test.", "--account", "shop1", env=store_env)
+    assert added.returncode == 0, added.stderr
+    assert "xn--bcher-kva" in added.stdout
+    listed = run_cli("domains", "list", "--json", env=store_env)
+    rows = json.loads(listed.stdout)
+    assert [(r["hostname"], r["account"], r["state"]) for r in rows] == [
+        ("links.xn--bcher-kva.test", "shop1", "pending")
+    ]
+    dup = run_cli("domains", "add", "links.xn--bcher-kva.test", "--account", "other", env=store_env)
+    assert_clean_error(dup, 1, "already registered", "shop1")
+    assert run_cli("domains", "remove", "LINKS.xn--bcher-kva.test", env=store_env).returncode == 0
+    assert json.loads(run_cli("domains", "list", "--json", env=store_env).stdout) == []
+    assert_clean_error(
+        run_cli("domains", "remove", "nope.test", env=store_env), 1, "not registered"
+    )
+
+
+@pytest.mark.parametrize(
+    ("hostname", "fragment"),
+    [
+        ("192.0.2.1", "IP address"),
+        ("[::1]", "IP address"),
+        ("*.shop.test", "wildcard"),
+        ("a" * 64 + ".test", "longer than 63"),
+        (("a" * 60 + ".") * 5 + "test", "longer than 253"),
+        ("localhost", "two labels"),
+        ("bad_name.test", "letters, digits"),
+        ("edge.linkedge.test", "edge's own name"),
+    ],
+)
+def test_domains_add_rejects_bad_hostnames(
+    store_env: dict[str, str], hostname: str, fragment: str
+) -> None:
+    assert_clean_error(run_cli("domains", "add", hostname, env=store_env), 2, fragment)
+    assert json.loads(run_cli("domains", "list", "--json", env=store_env).stdout) == []
+
+
+def test_missing_and_wrong_store_key(store_env: dict[str, str], tmp_path: Path) -> None:
+    missing = {**store_env, "LINKEDGE_STORE_KEY_FILE": str(tmp_path / "absent.key")}
+    assert_clean_error(run_cli("domains", "list", env=missing), 1, "does not exist", "keygen")
+    assert run_cli("domains", "add", "links.shop.test", env=store_env).returncode == 0
+    other = tmp_path / "other.key"
+    other.write_text(generate_key_text())
+    wrong = {**store_env, "LINKEDGE_STORE_KEY_FILE": str(other)}
+    assert_clean_error(run_cli("domains", "list", env=wrong), 1, "does not match")
+    garbage = tmp_path / "garbage.key"
+    garbage.write_text("not base64 !!")
+    bad = {**store_env, "LINKEDGE_STORE_KEY_FILE": str(garbage)}
+    assert_clean_error(run_cli("domains", "list", env=bad), 1, "not valid base64")
+
+
+def test_bad_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[acme]\ndirectroy = "x"\n')
+    assert_clean_error(run_cli("-c", str(cfg), "serve"), 2, "unknown config key acme.directroy")
+    cfg.write_text("[acme\n")
+    assert_clean_error(run_cli("-c", str(cfg), "serve"), 2, "not valid TOML")
+    assert_clean_error(run_cli("-c", str(tmp_path / "nope.toml"), "serve"), 2, "does not exist")
+    cfg.write_text('[tls]\nissuance_wait = "soon"\n')
+    assert_clean_error(run_cli("-c", str(cfg), "serve"), 2, "tls.issuance_wait must be a number")
+
+
+def _serve_env(store_env: dict[str, str], directory: str, ca_bundle: str) -> dict[str, str]:
+    return {
+        **store_env,
+        "LINKEDGE_LISTEN_HTTPS": f"127.0.0.1:{free_port()}",
+        "LINKEDGE_LISTEN_HTTP": f"127.0.0.1:{free_port()}",
+        "LINKEDGE_BACKEND_URL": "http://127.0.0.1:9",
+        "LINKEDGE_ACME_DIRECTORY": directory,
+        "LINKEDGE_ACME_CA_BUNDLE": ca_bundle,
+    }
+
+
+def test_serve_with_unreachable_acme_server(
+    store_env: dict[str, str], pebble: PebbleServer
+) -> None:
+    env = _serve_env(store_env, f"https://127.0.0.1:{free_port()}/dir", str(pebble.ca_bundle))
+    assert_clean_error(run_cli("serve", env=env), 1, "ACME server", "unreachable")
+
+
+def test_serve_with_untrusted_acme_certificate(
+    store_env: dict[str, str], pebble: PebbleServer
+) -> None:
+    env = _serve_env(store_env, pebble.directory_url, "")  # system roots do not trust Pebble
+    assert_clean_error(run_cli("serve", env=env), 1, "ACME server")
+
+
+def test_serve_with_port_taken(store_env: dict[str, str], pebble: PebbleServer) -> None:
+    env = _serve_env(store_env, pebble.directory_url, str(pebble.ca_bundle))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env["LINKEDGE_LISTEN_HTTPS"] = f"127.0.0.1:{busy.getsockname()[1]}"
+        assert_clean_error(run_cli("serve", env=env), 1, "cannot listen on", "listen.https")
+
+
+def test_domains_verify_reports_cname(store_env: dict[str, str], dns_server: DNSServer) -> None:
+    env = {**store_env, "LINKEDGE_DNS_NAMESERVERS": dns_server.nameserver}
+    assert run_cli("domains", "add", "links.verify-cli.test", env=env).returncode == 0
+    dns_server.set_cname("links.verify-cli.test", "cdn.elsewhere.test")
+    failing = run_cli("domains", "verify", "links.verify-cli.test", env=env)
+    assert failing.returncode == 1 and "cdn.elsewhere.test" in failing.stdout
+    dns_server.set_cname("links.verify-cli.test", "edge.linkedge.test")
+    passing = run_cli("domains", "verify", "links.verify-cli.test", env=env)
+    assert passing.returncode == 0 and "reaches edge.linkedge.test" in passing.stdout
+    rows = json.loads(run_cli("domains", "list", "--json", env=env).stdout)
+    assert rows[0]["state"] == "verified"
