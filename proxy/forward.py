@@ -15,7 +15,7 @@ import logging
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 log = logging.getLogger(__name__)
@@ -96,11 +96,23 @@ class Forwarder:
             return _error(502, "Bad Gateway: the tracking backend is unavailable")
 
 
+def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Fields the sender named in Connection: hop-by-hop too (RFC 9110 §7.6.1).
+
+    Host is never dropped this way: the backend needs it to tell customers apart.
+    """
+    tokens = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    return frozenset(tokens - {"", "host"})
+
+
 def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
     headers: CIMultiDict[str] = CIMultiDict()
+    listed = connection_listed(request.headers)
     for name, value in request.headers.items():
         lname = name.lower()
         if lname in HOP_BY_HOP or lname in UNTRUSTED_FORWARDING or lname == "content-length":
+            continue
+        if lname in listed:
             continue
         headers.add(name, value)
     if request.body_exists and request.content_length is not None:
@@ -121,8 +133,9 @@ def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    listed = connection_listed(upstream.headers)
     for name, value in upstream.headers.items():
-        if name.lower() in HOP_BY_HOP:
+        if name.lower() in HOP_BY_HOP or name.lower() in listed:
             continue
         response.headers.add(name, value)
     if "Content-Length" not in upstream.headers and request.method != "HEAD":

@@ -117,7 +117,7 @@ class TLSListener:
         finally:
             self.stats.pending -= 1
         if ctx is None:
-            conn.close()
+            _close_cleanly(conn)
             return
         self.stats.handshakes_started += 1
         try:
@@ -213,6 +213,21 @@ async def _readable(conn: socket.socket) -> None:
 def _send_alert(conn: socket.socket, alert: int) -> None:
     with contextlib.suppress(OSError):
         conn.send(alert_record(alert))
+
+
+def _close_cleanly(conn: socket.socket, max_reads: int = 8) -> None:
+    """Close with a FIN rather than a RST.
+
+    We only peeked, so the ClientHello is still unread in the kernel's buffer, and
+    closing a socket with unread input sends RST, which lets the peer's TCP stack
+    drop the alert we just sent (Windows does). Discard what has arrived first;
+    bounded, so a peer that keeps sending cannot keep us here.
+    """
+    with contextlib.suppress(OSError):
+        for _ in range(max_reads):
+            if not conn.recv(_PEEK_BYTES):
+                break
+    conn.close()
 
 
 __all__ = ["ListenerSettings", "TLSListener"]
