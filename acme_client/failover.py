@@ -10,6 +10,7 @@ remember which CA issued them, so ARI and revocation go to the right one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from .errors import AcmeError, falls_back
@@ -82,8 +83,11 @@ class FailoverIssuer:
             log.warning("%s: primary CA failed (%s); trying the fallback CA", hostname, exc)
             try:
                 # `replaces` names a certificate of the primary: meaningless to the fallback
-                return await self.fallback.issue(
+                issued = await self.fallback.issue(
                     hostname, sink, budget=budget, exempt=False, authz_budget=left
+                )
+                return dataclasses.replace(
+                    issued, failed_authorizations=issued.failed_authorizations + spent
                 )
             except AcmeError as fallback_exc:
                 combined = AcmeError(

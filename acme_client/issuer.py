@@ -14,6 +14,7 @@ One `AcmeIssuer` talks to one CA (one directory URL, one account);
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import threading
@@ -62,6 +63,7 @@ class IssuedCertificate:
     issuer: str
     serial: str = ""
     directory_url: str = ""
+    failed_authorizations: int = 0  # spent on challenge types that failed before this one
 
     def __repr__(self) -> str:
         return f"IssuedCertificate(hostname={self.hostname!r}, not_after={self.not_after!r})"
@@ -152,7 +154,8 @@ class AcmeIssuer:
             if budget is not None:
                 await budget.before_new_order(hostname, exempt=exempt)
             try:
-                return await self._issue_once(hostname, sink, types, replaces)
+                issued = await self._issue_once(hostname, sink, types, replaces)
+                return dataclasses.replace(issued, failed_authorizations=failed)
             except AuthorizationFailed as exc:
                 failed += 1
                 used = getattr(exc, "challenge_type", types[0])
@@ -378,22 +381,24 @@ class AcmeIssuer:
             replaces=replaces,
         )
 
-        def post() -> messages.OrderResource:
-            # what ClientV2.new_order does, with our request body
-            response = acme._post(acme.directory["newOrder"], request)
-            body = messages.Order.from_json(response.json())
-            authorizations = [
-                acme._authzr_from_response(acme._post_as_get(url), uri=url)
-                for url in body.authorizations
-            ]
-            return messages.OrderResource(
-                body=body,
-                uri=response.headers.get("Location"),
-                authorizations=authorizations,
-                csr_pem=csr_pem,
+        # what ClientV2.new_order does, with our request body; each request retried on its
+        # own, so a badNonce while fetching an authorization never places a second order
+        response = with_retry(
+            lambda: acme._post(acme.directory["newOrder"], request), what="new order"
+        )
+        body = messages.Order.from_json(response.json())
+        authorizations = [
+            with_retry(
+                functools.partial(_fetch_authorization, acme, url), what="fetch authorization"
             )
-
-        return with_retry(post, what="new order")
+            for url in body.authorizations
+        ]
+        return messages.OrderResource(
+            body=body,
+            uri=response.headers.get("Location"),
+            authorizations=authorizations,
+            csr_pem=csr_pem,
+        )
 
     def _profile_for_order(self) -> str | None:
         assert self._directory is not None
@@ -434,11 +439,11 @@ class AcmeIssuer:
         order = with_retry(lambda: acme.begin_finalization(order), what="finalize")
         delay = 0.02
         while True:
-            response = with_retry(lambda: acme.net.post(order.uri, None), what="poll order")
+            response = with_retry(lambda: acme._post_as_get(order.uri), what="poll order")
             body = messages.Order.from_json(response.json())
             if body.status == messages.STATUS_VALID and body.certificate:
                 url = body.certificate
-                cert = with_retry(functools.partial(acme.net.post, url, None), what="download")
+                cert = with_retry(functools.partial(acme._post_as_get, url), what="download")
                 return cert.text.encode()
             if body.status == messages.STATUS_INVALID:
                 detail = body.error.detail if body.error else "no reason given"
@@ -479,6 +484,10 @@ def choose_profile(directory: messages.Directory, wanted: str | None) -> str | N
     meta = getattr(directory, "meta", None)
     offered = getattr(meta, "profiles", None) or {}
     return wanted if wanted in offered else None
+
+
+def _fetch_authorization(acme: client.ClientV2, url: str) -> messages.AuthorizationResource:
+    return acme._authzr_from_response(acme._post_as_get(url), uri=url)
 
 
 def _has(directory: messages.Directory, field: str) -> bool:

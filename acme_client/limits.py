@@ -128,11 +128,15 @@ class OrderLimits:
                 retry_at,
             )
 
+    async def record_failed_authorizations(self, hostname: str, count: int) -> None:
+        """Failed validations count against the hourly cap even when a later type worked."""
+        for _ in range(count):
+            await self._store.add_rate_event(_authz_bucket(hostname))
+
     async def record_failure(
         self, hostname: str, error: str, failed_authorizations: int
     ) -> HostBackoff:
-        for _ in range(failed_authorizations):
-            await self._store.add_rate_event(_authz_bucket(hostname))
+        await self.record_failed_authorizations(hostname, failed_authorizations)
         previous = await self._store.get_backoff(hostname)
         failures = (previous.failures if previous else 0) + 1
         delay = backoff_delay(

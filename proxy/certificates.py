@@ -208,6 +208,7 @@ class CertificateManager:
         )
         await self._store.put_certificate(stored)
         await self._limits.record_success(hostname)
+        await self._limits.record_failed_authorizations(hostname, issued.failed_authorizations)
         await self._store.set_domain_state(hostname, DomainState.ACTIVE)
         await self._store.record_event(
             hostname,
