@@ -103,6 +103,7 @@ class CertificateManager:
         self._background: set[asyncio.Task[None]] = set()
         self.holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.orders_started = 0  # in this process, for logs and tests
+        self.alpn_challenges_answered = 0  # TLS-ALPN-01 validation handshakes served
 
     @property
     def cached_contexts(self) -> int:
@@ -135,6 +136,7 @@ class CertificateManager:
         key_authorization = await self._store.get_alpn_challenge(hostname)
         if key_authorization is None:
             raise Refused("no TLS-ALPN-01 challenge pending for this name")
+        self.alpn_challenges_answered += 1
         return await asyncio.to_thread(_challenge_context, hostname, key_authorization)
 
     def forget(self, hostname: str) -> None:
