@@ -5,6 +5,7 @@ rejects half of all nonces; a FakeClock moves the edges' time forward."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -209,3 +210,32 @@ async def test_two_workers_renew_once_and_both_serve_the_new_certificate(
         await store.close()
         await a.stop()
         await b.stop()
+
+
+async def test_every_issuance_succeeds_while_half_the_nonces_are_rejected(
+    tmp_path: Path,
+    short_pebble: PebbleServer,
+    dns_server: DNSServer,
+    backend,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="acme.client")  # it logs every CA response
+    clock = FakeClock()
+    edge = await _edge(tmp_path, short_pebble, dns_server, backend[0], clock)
+    store = await edge.open_store()
+    try:
+        n = edge.ip.split(".")[-1]
+        hosts = [f"links.nonce{i}-{n}.test" for i in range(8)]
+        for host in hosts:
+            await store.add_domain(host, "acct")
+            dns_server.set_cname(host, edge.config.edge.cname_target)
+        serials = await asyncio.gather(*(edge.served_serial(h, short_pebble) for h in hosts))
+        assert len(set(serials)) == len(hosts)
+        rejected = sum("error:badNonce" in r.getMessage() for r in caplog.records)
+        assert rejected >= 8  # Pebble did reject many; every order still went through
+        for host in hosts:
+            kinds = [e.kind for e in await store.list_events(host)]
+            assert "issued" in kinds and "issuance_failed" not in kinds
+    finally:
+        await store.close()
+        await edge.stop()
