@@ -36,8 +36,19 @@ class FailoverIssuer:
         return self.primary.directory_url
 
     async def start(self) -> None:
-        """The primary must be reachable; a fallback that is not is started when needed."""
-        await self.primary.start()
+        """At least one CA must be reachable; the other is started when first needed.
+
+        Without a fallback an unreachable primary is a start-up error (a wrong URL or CA
+        bundle is better reported at once than at the first click).
+        """
+        try:
+            await self.primary.start()
+        except AcmeError as exc:
+            if self.fallback is None:
+                raise
+            log.warning("primary ACME CA not ready (will retry when needed): %s", exc)
+            await self.fallback.start()
+            return
         if self.fallback is not None:
             try:
                 await self.fallback.start()

@@ -23,7 +23,8 @@ from cryptography import x509
 from renewal_helpers import Edge, FakeClock, new_edge_config, served_serial
 
 from acme_client import AcmeError, AcmeIssuer, AcmeSettings
-from certstore import SQLiteStore
+from certstore import SQLiteStore, generate_key_text
+from certstore.crypto import parse_key_text
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 
@@ -322,6 +323,16 @@ async def test_fallback_ca_with_eab_issues_when_the_primary_is_down(
         assert cert is not None and cert.serial == serial
         assert cert.directory_url == fallback.directory_url
         assert fallback.certificate_status(serial)["Status"] == "Valid"
+
+        # an edge (re)started while the primary is down still starts, on the fallback
+        primary.stop()
+        try:
+            await edge.restart()
+            other = f"links.fallback2-{ip.split('.')[-1]}.test"
+            await _register(store, dns_server, other, target)
+            await served_serial(ip, edge.https_port, other, client_context(fallback))
+        finally:
+            primary.start()
     finally:
         await store.close()
         await edge.stop()
@@ -331,12 +342,7 @@ async def test_eab_required_but_not_configured_is_a_clear_error(
     tmp_path: Path, ca_pair: tuple[PebbleServer, PebbleServer]
 ) -> None:
     _, fallback = ca_pair
-    key = tmp_path / "k"
-    from certstore import generate_key_text
-    from certstore.crypto import parse_key_text
-
-    key.write_text(generate_key_text())
-    store = await SQLiteStore.open(tmp_path / "s.db", parse_key_text(key.read_text(), "t"))
+    store = await SQLiteStore.open(tmp_path / "s.db", parse_key_text(generate_key_text(), "t"))
     issuer = AcmeIssuer(
         AcmeSettings(directory_url=fallback.directory_url, ca_bundle=str(fallback.ca_bundle)),
         store,
