@@ -218,7 +218,8 @@ class CertificateManager:
             f"by {issued.issuer} ({issued.directory_url}), serial {issued.serial}, valid until "
             f"{_iso(issued.not_after)}, took {elapsed * 1000:.0f} ms",
         )
-        log.info("%s certificate for %s in %.0f ms", what, hostname, elapsed * 1000)
+        done = "renewed" if renewal else "issued"
+        log.info("%s certificate for %s in %.0f ms", done, hostname, elapsed * 1000)
         self._refusals.discard(hostname)
         await self._remember(stored)
         return stored
