@@ -4,6 +4,9 @@
 class AcmeError(Exception):
     """An ACME operation failed; the message says what and why."""
 
+    # authorizations this attempt left invalid at the CA (Let's Encrypt limits them per hour)
+    failed_authorizations: int = 0
+
 
 class AcmeUnavailable(AcmeError):
     """The ACME server cannot be reached or answers garbage (transient)."""
@@ -15,3 +18,31 @@ class AuthorizationFailed(AcmeError):
 
 class IssuanceTimeout(AcmeError):
     """The order did not complete within its deadline."""
+
+
+class RateLimited(AcmeError):
+    """An order was not placed (our limiter) or refused by the CA (`rateLimited`).
+
+    `retry_at` is when trying again may succeed (None: unknown).
+    """
+
+    def __init__(self, message: str, retry_at: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at
+
+
+class OrderLimitReached(RateLimited):
+    """Our own limiter said no (limits.py): a decision, not a CA failure."""
+
+
+def falls_back(exc: AcmeError) -> bool:
+    """Is this the CA's trouble rather than the host's, so another CA may do better?
+
+    A failed validation usually repeats at any CA (wrong DNS, port closed); a CAA
+    record that names only the other CA is the exception.
+    """
+    if isinstance(exc, OrderLimitReached):
+        return False
+    if isinstance(exc, AuthorizationFailed):
+        return "caa" in str(exc).lower()
+    return True

@@ -1,48 +1,55 @@
-"""ACME issuance over HTTP-01, driven from asyncio.
+"""ACME issuance (HTTP-01 / TLS-ALPN-01), ARI and revocation, driven from asyncio.
 
 The `acme` library is synchronous (requests). Every blocking call runs on a small
 dedicated thread pool owned by this object, never on the default executor: a pool
 shared with other blocking work was seen to deadlock under load. The async
-orchestration stays here so challenge tokens go to the store between steps.
+orchestration stays here so challenge answers go to the store between steps.
 
 Each pool thread has its own `ClientV2` (requests sessions and the nonce pool are
 not meant to be shared across threads); all of them sign with the same account.
+One `AcmeIssuer` talks to one CA (one directory URL, one account);
+`failover.FailoverIssuer` combines a primary and a fallback CA.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Protocol, TypeVar
 
 import josepy as jose
 import requests
-from acme import challenges, client, errors, messages
+from acme import challenges, client, crypto_util, errors, messages
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from certstore import AcmeAccount, CertStore
 
-from .errors import AcmeError, AcmeUnavailable, AuthorizationFailed, IssuanceTimeout
+from .errors import AcmeError, AcmeUnavailable, AuthorizationFailed, IssuanceTimeout, RateLimited
 from .keys import certificate_facts, make_csr_pem, new_private_key_pem
+from .renewal import RenewalWindow, ari_certificate_id, ari_window
 from .retry import describe_network_error, with_retry
+from .solvers import HTTP_01, ChallengeSink, Solver, make_solver
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 USER_AGENT = "linkedge"
+CESSATION_OF_OPERATION = 5  # RFC 5280 CRLReason
 
 
-class ChallengeSink(Protocol):
-    """Where HTTP-01 key authorizations are published for the HTTP listener(s)."""
+class OrderBudget(Protocol):
+    """Asked before every new order; raises RateLimited to stop it (see limits.py)."""
 
-    async def put_challenge(self, token: str, key_authorization: str, hostname: str) -> None: ...
-    async def delete_challenge(self, token: str) -> None: ...
+    async def before_new_order(self, hostname: str, *, exempt: bool = False) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +61,21 @@ class IssuedCertificate:
     not_before: float
     not_after: float
     issuer: str
+    serial: str = ""
+    directory_url: str = ""
+    failed_authorizations: int = 0  # spent on challenge types that failed before this one
 
     def __repr__(self) -> str:
         return f"IssuedCertificate(hostname={self.hostname!r}, not_after={self.not_after!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class AriAnswer:
+    """The CA's renewal information for one certificate (RFC 9773)."""
+
+    cert_id: str  # also the `replaces` value of the renewal order
+    window: RenewalWindow | None  # None: the CA's window was unusable
+    retry_after: float | None  # seconds, from Retry-After
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +86,16 @@ class AcmeSettings:
     threads: int = 4
     order_timeout: float = 90.0
     network_timeout: float = 15.0
+    challenges: tuple[str, ...] = (HTTP_01,)  # in order of preference; later ones on failure
+    profile: str | None = None  # sent only when the CA's directory offers it
+    eab_kid: str | None = None  # External Account Binding (CAs that require it)
+    eab_hmac_key: str | None = None  # base64url, as the CA hands it out
+
+
+class NewOrderRequest(messages.NewOrder):
+    """newOrder with RFC 9773's `replaces` (acme 5.x knows `profile` but not `replaces`)."""
+
+    replaces: str | None = jose.field("replaces", omitempty=True)
 
 
 class AcmeIssuer:
@@ -78,55 +107,128 @@ class AcmeIssuer:
         self._directory: messages.Directory | None = None
         self._key: jose.JWKEC | None = None
         self._account_uri: str | None = None
+        self._generation = 0
         self._account_lock = asyncio.Lock()
+        self._start_lock = asyncio.Lock()
+        self._profile_warned = False
 
     @property
     def directory_url(self) -> str:
         return self._settings.directory_url
 
+    @property
+    def offers_ari(self) -> bool:
+        return self._directory is not None and _has(self._directory, "renewalInfo")
+
     async def start(self) -> None:
         """Fetch the directory and load or register the account (clear error if unreachable)."""
-        self._directory = await self._run(self._fetch_directory)
-        await self._ensure_account(force_new=False)
+        async with self._start_lock:
+            self._directory = await self._run(self._fetch_directory)
+            await self._ensure_account(force_new=False)
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def issue(self, hostname: str, sink: ChallengeSink) -> IssuedCertificate:
-        """Obtain a certificate for one name over HTTP-01. Raises AcmeError subclasses."""
+    async def issue(
+        self,
+        hostname: str,
+        sink: ChallengeSink,
+        *,
+        budget: OrderBudget | None = None,
+        replaces: str | None = None,
+        exempt: bool = False,
+        authz_budget: int | None = None,
+    ) -> IssuedCertificate:
+        """Obtain a certificate for one name. Raises AcmeError subclasses.
+
+        Challenge types are tried in the configured order: when one fails validation,
+        a new order tries the next, as long as `authz_budget` failed authorizations
+        allow. The raised error's `failed_authorizations` says how many were spent.
+        """
         if self._directory is None:
-            raise AcmeError("ACME issuer not started")
+            await self.start()
+        types = list(self._settings.challenges)
+        allowed_failures = len(types) if authz_budget is None else max(authz_budget, 1)
+        failed = 0
+        while True:
+            if budget is not None:
+                await budget.before_new_order(hostname, exempt=exempt)
+            try:
+                issued = await self._issue_once(hostname, sink, types, replaces)
+                return dataclasses.replace(issued, failed_authorizations=failed)
+            except AuthorizationFailed as exc:
+                failed += 1
+                used = getattr(exc, "challenge_type", types[0])
+                types = types[types.index(used) + 1 :] if used in types else []
+                if not types or failed >= allowed_failures:
+                    exc.failed_authorizations = failed
+                    raise
+                log.info("%s: %s failed (%s); trying %s", hostname, used, exc, types[0])
+                replaces = None  # the failed order may have consumed the replacement
+            except AcmeError as exc:
+                exc.failed_authorizations = failed
+                raise
+
+    async def renewal_info(self, chain_pem: bytes) -> AriAnswer | None:
+        """The CA's suggested renewal window, or None when the CA offers no ARI."""
+        if self._directory is None:
+            await self.start()
+        if not self.offers_ari:
+            return None
+        leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+        try:
+            return await self._run(self._fetch_renewal_info, leaf)
+        except (errors.Error, requests.RequestException, ValueError) as exc:
+            raise _as_acme_error(exc, "renewal info") from exc
+
+    async def revoke(
+        self, chain_pem: bytes, key_pem: bytes, reason: int = CESSATION_OF_OPERATION
+    ) -> None:
+        """Revoke, signed with the certificate's own key (RFC 8555 §7.6): works whichever
+        account ordered it, even after the CA forgot that account."""
+        if self._directory is None:
+            self._directory = await self._run(self._fetch_directory)
+        leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+        try:
+            await self._run(self._revoke, leaf, key_pem, reason)
+        except (errors.Error, requests.RequestException) as exc:
+            raise _as_acme_error(exc, "revocation") from exc
+
+    # -- one order -------------------------------------------------------------------
+
+    async def _issue_once(
+        self, hostname: str, sink: ChallengeSink, types: Sequence[str], replaces: str | None
+    ) -> IssuedCertificate:
         deadline = time.monotonic() + self._settings.order_timeout
         key_pem = new_private_key_pem()
         csr_pem = make_csr_pem(key_pem, hostname)
-        try:
-            order = await self._run(self._new_order, csr_pem)
-        except messages.Error as exc:
-            if exc.code != "accountDoesNotExist":
-                raise _as_acme_error(exc, "new order") from exc
-            # The CA forgot us (a reset test CA, a deactivated account): register again once.
-            await self._ensure_account(force_new=True)
-            order = await self._run(self._new_order, csr_pem)
-        log.info("order created for %s: %s", hostname, order.uri)
-        tokens: list[str] = []
+        order = await self._place_order(hostname, csr_pem, replaces)
+        published: list[tuple[Solver, str, str]] = []
+        chosen: str | None = None
         try:
             for authzr in order.authorizations:
                 if authzr.body.status == messages.STATUS_VALID:
                     continue  # reused authorization
-                challb = _http01(authzr)
+                challb, solver = _pick_challenge(authzr, types, sink)
+                chosen = solver.typ
                 assert self._key is not None
                 response, validation = challb.chall.response_and_validation(self._key)
                 token = challb.chall.encode("token")
-                await self._store_challenge(sink, token, validation, hostname)
-                tokens.append(token)
+                name = authzr.body.identifier.value
+                await solver.present(name, token, validation)
+                published.append((solver, name, token))
                 await self._run(self._answer, challb, response)
-            await self._run(self._poll_authorizations, order, deadline)
+            try:
+                await self._run(self._poll_authorizations, order, deadline)
+            except AuthorizationFailed as exc:
+                exc.challenge_type = chosen  # type: ignore[attr-defined]
+                raise
             chain_pem = await self._run(self._finalize, order, deadline)
         except (errors.Error, requests.RequestException) as exc:
             raise _as_acme_error(exc, f"order for {hostname}") from exc
         finally:
-            for token in tokens:
-                await sink.delete_challenge(token)
+            for solver, name, token in published:
+                await solver.cleanup(name, token)
         facts = certificate_facts(chain_pem)
         return IssuedCertificate(
             hostname=hostname,
@@ -136,7 +238,28 @@ class AcmeIssuer:
             not_before=facts.not_before,
             not_after=facts.not_after,
             issuer=facts.issuer,
+            serial=facts.serial,
+            directory_url=self.directory_url,
         )
+
+    async def _place_order(
+        self, hostname: str, csr_pem: bytes, replaces: str | None
+    ) -> messages.OrderResource:
+        try:
+            order = await self._run(self._new_order, csr_pem, replaces)
+        except messages.Error as exc:
+            if exc.code == "accountDoesNotExist":
+                # The CA forgot us (a reset test CA, a deactivated account): register again once.
+                await self._ensure_account(force_new=True)
+                order = await self._run(self._new_order, csr_pem, replaces)
+            elif replaces is not None and exc.code != "rateLimited":
+                # RFC 9773 §5: a CA may refuse `replaces` (already replaced...): order plainly.
+                log.info("%s: order with replaces refused (%s); ordering without", hostname, exc)
+                order = await self._run(self._new_order, csr_pem, None)
+            else:
+                raise _as_acme_error(exc, "new order") from exc
+        log.info("order created for %s: %s", hostname, order.uri)
+        return order
 
     # -- account -----------------------------------------------------------------
 
@@ -164,7 +287,7 @@ class AcmeIssuer:
         self._key = jose.JWKEC(key=key)
         self._account_uri = uri
         # Thread-local clients pick the new identity up lazily.
-        self._generation = getattr(self, "_generation", 0) + 1
+        self._generation += 1
 
     # -- blocking steps (run on the pool) ------------------------------------------
 
@@ -214,9 +337,30 @@ class AcmeIssuer:
             ) from exc
 
     def _register(self) -> str:
-        email = self._settings.contact_email
-        reg = messages.NewRegistration.from_data(email=email, terms_of_service_agreed=True)
+        settings = self._settings
         acme = self._client()
+        eab = None
+        if settings.eab_kid and settings.eab_hmac_key:
+            assert self._key is not None and self._directory is not None
+            try:
+                eab = messages.ExternalAccountBinding.from_data(
+                    account_public_key=self._key.public_key(),
+                    kid=settings.eab_kid,
+                    hmac_key=settings.eab_hmac_key,
+                    directory=self._directory,
+                )
+            except (ValueError, TypeError) as exc:
+                raise AcmeError(f"bad external account binding HMAC key: {exc}") from exc
+        elif acme.external_account_required():
+            raise AcmeError(
+                f"ACME server {settings.directory_url} requires external account binding: "
+                "configure its key id and HMAC key"
+            )
+        reg = messages.NewRegistration.from_data(
+            email=settings.contact_email,
+            terms_of_service_agreed=True,
+            external_account_binding=eab,
+        )
         try:
             regr = with_retry(lambda: acme.new_account(reg), what="account registration")
         except errors.ConflictError as exc:  # key already registered: reuse it
@@ -225,9 +369,49 @@ class AcmeIssuer:
             raise _as_acme_error(exc, "account registration") from exc
         return str(regr.uri)
 
-    def _new_order(self, csr_pem: bytes) -> messages.OrderResource:
+    def _new_order(self, csr_pem: bytes, replaces: str | None) -> messages.OrderResource:
         acme = self._client()
-        return with_retry(lambda: acme.new_order(csr_pem), what="new order")
+        assert self._directory is not None
+        profile = self._profile_for_order()
+        csr = x509.load_pem_x509_csr(csr_pem)
+        names, _ = crypto_util.get_identifiers_from_x509(csr.subject, csr.extensions)
+        request = NewOrderRequest(
+            identifiers=[messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=n) for n in names],
+            profile=profile,
+            replaces=replaces,
+        )
+
+        # what ClientV2.new_order does, with our request body; each request retried on its
+        # own, so a badNonce while fetching an authorization never places a second order
+        response = with_retry(
+            lambda: acme._post(acme.directory["newOrder"], request), what="new order"
+        )
+        body = messages.Order.from_json(response.json())
+        authorizations = [
+            with_retry(
+                functools.partial(_fetch_authorization, acme, url), what="fetch authorization"
+            )
+            for url in body.authorizations
+        ]
+        return messages.OrderResource(
+            body=body,
+            uri=response.headers.get("Location"),
+            authorizations=authorizations,
+            csr_pem=csr_pem,
+        )
+
+    def _profile_for_order(self) -> str | None:
+        assert self._directory is not None
+        wanted = self._settings.profile
+        chosen = choose_profile(self._directory, wanted)
+        if wanted and chosen is None and not self._profile_warned:
+            self._profile_warned = True
+            log.warning(
+                "ACME server %s offers no profile %r; ordering its default certificates",
+                self.directory_url,
+                wanted,
+            )
+        return chosen
 
     def _answer(
         self, challb: messages.ChallengeBody, response: challenges.ChallengeResponse
@@ -255,29 +439,77 @@ class AcmeIssuer:
         order = with_retry(lambda: acme.begin_finalization(order), what="finalize")
         delay = 0.02
         while True:
-            response = with_retry(lambda: acme.net.post(order.uri, None), what="poll order")
+            response = with_retry(lambda: acme._post_as_get(order.uri), what="poll order")
             body = messages.Order.from_json(response.json())
             if body.status == messages.STATUS_VALID and body.certificate:
                 url = body.certificate
-                cert = with_retry(functools.partial(acme.net.post, url, None), what="download")
+                cert = with_retry(functools.partial(acme._post_as_get, url), what="download")
                 return cert.text.encode()
             if body.status == messages.STATUS_INVALID:
                 detail = body.error.detail if body.error else "no reason given"
                 raise AcmeError(f"order became invalid: {detail}")
             delay = _sleep_before(deadline, delay, "finalization")
 
-    async def _store_challenge(
-        self, sink: ChallengeSink, token: str, validation: str, hostname: str
-    ) -> None:
-        await sink.put_challenge(token, validation, hostname)
+    def _fetch_renewal_info(self, leaf: x509.Certificate) -> AriAnswer:
+        assert self._directory is not None
+        cert_id = ari_certificate_id(leaf)
+        url = f"{str(self._directory['renewalInfo']).rstrip('/')}/{cert_id}"
+        net = self._network()  # unauthenticated GET (RFC 9773 §4.2)
+        response = with_retry(
+            lambda: net.get(url, content_type="application/json"), what="renewal info"
+        )
+        info = messages.RenewalInfo.from_json(response.json())
+        window = info.suggested_window
+        return AriAnswer(
+            cert_id=cert_id,
+            window=ari_window(window.start, window.end),
+            retry_after=_retry_after_seconds(response),
+        )
+
+    def _revoke(self, leaf: x509.Certificate, key_pem: bytes, reason: int) -> None:
+        assert self._directory is not None
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        acme = client.ClientV2(self._directory, self._network(key=jose.JWKEC(key=key)))
+        try:
+            with_retry(lambda: acme.revoke(leaf, reason), what="revoke")
+        except messages.Error as exc:
+            if exc.code != "alreadyRevoked":
+                raise
 
 
-def _http01(authzr: messages.AuthorizationResource) -> messages.ChallengeBody:
-    for challb in authzr.body.challenges:
-        if isinstance(challb.chall, challenges.HTTP01):
-            return challb
-    offered = ", ".join(c.chall.typ for c in authzr.body.challenges) or "none"
-    raise AcmeError(f"CA offers no http-01 challenge (offered: {offered})")
+def choose_profile(directory: messages.Directory, wanted: str | None) -> str | None:
+    """The profile to request: the configured one if the CA offers it, else none at all."""
+    if not wanted:
+        return None
+    meta = getattr(directory, "meta", None)
+    offered = getattr(meta, "profiles", None) or {}
+    return wanted if wanted in offered else None
+
+
+def _fetch_authorization(acme: client.ClientV2, url: str) -> messages.AuthorizationResource:
+    return acme._authzr_from_response(acme._post_as_get(url), uri=url)
+
+
+def _has(directory: messages.Directory, field: str) -> bool:
+    try:
+        directory[field]
+    except KeyError:
+        return False
+    return True
+
+
+def _pick_challenge(
+    authzr: messages.AuthorizationResource, types: Sequence[str], sink: ChallengeSink
+) -> tuple[messages.ChallengeBody, Solver]:
+    offered = {c.chall.typ: c for c in authzr.body.challenges}
+    for typ in types:
+        challb = offered.get(typ)
+        if challb is not None and isinstance(challb.chall, challenges.KeyAuthorizationChallenge):
+            return challb, make_solver(typ, sink)
+    raise AcmeError(
+        f"CA offers none of the configured challenges {', '.join(types)} "
+        f"(offered: {', '.join(offered) or 'none'})"
+    )
 
 
 def _authz_problem(authzr: messages.AuthorizationResource) -> str:
@@ -286,6 +518,19 @@ def _authz_problem(authzr: messages.AuthorizationResource) -> str:
         if challb.error is not None:
             return f"{name}: {challb.chall.typ} failed: {challb.error.detail or challb.error.typ}"
     return f"{name}: authorization {authzr.body.status} without a problem detail"
+
+
+def _retry_after_seconds(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        try:
+            return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+        except (TypeError, ValueError):
+            return None
 
 
 def _sleep_before(deadline: float, delay: float, what: str) -> float:
@@ -300,6 +545,8 @@ def _as_acme_error(exc: BaseException, what: str) -> AcmeError:
     if isinstance(exc, AcmeError):
         return exc
     if isinstance(exc, messages.Error):
+        if exc.code == "rateLimited":
+            return RateLimited(f"{what}: the CA's rate limit: {exc.detail}")
         return AcmeError(f"{what}: {exc.typ}: {exc.detail}")
     if isinstance(exc, requests.RequestException):
         return AcmeUnavailable(f"{what}: {describe_network_error(exc)}")

@@ -29,6 +29,7 @@ class CertificateFacts:
     not_before: float
     not_after: float
     issuer: str
+    serial: str  # lower-case hex, no separators
 
 
 def certificate_facts(chain_pem: bytes) -> CertificateFacts:
@@ -44,4 +45,5 @@ def certificate_facts(chain_pem: bytes) -> CertificateFacts:
         not_before=leaf.not_valid_before_utc.timestamp(),
         not_after=leaf.not_valid_after_utc.timestamp(),
         issuer=leaf.issuer.rfc4514_string(),
+        serial=format(leaf.serial_number, "x"),
     )

@@ -49,25 +49,43 @@ def with_retry(
     first_delay: float = 0.05,
     max_delay: float = 2.0,
     sleep: Callable[[float], None] = time.sleep,
+    nonce_attempts: int = 30,
 ) -> T:
+    """Call `fn`, retrying transient failures with jittered backoff.
+
+    badNonce has its own, larger budget and no pause: the error response carries a
+    fresh nonce, and a CA rejecting half of all nonces must not fail an issuance.
+    """
     delay = first_delay
-    for attempt in range(1, attempts + 1):
+    attempt = 0
+    bad_nonces = 0
+    while True:
         try:
             return fn()
         except Exception as exc:
-            if not is_transient(exc) or attempt == attempts:
+            if _is_bad_nonce(exc) and bad_nonces < nonce_attempts:
+                bad_nonces += 1
+                continue
+            attempt += 1
+            if not is_transient(exc) or attempt >= attempts:
                 if isinstance(exc, requests.RequestException):
                     raise AcmeUnavailable(f"{what}: {describe_network_error(exc)}") from exc
                 raise
             log.info("%s: transient ACME error (%s), retry %d/%d", what, exc, attempt, attempts)
             sleep(delay * (0.5 + random.random()))
             delay = min(delay * 3, max_delay)
-    raise AssertionError("unreachable")
+
+
+def _is_bad_nonce(exc: BaseException) -> bool:
+    if isinstance(exc, messages.Error):
+        return exc.code == "badNonce"
+    return isinstance(exc, acme_errors.BadNonce | acme_errors.NonceError)
 
 
 def describe_network_error(exc: requests.RequestException) -> str:
     """The useful tail of a requests error, without urllib3's object reprs."""
-    url = exc.request.url if exc.request is not None else None
+    raw_url = exc.request.url if exc.request is not None else None
+    url = raw_url.decode(errors="replace") if isinstance(raw_url, bytes) else raw_url
     reason: object = exc.args[0] if exc.args else exc
     reason = getattr(reason, "reason", reason)  # urllib3 MaxRetryError -> the cause
     text = str(reason)

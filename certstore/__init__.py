@@ -2,7 +2,15 @@
 
 from .base import CertStore, DomainExists
 from .crypto import SecretBox, StoreKeyError, generate_key_text, load_key
-from .models import AcmeAccount, Domain, DomainState, Event, StoredCertificate
+from .models import (
+    AcmeAccount,
+    Domain,
+    DomainState,
+    Event,
+    HostBackoff,
+    RenewalPlan,
+    StoredCertificate,
+)
 from .sqlite import SQLiteStore, StoreError
 
 __all__ = [
@@ -12,6 +20,8 @@ __all__ = [
     "DomainExists",
     "DomainState",
     "Event",
+    "HostBackoff",
+    "RenewalPlan",
     "SQLiteStore",
     "SecretBox",
     "StoreError",

@@ -47,6 +47,8 @@ class StoredCertificate:
     not_after: float
     issuer: str
     created_at: float
+    serial: str = ""  # hex, as the CA's tools show it
+    directory_url: str = ""  # the ACME CA that issued it (revocation, ARI)
 
     def is_valid_at(self, now: float) -> bool:
         return self.not_before <= now < self.not_after
@@ -54,8 +56,29 @@ class StoredCertificate:
     def __repr__(self) -> str:  # never print key material
         return (
             f"StoredCertificate(hostname={self.hostname!r}, names={self.names!r}, "
-            f"not_after={self.not_after!r}, issuer={self.issuer!r})"
+            f"not_after={self.not_after!r}, issuer={self.issuer!r}, serial={self.serial!r})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RenewalPlan:
+    """When the maintenance loop renews a certificate, and when it looks again."""
+
+    hostname: str
+    due_at: float  # renew at or after this time
+    next_check_at: float  # the loop's next visit (ARI poll, retry after a failure)
+    source: str  # "ratio" (share of lifetime) or "ari" (the CA's suggested window)
+    last_error: str | None = None  # the last failed or skipped renewal, until one succeeds
+
+
+@dataclass(frozen=True, slots=True)
+class HostBackoff:
+    """Consecutive failed orders for one host and when it may be tried again."""
+
+    hostname: str
+    failures: int
+    next_attempt_at: float
+    last_error: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,38 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX events_by_host ON events (hostname, id);
     """,
+    # 2: renewal, limits and TLS-ALPN-01 (issue 5)
+    """
+    ALTER TABLE certificates ADD COLUMN serial TEXT NOT NULL DEFAULT '';
+    ALTER TABLE certificates ADD COLUMN directory_url TEXT NOT NULL DEFAULT '';
+    CREATE TABLE renewals (
+        hostname TEXT PRIMARY KEY,
+        due_at REAL NOT NULL,
+        next_check_at REAL NOT NULL,
+        source TEXT NOT NULL,
+        last_error TEXT,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX renewals_by_next_check ON renewals (next_check_at);
+    CREATE TABLE rate_log (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        bucket TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE INDEX rate_log_by_bucket ON rate_log (bucket, at);
+    CREATE TABLE host_backoff (
+        hostname TEXT PRIMARY KEY,
+        failures INTEGER NOT NULL,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE alpn_challenges (
+        hostname TEXT PRIMARY KEY,
+        key_authorization TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -18,7 +18,15 @@ import aiosqlite
 
 from .base import DomainExists
 from .crypto import SecretBox, StoreKeyError
-from .models import AcmeAccount, Domain, DomainState, Event, StoredCertificate
+from .models import (
+    AcmeAccount,
+    Domain,
+    DomainState,
+    Event,
+    HostBackoff,
+    RenewalPlan,
+    StoredCertificate,
+)
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
 _KEY_CHECK = b"linkedge-store-key-check"
@@ -106,6 +114,8 @@ class SQLiteStore:
         removed = cur.rowcount > 0
         await self._db.execute("DELETE FROM certificates WHERE hostname = ?", (hostname,))
         await self._db.execute("DELETE FROM challenges WHERE hostname = ?", (hostname,))
+        for table in ("renewals", "host_backoff", "alpn_challenges"):
+            await self._db.execute(f"DELETE FROM {table} WHERE hostname = ?", (hostname,))
         if removed:
             await self.record_event(hostname, "removed", "domain and its certificate deleted")
         return removed
@@ -170,14 +180,17 @@ class SQLiteStore:
         return self._certificate(row) if row else None
 
     async def put_certificate(self, cert: StoredCertificate) -> None:
+        """Store (or replace) a host's certificate; a new certificate starts a new renewal plan."""
         sealed = self._box.seal(cert.key_pem, f"cert:{cert.hostname}")
         await self._db.execute(
             "INSERT INTO certificates (hostname, chain_pem, key_sealed, names, not_before,"
-            " not_after, issuer, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " not_after, issuer, created_at, serial, directory_url)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (hostname) DO UPDATE SET chain_pem = excluded.chain_pem,"
             " key_sealed = excluded.key_sealed, names = excluded.names,"
             " not_before = excluded.not_before, not_after = excluded.not_after,"
-            " issuer = excluded.issuer, created_at = excluded.created_at",
+            " issuer = excluded.issuer, created_at = excluded.created_at,"
+            " serial = excluded.serial, directory_url = excluded.directory_url",
             (
                 cert.hostname,
                 cert.chain_pem,
@@ -187,8 +200,22 @@ class SQLiteStore:
                 cert.not_after,
                 cert.issuer,
                 cert.created_at,
+                cert.serial,
+                cert.directory_url,
             ),
         )
+        await self._db.execute("DELETE FROM renewals WHERE hostname = ?", (cert.hostname,))
+
+    async def delete_certificate(self, hostname: str) -> bool:
+        """Purge a certificate and its sealed key (after revocation)."""
+        cur = await self._db.execute("DELETE FROM certificates WHERE hostname = ?", (hostname,))
+        await self._db.execute("DELETE FROM renewals WHERE hostname = ?", (hostname,))
+        return cur.rowcount > 0
+
+    async def certificate_serial(self, hostname: str) -> str | None:
+        """The serial alone: a cheap check whether a cached context is still current."""
+        row = await self._one("SELECT serial FROM certificates WHERE hostname = ?", (hostname,))
+        return str(row[0]) if row else None
 
     async def list_certificates(self) -> list[StoredCertificate]:
         rows = await self._all(f"SELECT {_CERT_COLS} FROM certificates ORDER BY not_after")
@@ -205,6 +232,8 @@ class SQLiteStore:
             not_after=row[5],
             issuer=row[6],
             created_at=row[7],
+            serial=row[8],
+            directory_url=row[9],
         )
 
     # -- challenges ------------------------------------------------------------
@@ -239,6 +268,132 @@ class SQLiteStore:
     async def release_lease(self, name: str, holder: str) -> None:
         await self._db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
 
+    # -- TLS-ALPN-01 key authorizations (one per name) ------------------------
+
+    async def put_alpn_challenge(self, hostname: str, key_authorization: str) -> None:
+        await self._db.execute(
+            "INSERT OR REPLACE INTO alpn_challenges (hostname, key_authorization, created_at)"
+            " VALUES (?, ?, ?)",
+            (hostname, key_authorization, self._clock()),
+        )
+
+    async def get_alpn_challenge(self, hostname: str) -> str | None:
+        row = await self._one(
+            "SELECT key_authorization FROM alpn_challenges WHERE hostname = ?", (hostname,)
+        )
+        return str(row[0]) if row else None
+
+    async def delete_alpn_challenge(self, hostname: str) -> None:
+        await self._db.execute("DELETE FROM alpn_challenges WHERE hostname = ?", (hostname,))
+
+    # -- renewal plans ---------------------------------------------------------
+
+    async def get_renewal(self, hostname: str) -> RenewalPlan | None:
+        row = await self._one(
+            "SELECT hostname, due_at, next_check_at, source, last_error FROM renewals"
+            " WHERE hostname = ?",
+            (hostname,),
+        )
+        return _renewal(row) if row else None
+
+    async def put_renewal(self, plan: RenewalPlan) -> None:
+        await self._db.execute(
+            "INSERT OR REPLACE INTO renewals"
+            " (hostname, due_at, next_check_at, source, last_error, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                plan.hostname,
+                plan.due_at,
+                plan.next_check_at,
+                plan.source,
+                plan.last_error,
+                self._clock(),
+            ),
+        )
+
+    async def list_renewals(self) -> list[RenewalPlan]:
+        rows = await self._all(
+            "SELECT hostname, due_at, next_check_at, source, last_error FROM renewals"
+        )
+        return [_renewal(r) for r in rows]
+
+    async def hosts_needing_maintenance(self, now: float, limit: int) -> list[str]:
+        """Certificates without a plan yet, or whose plan wants a visit by `now`."""
+        rows = await self._all(
+            "SELECT c.hostname FROM certificates c LEFT JOIN renewals r USING (hostname)"
+            " WHERE r.hostname IS NULL OR r.next_check_at <= ?"
+            " ORDER BY COALESCE(r.next_check_at, 0) LIMIT ?",
+            (now, limit),
+        )
+        return [str(r[0]) for r in rows]
+
+    # -- rate limits (sliding windows) ------------------------------------------
+
+    async def take_rate_token(self, bucket: str, limit: int, window: float) -> int | None:
+        """Record one use of `bucket` if fewer than `limit` happened within `window`.
+
+        One statement, so concurrent workers cannot both take the last token.
+        Returns the token's id (for a refund) or None when the bucket is full.
+        """
+        now = self._clock()
+        cur = await self._db.execute(
+            "INSERT INTO rate_log (bucket, at) SELECT ?, ?"
+            " WHERE (SELECT COUNT(*) FROM rate_log WHERE bucket = ? AND at > ?) < ?",
+            (bucket, now, bucket, now - window, limit),
+        )
+        return cur.lastrowid if cur.rowcount > 0 else None
+
+    async def add_rate_event(self, bucket: str) -> None:
+        await self._db.execute(
+            "INSERT INTO rate_log (bucket, at) VALUES (?, ?)", (bucket, self._clock())
+        )
+
+    async def refund_rate_token(self, token_id: int) -> None:
+        await self._db.execute("DELETE FROM rate_log WHERE id = ?", (token_id,))
+
+    async def rate_usage(self, bucket: str, window: float) -> tuple[int, float | None]:
+        """How many uses within `window`, and when the oldest of them happened."""
+        row = await self._one(
+            "SELECT COUNT(*), MIN(at) FROM rate_log WHERE bucket = ? AND at > ?",
+            (bucket, self._clock() - window),
+        )
+        assert row is not None
+        return int(row[0]), row[1]
+
+    async def prune_rate_log(self, older_than: float) -> None:
+        await self._db.execute("DELETE FROM rate_log WHERE at <= ?", (older_than,))
+
+    # -- per-host failure backoff -----------------------------------------------
+
+    async def get_backoff(self, hostname: str) -> HostBackoff | None:
+        row = await self._one(
+            "SELECT hostname, failures, next_attempt_at, last_error FROM host_backoff"
+            " WHERE hostname = ?",
+            (hostname,),
+        )
+        if row is None:
+            return None
+        return HostBackoff(
+            hostname=row[0], failures=row[1], next_attempt_at=row[2], last_error=row[3]
+        )
+
+    async def put_backoff(self, backoff: HostBackoff) -> None:
+        await self._db.execute(
+            "INSERT OR REPLACE INTO host_backoff"
+            " (hostname, failures, next_attempt_at, last_error, updated_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (
+                backoff.hostname,
+                backoff.failures,
+                backoff.next_attempt_at,
+                backoff.last_error,
+                self._clock(),
+            ),
+        )
+
+    async def clear_backoff(self, hostname: str) -> None:
+        await self._db.execute("DELETE FROM host_backoff WHERE hostname = ?", (hostname,))
+
     # -- events ----------------------------------------------------------------
 
     async def record_event(self, hostname: str | None, kind: str, detail: str) -> None:
@@ -266,7 +421,16 @@ _DOMAIN_COLS = (
     "hostname, account, state, cname_target_seen, verified_at, last_check_at,"
     " last_check_reason, created_at"
 )
-_CERT_COLS = "hostname, chain_pem, key_sealed, names, not_before, not_after, issuer, created_at"
+_CERT_COLS = (
+    "hostname, chain_pem, key_sealed, names, not_before, not_after, issuer, created_at,"
+    " serial, directory_url"
+)
+
+
+def _renewal(row: sqlite3.Row) -> RenewalPlan:
+    return RenewalPlan(
+        hostname=row[0], due_at=row[1], next_check_at=row[2], source=row[3], last_error=row[4]
+    )
 
 
 def _domain(row: sqlite3.Row) -> Domain:

@@ -1,13 +1,17 @@
 """Which TLS context serves a hostname, obtaining a certificate when needed.
 
 Order of work for one handshake (the first steps are the hot path):
-  1. in-memory context cache;
+  1. in-memory context cache (re-validated against the store in the background at
+     most every `revalidate_seconds`, so renewals and removals by other workers reach
+     this one without a store read on the handshake path);
   2. negative cache (refused or failing names answer at once);
   3. the store (a certificate issued earlier, or by another worker);
-  4. the issuance gate (registered + CNAME verified);
+  4. the issuance gate (registered + CNAME verified) and the host's backoff;
   5. issuance, single-flight: one task per name in this process, one lease per
      name across processes. Callers that give up do not cancel the order, so the
      next click finds the certificate.
+
+`issue_and_store` is also what the maintenance loop renews with (under the same lease).
 """
 
 from __future__ import annotations
@@ -20,56 +24,102 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from acme_client import AcmeError, AcmeIssuer
+from acme_client import (
+    ACME_TLS_ALPN,
+    AcmeError,
+    HostVerdict,
+    IssuedCertificate,
+    LimitSettings,
+    OrderBudget,
+    OrderLimitReached,
+    OrderLimits,
+    RateLimited,
+    tls_alpn01_certificate,
+)
+from acme_client.solvers import ChallengeSink
 from certstore import CertStore, DomainState, StoredCertificate
 
 from .clienthello import INTERNAL_ERROR, UNRECOGNIZED_NAME
 from .gate import IssuanceGate
 from .refusals import Refusal, RefusalCache, Refused
-from .tlscontexts import ContextCache, build_server_context_async
+from .tlscontexts import CachedContext, ContextCache, build_server_context
 
 log = logging.getLogger(__name__)
+
+
+class Issuer(Protocol):
+    """What the manager needs from ACME (an AcmeIssuer or a FailoverIssuer)."""
+
+    async def issue(
+        self,
+        hostname: str,
+        sink: ChallengeSink,
+        *,
+        budget: OrderBudget | None = None,
+        replaces: str | None = None,
+        exempt: bool = False,
+        authz_budget: int | None = None,
+    ) -> IssuedCertificate: ...
 
 
 @dataclass(frozen=True, slots=True)
 class ManagerSettings:
     refusal_seconds: float = 30.0
-    failure_backoff_seconds: float = 60.0
+    failure_backoff_seconds: float = 60.0  # first backoff step; see acme_client.limits
     lease_seconds: float = 150.0  # > ACME order timeout: a crashed holder frees the name
     lease_poll_seconds: float = 0.1
     cache_size: int = 10_000
+    revalidate_seconds: float = 30.0  # cached contexts are compared with the store this often
+
+
+def lease_name(hostname: str) -> str:
+    """One lease per name for first issuance and renewal alike."""
+    return f"issue:{hostname}"
 
 
 class CertificateManager:
     def __init__(
         self,
         store: CertStore,
-        issuer: AcmeIssuer,
+        issuer: Issuer,
         gate: IssuanceGate,
         settings: ManagerSettings,
         clock: Callable[[], float] = time.time,
+        limits: OrderLimits | None = None,
     ) -> None:
         self._store = store
         self._issuer = issuer
         self._gate = gate
         self._settings = settings
         self._clock = clock
+        self._limits = limits or OrderLimits(
+            store, LimitSettings(first_backoff_seconds=settings.failure_backoff_seconds), clock
+        )
         self._contexts = ContextCache(settings.cache_size)
         self._refusals = RefusalCache()
         self._inflight: dict[str, asyncio.Task[ssl.SSLContext]] = {}
-        self._holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._background: set[asyncio.Task[None]] = set()
+        self.holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.orders_started = 0  # in this process, for logs and tests
+        self.alpn_challenges_answered = 0  # TLS-ALPN-01 validation handshakes served
 
     @property
     def cached_contexts(self) -> int:
         return len(self._contexts)
 
+    @property
+    def limits(self) -> OrderLimits:
+        return self._limits
+
     async def context_for(self, hostname: str) -> ssl.SSLContext:
         now = self._clock()
-        ctx = self._contexts.get(hostname, now)
-        if ctx is not None:
-            return ctx
+        entry = self._contexts.entry(hostname, now)
+        if entry is not None:
+            if now - entry.checked_at >= self._settings.revalidate_seconds:
+                self._revalidate_soon(hostname, entry, now)
+            return entry.context
         refusal = self._refusals.get(hostname, now)
         if refusal is not None:
             raise Refused(refusal.reason, refusal.alert)
@@ -81,10 +131,100 @@ class CertificateManager:
         # shield: a client that hangs up must not cancel the work others wait for
         return await asyncio.shield(task)
 
+    async def challenge_context_for(self, hostname: str) -> ssl.SSLContext:
+        """TLS-ALPN-01 (RFC 8737): the CA's validation handshake offers only `acme-tls/1`."""
+        key_authorization = await self._store.get_alpn_challenge(hostname)
+        if key_authorization is None:
+            raise Refused("no TLS-ALPN-01 challenge pending for this name")
+        self.alpn_challenges_answered += 1
+        return await asyncio.to_thread(_challenge_context, hostname, key_authorization)
+
     def forget(self, hostname: str) -> None:
         """Drop cached state for a host (after removal, suspension, renewal)."""
         self._contexts.discard(hostname)
         self._refusals.discard(hostname)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def issue_and_store(
+        self,
+        hostname: str,
+        *,
+        authz_budget: int | None,
+        replaces: str | None = None,
+        exempt: bool = False,
+        renewal: bool = False,
+    ) -> StoredCertificate:
+        """Order a certificate (the caller holds the name's lease), store it, cache it.
+
+        Failures update the host's backoff (except our own limiter saying "not now")
+        and the event log, then propagate as AcmeError.
+        """
+        started = time.monotonic()
+        what = "renewal" if renewal else "order"
+        self.orders_started += 1
+        await self._store.record_event(
+            hostname, "renewal_started" if renewal else "order_started", f"by {self.holder}"
+        )
+        try:
+            issued = await self._issuer.issue(
+                hostname,
+                self._store,
+                budget=self._limits,
+                replaces=replaces,
+                exempt=exempt,
+                authz_budget=authz_budget,
+            )
+        except OrderLimitReached as exc:
+            await self._store.record_event(hostname, "order_deferred", str(exc))
+            raise
+        except AcmeError as exc:
+            backoff = await self._limits.record_failure(
+                hostname, str(exc), exc.failed_authorizations
+            )
+            log.warning("%s: %s failed (%d in a row): %s", hostname, what, backoff.failures, exc)
+            if not renewal:
+                await self._store.set_domain_state(hostname, DomainState.FAILED)
+            await self._store.record_event(
+                hostname,
+                "renewal_failed" if renewal else "issuance_failed",
+                f"{exc} (next attempt after {_iso(backoff.next_attempt_at)})",
+            )
+            raise
+        elapsed = time.monotonic() - started
+        stored = StoredCertificate(
+            hostname=hostname,
+            chain_pem=issued.chain_pem,
+            key_pem=issued.key_pem,
+            names=issued.names,
+            not_before=issued.not_before,
+            not_after=issued.not_after,
+            issuer=issued.issuer,
+            created_at=self._clock(),
+            serial=issued.serial,
+            directory_url=issued.directory_url,
+        )
+        await self._store.put_certificate(stored)
+        await self._limits.record_success(hostname)
+        await self._limits.record_failed_authorizations(hostname, issued.failed_authorizations)
+        await self._store.set_domain_state(hostname, DomainState.ACTIVE)
+        await self._store.record_event(
+            hostname,
+            "renewed" if renewal else "issued",
+            f"by {issued.issuer} ({issued.directory_url}), serial {issued.serial}, valid until "
+            f"{_iso(issued.not_after)}, took {elapsed * 1000:.0f} ms",
+        )
+        done = "renewed" if renewal else "issued"
+        log.info("%s certificate for %s in %.0f ms", done, hostname, elapsed * 1000)
+        self._refusals.discard(hostname)
+        await self._remember(stored)
+        return stored
+
+    # -- the miss path -----------------------------------------------------------
 
     async def _resolve(self, hostname: str) -> ssl.SSLContext:
         stored = await self._store.get_certificate(hostname)
@@ -103,90 +243,106 @@ class CertificateManager:
         return await self._obtain(hostname)
 
     async def _obtain(self, hostname: str) -> ssl.SSLContext:
-        lease = f"issue:{hostname}"
+        await self._refuse_if_backing_off(hostname)
+        lease = lease_name(hostname)
         while True:
             if await self._store.try_acquire_lease(
-                lease, self._holder, self._settings.lease_seconds
+                lease, self.holder, self._settings.lease_seconds
             ):
                 try:
                     return await self._order_with_lease(hostname)
                 finally:
-                    await self._store.release_lease(lease, self._holder)
+                    await self._store.release_lease(lease, self.holder)
             # Another worker is ordering this name: its certificate lands in the store.
             await asyncio.sleep(self._settings.lease_poll_seconds)
             stored = await self._store.get_certificate(hostname)
             if stored is not None and stored.is_valid_at(self._clock()):
                 return await self._remember(stored)
-            failed = await self._recent_failure(hostname)
-            if failed is not None:
-                self._refuse(
-                    hostname, failed, self._settings.failure_backoff_seconds, INTERNAL_ERROR
-                )
-                raise Refused(failed, INTERNAL_ERROR)
+            await self._refuse_if_backing_off(hostname)
 
     async def _order_with_lease(self, hostname: str) -> ssl.SSLContext:
-        # The previous holder may have finished between our miss and our lease.
+        # The previous holder may have finished (or failed) between our miss and our lease.
         stored = await self._store.get_certificate(hostname)
         if stored is not None and stored.is_valid_at(self._clock()):
             return await self._remember(stored)
-        started = time.monotonic()
-        self.orders_started += 1
-        await self._store.record_event(hostname, "order_started", f"by {self._holder}")
+        verdict = await self._refuse_if_backing_off(hostname)
         try:
-            issued = await self._issuer.issue(hostname, self._store)
+            stored = await self.issue_and_store(hostname, authz_budget=verdict.authz_budget)
+        except RateLimited as exc:
+            reason = f"issuance deferred: {exc}"
+            self._refuse_until(hostname, reason, exc.retry_at)
+            raise Refused(reason, INTERNAL_ERROR) from exc
         except AcmeError as exc:
             reason = f"issuance failed: {exc}"
-            log.warning("%s: %s", hostname, reason)
-            await self._store.set_domain_state(hostname, DomainState.FAILED)
-            await self._store.record_event(hostname, "issuance_failed", str(exc))
-            self._refuse(hostname, reason, self._settings.failure_backoff_seconds, INTERNAL_ERROR)
+            backoff = await self._store.get_backoff(hostname)
+            self._refuse_until(hostname, reason, backoff.next_attempt_at if backoff else None)
             raise Refused(reason, INTERNAL_ERROR) from exc
-        elapsed = time.monotonic() - started
-        stored = StoredCertificate(
-            hostname=hostname,
-            chain_pem=issued.chain_pem,
-            key_pem=issued.key_pem,
-            names=issued.names,
-            not_before=issued.not_before,
-            not_after=issued.not_after,
-            issuer=issued.issuer,
-            created_at=self._clock(),
-        )
-        await self._store.put_certificate(stored)
-        await self._store.set_domain_state(hostname, DomainState.ACTIVE)
-        await self._store.record_event(
-            hostname,
-            "issued",
-            f"by {issued.issuer}, valid until {_iso(issued.not_after)}, "
-            f"took {elapsed * 1000:.0f} ms",
-        )
-        log.info("issued certificate for %s in %.0f ms", hostname, elapsed * 1000)
         return await self._remember(stored)
 
-    async def _recent_failure(self, hostname: str) -> str | None:
-        window = self._settings.failure_backoff_seconds
-        for event in await self._store.list_events(hostname, limit=5):
-            if self._clock() - event.at > window:
-                break
-            if event.kind == "issued":
-                return None
-            if event.kind == "issuance_failed":
-                return f"issuance failed: {event.detail}"
-        return None
+    async def _refuse_if_backing_off(self, hostname: str) -> HostVerdict:
+        verdict = await self._limits.check_host(hostname)
+        if not verdict.allowed:
+            self._refuse_until(hostname, verdict.reason, verdict.retry_at)
+            raise Refused(verdict.reason, INTERNAL_ERROR)
+        return verdict
+
+    # -- cache -------------------------------------------------------------------
 
     async def _remember(self, stored: StoredCertificate) -> ssl.SSLContext:
-        ctx = await build_server_context_async(stored.chain_pem, stored.key_pem)
-        self._contexts.put(stored.hostname, ctx, stored.not_after)
+        entry = self._contexts.entry(stored.hostname, self._clock())
+        if entry is not None and entry.serial == stored.serial and stored.serial:
+            return entry.context  # built already (e.g. by a concurrent revalidation)
+        ctx = await asyncio.to_thread(build_server_context, stored.chain_pem, stored.key_pem)
+        self._contexts.put(
+            stored.hostname, ctx, stored.not_after, stored.serial, checked_at=self._clock()
+        )
         return ctx
+
+    def _revalidate_soon(self, hostname: str, entry: CachedContext, now: float) -> None:
+        entry.checked_at = now  # one check per interval, however many handshakes arrive
+        task = asyncio.ensure_future(self._revalidate(hostname, entry.serial))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _revalidate(self, hostname: str, cached_serial: str) -> None:
+        """Off the hot path: pick up a renewed certificate, drop a removed or suspended host."""
+        try:
+            serial = await self._store.certificate_serial(hostname)
+            domain = await self._store.get_domain(hostname)
+            if serial is None or domain is None or domain.state is DomainState.SUSPENDED:
+                self._contexts.discard(hostname)
+                return
+            if serial == cached_serial:
+                return
+            stored = await self._store.get_certificate(hostname)
+            if stored is not None and stored.is_valid_at(self._clock()):
+                await self._remember(stored)
+                log.info("%s: cached context replaced by serial %s", hostname, stored.serial)
+        except Exception:  # a store hiccup must not break serving; next interval retries
+            log.exception("revalidating the cached context of %s failed", hostname)
 
     def _refuse(
         self, hostname: str, reason: str, seconds: float, alert: int = UNRECOGNIZED_NAME
     ) -> None:
         self._refusals.put(hostname, Refusal(reason, self._clock() + seconds, alert))
 
+    def _refuse_until(self, hostname: str, reason: str, retry_at: float | None) -> None:
+        # Remembered in memory at most `refusal_seconds`: the store has the real backoff,
+        # and an operator clearing it should not wait for a day-long memory to expire.
+        now = self._clock()
+        seconds = self._settings.refusal_seconds
+        if retry_at is not None:
+            seconds = max(min(retry_at - now, seconds), 1.0)
+        self._refuse(hostname, reason, seconds, INTERNAL_ERROR)
+
+
+def _challenge_context(hostname: str, key_authorization: str) -> ssl.SSLContext:
+    cert_pem, key_pem = tls_alpn01_certificate(hostname, key_authorization)
+    return build_server_context(cert_pem, key_pem, alpn=[ACME_TLS_ALPN])
+
 
 def _iso(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
-__all__ = ["CertificateManager", "ManagerSettings", "Refused"]
+__all__ = ["CertificateManager", "ManagerSettings", "Refused", "lease_name"]

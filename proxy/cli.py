@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from acme_client import AcmeError
+from acme_client.renewal import ratio_window
 from certstore import DomainExists, DomainState, SQLiteStore, StoreError, StoreKeyError
 from certstore.crypto import generate_key_text
 
-from .config import Config, ConfigError, load_config, require_serving
+from .config import Config, ConfigError, check_acme, load_config, require_serving
 from .dnscheck import CnameChecker, CnameStatus
-from .edge import open_store
+from .edge import make_issuer, open_store
 from .hostnames import InvalidHostname, display_hostname, normalize_hostname
+from .revocation import revoke_and_purge
 from .workers import serve
 
 EXIT_USAGE = 2
@@ -51,8 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = domains.add_parser("add", help="register a host (it still has to CNAME to the edge)")
     p.add_argument("hostname")
     p.add_argument("--account", default="default", help="customer account owning the host")
-    p = domains.add_parser("remove", help="unregister a host and delete its certificate")
+    p = domains.add_parser(
+        "remove", help="revoke the host's certificate, then unregister it and delete its key"
+    )
     p.add_argument("hostname")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="remove locally even when the CA cannot be reached to revoke",
+    )
     p = domains.add_parser("list", help="list registered hosts")
     p.add_argument("--json", action="store_true")
     p = domains.add_parser("verify", help="check the CNAME now and record the result")
@@ -63,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = certs.add_parser("list", help="list certificates, soonest expiry first")
     p.add_argument("--json", action="store_true")
+    p = certs.add_parser(
+        "revoke", help="revoke a host's certificate and purge its key (the host stays registered)"
+    )
+    p.add_argument("hostname")
 
     p = sub.add_parser("keygen", help="write a new store encryption key to a file")
     p.add_argument("path")
@@ -102,6 +115,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         ("domains", "list"): _domains_list,
         ("domains", "verify"): _domains_verify,
         ("certs", "list"): _certs_list,
+        ("certs", "revoke"): _certs_revoke,
     }
     return asyncio.run(_with_store(config, args, handlers[(args.command, args.action)]))
 
@@ -147,13 +161,45 @@ async def _domains_add(store: SQLiteStore, config: Config, args: argparse.Namesp
     return 0
 
 
-async def _domains_remove(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:
+async def _domains_remove(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
     hostname = normalize_hostname(args.hostname)
-    if not await store.remove_domain(hostname):
+    if await store.get_domain(hostname) is None:
         print(f"linkedge: error: {hostname} is not registered", file=sys.stderr)
         return EXIT_FAILURE
-    print(f"removed {hostname}")
+    # Revoke first: once the key is gone the certificate could no longer be revoked.
+    try:
+        outcome = await _revoke(store, config, hostname)
+    except AcmeError as exc:
+        if not args.force:
+            print(
+                f"linkedge: error: cannot revoke the certificate of {hostname}: {exc}; "
+                "nothing removed (retry, or use --force to remove without revoking)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+        outcome = f"NOT revoked ({exc}); certificate deleted anyway (--force)"
+        await store.record_event(hostname, "removed_unrevoked", str(exc))
+    await store.remove_domain(hostname)
+    print(f"removed {hostname}: {outcome}")
     return 0
+
+
+async def _certs_revoke(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
+    hostname = normalize_hostname(args.hostname)
+    if await store.get_certificate(hostname) is None:
+        print(f"linkedge: error: {hostname} has no certificate", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{hostname}: {await _revoke(store, config, hostname)}")
+    return 0
+
+
+async def _revoke(store: SQLiteStore, config: Config, hostname: str) -> str:
+    check_acme(config)
+    issuer = make_issuer(config, store)
+    try:
+        return await revoke_and_purge(store, issuer, hostname)
+    finally:
+        await issuer.close()
 
 
 async def _domains_list(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:
@@ -209,34 +255,53 @@ async def _domains_verify(store: SQLiteStore, config: Config, args: argparse.Nam
 
 
 async def _certs_list(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:
-    certs = await store.list_certificates()
+    certs = await store.list_certificates()  # soonest expiry first
+    plans = {p.hostname: p for p in await store.list_renewals()}
     now = time.time()
-    if args.json:
-        rows = [
+    rows: list[dict[str, Any]] = []
+    for c in certs:
+        plan = plans.get(c.hostname)
+        backoff = await store.get_backoff(c.hostname)
+        due = plan.due_at if plan else ratio_window(c.not_before, c.not_after).end
+        rows.append(
             {
                 "hostname": c.hostname,
                 "names": list(c.names),
+                "serial": c.serial,
                 "not_before": c.not_before,
                 "not_after": c.not_after,
+                "days_left": round((c.not_after - now) / 86400, 2),
                 "issuer": c.issuer,
+                "directory_url": c.directory_url,
+                "renewal_due_at": due,
+                "renewal_source": plan.source if plan else "unplanned",
+                "last_renewal_error": plan.last_error if plan else None,
+                "failures": backoff.failures if backoff else 0,
+                "next_attempt_at": backoff.next_attempt_at if backoff else None,
             }
-            for c in certs
-        ]
+        )
+    if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     _table(
-        ["HOST", "EXPIRES (UTC)", "DAYS LEFT", "ISSUER"],
+        ["HOST", "EXPIRES (UTC)", "DAYS LEFT", "RENEWAL DUE (UTC)", "BY", "LAST RENEWAL ERROR"],
         [
             [
-                c.hostname,
-                time.strftime("%Y-%m-%d %H:%M", time.gmtime(c.not_after)),
-                f"{(c.not_after - now) / 86400:.1f}",
-                c.issuer,
+                r["hostname"],
+                _utc(r["not_after"]),
+                f"{r['days_left']:.1f}",
+                ("~" if r["renewal_source"] == "unplanned" else "") + _utc(r["renewal_due_at"]),
+                r["renewal_source"],
+                r["last_renewal_error"] or "-",
             ]
-            for c in certs
+            for r in rows
         ],
     )
     return 0
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(timestamp))
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from acme_client.solvers import CHALLENGE_TYPES
+
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 ENV_PREFIX = "LINKEDGE_"
 
@@ -50,6 +52,41 @@ class AcmeConfig:
     email: str = ""
     threads: int = 4
     order_timeout: float = 90.0
+    # challenge types in order of preference; the next is tried when one fails validation
+    challenges: list[str] = field(default_factory=lambda: ["http-01", "tls-alpn-01"])
+    profile: str = ""  # ACME profile (e.g. "tlsserver", "shortlived"); only sent if offered
+    eab_kid: str = ""  # External Account Binding, for CAs that require it
+    eab_hmac_key: str = ""  # base64url, as the CA hands it out
+
+
+@dataclass
+class FallbackConfig:
+    """A second ACME CA, used when the primary fails for reasons of its own."""
+
+    directory: str = ""  # empty: no fallback
+    ca_bundle: str = ""
+    email: str = ""
+    profile: str = ""
+    eab_kid: str = ""
+    eab_hmac_key: str = ""
+
+
+@dataclass
+class LimitsConfig:
+    orders_per_window: int = 300  # new orders per window, all hosts (Let's Encrypt: 300 / 3 h)
+    orders_window_seconds: float = 3 * 3600.0
+    per_domain: int = 50  # orders per registered domain (Public Suffix List) per window
+    per_domain_window_seconds: float = 7 * 86400.0
+    failed_authz_per_hour: int = 5  # per host, any rolling hour
+    max_backoff_seconds: float = 86400.0  # cap of the per-host backoff (1 min, 10, 100, a day)
+
+
+@dataclass
+class RenewalConfig:
+    interval_seconds: float = 60.0  # between maintenance passes per worker (jittered)
+    batch_size: int = 200  # hosts visited per pass at most
+    concurrency: int = 4  # renewals in flight per worker
+    skip_recheck_seconds: float = 3600.0  # after a skipped renewal (CNAME moved), look again
 
 
 @dataclass
@@ -74,6 +111,7 @@ class TlsConfig:
     refusal_cache_seconds: float = 30.0  # refused names are not looked up again within this
     failure_backoff_seconds: float = 60.0  # after a failed order, handshakes fail fast this long
     pending_recheck_seconds: float = 60.0  # at most one live DNS check per pending host
+    revalidate_seconds: float = 30.0  # a cached context is compared with the store this often
 
 
 @dataclass
@@ -85,6 +123,9 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    renewal: RenewalConfig = field(default_factory=RenewalConfig)
     workers: int = 1
     log_level: str = "info"
 
@@ -129,6 +170,24 @@ def require_serving(config: Config) -> None:
         parse_nameserver(ns)
     if config.workers < 1:
         raise ConfigError("workers must be at least 1")
+    check_acme(config)
+
+
+def check_acme(config: Config) -> None:
+    """ACME settings every command that talks to a CA needs to be right."""
+    if not config.acme.challenges:
+        raise ConfigError("acme.challenges must name at least one challenge type")
+    for typ in config.acme.challenges:
+        if typ not in CHALLENGE_TYPES:
+            raise ConfigError(
+                f"acme.challenges: unknown challenge type {typ!r} "
+                f"(supported: {', '.join(CHALLENGE_TYPES)})"
+            )
+    for section, eab in (("acme", config.acme), ("fallback", config.fallback)):
+        if bool(eab.eab_kid) != bool(eab.eab_hmac_key):
+            raise ConfigError(f"{section}.eab_kid and {section}.eab_hmac_key go together")
+    if config.fallback.directory and config.fallback.directory == config.acme.directory:
+        raise ConfigError("fallback.directory must differ from acme.directory")
 
 
 def parse_nameserver(value: str) -> tuple[str, int]:

@@ -17,8 +17,15 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from acme_client import AcmeIssuer, AcmeSettings
-from certstore import SQLiteStore, load_key
+from acme_client import (
+    ACME_TLS_ALPN,
+    AcmeIssuer,
+    AcmeSettings,
+    FailoverIssuer,
+    LimitSettings,
+    OrderLimits,
+)
+from certstore import CertStore, SQLiteStore, load_key
 
 from .certificates import CertificateManager, ManagerSettings
 from .clienthello import HANDSHAKE_FAILURE, ClientHello
@@ -28,6 +35,7 @@ from .forward import Forwarder
 from .gate import IssuanceGate
 from .hostnames import InvalidHostname, normalize_hostname
 from .http_app import make_http_app
+from .maintenance import Maintainer, MaintenanceSettings
 from .refusals import Refused
 from .tls_listener import ListenerSettings, TLSListener
 
@@ -57,12 +65,55 @@ async def open_store(config: Config, clock: Callable[[], float] = time.time) -> 
 
 
 def acme_settings(config: Config) -> AcmeSettings:
+    acme = config.acme
     return AcmeSettings(
-        directory_url=config.acme.directory,
-        ca_bundle=config.acme.ca_bundle or None,
-        contact_email=config.acme.email or None,
+        directory_url=acme.directory,
+        ca_bundle=acme.ca_bundle or None,
+        contact_email=acme.email or None,
+        threads=acme.threads,
+        order_timeout=acme.order_timeout,
+        challenges=tuple(acme.challenges),
+        profile=acme.profile or None,
+        eab_kid=acme.eab_kid or None,
+        eab_hmac_key=acme.eab_hmac_key or None,
+    )
+
+
+def fallback_settings(config: Config) -> AcmeSettings | None:
+    fallback = config.fallback
+    if not fallback.directory:
+        return None
+    return AcmeSettings(
+        directory_url=fallback.directory,
+        ca_bundle=fallback.ca_bundle or None,
+        contact_email=fallback.email or config.acme.email or None,
         threads=config.acme.threads,
         order_timeout=config.acme.order_timeout,
+        challenges=tuple(config.acme.challenges),
+        profile=fallback.profile or None,
+        eab_kid=fallback.eab_kid or None,
+        eab_hmac_key=fallback.eab_hmac_key or None,
+    )
+
+
+def make_issuer(config: Config, store: CertStore) -> FailoverIssuer:
+    fallback = fallback_settings(config)
+    return FailoverIssuer(
+        AcmeIssuer(acme_settings(config), store),
+        AcmeIssuer(fallback, store) if fallback is not None else None,
+    )
+
+
+def limit_settings(config: Config) -> LimitSettings:
+    limits = config.limits
+    return LimitSettings(
+        orders_per_window=limits.orders_per_window,
+        orders_window_seconds=limits.orders_window_seconds,
+        per_domain=limits.per_domain,
+        per_domain_window_seconds=limits.per_domain_window_seconds,
+        failed_authz_per_hour=limits.failed_authz_per_hour,
+        first_backoff_seconds=config.tls.failure_backoff_seconds,
+        max_backoff_seconds=limits.max_backoff_seconds,
     )
 
 
@@ -72,6 +123,7 @@ class EdgeWorker:
         self._clock = clock
         self._closers: list[Callable[[], object]] = []
         self.manager: CertificateManager | None = None
+        self.maintainer: Maintainer | None = None
         self.tls_listener: TLSListener | None = None
         self.http_address: tuple[str, int] | None = None
         self.https_address: tuple[str, int] | None = None
@@ -80,7 +132,7 @@ class EdgeWorker:
         config = self.config
         store = await open_store(config, self._clock)
         self._closers.append(store.close)
-        issuer = AcmeIssuer(acme_settings(config), store)
+        issuer = make_issuer(config, store)
         self._closers.append(issuer.close)
         await issuer.start()
         checker = CnameChecker(config.dns.nameservers, config.dns.timeout)
@@ -100,6 +152,24 @@ class EdgeWorker:
                 failure_backoff_seconds=config.tls.failure_backoff_seconds,
                 lease_seconds=config.acme.order_timeout + 60,
                 cache_size=config.tls.cache_size,
+                revalidate_seconds=config.tls.revalidate_seconds,
+            ),
+            clock=self._clock,
+            limits=OrderLimits(store, limit_settings(config), clock=self._clock),
+        )
+        self._closers.append(self.manager.close)
+        self.maintainer = Maintainer(
+            store,
+            self.manager,
+            issuer,
+            checker,
+            config.edge.cname_target,
+            MaintenanceSettings(
+                interval_seconds=config.renewal.interval_seconds,
+                batch_size=config.renewal.batch_size,
+                concurrency=config.renewal.concurrency,
+                skip_recheck_seconds=config.renewal.skip_recheck_seconds,
+                lease_seconds=config.acme.order_timeout + 60,
             ),
             clock=self._clock,
         )
@@ -135,6 +205,9 @@ class EdgeWorker:
         )
         self.tls_listener.start()
         self._closers.append(self.tls_listener.close)
+        if config.renewal.interval_seconds > 0:  # 0: no background loop (tests drive run_once)
+            self.maintainer.start()
+            self._closers.append(self.maintainer.close)
         log.info(
             "edge worker ready: https on %s, http on %s, backend %s",
             _fmt(self.https_address),
@@ -165,6 +238,9 @@ class EdgeWorker:
             hostname = normalize_hostname(name)
         except InvalidHostname as exc:
             raise Refused(str(exc)) from None
+        if ACME_TLS_ALPN in hello.alpn:
+            # RFC 8737: the CA's TLS-ALPN-01 validation, never a recipient's click
+            return await self.manager.challenge_context_for(hostname)
         return await self.manager.context_for(hostname)
 
 

@@ -12,7 +12,7 @@ import os
 import ssl
 import tempfile
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 # tmpfs keeps the short-lived key file off disk; mkstemp makes it private (0600).
 _SHM = "/dev/shm"  # noqa: S108
@@ -20,11 +20,13 @@ _TMP_DIR = _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else None
 ALPN = ["http/1.1"]
 
 
-def build_server_context(chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+def build_server_context(
+    chain_pem: bytes, key_pem: bytes, alpn: Sequence[str] = ALPN
+) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.set_alpn_protocols(ALPN)
+    ctx.set_alpn_protocols(list(alpn))
     fd, path = tempfile.mkstemp(prefix="linkedge-", suffix=".pem", dir=_TMP_DIR)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -37,14 +39,24 @@ def build_server_context(chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
     return ctx
 
 
-async def build_server_context_async(chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
-    return await asyncio.to_thread(build_server_context, chain_pem, key_pem)
+async def build_server_context_async(
+    chain_pem: bytes, key_pem: bytes, alpn: Sequence[str] = ALPN
+) -> ssl.SSLContext:
+    return await asyncio.to_thread(build_server_context, chain_pem, key_pem, alpn)
 
 
-@dataclass(frozen=True, slots=True)
 class CachedContext:
-    context: ssl.SSLContext
-    not_after: float
+    """A ready context plus what is needed to notice that the store has a newer one."""
+
+    __slots__ = ("checked_at", "context", "not_after", "serial")
+
+    def __init__(
+        self, context: ssl.SSLContext, not_after: float, serial: str, checked_at: float
+    ) -> None:
+        self.context = context
+        self.not_after = not_after
+        self.serial = serial  # of the certificate inside; compared with the store's
+        self.checked_at = checked_at  # last comparison with the store
 
 
 class ContextCache:
@@ -58,6 +70,10 @@ class ContextCache:
         return len(self._entries)
 
     def get(self, hostname: str, now: float) -> ssl.SSLContext | None:
+        entry = self.entry(hostname, now)
+        return None if entry is None else entry.context
+
+    def entry(self, hostname: str, now: float) -> CachedContext | None:
         entry = self._entries.get(hostname)
         if entry is None:
             return None
@@ -65,10 +81,17 @@ class ContextCache:
             del self._entries[hostname]
             return None
         self._entries.move_to_end(hostname)
-        return entry.context
+        return entry
 
-    def put(self, hostname: str, context: ssl.SSLContext, not_after: float) -> None:
-        self._entries[hostname] = CachedContext(context, not_after)
+    def put(
+        self,
+        hostname: str,
+        context: ssl.SSLContext,
+        not_after: float,
+        serial: str = "",
+        checked_at: float = 0.0,
+    ) -> None:
+        self._entries[hostname] = CachedContext(context, not_after, serial, checked_at)
         self._entries.move_to_end(hostname)
         while len(self._entries) > self._capacity:
             self._entries.popitem(last=False)

@@ -16,10 +16,8 @@ import signal
 import time
 from types import FrameType
 
-from acme_client import AcmeIssuer
-
 from .config import Config
-from .edge import acme_settings, listening_socket, open_store, run_worker
+from .edge import listening_socket, make_issuer, open_store, run_worker
 
 log = logging.getLogger(__name__)
 _FAST_EXIT_SECONDS = 5.0  # a worker dying this soon after start is broken, not unlucky
@@ -33,7 +31,7 @@ async def preflight(config: Config) -> None:
         listening_socket(address, what, reuse_port=True).close()
     store = await open_store(config)
     try:
-        issuer = AcmeIssuer(acme_settings(config), store)
+        issuer = make_issuer(config, store)
         try:
             await issuer.start()
         finally:

@@ -23,7 +23,7 @@ from typing import IO
 
 from proxy.demo.pki import TLSIdentity, write_tls_identity
 
-_ORDER_LINE = re.compile(r"POST /order-plz -> calling handler\(\)")
+_ORDER_LINE = re.compile(r'Added order "[^"]+" to the db')  # created, not merely attempted
 _STOP_TIMEOUT = 5.0
 _LOG_TAIL_LINES = 30
 _START_ATTEMPTS = 3
@@ -49,6 +49,7 @@ class PebbleServer:
         authz_reuse_percent: int = 0,
         extra_env: dict[str, str] | None = None,
         binary: str = "pebble",
+        extra_config: dict[str, object] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.dns_server = dns_server
@@ -58,6 +59,8 @@ class PebbleServer:
         self.nonce_reject_percent = nonce_reject_percent
         self.authz_reuse_percent = authz_reuse_percent
         self.extra_env = dict(extra_env or {})
+        # more keys under "pebble" (e.g. externalAccountBindingRequired, externalAccountMACKeys)
+        self.extra_config = dict(extra_config or {})
         self.binary = binary
         self.log_path = self.workdir / "pebble.log"
         self.config_path = self.workdir / "pebble-config.json"
@@ -140,6 +143,11 @@ class PebbleServer:
         except FileNotFoundError:
             return ""
 
+    def certificate_status(self, serial_hex: str) -> dict[str, object]:
+        """Pebble's view of one certificate (management API), e.g. {"Status": "Revoked"}."""
+        url = f"{self.management_url}/cert-status-by-serial/{serial_hex}"
+        return dict(json.loads(self._get(url, timeout=5)))
+
     def order_count(self) -> int:
         """Orders Pebble has been asked for (counts across restarts of this object)."""
         return len(_ORDER_LINE.findall(self.log_text()))
@@ -164,6 +172,7 @@ class PebbleServer:
         }
         if self.validity_seconds is not None:
             settings["certificateValidityPeriod"] = self.validity_seconds
+        settings.update(self.extra_config)
         self.config_path.write_text(json.dumps({"pebble": settings}, indent=2))
 
     def _launch(self, timeout: float, append_log: bool) -> None:

@@ -1,0 +1,128 @@
+"""Publishing ACME challenge answers where the edge's listeners find them.
+
+- HTTP-01: the key authorization under its token; the HTTP listener of any worker
+  answers `/.well-known/acme-challenge/<token>` from the store.
+- TLS-ALPN-01 (RFC 8737): the key authorization under the host name; the HTTPS
+  listener of any worker answers a ClientHello offering ALPN `acme-tls/1` with a
+  self-signed certificate built from it (`tls_alpn01_certificate`).
+
+acme 5.x dropped its TLS-ALPN-01 classes; the two small ones below teach it the type.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from typing import Any, Protocol
+
+import josepy as jose
+from acme import challenges
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+HTTP_01 = "http-01"
+TLS_ALPN_01 = "tls-alpn-01"
+CHALLENGE_TYPES = (HTTP_01, TLS_ALPN_01)
+ACME_TLS_ALPN = "acme-tls/1"
+ACME_IDENTIFIER_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")  # id-pe-acmeIdentifier
+
+
+@challenges.ChallengeResponse.register
+class TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
+    """Empty response body (RFC 8737 §3), like every key-authorization response."""
+
+    typ = TLS_ALPN_01
+
+
+@challenges.Challenge.register
+class TLSALPN01(challenges.KeyAuthorizationChallenge):
+    response_cls = TLSALPN01Response
+    typ = TLS_ALPN_01
+
+    def validation(self, account_key: jose.JWK, **kwargs: Any) -> str:
+        return self.key_authorization(account_key)
+
+
+class ChallengeSink(Protocol):
+    """Where answers are published (the store: every worker reads it)."""
+
+    async def put_challenge(self, token: str, key_authorization: str, hostname: str) -> None: ...
+    async def delete_challenge(self, token: str) -> None: ...
+    async def put_alpn_challenge(self, hostname: str, key_authorization: str) -> None: ...
+    async def delete_alpn_challenge(self, hostname: str) -> None: ...
+
+
+class Solver(Protocol):
+    typ: str
+
+    async def present(self, hostname: str, token: str, key_authorization: str) -> None: ...
+    async def cleanup(self, hostname: str, token: str) -> None: ...
+
+
+class Http01Solver:
+    typ = HTTP_01
+
+    def __init__(self, sink: ChallengeSink) -> None:
+        self._sink = sink
+
+    async def present(self, hostname: str, token: str, key_authorization: str) -> None:
+        await self._sink.put_challenge(token, key_authorization, hostname)
+
+    async def cleanup(self, hostname: str, token: str) -> None:
+        await self._sink.delete_challenge(token)
+
+
+class TlsAlpn01Solver:
+    typ = TLS_ALPN_01
+
+    def __init__(self, sink: ChallengeSink) -> None:
+        self._sink = sink
+
+    async def present(self, hostname: str, token: str, key_authorization: str) -> None:
+        await self._sink.put_alpn_challenge(hostname, key_authorization)
+
+    async def cleanup(self, hostname: str, token: str) -> None:
+        await self._sink.delete_alpn_challenge(hostname)
+
+
+def make_solver(typ: str, sink: ChallengeSink) -> Solver:
+    if typ == HTTP_01:
+        return Http01Solver(sink)
+    if typ == TLS_ALPN_01:
+        return TlsAlpn01Solver(sink)
+    raise ValueError(
+        f"unsupported challenge type {typ!r} (supported: {', '.join(CHALLENGE_TYPES)})"
+    )
+
+
+def tls_alpn01_certificate(hostname: str, key_authorization: str) -> tuple[bytes, bytes]:
+    """RFC 8737 §3: a self-signed certificate for exactly `hostname`, whose critical
+    acmeIdentifier extension holds the SHA-256 digest of the key authorization as a
+    DER OCTET STRING. Returns (certificate PEM, private key PEM)."""
+    digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
+    extension_value = b"\x04\x20" + digest  # OCTET STRING, 32 bytes
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(
+            x509.UnrecognizedExtension(ACME_IDENTIFIER_OID, extension_value), critical=True
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem

@@ -1,0 +1,108 @@
+"""Shared pieces of the renewal tests: a controllable clock, edges on it, served serials."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from pathlib import Path
+
+from conftest import _addresses, client_context, make_config
+from cryptography import x509
+
+from certstore import SQLiteStore, generate_key_text
+from certstore.crypto import parse_key_text
+from proxy.config import Config
+from proxy.demo.dnsserver import DNSServer
+from proxy.demo.pebble import PebbleServer
+from proxy.edge import EdgeWorker
+
+
+class FakeClock:
+    """Wall-clock time plus an offset the test moves forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance_to(self, moment: float) -> None:
+        self.offset += max(moment - self(), 0.0)
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+class Edge:
+    """An EdgeWorker on a FakeClock, with no background loop: tests call run_once()."""
+
+    def __init__(self, config: Config, key_text: str, clock: FakeClock, ip: str) -> None:
+        self.config = config
+        self.key_text = key_text
+        self.clock = clock
+        self.ip = ip
+        self.worker = EdgeWorker(config, clock=clock)
+
+    @property
+    def https_port(self) -> int:
+        return int(self.config.listen.https.rsplit(":", 1)[1])
+
+    async def start(self) -> Edge:
+        await self.worker.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.worker.close()
+
+    async def restart(self) -> None:
+        await self.stop()
+        self.worker = EdgeWorker(self.config, clock=self.clock)
+        await self.worker.start()
+
+    async def open_store(self) -> SQLiteStore:
+        return await SQLiteStore.open(
+            self.config.store.path, parse_key_text(self.key_text, "test"), clock=self.clock
+        )
+
+    async def run_maintenance(self) -> int:
+        assert self.worker.maintainer is not None
+        return await self.worker.maintainer.run_once()
+
+    async def served_serial(self, host: str, pebble: PebbleServer) -> str:
+        return await served_serial(self.ip, self.https_port, host, client_context(pebble))
+
+
+def new_edge_config(
+    tmp_path: Path,
+    pebble: PebbleServer,
+    dns: DNSServer,
+    backend_url: str,
+    *,
+    store_dir: Path | None = None,
+    key_text: str | None = None,
+) -> tuple[Config, str, str, str]:
+    """Config for an edge on a fresh 127.0.0.N; returns (config, key_text, ip, target)."""
+    n = next(_addresses)
+    ip, target = f"127.0.0.{n}", f"edge-{n}.linkedge.test"
+    dns.set_a(target, [ip])
+    store_dir = store_dir or tmp_path
+    key_text = key_text or generate_key_text()
+    (store_dir / "store.key").write_text(key_text)
+    config = make_config(store_dir, ip, target, pebble, dns, backend_url)
+    config.renewal.interval_seconds = 0  # the tests drive maintenance themselves
+    return config, key_text, ip, target
+
+
+async def served_serial(ip: str, port: int, host: str, ctx: ssl.SSLContext) -> str:
+    """Hex serial of the certificate a real TLS handshake gets (verified against ctx)."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(ip, port, ssl=ctx, server_hostname=host), 30
+    )
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return format(x509.load_der_x509_certificate(der).serial_number, "x")

@@ -1,0 +1,241 @@
+"""Issue 5 against real Pebble: background renewal, badNonce storms, a CA outage,
+several workers, revalidated caches. This Pebble issues 1-hour certificates and
+rejects half of all nonces; a FakeClock moves the edges' time forward."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import client_context, free_port
+from renewal_helpers import Edge, FakeClock, new_edge_config, served_serial
+
+from proxy.demo.dnsserver import DNSServer
+from proxy.demo.pebble import PebbleServer
+
+VALIDITY = 3600
+
+
+@pytest.fixture(scope="module")
+def short_pebble(
+    dns_server: DNSServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PebbleServer]:
+    server = PebbleServer(
+        tmp_path_factory.mktemp("pebble-short"),
+        dns_server.nameserver,
+        http_port=free_port(),
+        tls_port=free_port(),
+        validity_seconds=VALIDITY,
+        nonce_reject_percent=50,
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+async def _edge(
+    tmp_path: Path, pebble: PebbleServer, dns: DNSServer, backend_url: str, clock: FakeClock
+) -> Edge:
+    config, key_text, ip, _ = new_edge_config(tmp_path, pebble, dns, backend_url)
+    return await Edge(config, key_text, clock, ip).start()
+
+
+async def test_renewal_in_background_replaces_the_served_certificate(
+    tmp_path: Path, short_pebble: PebbleServer, dns_server: DNSServer, backend
+) -> None:
+    clock = FakeClock()
+    edge = await _edge(tmp_path, short_pebble, dns_server, backend[0], clock)
+    store = await edge.open_store()
+    try:
+        host = f"links.renew-{edge.ip.split('.')[-1]}.test"
+        await store.add_domain(host, "acct")
+        dns_server.set_cname(host, edge.config.edge.cname_target)
+        first = await edge.served_serial(host, short_pebble)
+        orders = short_pebble.order_count()
+
+        assert await edge.run_maintenance() == 1  # plans the new certificate
+        cert = await store.get_certificate(host)
+        plan = await store.get_renewal(host)
+        assert cert is not None and plan is not None and plan.source == "ratio"
+        lifetime = cert.not_after - cert.not_before
+        # under 10 days: due with half the lifetime left, spread over the quarter before
+        assert cert.not_after - lifetime * 0.625 <= plan.due_at <= cert.not_after - lifetime / 2
+        assert await edge.run_maintenance() == 0  # nothing due: no visit, no order
+        assert short_pebble.order_count() == orders
+
+        clock.advance_to(plan.due_at + 1)
+        assert await edge.run_maintenance() == 1
+        renewed = await store.get_certificate(host)
+        assert renewed is not None and renewed.serial != first
+        assert short_pebble.order_count() == orders + 1
+        assert await edge.served_serial(host, short_pebble) == renewed.serial
+        kinds = [e.kind for e in await store.list_events(host)]
+        assert "renewed" in kinds and "renewal_failed" not in kinds
+        new_plan = await store.get_renewal(host)
+        # planned from the new certificate (Pebble's real time; our clock is ahead of it)
+        assert new_plan is not None and new_plan.last_error is None
+        assert renewed.not_before < new_plan.due_at < renewed.not_after
+    finally:
+        await store.close()
+        await edge.stop()
+
+
+async def test_renewal_skipped_when_cname_moved_keeps_serving(
+    tmp_path: Path, short_pebble: PebbleServer, dns_server: DNSServer, backend
+) -> None:
+    clock = FakeClock()
+    edge = await _edge(tmp_path, short_pebble, dns_server, backend[0], clock)
+    store = await edge.open_store()
+    try:
+        host = f"links.moved-{edge.ip.split('.')[-1]}.test"
+        await store.add_domain(host, "acct")
+        dns_server.set_cname(host, edge.config.edge.cname_target)
+        serial = await edge.served_serial(host, short_pebble)
+        await edge.run_maintenance()
+        plan = await store.get_renewal(host)
+        assert plan is not None
+        dns_server.set_cname(host, "cdn.elsewhere.test")
+        orders = short_pebble.order_count()
+        clock.advance_to(plan.due_at + 1)
+        await edge.run_maintenance()
+        assert short_pebble.order_count() == orders
+        skipped = [e for e in await store.list_events(host) if e.kind == "renewal_skipped"]
+        assert len(skipped) == 1 and "cdn.elsewhere.test" in skipped[0].detail
+        plan = await store.get_renewal(host)
+        assert plan is not None and plan.last_error and "cdn.elsewhere.test" in plan.last_error
+        assert plan.next_check_at >= clock() + edge.config.renewal.skip_recheck_seconds - 1
+        assert await edge.served_serial(host, short_pebble) == serial
+    finally:
+        await store.close()
+        await edge.stop()
+
+
+async def test_ca_down_during_renewal_then_back(
+    tmp_path: Path, short_pebble: PebbleServer, dns_server: DNSServer, backend
+) -> None:
+    clock = FakeClock()
+    edge = await _edge(tmp_path, short_pebble, dns_server, backend[0], clock)
+    store = await edge.open_store()
+    try:
+        host = f"links.outage-{edge.ip.split('.')[-1]}.test"
+        await store.add_domain(host, "acct")
+        dns_server.set_cname(host, edge.config.edge.cname_target)
+        old_root = client_context(short_pebble)  # Pebble makes a new root when restarted
+        serial = await edge.served_serial(host, short_pebble)
+        await edge.run_maintenance()
+        plan = await store.get_renewal(host)
+        assert plan is not None
+        clock.advance_to(plan.due_at + 1)
+
+        short_pebble.stop()
+        try:
+            await edge.run_maintenance()
+            plan = await store.get_renewal(host)
+            assert plan is not None and plan.last_error and "unreachable" in plan.last_error
+            backoff = await store.get_backoff(host)
+            assert backoff is not None and backoff.failures == 1
+            assert plan.next_check_at == backoff.next_attempt_at
+            kinds = [e.kind for e in await store.list_events(host)]
+            assert "renewal_failed" in kinds
+            # the current certificate is still served, from cache and from a fresh worker
+            assert await served_serial(edge.ip, edge.https_port, host, old_root) == serial
+            edge.worker.manager.forget(host)  # type: ignore[union-attr]
+            assert await served_serial(edge.ip, edge.https_port, host, old_root) == serial
+            assert await edge.run_maintenance() == 0  # backing off: not retried yet
+        finally:
+            short_pebble.start()  # same ports; Pebble forgot our account
+
+        clock.advance_to(backoff.next_attempt_at + 1)
+        assert await edge.run_maintenance() == 1
+        renewed = await store.get_certificate(host)
+        assert renewed is not None and renewed.serial != serial
+        assert await edge.served_serial(host, short_pebble) == renewed.serial
+        assert await store.get_backoff(host) is None
+        kinds = [e.kind for e in await store.list_events(None, limit=200)]
+        assert "acme_account_registered" in kinds
+    finally:
+        await store.close()
+        await edge.stop()
+
+
+async def test_two_workers_renew_once_and_both_serve_the_new_certificate(
+    tmp_path: Path, short_pebble: PebbleServer, dns_server: DNSServer, backend
+) -> None:
+    clock = FakeClock()
+    config_a, key_text, ip_a, target = new_edge_config(
+        tmp_path, short_pebble, dns_server, backend[0]
+    )
+    config_b, _, ip_b, _ = new_edge_config(
+        tmp_path, short_pebble, dns_server, backend[0], key_text=key_text
+    )
+    config_b.edge.cname_target = target  # same fleet, same store, another address
+    a = await Edge(config_a, key_text, clock, ip_a).start()
+    b = await Edge(config_b, key_text, clock, ip_b).start()
+    store = await a.open_store()
+    try:
+        host = f"links.pair-{ip_a.split('.')[-1]}.test"
+        await store.add_domain(host, "acct")
+        dns_server.set_cname(host, target)
+        first = await a.served_serial(host, short_pebble)
+        assert await b.served_serial(host, short_pebble) == first  # from the store
+        await a.run_maintenance()
+        plan = await store.get_renewal(host)
+        assert plan is not None
+        clock.advance_to(plan.due_at + 1)
+        orders = short_pebble.order_count()
+        await asyncio.gather(a.run_maintenance(), b.run_maintenance())
+        assert short_pebble.order_count() == orders + 1
+        renewed = await store.get_certificate(host)
+        assert renewed is not None and renewed.serial != first
+        events = await store.list_events(host)
+        assert [e.kind for e in events].count("renewal_started") == 1
+
+        # The worker that did not renew still has the old context cached. After
+        # revalidate_seconds one handshake triggers a background comparison with the
+        # store (that handshake may still get the old certificate); later ones get the new.
+        clock.advance(config_b.tls.revalidate_seconds + 1)
+        for edge in (a, b):
+            seen = [await edge.served_serial(host, short_pebble)]
+            for _ in range(50):
+                if seen[-1] == renewed.serial:
+                    break
+                await asyncio.sleep(0.05)
+                seen.append(await edge.served_serial(host, short_pebble))
+            assert seen[-1] == renewed.serial
+            assert set(seen) <= {first, renewed.serial}
+    finally:
+        await store.close()
+        await a.stop()
+        await b.stop()
+
+
+async def test_every_issuance_succeeds_while_half_the_nonces_are_rejected(
+    tmp_path: Path,
+    short_pebble: PebbleServer,
+    dns_server: DNSServer,
+    backend,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="acme.client")  # it logs every CA response
+    clock = FakeClock()
+    edge = await _edge(tmp_path, short_pebble, dns_server, backend[0], clock)
+    store = await edge.open_store()
+    try:
+        n = edge.ip.split(".")[-1]
+        hosts = [f"links.nonce{i}-{n}.test" for i in range(8)]
+        for host in hosts:
+            await store.add_domain(host, "acct")
+            dns_server.set_cname(host, edge.config.edge.cname_target)
+        serials = await asyncio.gather(*(edge.served_serial(h, short_pebble) for h in hosts))
+        assert len(set(serials)) == len(hosts)
+        rejected = sum("error:badNonce" in r.getMessage() for r in caplog.records)
+        assert rejected >= 8  # Pebble did reject many; every order still went through
+        for host in hosts:
+            kinds = [e.kind for e in await store.list_events(host)]
+            assert "issued" in kinds and "issuance_failed" not in kinds
+    finally:
+        await store.close()
+        await edge.stop()
