@@ -113,13 +113,21 @@ class CertificateManager:
     def limits(self) -> OrderLimits:
         return self._limits
 
-    async def context_for(self, hostname: str) -> ssl.SSLContext:
+    def cached_context(self, hostname: str) -> ssl.SSLContext | None:
+        """The hot path: a cached context for an exact (already normalised) name."""
         now = self._clock()
         entry = self._contexts.entry(hostname, now)
-        if entry is not None:
-            if now - entry.checked_at >= self._settings.revalidate_seconds:
-                self._revalidate_soon(hostname, entry, now)
-            return entry.context
+        if entry is None:
+            return None
+        if now - entry.checked_at >= self._settings.revalidate_seconds:
+            self._revalidate_soon(hostname, entry, now)
+        return entry.context
+
+    async def context_for(self, hostname: str) -> ssl.SSLContext:
+        cached = self.cached_context(hostname)
+        if cached is not None:
+            return cached
+        now = self._clock()
         refusal = self._refusals.get(hostname, now)
         if refusal is not None:
             raise Refused(refusal.reason, refusal.alert)

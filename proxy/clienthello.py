@@ -45,6 +45,7 @@ _CLIENT_HELLO = 1  # HandshakeType.client_hello (RFC 8446 §4)
 _MAX_RECORD = 2**14 + 2048  # largest TLSCiphertext fragment; plaintext is 2^14 (RFC 8446 §5.2)
 _EXT_SERVER_NAME = 0  # RFC 6066 §3
 _EXT_ALPN = 16  # RFC 7301 §3.1
+_EXT_NAMES = {_EXT_SERVER_NAME: "extension 0 (server_name)", _EXT_ALPN: "extension 16 (ALPN)"}
 _HOST_NAME_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
 
 
@@ -108,7 +109,16 @@ class _Reader:
 
         The bounds are checked from the length alone, before the bytes arrive.
         """
-        n = self.uint(len_size, f"{what} length")
+        # Error text is only formatted on failure: this runs per extension per connection.
+        if len_size > len(self):
+            raise MalformedClientHello(
+                f"{what} length ({len_size} bytes) overruns {self._name} ({len(self)} bytes left)"
+            )
+        start = self._pos
+        if start + len_size > len(self._data):
+            raise _NeedMore
+        self._pos = start + len_size
+        n = int.from_bytes(self._data[start : self._pos], "big")
         if not min_len <= n <= max_len:
             raise MalformedClientHello(f"{what} is {n} bytes, must be {min_len}..{max_len}")
         if n > len(self):
@@ -226,7 +236,10 @@ def _parse_body(body: bytes, length: int) -> tuple[str | None, tuple[str, ...]]:
     seen: set[int] = set()
     while not extensions.at_end():
         ext_type = extensions.uint(2, "extension type")
-        ext = extensions.vector(2, f"extension {ext_type}")
+        try:
+            ext = extensions.vector(2, _EXT_NAMES.get(ext_type, "extension"))
+        except MalformedClientHello as exc:
+            raise MalformedClientHello(f"extension {ext_type}: {exc}") from None
         # "There MUST NOT be more than one extension of the same type" (RFC 8446 §4.2).
         if ext_type in seen:
             raise MalformedClientHello(f"duplicate extension {ext_type}")

@@ -228,6 +228,11 @@ class EdgeWorker:
     async def _select_context(self, hello: ClientHello) -> ssl.SSLContext:
         assert self.manager is not None
         name = hello.server_name
+        if name is not None and ACME_TLS_ALPN not in hello.alpn:
+            # Cache keys are normalised names, so a hit proves the SNI was one too.
+            cached = self.manager.cached_context(name)
+            if cached is not None:
+                return cached
         if name is None:
             # Policy for clients without SNI (old tools, `openssl s_time`): serve the
             # configured host's certificate if there is one, otherwise refuse.
