@@ -68,6 +68,8 @@ def with_retry(
 def describe_network_error(exc: requests.RequestException) -> str:
     """The useful tail of a requests error, without urllib3's object reprs."""
     url = exc.request.url if exc.request is not None else None
+    if isinstance(url, bytes):
+        url = url.decode("ascii", "replace")
     reason: object = exc.args[0] if exc.args else exc
     reason = getattr(reason, "reason", reason)  # urllib3 MaxRetryError -> the cause
     text = str(reason)
