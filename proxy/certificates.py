@@ -26,6 +26,7 @@ from certstore import CertStore, DomainState, StoredCertificate
 
 from .clienthello import INTERNAL_ERROR, UNRECOGNIZED_NAME
 from .gate import IssuanceGate
+from .lifecycle import Lifecycle
 from .refusals import Refusal, RefusalCache, Refused
 from .tlscontexts import ContextCache, build_server_context_async
 
@@ -41,6 +42,10 @@ class ManagerSettings:
     cache_size: int = 10_000
 
 
+class RenewalBusy(Exception):
+    """Another order for this host is in progress (in this or another worker)."""
+
+
 class CertificateManager:
     def __init__(
         self,
@@ -49,8 +54,10 @@ class CertificateManager:
         gate: IssuanceGate,
         settings: ManagerSettings,
         clock: Callable[[], float] = time.time,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self._store = store
+        self._lifecycle = lifecycle
         self._issuer = issuer
         self._gate = gate
         self._settings = settings
@@ -124,23 +131,55 @@ class CertificateManager:
                 )
                 raise Refused(failed, INTERNAL_ERROR)
 
+    async def renew_now(self, hostname: str) -> StoredCertificate:
+        """Order a new certificate now, replacing the stored one (operator's forced renewal).
+
+        Takes the host's issuance lease like any order, so it never races a first-click
+        order in another worker. A failure leaves the current certificate and state as
+        they are (an `renewal_failed` event) and raises AcmeError.
+        """
+        lease = f"issue:{hostname}"
+        if not await self._store.try_acquire_lease(
+            lease, self._holder, self._settings.lease_seconds
+        ):
+            raise RenewalBusy(f"an order for {hostname} is already in progress")
+        try:
+            try:
+                stored = await self._order(hostname, "forced renewal")
+            except AcmeError as exc:
+                await self._store.record_event(hostname, "renewal_failed", str(exc))
+                raise
+        finally:
+            await self._store.release_lease(lease, self._holder)
+        self.forget(hostname)
+        await self._remember(stored)
+        return stored
+
     async def _order_with_lease(self, hostname: str) -> ssl.SSLContext:
         # The previous holder may have finished between our miss and our lease.
         stored = await self._store.get_certificate(hostname)
         if stored is not None and stored.is_valid_at(self._clock()):
             return await self._remember(stored)
-        started = time.monotonic()
-        self.orders_started += 1
-        await self._store.record_event(hostname, "order_started", f"by {self._holder}")
         try:
-            issued = await self._issuer.issue(hostname, self._store)
+            stored = await self._order(hostname, "first certificate")
         except AcmeError as exc:
             reason = f"issuance failed: {exc}"
             log.warning("%s: %s", hostname, reason)
-            await self._store.set_domain_state(hostname, DomainState.FAILED)
             await self._store.record_event(hostname, "issuance_failed", str(exc))
+            if self._lifecycle is not None:
+                await self._lifecycle.issuance_failed(hostname, reason)
+            else:
+                await self._store.set_domain_state(hostname, DomainState.FAILED, reason)
             self._refuse(hostname, reason, self._settings.failure_backoff_seconds, INTERNAL_ERROR)
             raise Refused(reason, INTERNAL_ERROR) from exc
+        return await self._remember(stored)
+
+    async def _order(self, hostname: str, why: str) -> StoredCertificate:
+        """One ACME order (the caller holds the lease); stores the certificate."""
+        started = time.monotonic()
+        self.orders_started += 1
+        await self._store.record_event(hostname, "order_started", f"{why}, by {self._holder}")
+        issued = await self._issuer.issue(hostname, self._store)
         elapsed = time.monotonic() - started
         stored = StoredCertificate(
             hostname=hostname,
@@ -153,15 +192,17 @@ class CertificateManager:
             created_at=self._clock(),
         )
         await self._store.put_certificate(stored)
-        await self._store.set_domain_state(hostname, DomainState.ACTIVE)
-        await self._store.record_event(
-            hostname,
-            "issued",
+        detail = (
             f"by {issued.issuer}, valid until {_iso(issued.not_after)}, "
-            f"took {elapsed * 1000:.0f} ms",
+            f"took {elapsed * 1000:.0f} ms"
         )
+        await self._store.record_event(hostname, "issued", detail)
+        if self._lifecycle is not None:
+            await self._lifecycle.issued(hostname, f"certificate issued {detail}")
+        else:
+            await self._store.set_domain_state(hostname, DomainState.ACTIVE, "certificate issued")
         log.info("issued certificate for %s in %.0f ms", hostname, elapsed * 1000)
-        return await self._remember(stored)
+        return stored
 
     async def _recent_failure(self, hostname: str) -> str | None:
         window = self._settings.failure_backoff_seconds
@@ -189,4 +230,4 @@ def _iso(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
-__all__ = ["CertificateManager", "ManagerSettings", "Refused"]
+__all__ = ["CertificateManager", "ManagerSettings", "Refused", "RenewalBusy"]

@@ -2,7 +2,11 @@
 
 `--workers N` runs N of these in separate processes; each binds the same
 addresses with SO_REUSEPORT and opens the same SQLite store, which is what keeps
-them coordinated (challenge tokens, leases, certificates).
+them coordinated (challenge tokens, leases, certificates, the event feed). Every
+worker runs the background verifier (leases make each check run once) and follows
+the event feed. Only the primary worker (slot 0) runs the admin listener and the
+webhook sender: the admin port cannot be shared, forced renewals need a running
+CertificateManager, and webhooks must go out once.
 """
 
 from __future__ import annotations
@@ -13,23 +17,30 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
 from acme_client import AcmeIssuer, AcmeSettings
 from certstore import SQLiteStore, load_key
 
+from .admin import AdminDeps, make_admin_app
 from .certificates import CertificateManager, ManagerSettings
+from .checks import CheckSettings, HostChecker
 from .clienthello import HANDSHAKE_FAILURE, ClientHello
-from .config import Config, parse_address
-from .dnscheck import CnameChecker
+from .config import Config, parse_address, read_secret
 from .forward import Forwarder
 from .gate import IssuanceGate
 from .hostnames import InvalidHostname, normalize_hostname
 from .http_app import make_http_app
+from .lifecycle import Lifecycle
 from .refusals import Refused
+from .schedule import Schedule
+from .state_sync import StateSync
 from .tls_listener import ListenerSettings, TLSListener
+from .verifier import Verifier, VerifierSettings
+from .webhooks import WebhookSender, WebhookSettings
 
 log = logging.getLogger(__name__)
 
@@ -67,29 +78,41 @@ def acme_settings(config: Config) -> AcmeSettings:
 
 
 class EdgeWorker:
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, config: Config, clock: Callable[[], float] = time.time, *, primary: bool = True
+    ) -> None:
         self.config = config
         self._clock = clock
+        self.primary = primary
         self._closers: list[Callable[[], object]] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self.manager: CertificateManager | None = None
+        self.verifier: Verifier | None = None
+        self.state_sync: StateSync | None = None
+        self.webhooks: WebhookSender | None = None
         self.tls_listener: TLSListener | None = None
         self.http_address: tuple[str, int] | None = None
         self.https_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
 
     async def start(self) -> None:
         config = self.config
+        admin_token = None
+        if self.primary and config.admin.listen:  # refuse to serve the admin API unprotected
+            admin_token = read_secret(
+                config.admin.token_file, config.admin.token_env, "admin token", "admin.token"
+            )
         store = await open_store(config, self._clock)
         self._closers.append(store.close)
+        self._closers.append(self._cancel_tasks)
         issuer = AcmeIssuer(acme_settings(config), store)
         self._closers.append(issuer.close)
         await issuer.start()
-        checker = CnameChecker(config.dns.nameservers, config.dns.timeout)
+        account = await store.get_account(config.acme.directory)
+        checker = HostChecker(CheckSettings.from_config(config), self._clock)
+        lifecycle = Lifecycle(store, Schedule.from_config(config), self._clock)
         gate = IssuanceGate(
-            store,
-            checker,
-            config.edge.cname_target,
-            config.tls.pending_recheck_seconds,
-            clock=self._clock,
+            store, checker, lifecycle, config.tls.pending_recheck_seconds, clock=self._clock
         )
         self.manager = CertificateManager(
             store,
@@ -102,6 +125,22 @@ class EdgeWorker:
                 cache_size=config.tls.cache_size,
             ),
             clock=self._clock,
+            lifecycle=lifecycle,
+        )
+        self.state_sync = StateSync(store, self.manager.forget, config.lifecycle.sync_seconds)
+        await self.state_sync.start()
+        self.verifier = Verifier(
+            store,
+            checker,
+            lifecycle,
+            VerifierSettings(
+                poll_seconds=config.verify.poll_seconds,
+                concurrency=config.verify.concurrency,
+                lease_seconds=config.acme.order_timeout + config.checks.https_timeout + 60,
+            ),
+            issue_now=self._issue_now,
+            account_uri=account.uri if account else None,
+            clock=self._clock,
         )
         forwarder = Forwarder(
             config.backend.url,
@@ -112,7 +151,9 @@ class EdgeWorker:
         await forwarder.start()
         self._closers.append(forwarder.close)
 
-        runner = web.AppRunner(make_http_app(store, forwarder), access_log=None)
+        runner = web.AppRunner(
+            make_http_app(store, forwarder, self.state_sync.is_suspended), access_log=None
+        )
         await runner.setup()
         self._closers.append(runner.cleanup)
         http_sock = listening_socket(config.listen.http, "listen.http", reuse_port=True)
@@ -135,12 +176,79 @@ class EdgeWorker:
         )
         self.tls_listener.start()
         self._closers.append(self.tls_listener.close)
+
+        self._spawn(self.state_sync.run_forever())
+        if config.verify.poll_seconds > 0:
+            self._spawn(self.verifier.run_forever())
+        if self.primary:
+            if admin_token is not None:
+                await self._start_admin(store, lifecycle, admin_token)
+            if config.webhooks.url:
+                await self._start_webhooks(store)
         log.info(
             "edge worker ready: https on %s, http on %s, backend %s",
             _fmt(self.https_address),
             _fmt(self.http_address),
             config.backend.url,
         )
+
+    async def _start_admin(self, store: SQLiteStore, lifecycle: Lifecycle, token: str) -> None:
+        assert self.verifier is not None
+        deps = AdminDeps(
+            store=store,
+            verifier=self.verifier,
+            lifecycle=lifecycle,
+            edge_target=self.config.edge.cname_target.rstrip(".").lower(),
+            token=token,
+            manager=self.manager,
+            state_sync=self.state_sync,
+            clock=self._clock,
+        )
+        runner = web.AppRunner(make_admin_app(deps), access_log=None)
+        await runner.setup()
+        self._closers.append(runner.cleanup)
+        sock = listening_socket(self.config.admin.listen, "admin.listen", reuse_port=False)
+        await web.SockSite(runner, sock).start()
+        self.admin_address = sock.getsockname()[:2]
+        log.info("admin API and status page on http://%s/status", _fmt(self.admin_address))
+
+    async def _start_webhooks(self, store: SQLiteStore) -> None:
+        hooks = self.config.webhooks
+        secret = read_secret(
+            hooks.secret_file, hooks.secret_env, "webhook secret", "webhooks.secret"
+        )
+        self.webhooks = WebhookSender(
+            store,
+            WebhookSettings(
+                url=hooks.url,
+                secret=secret,
+                max_attempts=max(1, hooks.max_attempts),
+                backoff_seconds=hooks.backoff_seconds,
+                timeout=hooks.timeout,
+                poll_seconds=self.config.lifecycle.sync_seconds,
+            ),
+        )
+        await self.webhooks.start()
+        self._closers.append(self.webhooks.close)
+        self._spawn(self.webhooks.run_forever())
+
+    async def _issue_now(self, hostname: str) -> None:
+        """Proactive issuance: a host that has just verified gets its certificate now."""
+        assert self.manager is not None
+        self.manager.forget(hostname)  # an earlier refusal must not stand in the way
+        try:
+            await self.manager.context_for(hostname)
+        except Refused as exc:
+            log.info("proactive issuance for %s did not happen: %s", hostname, exc.reason)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(coro))
+
+    async def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
 
     async def close(self) -> None:
         while self._closers:
@@ -175,9 +283,11 @@ def _fmt(address: tuple[str, int] | None) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def run_worker(config: Config, ready: Callable[[], None] | None = None) -> None:
+async def run_worker(
+    config: Config, ready: Callable[[], None] | None = None, *, primary: bool = True
+) -> None:
     """Run one worker until SIGTERM/SIGINT."""
-    worker = EdgeWorker(config)
+    worker = EdgeWorker(config, primary=primary)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

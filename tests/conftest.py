@@ -135,6 +135,11 @@ def make_config(
     config.dns.timeout = 2
     config.tls.issuance_wait = 30
     config.tls.hello_timeout = 2
+    config.admin.listen = ""  # tests that need the admin API turn it on
+    config.verify.poll_seconds = 0  # tests drive the verifier themselves (no timing)
+    config.checks.https_port = int(config.listen.https.rsplit(":", 1)[1])
+    config.checks.ca_bundle = str(pebble.root_path)
+    config.checks.https_timeout = 10
     return config
 
 

@@ -91,7 +91,8 @@ def test_domains_add_list_remove(store_env: dict[str, str]) -> None:
         (("a" * 60 + ".") * 5 + "test", "longer than 253"),
         ("localhost", "two labels"),
         ("bad_name.test", "letters, digits"),
-        ("edge.linkedge.test", "edge's own name"),
+        ("edge.linkedge.test", "edge's own names"),
+        ("x.edge.linkedge.test", "edge's own names"),
     ],
 )
 def test_domains_add_rejects_bad_hostnames(
@@ -134,6 +135,7 @@ def _serve_env(store_env: dict[str, str], directory: str, ca_bundle: str) -> dic
         "LINKEDGE_BACKEND_URL": "http://127.0.0.1:9",
         "LINKEDGE_ACME_DIRECTORY": directory,
         "LINKEDGE_ACME_CA_BUNDLE": ca_bundle,
+        "LINKEDGE_ADMIN_LISTEN": "",
     }
 
 
@@ -166,8 +168,27 @@ def test_domains_verify_reports_cname(store_env: dict[str, str], dns_server: DNS
     dns_server.set_cname("links.verify-cli.test", "cdn.elsewhere.test")
     failing = run_cli("domains", "verify", "links.verify-cli.test", env=env)
     assert failing.returncode == 1 and "cdn.elsewhere.test" in failing.stdout
+    assert "\033[" not in failing.stdout  # piped: no colours
     dns_server.set_cname("links.verify-cli.test", "edge.linkedge.test")
+    dns_server.set_a("edge.linkedge.test", ["127.0.0.1"])
+    # the CNAME passes, but no edge serves HTTPS for it here: the https check says so
     passing = run_cli("domains", "verify", "links.verify-cli.test", env=env)
-    assert passing.returncode == 0 and "reaches edge.linkedge.test" in passing.stdout
+    lines = passing.stdout.splitlines()
+    assert passing.returncode == 1, passing.stdout
+    assert any(
+        ln.split()[:2] == ["cname", "[pass]"] and "reaches edge.linkedge.test" in ln for ln in lines
+    ), lines
+    assert any(ln.split()[:2] == ["https", "[fail]"] and "cannot connect" in ln for ln in lines), (
+        lines
+    )
     rows = json.loads(run_cli("domains", "list", "--json", env=env).stdout)
     assert rows[0]["state"] == "verified"
+    as_json = json.loads(
+        run_cli("domains", "verify", "--json", "links.verify-cli.test", env=env).stdout
+    )
+    assert [(c["name"], c["state"]) for c in as_json["checks"]] == [
+        ("cname", "pass"),
+        ("caa", "pass"),
+        ("https", "fail"),
+    ]
+    assert as_json["ok"] is False and as_json["state"] == "verified"
