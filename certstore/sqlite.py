@@ -86,13 +86,16 @@ class SQLiteStore:
         if not ok:
             raise StoreKeyError("the store key does not match this store (wrong key?)")
 
+    # Every read runs to completion in one call on the connection's thread: a cursor left
+    # half-read across an await keeps a read transaction open, and another task's write
+    # on this connection then fails at once with "database is locked" (a stale WAL
+    # snapshot cannot be upgraded, so SQLite does not even wait busy_timeout).
     async def _one(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
-        async with self._db.execute(sql, tuple(args)) as cur:
-            return await cur.fetchone()
+        rows = await self._db.execute_fetchall(sql, tuple(args))
+        return next(iter(rows), None)
 
     async def _all(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        async with self._db.execute(sql, tuple(args)) as cur:
-            return list(await cur.fetchall())
+        return list(await self._db.execute_fetchall(sql, tuple(args)))
 
     # -- domains ---------------------------------------------------------------
 

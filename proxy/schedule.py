@@ -43,8 +43,9 @@ class Schedule:
         if state is DomainState.MOVED:
             # at the latest when the grace period ends, so the host retires on time
             return min(now + self.pending_max, max(now, state_since + self.moved_grace))
-        # pending, failed: back off from pending_first to pending_max
-        backoff = self.pending_first * 2 ** min(failed_checks, 32)
+        # pending, failed: back off from pending_first to pending_max; failed_checks counts
+        # the consecutive failing checks including the one just made
+        backoff = self.pending_first * 2 ** min(max(failed_checks - 1, 0), 32)
         return now + min(backoff, self.pending_max)
 
     def gave_up(self, state: DomainState, now: float, state_since: float) -> bool:
