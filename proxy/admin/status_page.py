@@ -57,11 +57,11 @@ th { text-align: left; font-size: 12px; text-transform: uppercase; letter-spacin
   color: #6b7280; background: #f9fafb; padding: 9px 12px; border-bottom: 1px solid #e5e7eb; }
 td { padding: 10px 12px; border-bottom: 1px solid #f1f5f9; vertical-align: top; }
 tr:last-child td { border-bottom: none; }
-.host { font-weight: 600; }
+.host { font-weight: 600; white-space: nowrap; }
 .muted { color: #6b7280; font-size: 12px; }
 .pill { display: inline-block; border-radius: 999px; padding: 1px 10px; font-size: 12px;
   font-weight: 600; white-space: nowrap; }
-.check { display: flex; gap: 7px; align-items: flex-start; max-width: 330px; }
+.check { display: flex; gap: 7px; align-items: flex-start; min-width: 200px; max-width: 340px; }
 .dot { flex: none; width: 20px; height: 20px; border-radius: 50%; display: inline-flex;
   align-items: center; justify-content: center; font-size: 12px; font-weight: 700; color: #fff; }
 .reason { font-size: 12px; color: #374151; word-break: break-word; }
@@ -251,13 +251,13 @@ async def login(request: web.Request) -> web.StreamResponse:
         httponly=True,
         samesite="Strict",
     )
-    return response
+    raise response
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
     response = web.HTTPSeeOther(LOGIN_PATH)
     response.del_cookie(SESSION_COOKIE, path="/status")
-    return response
+    raise response
 
 
 async def root(request: web.Request) -> web.StreamResponse:
