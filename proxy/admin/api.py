@@ -113,15 +113,17 @@ async def list_hosts(request: web.Request) -> web.Response:
             known = ", ".join(s.value for s in DomainState)
             raise ApiError(422, "invalid_state", f"state must be one of {known}") from None
     limit = int(limit_text)
-    page = await deps.store.list_domains_page(
-        after=query.get("after"), limit=limit, account=query.get("account"), state=state
+    page = await deps.store.list_domains_page(  # one more row tells whether a next page exists
+        after=query.get("after"), limit=limit + 1, account=query.get("account"), state=state
     )
+    more = len(page) > limit
+    page = page[:limit]
     validity = await deps.store.certificate_validity([d.hostname for d in page])
     now = deps.clock()
     return web.json_response(
         {
             "hosts": [host_json(d, validity.get(d.hostname), now) for d in page],
-            "next": page[-1].hostname if len(page) == limit else None,
+            "next": page[-1].hostname if more else None,
         }
     )
 

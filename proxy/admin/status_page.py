@@ -179,7 +179,9 @@ async def status_page(request: web.Request) -> web.Response:
     state_text = request.query.get("state")
     state = DomainState(state_text) if state_text in {s.value for s in DomainState} else None
     after = request.query.get("after")
-    page = await deps.store.list_domains_page(after=after, limit=PAGE_SIZE, state=state)
+    page = await deps.store.list_domains_page(after=after, limit=PAGE_SIZE + 1, state=state)
+    more = len(page) > PAGE_SIZE
+    page = page[:PAGE_SIZE]
     validity = await deps.store.certificate_validity([d.hostname for d in page])
     now = deps.clock()
     rows = []
@@ -199,7 +201,7 @@ async def status_page(request: web.Request) -> web.Response:
                 f"{_E(s.value)} {counts[s]}</span></a>"
             )
     nav = ""
-    if len(page) == PAGE_SIZE:
+    if more:
         params = {"after": page[-1].hostname, **({"state": state.value} if state else {})}
         nav = f'<a href="/status?{_E(urlencode(params))}">Next page →</a>'
     events = await deps.store.list_events(None, limit=20)
