@@ -192,3 +192,51 @@ def test_domains_verify_reports_cname(store_env: dict[str, str], dns_server: DNS
         ("https", "fail"),
     ]
     assert as_json["ok"] is False and as_json["state"] == "verified"
+
+
+def test_domains_verify_colours_on_a_terminal(
+    store_env: dict[str, str], dns_server: DNSServer
+) -> None:
+    import pty
+
+    env = {**os.environ, **store_env, "LINKEDGE_DNS_NAMESERVERS": dns_server.nameserver}
+    env.pop("NO_COLOR", None)
+    assert run_cli("domains", "add", "links.tty-cli.test", env=env).returncode == 0
+    dns_server.set_cname("links.tty-cli.test", "elsewhere.tty.test")
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "domains", "verify", "links.tty-cli.test"],
+            stdout=secondary,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=60,
+        )
+        os.close(secondary)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(primary)
+    text = out.decode()
+    assert proc.returncode == 1
+    assert "\033[31m[fail]" in text and "\033[32m[pass]" in text  # red cname, green caa
+    assert "points to elsewhere.tty.test" in text
+
+
+def test_serve_refuses_admin_listener_without_token(
+    store_env: dict[str, str], pebble: PebbleServer
+) -> None:
+    env = _serve_env(store_env, pebble.directory_url, str(pebble.ca_bundle))
+    env["LINKEDGE_ADMIN_LISTEN"] = f"127.0.0.1:{free_port()}"
+    env["LINKEDGE_ADMIN_TOKEN"] = ""
+    assert_clean_error(run_cli("serve", env=env), 2, "no admin token", 'admin.listen = ""')
+    env["LINKEDGE_ADMIN_TOKEN"] = "short"
+    assert_clean_error(run_cli("serve", env=env), 2, "shorter than 16")
+    assert "short" not in run_cli("serve", env=env).stderr.replace("shorter", "")  # never echoed
