@@ -84,8 +84,10 @@ class Lifecycle:
     ) -> bool:
         """Move `domain` (as last read) to `to`; False if it changed meanwhile."""
         if to not in ALLOWED[domain.state]:
+            allowed = ", ".join(sorted(s.value for s in ALLOWED[domain.state]))
             raise InvalidTransition(
-                f"{domain.hostname} is {domain.state.value}, not {to.value}-able"
+                f"{domain.hostname} is {domain.state.value} and cannot become {to.value}"
+                f" (it can become: {allowed})"
             )
         now = self._clock()
         if next_check_at is None:
