@@ -12,6 +12,7 @@ CertificateManager, and webhooks must go out once.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import socket
@@ -211,6 +212,11 @@ class EdgeWorker:
         await web.SockSite(runner, sock).start()
         self.admin_address = sock.getsockname()[:2]
         log.info("admin API and status page on http://%s/status", _fmt(self.admin_address))
+        if not ipaddress.ip_address(self.admin_address[0]).is_loopback:
+            log.warning(
+                "admin listener %s is not on loopback: it speaks plain HTTP, put TLS in front",
+                _fmt(self.admin_address),
+            )
 
     async def _start_webhooks(self, store: SQLiteStore) -> None:
         hooks = self.config.webhooks

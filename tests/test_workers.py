@@ -189,6 +189,7 @@ async def test_admin_checks_and_webhooks_once_across_workers(
     serve, env, _ = two_workers
     log = serve.log()
     assert log.count("admin API and status page on") == 1  # only the primary worker
+    assert ADMIN_TOKEN not in log and "webhook-secret" not in log  # secrets are never logged
     hosts = [f"links.bg{i}.test" for i in range(6)]
     dns_server.reset_counts()
     before = pebble.order_count()
