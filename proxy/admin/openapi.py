@@ -42,7 +42,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "CertificateSummary": {
         "type": ["object", "null"],
-        "required": ["not_before", "not_after", "issuer", "days_left", "expired"],
+        "required": ["not_before", "not_after", "issuer", "days_left", "expired", "expiring"],
         "additionalProperties": False,
         "properties": {
             "not_before": _ISO,
@@ -50,6 +50,10 @@ SCHEMAS: dict[str, Any] = {
             "issuer": {"type": "string"},
             "days_left": {"type": "number"},
             "expired": {"type": "boolean"},
+            "expiring": {
+                "type": "boolean",
+                "description": "less than a third of the lifetime left",
+            },
         },
     },
     "Event": {
@@ -136,6 +140,7 @@ SCHEMAS: dict[str, Any] = {
             "issuer",
             "days_left",
             "expired",
+            "expiring",
             "serial",
             "sha256_fingerprint",
             "created_at",
@@ -150,6 +155,7 @@ SCHEMAS: dict[str, Any] = {
             "issuer": {"type": "string"},
             "days_left": {"type": "number"},
             "expired": {"type": "boolean"},
+            "expiring": {"type": "boolean"},
             "serial": {"type": "string"},
             "sha256_fingerprint": {"type": "string"},
             "created_at": _ISO,

@@ -138,7 +138,7 @@ def _cert_cell(cert: dict[str, Any] | None) -> str:
     if cert is None:
         return '<td><span class="muted">none</span></td>'
     days = cert["days_left"]
-    tone = "bad" if cert["expired"] else ("warn" if days < 7 else "ok")
+    tone = "bad" if cert["expired"] else ("warn" if cert["expiring"] else "ok")
     label = "expired" if cert["expired"] else f"{days:.0f} days left"
     return (
         f'<td><span class="pill {tone}">{_E(label)}</span>'

@@ -31,6 +31,8 @@ def certificate_summary(
         "issuer": issuer,
         "days_left": round((not_after - now) / _DAY, 2),
         "expired": now >= not_after,
+        # the https check's rule: less than a third of the lifetime left (renewal overdue)
+        "expiring": now < not_after and not_after - now < (not_after - not_before) / 3,
     }
 
 
