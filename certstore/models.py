@@ -12,6 +12,7 @@ class DomainState(StrEnum):
     ACTIVE = "active"  # certificate issued
     FAILED = "failed"  # issuance failed; see events
     SUSPENDED = "suspended"  # operator kill switch: neither served nor issued
+    MOVED = "moved"  # CNAME no longer reaches the edge: served for a grace period, not renewed
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,10 +25,16 @@ class Domain:
     last_check_at: float | None
     last_check_reason: str | None
     created_at: float
+    state_reason: str = ""
+    state_changed_at: float | None = None
+    next_check_at: float | None = None  # None: no background checks (suspended, given up)
+    failed_checks: int = 0  # consecutive checks that did not pass (drives the backoff)
+    last_report: str | None = None  # JSON of the last check report
 
     @property
     def may_issue(self) -> bool:
-        return self.state in (DomainState.VERIFIED, DomainState.ACTIVE, DomainState.FAILED)
+        # FAILED and PENDING need a passing check first; MOVED is served but never renewed.
+        return self.state in (DomainState.VERIFIED, DomainState.ACTIVE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,3 +95,5 @@ class Event:
     hostname: str | None
     kind: str
     detail: str
+    from_state: str | None = None  # set on kind "state" (a lifecycle transition)
+    to_state: str | None = None

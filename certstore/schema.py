@@ -90,6 +90,34 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
+    # 3: lifecycle (reasons, schedule, last check report), transition events, host options
+    """
+    ALTER TABLE domains ADD COLUMN state_reason TEXT NOT NULL DEFAULT '';
+    ALTER TABLE domains ADD COLUMN state_changed_at REAL;
+    ALTER TABLE domains ADD COLUMN next_check_at REAL;
+    ALTER TABLE domains ADD COLUMN failed_checks INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE domains ADD COLUMN last_report TEXT;
+    UPDATE domains SET state_changed_at = created_at;
+    UPDATE domains SET next_check_at = 0 WHERE state != 'suspended';
+    ALTER TABLE events ADD COLUMN from_state TEXT;
+    ALTER TABLE events ADD COLUMN to_state TEXT;
+    CREATE INDEX domains_due ON domains (next_check_at) WHERE next_check_at IS NOT NULL;
+    CREATE INDEX domains_by_account ON domains (account, hostname);
+    CREATE INDEX domains_by_state ON domains (state, hostname);
+    CREATE TABLE host_options (
+        hostname TEXT PRIMARY KEY,
+        options TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    -- Every state change is an event, whichever code path (or process) made it.
+    CREATE TRIGGER domain_state_event AFTER UPDATE OF state ON domains
+    WHEN old.state IS NOT new.state
+    BEGIN
+        INSERT INTO events (at, hostname, kind, detail, from_state, to_state)
+        VALUES (COALESCE(new.state_changed_at, 0), new.hostname, 'state',
+                new.state_reason, old.state, new.state);
+    END;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

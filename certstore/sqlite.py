@@ -7,10 +7,11 @@ autocommit so no process ever holds a write lock across an await.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,13 @@ from .schema import MIGRATIONS, SCHEMA_VERSION
 
 _KEY_CHECK = b"linkedge-store-key-check"
 Clock = Callable[[], float]
+
+
+class _Keep:
+    """Sentinel: leave a column as it is."""
+
+
+KEEP = _Keep()
 
 
 class StoreError(Exception):
@@ -86,21 +94,35 @@ class SQLiteStore:
         if not ok:
             raise StoreKeyError("the store key does not match this store (wrong key?)")
 
+    # Every read runs to completion in one call on the connection's thread: a cursor left
+    # half-read across an await keeps a read transaction open, and another task's write
+    # on this connection then fails at once with "database is locked" (a stale WAL
+    # snapshot cannot be upgraded, so SQLite does not even wait busy_timeout).
     async def _one(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
-        async with self._db.execute(sql, tuple(args)) as cur:
-            return await cur.fetchone()
+        rows = await self._db.execute_fetchall(sql, tuple(args))
+        return next(iter(rows), None)
 
     async def _all(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        async with self._db.execute(sql, tuple(args)) as cur:
-            return list(await cur.fetchall())
+        return list(await self._db.execute_fetchall(sql, tuple(args)))
 
     # -- domains ---------------------------------------------------------------
 
     async def add_domain(self, hostname: str, account: str) -> Domain:
+        now = self._clock()
         try:
+            # next_check_at = now: the background verifier looks at a new host at once.
             await self._db.execute(
-                "INSERT INTO domains (hostname, account, state, created_at) VALUES (?, ?, ?, ?)",
-                (hostname, account, DomainState.PENDING.value, self._clock()),
+                "INSERT INTO domains (hostname, account, state, created_at, state_reason,"
+                " state_changed_at, next_check_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    hostname,
+                    account,
+                    DomainState.PENDING.value,
+                    now,
+                    "registered; waiting for the CNAME",
+                    now,
+                    now,
+                ),
             )
         except sqlite3.IntegrityError:
             raise DomainExists(hostname) from None
@@ -114,7 +136,7 @@ class SQLiteStore:
         removed = cur.rowcount > 0
         await self._db.execute("DELETE FROM certificates WHERE hostname = ?", (hostname,))
         await self._db.execute("DELETE FROM challenges WHERE hostname = ?", (hostname,))
-        for table in ("renewals", "host_backoff", "alpn_challenges"):
+        for table in ("renewals", "host_backoff", "alpn_challenges", "host_options"):
             await self._db.execute(f"DELETE FROM {table} WHERE hostname = ?", (hostname,))
         if removed:
             await self.record_event(hostname, "removed", "domain and its certificate deleted")
@@ -128,6 +150,112 @@ class SQLiteStore:
         rows = await self._all(f"SELECT {_DOMAIN_COLS} FROM domains ORDER BY hostname")
         return [_domain(r) for r in rows]
 
+    async def list_domains_page(
+        self,
+        *,
+        after: str | None = None,
+        limit: int = 100,
+        account: str | None = None,
+        state: DomainState | None = None,
+    ) -> list[Domain]:
+        """Keyset pagination by hostname: each page is an index range scan, however deep."""
+        where, args = ["hostname > ?"], [after or ""]
+        if account is not None:
+            where.append("account = ?")
+            args.append(account)
+        if state is not None:
+            where.append("state = ?")
+            args.append(state.value)
+        rows = await self._all(
+            f"SELECT {_DOMAIN_COLS} FROM domains WHERE {' AND '.join(where)}"
+            " ORDER BY hostname LIMIT ?",
+            (*args, limit),
+        )
+        return [_domain(r) for r in rows]
+
+    async def count_domains_by_state(self) -> dict[DomainState, int]:
+        rows = await self._all("SELECT state, count(*) FROM domains GROUP BY state")
+        return {DomainState(r[0]): int(r[1]) for r in rows}
+
+    async def transition_domain(
+        self,
+        hostname: str,
+        expected: Collection[DomainState],
+        to: DomainState,
+        reason: str,
+        *,
+        next_check_at: float | None | _Keep = KEEP,
+    ) -> bool:
+        """Compare-and-set the state; False when the host is gone or in another state.
+
+        The trigger `domain_state_event` records the transition as an event, in the
+        same statement, so no transition ever goes unlogged.
+        """
+        if not expected:
+            return False
+        marks = ",".join("?" * len(expected))
+        sets = "state = ?, state_reason = ?, state_changed_at = ?, failed_checks = 0"
+        args: list[Any] = [to.value, reason, self._clock()]
+        if not isinstance(next_check_at, _Keep):
+            sets += ", next_check_at = ?"
+            args.append(next_check_at)
+        cur = await self._db.execute(
+            f"UPDATE domains SET {sets} WHERE hostname = ? AND state IN ({marks})",
+            (*args, hostname, *(s.value for s in expected)),
+        )
+        return cur.rowcount > 0
+
+    async def save_check_report(
+        self,
+        hostname: str,
+        *,
+        report: dict[str, Any],
+        cname_target_seen: str | None,
+        reason: str,
+        passed: bool,
+        next_check_at: float | None,
+    ) -> None:
+        """Store the last check report and the schedule; the state is not touched here."""
+        now = self._clock()
+        await self._db.execute(
+            "UPDATE domains SET last_report = ?, cname_target_seen = ?, last_check_at = ?,"
+            " last_check_reason = ?, next_check_at = ?,"
+            " failed_checks = CASE WHEN ? THEN 0 ELSE failed_checks + 1 END,"
+            " verified_at = CASE WHEN ? THEN ? ELSE verified_at END"
+            " WHERE hostname = ?",
+            (
+                json.dumps(report, sort_keys=True),
+                cname_target_seen,
+                now,
+                reason,
+                next_check_at,
+                passed,
+                passed,
+                now,
+                hostname,
+            ),
+        )
+
+    async def update_check_report(self, hostname: str, report: dict[str, Any], reason: str) -> None:
+        """Replace the stored report (a check added later), leaving schedule and counters."""
+        await self._db.execute(
+            "UPDATE domains SET last_report = ?, last_check_reason = ? WHERE hostname = ?",
+            (json.dumps(report, sort_keys=True), reason, hostname),
+        )
+
+    async def set_next_check(self, hostname: str, at: float | None) -> None:
+        await self._db.execute(
+            "UPDATE domains SET next_check_at = ? WHERE hostname = ?", (at, hostname)
+        )
+
+    async def due_for_check(self, now: float, limit: int) -> list[str]:
+        rows = await self._all(
+            "SELECT hostname FROM domains WHERE next_check_at IS NOT NULL AND next_check_at <= ?"
+            " ORDER BY next_check_at LIMIT ?",
+            (now, limit),
+        )
+        return [r[0] for r in rows]
+
     async def record_check(
         self,
         hostname: str,
@@ -139,16 +267,48 @@ class SQLiteStore:
     ) -> None:
         now = self._clock()
         await self._db.execute(
-            "UPDATE domains SET state = ?, cname_target_seen = ?, last_check_at = ?,"
+            "UPDATE domains SET state_reason = CASE WHEN state != ? THEN ? ELSE state_reason END,"
+            " state_changed_at = CASE WHEN state != ? THEN ? ELSE state_changed_at END,"
+            " state = ?, cname_target_seen = ?, last_check_at = ?,"
             " last_check_reason = ?,"
             " verified_at = CASE WHEN ? THEN ? ELSE verified_at END"
             " WHERE hostname = ?",
-            (state.value, cname_target_seen, now, reason, verified, now, hostname),
+            (
+                state.value,
+                reason,
+                state.value,
+                now,
+                state.value,
+                cname_target_seen,
+                now,
+                reason,
+                verified,
+                now,
+                hostname,
+            ),
         )
 
-    async def set_domain_state(self, hostname: str, state: DomainState) -> None:
+    async def set_domain_state(self, hostname: str, state: DomainState, reason: str = "") -> None:
+        """Unconditional state change (prefer transition_domain); logged by the trigger."""
         await self._db.execute(
-            "UPDATE domains SET state = ? WHERE hostname = ?", (state.value, hostname)
+            "UPDATE domains SET state_reason = CASE WHEN state != ? THEN ? ELSE state_reason END,"
+            " state_changed_at = CASE WHEN state != ? THEN ? ELSE state_changed_at END,"
+            " state = ? WHERE hostname = ?",
+            (state.value, reason, state.value, self._clock(), state.value, hostname),
+        )
+
+    # -- per-host options --------------------------------------------------------
+
+    async def get_options(self, hostname: str) -> dict[str, Any] | None:
+        row = await self._one("SELECT options FROM host_options WHERE hostname = ?", (hostname,))
+        return json.loads(row[0]) if row else None
+
+    async def put_options(self, hostname: str, options: dict[str, Any]) -> None:
+        await self._db.execute(
+            "INSERT INTO host_options (hostname, options, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (hostname) DO UPDATE SET options = excluded.options,"
+            " updated_at = excluded.updated_at",
+            (hostname, json.dumps(options, sort_keys=True), self._clock()),
         )
 
     # -- ACME account ----------------------------------------------------------
@@ -216,6 +376,20 @@ class SQLiteStore:
         """The serial alone: a cheap check whether a cached context is still current."""
         row = await self._one("SELECT serial FROM certificates WHERE hostname = ?", (hostname,))
         return str(row[0]) if row else None
+
+    async def certificate_validity(
+        self, hostnames: Collection[str]
+    ) -> dict[str, tuple[float, float, str]]:
+        """(not_before, not_after, issuer) per host, without opening any private key."""
+        if not hostnames:
+            return {}
+        marks = ",".join("?" * len(hostnames))
+        rows = await self._all(
+            "SELECT hostname, not_before, not_after, issuer FROM certificates"
+            f" WHERE hostname IN ({marks})",
+            tuple(hostnames),
+        )
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
     async def list_certificates(self) -> list[StoredCertificate]:
         rows = await self._all(f"SELECT {_CERT_COLS} FROM certificates ORDER BY not_after")
@@ -405,22 +579,46 @@ class SQLiteStore:
     async def list_events(self, hostname: str | None = None, limit: int = 100) -> list[Event]:
         if hostname is None:
             rows = await self._all(
-                "SELECT id, at, hostname, kind, detail FROM events ORDER BY id DESC LIMIT ?",
-                (limit,),
+                f"SELECT {_EVENT_COLS} FROM events ORDER BY id DESC LIMIT ?", (limit,)
             )
         else:
             rows = await self._all(
-                "SELECT id, at, hostname, kind, detail FROM events WHERE hostname = ?"
-                " ORDER BY id DESC LIMIT ?",
+                f"SELECT {_EVENT_COLS} FROM events WHERE hostname = ? ORDER BY id DESC LIMIT ?",
                 (hostname, limit),
             )
-        return [Event(id=r[0], at=r[1], hostname=r[2], kind=r[3], detail=r[4]) for r in rows]
+        return [_event(r) for r in rows]
+
+    async def events_after(self, after_id: int, limit: int = 500) -> list[Event]:
+        """Events in id order after a cursor: how workers and the webhook sender follow changes."""
+        rows = await self._all(
+            f"SELECT {_EVENT_COLS} FROM events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+        )
+        return [_event(r) for r in rows]
+
+    async def last_event_id(self) -> int:
+        row = await self._one("SELECT COALESCE(MAX(id), 0) FROM events")
+        return int(row[0]) if row else 0
+
+    # -- small named values (cursors) --------------------------------------------
+
+    async def get_meta(self, key: str) -> str | None:
+        row = await self._one("SELECT value FROM meta WHERE key = ?", (f"v:{key}",))
+        return None if row is None else str(row[0])
+
+    async def put_meta(self, key: str, value: str) -> None:
+        await self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (f"v:{key}", value),
+        )
 
 
 _DOMAIN_COLS = (
     "hostname, account, state, cname_target_seen, verified_at, last_check_at,"
-    " last_check_reason, created_at"
+    " last_check_reason, created_at, state_reason, state_changed_at, next_check_at,"
+    " failed_checks, last_report"
 )
+_EVENT_COLS = "id, at, hostname, kind, detail, from_state, to_state"
 _CERT_COLS = (
     "hostname, chain_pem, key_sealed, names, not_before, not_after, issuer, created_at,"
     " serial, directory_url"
@@ -443,6 +641,17 @@ def _domain(row: sqlite3.Row) -> Domain:
         last_check_at=row[5],
         last_check_reason=row[6],
         created_at=row[7],
+        state_reason=row[8],
+        state_changed_at=row[9],
+        next_check_at=row[10],
+        failed_checks=row[11],
+        last_report=row[12],
+    )
+
+
+def _event(r: sqlite3.Row) -> Event:
+    return Event(
+        id=r[0], at=r[1], hostname=r[2], kind=r[3], detail=r[4], from_state=r[5], to_state=r[6]
     )
 
 
@@ -474,4 +683,14 @@ async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
 
 
 def _statements(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
+    """Split a script on `;`, keeping trigger bodies (BEGIN ... END) whole."""
+    statements, pending = [], ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending.strip())
+            pending = ""
+    if pending.strip(" \n;"):
+        statements.append(pending.strip())
+    return statements

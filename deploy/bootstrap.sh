@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what linkedge needs on a Debian machine into ./.venv (idempotent).
 #   deploy/bootstrap.sh          runtime + demo (Debian: pebble, python3-venv)
-#   deploy/bootstrap.sh --test   also the test tools (curl, openssl, pytest, ...)
+#   deploy/bootstrap.sh --test   also the test tools (curl, openssl, chromium, pytest, playwright)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +11,9 @@ with_tests=0
 sudo_if_needed() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 
 debs=(pebble ca-certificates)
-((with_tests)) && debs+=(curl openssl)
+# chromium: the status page is tested in a real headless browser (Playwright drives
+# Debian's build; Playwright's own browser download is not used)
+((with_tests)) && debs+=(curl openssl chromium)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

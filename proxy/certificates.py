@@ -43,6 +43,7 @@ from certstore import CertStore, DomainState, StoredCertificate
 
 from .clienthello import INTERNAL_ERROR, UNRECOGNIZED_NAME
 from .gate import IssuanceGate
+from .lifecycle import Lifecycle
 from .refusals import Refusal, RefusalCache, Refused
 from .tlscontexts import CachedContext, ContextCache, build_server_context
 
@@ -79,6 +80,10 @@ def lease_name(hostname: str) -> str:
     return f"issue:{hostname}"
 
 
+class RenewalBusy(Exception):
+    """Another order for this host is in progress (in this or another worker)."""
+
+
 class CertificateManager:
     def __init__(
         self,
@@ -88,8 +93,10 @@ class CertificateManager:
         settings: ManagerSettings,
         clock: Callable[[], float] = time.time,
         limits: OrderLimits | None = None,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self._store = store
+        self._lifecycle = lifecycle
         self._issuer = issuer
         self._gate = gate
         self._settings = settings
@@ -195,8 +202,13 @@ class CertificateManager:
                 hostname, str(exc), exc.failed_authorizations
             )
             log.warning("%s: %s failed (%d in a row): %s", hostname, what, backoff.failures, exc)
-            if not renewal:
-                await self._store.set_domain_state(hostname, DomainState.FAILED)
+            if not renewal:  # a failed renewal leaves the current certificate in service
+                if self._lifecycle is not None:
+                    await self._lifecycle.issuance_failed(hostname, f"issuance failed: {exc}")
+                else:
+                    await self._store.set_domain_state(
+                        hostname, DomainState.FAILED, f"issuance failed: {exc}"
+                    )
             await self._store.record_event(
                 hostname,
                 "renewal_failed" if renewal else "issuance_failed",
@@ -219,7 +231,10 @@ class CertificateManager:
         await self._store.put_certificate(stored)
         await self._limits.record_success(hostname)
         await self._limits.record_failed_authorizations(hostname, issued.failed_authorizations)
-        await self._store.set_domain_state(hostname, DomainState.ACTIVE)
+        if self._lifecycle is not None:
+            await self._lifecycle.issued(hostname, f"certificate issued, serial {issued.serial}")
+        else:
+            await self._store.set_domain_state(hostname, DomainState.ACTIVE, "certificate issued")
         await self._store.record_event(
             hostname,
             "renewed" if renewal else "issued",
@@ -242,12 +257,12 @@ class CertificateManager:
                 return await self._remember(stored)
         decision = await self._gate.decide(hostname)
         if not decision.allowed:
-            self._refuse(hostname, decision.reason, self._settings.refusal_seconds)
+            self._refuse(hostname, decision.reason, self._settings.refusal_seconds, decision.alert)
             if decision.registered:
                 await self._store.record_event(hostname, "refused", decision.reason)
             else:
                 log.debug("refused unregistered name %s", hostname)
-            raise Refused(decision.reason)
+            raise Refused(decision.reason, decision.alert)
         return await self._obtain(hostname)
 
     async def _obtain(self, hostname: str) -> ssl.SSLContext:
@@ -267,6 +282,29 @@ class CertificateManager:
             if stored is not None and stored.is_valid_at(self._clock()):
                 return await self._remember(stored)
             await self._refuse_if_backing_off(hostname)
+
+    async def renew_now(self, hostname: str) -> StoredCertificate:
+        """Order a new certificate now, replacing the stored one (operator's forced renewal).
+
+        Takes the host's issuance lease like any order, so it never races a first-click
+        order in another worker. A failure leaves the current certificate and state as
+        they are (an `renewal_failed` event) and raises AcmeError.
+        """
+        lease = lease_name(hostname)
+        if not await self._store.try_acquire_lease(
+            lease, self.holder, self._settings.lease_seconds
+        ):
+            raise RenewalBusy(f"an order for {hostname} is already in progress")
+        try:
+            # The CA's limits bind operators too: no forced order while the host backs off.
+            verdict = await self._limits.check_host(hostname)
+            if not verdict.allowed:
+                raise AcmeError(verdict.reason)
+            return await self.issue_and_store(
+                hostname, authz_budget=verdict.authz_budget, renewal=True
+            )
+        finally:
+            await self._store.release_lease(lease, self.holder)
 
     async def _order_with_lease(self, hostname: str) -> ssl.SSLContext:
         # The previous holder may have finished (or failed) between our miss and our lease.
@@ -353,4 +391,4 @@ def _iso(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
-__all__ = ["CertificateManager", "ManagerSettings", "Refused", "lease_name"]
+__all__ = ["CertificateManager", "ManagerSettings", "Refused", "RenewalBusy", "lease_name"]

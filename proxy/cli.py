@@ -18,14 +18,18 @@ from typing import Any
 
 from acme_client import AcmeError
 from acme_client.renewal import ratio_window
-from certstore import DomainExists, DomainState, SQLiteStore, StoreError, StoreKeyError
+from certstore import DomainExists, SQLiteStore, StoreError, StoreKeyError
 from certstore.crypto import generate_key_text
 
+from .admin.views import host_json
+from .checks import CheckReport, CheckSettings, CheckState, HostChecker
 from .config import Config, ConfigError, check_acme, load_config, require_serving
-from .dnscheck import CnameChecker, CnameStatus
 from .edge import make_issuer, open_store
 from .hostnames import InvalidHostname, display_hostname, normalize_hostname
+from .lifecycle import Lifecycle
 from .revocation import revoke_and_purge
+from .schedule import Schedule
+from .verifier import Verifier, VerifierSettings
 from .workers import serve
 
 EXIT_USAGE = 2
@@ -64,8 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = domains.add_parser("list", help="list registered hosts")
     p.add_argument("--json", action="store_true")
-    p = domains.add_parser("verify", help="check the CNAME now and record the result")
+    p = domains.add_parser(
+        "verify", help="run the cname, caa and https checks now and record the result"
+    )
     p.add_argument("hostname")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     certs = sub.add_parser("certs", help="inspect certificates").add_subparsers(
         dest="action", required=True
@@ -145,8 +152,9 @@ def _keygen(path: Path) -> int:
 
 async def _domains_add(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
     hostname = normalize_hostname(args.hostname)
-    if config.edge.cname_target and hostname == config.edge.cname_target.rstrip(".").lower():
-        raise InvalidHostname(f"{hostname} is the edge's own name")
+    target = config.edge.cname_target.rstrip(".").lower()
+    if target and (hostname == target or hostname.endswith("." + target)):
+        raise InvalidHostname(f"{hostname} is one of the edge's own names")
     try:
         await store.add_domain(hostname, args.account)
     except DomainExists:
@@ -227,31 +235,54 @@ async def _domains_list(store: SQLiteStore, _config: Config, args: argparse.Name
 
 async def _domains_verify(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
     hostname = normalize_hostname(args.hostname)
-    domain = await store.get_domain(hostname)
-    if domain is None:
+    if await store.get_domain(hostname) is None:
         print(f"linkedge: error: {hostname} is not registered", file=sys.stderr)
         return EXIT_FAILURE
     if not config.edge.cname_target:
-        raise ConfigError("edge.cname_target is required to verify a CNAME")
-    result = await CnameChecker(config.dns.nameservers, config.dns.timeout).check(
-        hostname, config.edge.cname_target
+        raise ConfigError("edge.cname_target is required to verify a host")
+    account = await store.get_account(config.acme.directory)
+    verifier = Verifier(
+        store,
+        HostChecker(CheckSettings.from_config(config)),
+        Lifecycle(store, Schedule.from_config(config)),
+        VerifierSettings(),
+        account_uri=account.uri if account else None,
     )
-    ok = result.status is CnameStatus.OK
-    if domain.state is DomainState.PENDING or not ok:
-        new_state = DomainState.VERIFIED if ok else DomainState.PENDING
-        if domain.state in (DomainState.ACTIVE, DomainState.SUSPENDED):
-            new_state = domain.state  # verification never undoes these
-        await store.record_check(
-            hostname,
-            state=new_state,
-            cname_target_seen=result.first_target,
-            reason=result.reason,
-            verified=ok,
-        )
-        await store.record_event(hostname, "verified" if ok else "check_failed", result.reason)
-    mark = "ok" if ok else ("retry" if result.status is CnameStatus.UNKNOWN else "FAIL")
-    print(f"cname  [{mark}] {result.reason}")
+    outcome = await verifier.verify(hostname)
+    assert outcome is not None
+    report = outcome.report
+    ok = all(r.passed for r in report.results)
+    if args.json:
+        validity = (await store.certificate_validity([hostname])).get(hostname)
+        body = host_json(outcome.domain, validity, time.time())
+        body["checks"] = [r.to_json() for r in report.results]
+        body["ok"] = ok
+        print(json.dumps(body, indent=2))
+    else:
+        _print_report(outcome.domain.state.value, outcome.domain.state_reason, report)
     return 0 if ok else EXIT_FAILURE
+
+
+_COLOURS = {
+    CheckState.PASS: "32",
+    CheckState.WARN: "33",
+    CheckState.FAIL: "31",
+    CheckState.UNKNOWN: "36",
+    CheckState.SKIPPED: "90",
+}
+
+
+def _print_report(state: str, state_reason: str, report: CheckReport) -> None:
+    """Colours on a terminal (unless NO_COLOR is set), plain text when piped."""
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+    def paint(text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if colour else text
+
+    print(f"{display_hostname(report.hostname)}: {paint(state, '1')} ({state_reason})")
+    for result in report.results:
+        mark = paint(f"[{result.state.value}]".ljust(9), _COLOURS[result.state])
+        print(f"  {result.name:<6} {mark} {result.reason}")
 
 
 async def _certs_list(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:

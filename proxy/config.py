@@ -115,6 +115,47 @@ class TlsConfig:
 
 
 @dataclass
+class AdminConfig:
+    listen: str = "127.0.0.1:8081"  # admin API + status page; "" disables them
+    token_file: str = ""
+    token_env: str = "LINKEDGE_ADMIN_TOKEN"  # noqa: S105 (a variable name) wins over token_file when set
+
+
+@dataclass
+class ChecksConfig:
+    caa_issuer: str = "letsencrypt.org"  # the CA's CAA issuer domain (RFC 8659)
+    https_port: int = 443  # where the https check connects (the host is resolved via dns.*)
+    ca_bundle: str = ""  # trust store for the https check; empty: system store
+    https_timeout: float = 10.0
+
+
+@dataclass
+class VerifyConfig:
+    poll_seconds: float = 5.0  # how often each worker looks for due checks
+    pending_first_seconds: float = 60.0  # first retry of a pending host; doubles each time
+    pending_max_seconds: float = 3600.0  # ... up to this interval
+    give_up_days: float = 7.0  # a host pending this long is failed and no longer checked
+    active_interval_seconds: float = 21600.0  # re-check of verified/active hosts
+    concurrency: int = 4  # checks running at once per worker
+
+
+@dataclass
+class LifecycleConfig:
+    moved_grace_days: float = 7.0  # a moved host keeps its certificate this long, then retires
+    sync_seconds: float = 1.0  # how soon other workers apply a suspension/removal
+
+
+@dataclass
+class WebhooksConfig:
+    url: str = ""  # POST a signed JSON body on every status change; "" disables
+    secret_file: str = ""
+    secret_env: str = "LINKEDGE_WEBHOOK_SECRET"  # noqa: S105 (a variable name) wins over secret_file when set
+    max_attempts: int = 6
+    backoff_seconds: float = 2.0  # delay before the first retry; doubles per attempt
+    timeout: float = 10.0
+
+
+@dataclass
 class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
@@ -126,6 +167,11 @@ class Config:
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     renewal: RenewalConfig = field(default_factory=RenewalConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     workers: int = 1
     log_level: str = "info"
 
@@ -170,6 +216,20 @@ def require_serving(config: Config) -> None:
         parse_nameserver(ns)
     if config.workers < 1:
         raise ConfigError("workers must be at least 1")
+    if config.admin.listen:
+        parse_address(config.admin.listen, "admin.listen")
+        read_secret(config.admin.token_file, config.admin.token_env, "admin token", "admin.token")
+    if config.webhooks.url:
+        if not config.webhooks.url.startswith(("http://", "https://")):
+            raise ConfigError("webhooks.url must be an http:// or https:// URL")
+        read_secret(
+            config.webhooks.secret_file,
+            config.webhooks.secret_env,
+            "webhook secret",
+            "webhooks.secret",
+        )
+    if not 1 <= config.checks.https_port <= 65535:
+        raise ConfigError("checks.https_port must be a TCP port")
     check_acme(config)
 
 
@@ -188,6 +248,32 @@ def check_acme(config: Config) -> None:
             raise ConfigError(f"{section}.eab_kid and {section}.eab_hmac_key go together")
     if config.fallback.directory and config.fallback.directory == config.acme.directory:
         raise ConfigError("fallback.directory must differ from acme.directory")
+
+
+MIN_SECRET_LENGTH = 16
+
+
+def read_secret(file: str, env: str, what: str, key: str) -> str:
+    """A secret from an environment variable (wins when set) or a file; never logged."""
+    value = os.environ.get(env, "") if env else ""
+    origin = f"${env}"
+    if not value and file:
+        try:
+            value = Path(file).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {what} file {file}: {exc.strerror}") from None
+        origin = file
+    value = value.strip()
+    if not value:
+        raise ConfigError(
+            f"no {what}: set {key}_file or ${env or key.upper().replace('.', '_')}"
+            + (' (or admin.listen = "" to disable the admin API)' if key == "admin.token" else "")
+        )
+    if len(value) < MIN_SECRET_LENGTH:
+        raise ConfigError(
+            f"the {what} from {origin} is shorter than {MIN_SECRET_LENGTH} characters"
+        )
+    return value
 
 
 def parse_nameserver(value: str) -> tuple[str, int]:

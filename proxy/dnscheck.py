@@ -1,9 +1,12 @@
 """Does a customer's hostname reach the edge through its CNAME chain?
 
 One A query is enough: the resolver returns the whole CNAME chain in the answer
-section, and dnspython hands it back as `chaining_result.cnames`. Resolution
-failures (SERVFAIL, timeouts) are "unknown", never "wrong": a flaky resolver must
-not make a working customer look broken.
+section, and dnspython hands it back as `chaining_result.cnames`. When the chain
+does not reach the edge target, the addresses are compared with the target's own:
+a name that answers with foreign A records and no CNAME is most often a CNAME
+flattened by a CDN proxy (Cloudflare's "proxied" records), and the customer is told
+so. Resolution failures (SERVFAIL, timeouts) are "unknown", never "wrong": a flaky
+resolver must not make a working customer look broken.
 """
 
 from __future__ import annotations
@@ -21,9 +24,15 @@ from .config import parse_nameserver
 
 class CnameStatus(enum.StrEnum):
     OK = "ok"  # the chain reaches the edge target
-    ELSEWHERE = "elsewhere"  # resolves, but not through the edge target
+    VIA_ADDRESS = "via_address"  # no CNAME to the target, but the edge's own addresses
+    ELSEWHERE = "elsewhere"  # CNAME to another name, or no address at all
+    PROXIED = "proxied"  # answers with address records that are not the edge's
     NXDOMAIN = "nxdomain"  # the name does not exist
     UNKNOWN = "unknown"  # SERVFAIL / timeout: try again later
+
+    @property
+    def reaches_edge(self) -> bool:
+        return self in (CnameStatus.OK, CnameStatus.VIA_ADDRESS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,25 +40,40 @@ class CnameResult:
     status: CnameStatus
     chain: tuple[str, ...]  # CNAME targets in order, without trailing dots
     reason: str
+    addresses: tuple[str, ...] = ()  # what the name finally resolves to (A records)
 
     @property
     def first_target(self) -> str | None:
         return self.chain[0] if self.chain else None
 
 
+def make_resolver(nameservers: list[str], timeout: float) -> dns.asyncresolver.Resolver:
+    if nameservers:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [
+            dns.nameserver.Do53Nameserver(host, port)
+            for host, port in map(parse_nameserver, nameservers)
+        ]
+    else:
+        resolver = dns.asyncresolver.Resolver()
+    resolver.lifetime = timeout
+    resolver.timeout = min(timeout, 1.5)
+    resolver.cache = None  # the callers decide how long an answer counts
+    return resolver
+
+
 class CnameChecker:
-    def __init__(self, nameservers: list[str], timeout: float = 3.0) -> None:
-        if nameservers:
-            self._resolver = dns.asyncresolver.Resolver(configure=False)
-            self._resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(host, port)
-                for host, port in map(parse_nameserver, nameservers)
-            ]
-        else:
-            self._resolver = dns.asyncresolver.Resolver()
-        self._resolver.lifetime = timeout
-        self._resolver.timeout = min(timeout, 1.5)
-        self._resolver.cache = None  # the callers decide how long an answer counts
+    def __init__(
+        self,
+        nameservers: list[str],
+        timeout: float = 3.0,
+        resolver: dns.asyncresolver.Resolver | None = None,
+    ) -> None:
+        self._resolver = resolver or make_resolver(nameservers, timeout)
+
+    @property
+    def resolver(self) -> dns.asyncresolver.Resolver:
+        return self._resolver
 
     async def check(self, hostname: str, target: str) -> CnameResult:
         target = target.rstrip(".").lower()
@@ -65,7 +89,11 @@ class CnameChecker:
                     chain,
                     f"CNAME points to {chain[-1]} (which does not exist), not {target}",
                 )
-            return CnameResult(CnameStatus.NXDOMAIN, chain, f"{hostname} does not exist in DNS")
+            return CnameResult(
+                CnameStatus.NXDOMAIN,
+                chain,
+                f"{hostname} does not exist in DNS; add a CNAME record pointing to {target}",
+            )
         except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
             return CnameResult(CnameStatus.UNKNOWN, (), f"DNS lookup failed, will retry: {exc}")
         except dns.exception.DNSException as exc:
@@ -73,23 +101,60 @@ class CnameChecker:
         chain = tuple(
             str(rrset[0].target).rstrip(".").lower() for rrset in answer.chaining_result.cnames
         )
+        addresses = tuple(sorted(str(r) for r in answer.rrset)) if answer.rrset else ()
         if target in chain:
-            return CnameResult(CnameStatus.OK, chain, f"CNAME reaches {target}")
+            return CnameResult(CnameStatus.OK, chain, f"CNAME reaches {target}", addresses)
+        if not addresses:
+            if chain:
+                reason = f"CNAME points to {chain[0]}, not {target}"
+            else:
+                reason = f"no CNAME record for {hostname}; add one pointing to {target}"
+            return CnameResult(CnameStatus.ELSEWHERE, chain, reason)
+        edge = await self._edge_addresses(target)
+        if edge is None:
+            return CnameResult(
+                CnameStatus.UNKNOWN,
+                chain,
+                f"cannot resolve the edge target {target} to compare addresses, will retry",
+                addresses,
+            )
+        if set(addresses) <= edge:
+            return CnameResult(
+                CnameStatus.VIA_ADDRESS,
+                chain,
+                f"resolves to the edge's addresses ({', '.join(addresses)}) without a CNAME"
+                f" to {target}; it works, but point a CNAME at {target} so it keeps working"
+                " when the edge's addresses change",
+                addresses,
+            )
         if chain:
             return CnameResult(
                 CnameStatus.ELSEWHERE,
                 chain,
                 f"CNAME points to {chain[0]}, not {target}",
+                addresses,
             )
-        addresses = sorted(str(r) for r in answer.rrset) if answer.rrset else []
-        if addresses:
-            return CnameResult(
-                CnameStatus.ELSEWHERE,
-                (),
-                f"no CNAME: {hostname} has address records ({', '.join(addresses)});"
-                f" point a CNAME at {target}",
-            )
-        return CnameResult(CnameStatus.ELSEWHERE, (), f"no CNAME record for {hostname}")
+        return CnameResult(
+            CnameStatus.PROXIED,
+            chain,
+            f"{hostname} answers with addresses {', '.join(addresses)}, not the edge's and no"
+            f" CNAME: if the CNAME to {target} sits behind a CDN proxy (e.g. Cloudflare's orange"
+            " cloud), switch it to DNS only; otherwise replace the A records with that CNAME",
+            addresses,
+        )
+
+    async def _edge_addresses(self, target: str) -> set[str] | None:
+        found: set[str] = set()
+        for rdtype in ("A", "AAAA"):
+            try:
+                answer = await self._resolver.resolve(target, rdtype, raise_on_no_answer=False)
+            except dns.resolver.NXDOMAIN:
+                return found
+            except dns.exception.DNSException:
+                return None
+            if answer.rrset:
+                found.update(str(r) for r in answer.rrset)
+        return found
 
 
 def _chain_from_nxdomain(exc: dns.resolver.NXDOMAIN, hostname: str) -> tuple[str, ...]:

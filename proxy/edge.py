@@ -2,18 +2,24 @@
 
 `--workers N` runs N of these in separate processes; each binds the same
 addresses with SO_REUSEPORT and opens the same SQLite store, which is what keeps
-them coordinated (challenge tokens, leases, certificates).
+them coordinated (challenge tokens, leases, certificates, the event feed). Every
+worker runs the background verifier (leases make each check run once) and follows
+the event feed. Only the primary worker (slot 0) runs the admin listener and the
+webhook sender: the admin port cannot be shared, forced renewals need a running
+CertificateManager, and webhooks must go out once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
@@ -27,17 +33,23 @@ from acme_client import (
 )
 from certstore import CertStore, SQLiteStore, load_key
 
+from .admin import AdminDeps, make_admin_app
 from .certificates import CertificateManager, ManagerSettings
+from .checks import CheckSettings, HostChecker
 from .clienthello import HANDSHAKE_FAILURE, ClientHello
-from .config import Config, parse_address
-from .dnscheck import CnameChecker
+from .config import Config, parse_address, read_secret
 from .forward import Forwarder
 from .gate import IssuanceGate
 from .hostnames import InvalidHostname, normalize_hostname
 from .http_app import make_http_app
+from .lifecycle import Lifecycle
 from .maintenance import Maintainer, MaintenanceSettings
 from .refusals import Refused
+from .schedule import Schedule
+from .state_sync import StateSync
 from .tls_listener import ListenerSettings, TLSListener
+from .verifier import Verifier, VerifierSettings
+from .webhooks import WebhookSender, WebhookSettings
 
 log = logging.getLogger(__name__)
 
@@ -118,30 +130,42 @@ def limit_settings(config: Config) -> LimitSettings:
 
 
 class EdgeWorker:
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, config: Config, clock: Callable[[], float] = time.time, *, primary: bool = True
+    ) -> None:
         self.config = config
         self._clock = clock
+        self.primary = primary
         self._closers: list[Callable[[], object]] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self.manager: CertificateManager | None = None
         self.maintainer: Maintainer | None = None
+        self.verifier: Verifier | None = None
+        self.state_sync: StateSync | None = None
+        self.webhooks: WebhookSender | None = None
         self.tls_listener: TLSListener | None = None
         self.http_address: tuple[str, int] | None = None
         self.https_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
 
     async def start(self) -> None:
         config = self.config
+        admin_token = None
+        if self.primary and config.admin.listen:  # refuse to serve the admin API unprotected
+            admin_token = read_secret(
+                config.admin.token_file, config.admin.token_env, "admin token", "admin.token"
+            )
         store = await open_store(config, self._clock)
         self._closers.append(store.close)
+        self._closers.append(self._cancel_tasks)
         issuer = make_issuer(config, store)
         self._closers.append(issuer.close)
         await issuer.start()
-        checker = CnameChecker(config.dns.nameservers, config.dns.timeout)
+        account = await store.get_account(config.acme.directory)
+        checker = HostChecker(CheckSettings.from_config(config), self._clock)
+        lifecycle = Lifecycle(store, Schedule.from_config(config), self._clock)
         gate = IssuanceGate(
-            store,
-            checker,
-            config.edge.cname_target,
-            config.tls.pending_recheck_seconds,
-            clock=self._clock,
+            store, checker, lifecycle, config.tls.pending_recheck_seconds, clock=self._clock
         )
         self.manager = CertificateManager(
             store,
@@ -156,13 +180,14 @@ class EdgeWorker:
             ),
             clock=self._clock,
             limits=OrderLimits(store, limit_settings(config), clock=self._clock),
+            lifecycle=lifecycle,
         )
         self._closers.append(self.manager.close)
         self.maintainer = Maintainer(
             store,
             self.manager,
             issuer,
-            checker,
+            checker.cname_checker,
             config.edge.cname_target,
             MaintenanceSettings(
                 interval_seconds=config.renewal.interval_seconds,
@@ -171,6 +196,21 @@ class EdgeWorker:
                 skip_recheck_seconds=config.renewal.skip_recheck_seconds,
                 lease_seconds=config.acme.order_timeout + 60,
             ),
+            clock=self._clock,
+        )
+        self.state_sync = StateSync(store, self.manager.forget, config.lifecycle.sync_seconds)
+        await self.state_sync.start()
+        self.verifier = Verifier(
+            store,
+            checker,
+            lifecycle,
+            VerifierSettings(
+                poll_seconds=config.verify.poll_seconds,
+                concurrency=config.verify.concurrency,
+                lease_seconds=config.acme.order_timeout + config.checks.https_timeout + 60,
+            ),
+            issue_now=self._issue_now,
+            account_uri=account.uri if account else None,
             clock=self._clock,
         )
         forwarder = Forwarder(
@@ -182,7 +222,9 @@ class EdgeWorker:
         await forwarder.start()
         self._closers.append(forwarder.close)
 
-        runner = web.AppRunner(make_http_app(store, forwarder), access_log=None)
+        runner = web.AppRunner(
+            make_http_app(store, forwarder, self.state_sync.is_suspended), access_log=None
+        )
         await runner.setup()
         self._closers.append(runner.cleanup)
         http_sock = listening_socket(config.listen.http, "listen.http", reuse_port=True)
@@ -208,12 +250,84 @@ class EdgeWorker:
         if config.renewal.interval_seconds > 0:  # 0: no background loop (tests drive run_once)
             self.maintainer.start()
             self._closers.append(self.maintainer.close)
+
+        self._spawn(self.state_sync.run_forever())
+        if config.verify.poll_seconds > 0:
+            self._spawn(self.verifier.run_forever())
+        if self.primary:
+            if admin_token is not None:
+                await self._start_admin(store, lifecycle, admin_token)
+            if config.webhooks.url:
+                await self._start_webhooks(store)
         log.info(
             "edge worker ready: https on %s, http on %s, backend %s",
             _fmt(self.https_address),
             _fmt(self.http_address),
             config.backend.url,
         )
+
+    async def _start_admin(self, store: SQLiteStore, lifecycle: Lifecycle, token: str) -> None:
+        assert self.verifier is not None
+        deps = AdminDeps(
+            store=store,
+            verifier=self.verifier,
+            lifecycle=lifecycle,
+            edge_target=self.config.edge.cname_target.rstrip(".").lower(),
+            token=token,
+            manager=self.manager,
+            state_sync=self.state_sync,
+            clock=self._clock,
+        )
+        runner = web.AppRunner(make_admin_app(deps), access_log=None)
+        await runner.setup()
+        self._closers.append(runner.cleanup)
+        sock = listening_socket(self.config.admin.listen, "admin.listen", reuse_port=False)
+        await web.SockSite(runner, sock).start()
+        self.admin_address = sock.getsockname()[:2]
+        log.info("admin API and status page on http://%s/status", _fmt(self.admin_address))
+        if not ipaddress.ip_address(self.admin_address[0]).is_loopback:
+            log.warning(
+                "admin listener %s is not on loopback: it speaks plain HTTP, put TLS in front",
+                _fmt(self.admin_address),
+            )
+
+    async def _start_webhooks(self, store: SQLiteStore) -> None:
+        hooks = self.config.webhooks
+        secret = read_secret(
+            hooks.secret_file, hooks.secret_env, "webhook secret", "webhooks.secret"
+        )
+        self.webhooks = WebhookSender(
+            store,
+            WebhookSettings(
+                url=hooks.url,
+                secret=secret,
+                max_attempts=max(1, hooks.max_attempts),
+                backoff_seconds=hooks.backoff_seconds,
+                timeout=hooks.timeout,
+                poll_seconds=self.config.lifecycle.sync_seconds,
+            ),
+        )
+        await self.webhooks.start()
+        self._closers.append(self.webhooks.close)
+        self._spawn(self.webhooks.run_forever())
+
+    async def _issue_now(self, hostname: str) -> None:
+        """Proactive issuance: a host that has just verified gets its certificate now."""
+        assert self.manager is not None
+        self.manager.forget(hostname)  # an earlier refusal must not stand in the way
+        try:
+            await self.manager.context_for(hostname)
+        except Refused as exc:
+            log.info("proactive issuance for %s did not happen: %s", hostname, exc.reason)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(coro))
+
+    async def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
 
     async def close(self) -> None:
         while self._closers:
@@ -256,9 +370,11 @@ def _fmt(address: tuple[str, int] | None) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def run_worker(config: Config, ready: Callable[[], None] | None = None) -> None:
+async def run_worker(
+    config: Config, ready: Callable[[], None] | None = None, *, primary: bool = True
+) -> None:
     """Run one worker until SIGTERM/SIGINT."""
-    worker = EdgeWorker(config)
+    worker = EdgeWorker(config, primary=primary)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

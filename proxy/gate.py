@@ -1,9 +1,11 @@
 """The issuance gate: may this hostname get a certificate right now?
 
-Security by default: only registered hosts whose CNAME reaches the edge. A pending
-host gets at most one live DNS check per interval (shared across workers through
-the store's last_check_at), so a flood of handshakes cannot become a flood of DNS
-queries. Hosts already verified are decided without DNS on the handshake path.
+Security by default: only registered hosts whose CNAME reaches the edge (and whose
+CAA records do not forbid our CA). Hosts already decided (verified, active, moved,
+suspended) are answered from the store without DNS. A pending or failed host gets
+at most one live DNS check per interval (shared across workers through the store's
+last_check_at), so a flood of handshakes cannot become a flood of DNS queries; the
+background verifier does the rest of the checking.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from certstore import CertStore, DomainState
+from certstore import CertStore, Domain, DomainState
 
-from .dnscheck import CnameChecker, CnameStatus
+from .checks import HostChecker
+from .clienthello import INTERNAL_ERROR, UNRECOGNIZED_NAME
+from .lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -25,20 +29,23 @@ class Decision:
     allowed: bool
     reason: str
     registered: bool = True
+    # unrecognized_name for names we will not serve; internal_error for a known host
+    # whose certificate cannot be had right now (failed issuance, backing off).
+    alert: int = UNRECOGNIZED_NAME
 
 
 class IssuanceGate:
     def __init__(
         self,
         store: CertStore,
-        checker: CnameChecker,
-        edge_target: str,
+        checker: HostChecker,
+        lifecycle: Lifecycle,
         recheck_interval: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._checker = checker
-        self._target = edge_target.rstrip(".").lower()
+        self._lifecycle = lifecycle
         self._interval = recheck_interval
         self._clock = clock
 
@@ -48,25 +55,27 @@ class IssuanceGate:
             return Decision(False, "not registered", registered=False)
         if domain.state is DomainState.SUSPENDED:
             return Decision(False, "suspended by operator")
+        if domain.state is DomainState.MOVED:
+            return Decision(False, f"moved, not renewed: {domain.state_reason}")
         if domain.may_issue:
             return Decision(True, f"verified ({domain.state.value})")
-        # pending: one live check per interval
+        # pending or failed: one live check per interval
         now = self._clock()
         if domain.last_check_at is not None and now - domain.last_check_at < self._interval:
-            return Decision(False, f"pending: {domain.last_check_reason}")
-        result = await self._checker.check(hostname, self._target)
-        verified = result.status is CnameStatus.OK
-        await self._store.record_check(
-            hostname,
-            state=DomainState.VERIFIED if verified else DomainState.PENDING,
-            cname_target_seen=result.first_target,
-            reason=result.reason,
-            verified=verified,
-        )
-        await self._store.record_event(
-            hostname, "verified" if verified else "check_failed", result.reason
-        )
-        log.info("live CNAME check for %s: %s", hostname, result.reason)
-        if verified:
-            return Decision(True, result.reason)
-        return Decision(False, f"pending: {result.reason}")
+            return await self._refusal(domain, f"{domain.last_check_reason}")
+        report = await self._checker.check_dns(hostname)
+        domain = await self._lifecycle.apply(domain, report, has_valid_cert=False)
+        log.info("live check for %s: %s", hostname, report.summary)
+        if domain.state is DomainState.VERIFIED:
+            return Decision(True, report.summary)
+        return await self._refusal(domain, report.summary)
+
+    async def _refusal(self, domain: Domain, reason: str) -> Decision:
+        text = f"{domain.state.value}: {reason}"
+        if domain.state is DomainState.FAILED:
+            # A known host whose issuance is backing off is our problem (internal_error);
+            # a retired or given-up host is a name we no longer serve (unrecognized_name).
+            backoff = await self._store.get_backoff(domain.hostname)
+            if backoff is not None and backoff.next_attempt_at > self._clock():
+                return Decision(False, f"{text}; issuance backing off", alert=INTERNAL_ERROR)
+        return Decision(False, text)

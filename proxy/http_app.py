@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -20,11 +21,23 @@ log = logging.getLogger(__name__)
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 
 
-def make_http_app(store: CertStore, forwarder: Forwarder) -> web.Application:
+def make_http_app(
+    store: CertStore,
+    forwarder: Forwarder,
+    is_suspended: Callable[[str], bool] = lambda _host: False,
+) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
         path = request.path
         if path.startswith(CHALLENGE_PREFIX) and request.method in ("GET", "HEAD"):
             return await _challenge(store, path[len(CHALLENGE_PREFIX) :])
+        host = _request_host(request)
+        if host and is_suspended(host):
+            # the operator's kill switch; also reaches keep-alive HTTPS connections
+            return web.Response(
+                status=503,
+                text=f"{host} is suspended on this edge.\n",
+                headers={"Cache-Control": "no-store"},
+            )
         return await forwarder.handle(request)
 
     app = web.Application(client_max_size=0)
@@ -39,6 +52,14 @@ async def _challenge(store: CertStore, token: str) -> web.Response:
         return web.Response(status=404, text="no such challenge\n")
     log.info("served ACME challenge token %s (worker %d)", token, os.getpid())
     return web.Response(text=answer, content_type="application/octet-stream")
+
+
+def _request_host(request: web.Request) -> str:
+    """The Host header's name in canonical form (the cheap part of normalize_hostname)."""
+    host = request.headers.get("Host", "")
+    if host.startswith("["):
+        return ""
+    return host.rsplit(":", 1)[0].rstrip(".").lower() if host.count(":") <= 1 else ""
 
 
 def _is_token(token: str) -> bool:

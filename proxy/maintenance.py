@@ -158,8 +158,10 @@ class Maintainer:
         hostname = cert.hostname
         now = self._clock()
         domain = await self._store.get_domain(hostname)
-        if domain is None or domain.state is DomainState.SUSPENDED:
-            why = "not registered" if domain is None else "suspended by operator"
+        # Only hosts in service are renewed: suspended, moved (grace period) and
+        # failed hosts keep what they have until the lifecycle decides otherwise.
+        if domain is None or domain.state is not DomainState.ACTIVE:
+            why = "not registered" if domain is None else f"host is {domain.state.value}"
             return await self._skip(plan, why)
         result = await self._checker.check(hostname, self._target)
         if result.status is not CnameStatus.OK:

@@ -29,6 +29,8 @@ async def preflight(config: Config) -> None:
         (config.listen.http, "listen.http"),
     ):
         listening_socket(address, what, reuse_port=True).close()
+    if config.admin.listen:
+        listening_socket(config.admin.listen, "admin.listen", reuse_port=False).close()
     store = await open_store(config)
     try:
         issuer = make_issuer(config, store)
@@ -50,10 +52,10 @@ def serve(config: Config) -> int:
     return _supervise(config)
 
 
-def _worker_main(config: Config) -> None:
+def _worker_main(config: Config, primary: bool) -> None:
     configure_logging(config.log_level)
     try:
-        asyncio.run(run_worker(config))
+        asyncio.run(run_worker(config, primary=primary))
     except KeyboardInterrupt:
         pass
 
@@ -72,7 +74,10 @@ def _supervise(config: Config) -> int:
     procs: dict[int, tuple[multiprocessing.process.BaseProcess, float]] = {}
 
     def spawn(slot: int) -> None:
-        proc = ctx.Process(target=_worker_main, args=(config,), name=f"linkedge-worker-{slot}")
+        # slot 0 is the primary: admin listener and webhook sender (see proxy/edge.py)
+        proc = ctx.Process(
+            target=_worker_main, args=(config, slot == 0), name=f"linkedge-worker-{slot}"
+        )
         proc.start()
         procs[slot] = (proc, time.monotonic())
         log.info("started worker %d (pid %s)", slot, proc.pid)

@@ -11,7 +11,8 @@ import asyncio
 import itertools
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,8 +85,8 @@ class EdgeHandle:
     def http_port(self) -> int:
         return int(self.config.listen.http.rsplit(":", 1)[1])
 
-    async def start(self) -> None:
-        self.worker = EdgeWorker(self.config)
+    async def start(self, clock: Callable[[], float] = time.time) -> None:
+        self.worker = EdgeWorker(self.config, clock)
         await self.worker.start()
 
     async def stop(self) -> None:
@@ -95,6 +96,33 @@ class EdgeHandle:
 
     async def open_store(self) -> SQLiteStore:
         return await SQLiteStore.open(self.config.store.path, parse_key_text(self.key_text, "test"))
+
+
+class FakeClock:
+    """Real time plus an offset the test moves forward (schedules, grace periods)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+
+
+def enable_admin(handle: EdgeHandle, tmp_path: Path) -> str:
+    """Turn the admin listener on (token in a file); returns its base URL."""
+    token_file = tmp_path / "admin.token"
+    token_file.write_text(ADMIN_TOKEN + "\n")
+    port = free_port(handle.ip)
+    handle.config.admin.listen = f"{handle.ip}:{port}"
+    handle.config.admin.token_file = str(token_file)
+    handle.config.admin.token_env = ""
+    return f"http://{handle.ip}:{port}"
 
 
 class StaticResolver(AbstractResolver):
@@ -135,6 +163,11 @@ def make_config(
     config.dns.timeout = 2
     config.tls.issuance_wait = 30
     config.tls.hello_timeout = 2
+    config.admin.listen = ""  # tests that need the admin API turn it on
+    config.verify.poll_seconds = 0  # tests drive the verifier themselves (no timing)
+    config.checks.https_port = int(config.listen.https.rsplit(":", 1)[1])
+    config.checks.ca_bundle = str(pebble.root_path)
+    config.checks.https_timeout = 10
     return config
 
 

@@ -24,8 +24,9 @@ from acme_client import (
 )
 from acme_client.issuer import NewOrderRequest, choose_profile
 from acme_client.solvers import ACME_IDENTIFIER_OID, TLSALPN01
-from certstore import SQLiteStore, StoredCertificate, generate_key_text
-from certstore.crypto import parse_key_text
+from certstore import SQLiteStore, generate_key_text
+from certstore.crypto import SecretBox, parse_key_text
+from certstore.schema import MIGRATIONS
 from proxy.config import ConfigError, load_config, require_serving
 
 
@@ -163,7 +164,11 @@ async def test_fallback_respects_the_failed_authorization_budget() -> None:
     ],
 )
 def test_bad_acme_config_is_a_clear_error(env: dict[str, str], message: str) -> None:
-    base = {"LINKEDGE_BACKEND_URL": "http://b.test", "LINKEDGE_EDGE_CNAME_TARGET": "e.test"}
+    base = {
+        "LINKEDGE_BACKEND_URL": "http://b.test",
+        "LINKEDGE_EDGE_CNAME_TARGET": "e.test",
+        "LINKEDGE_ADMIN_LISTEN": "",
+    }
     with pytest.raises(ConfigError, match=message):
         require_serving(load_config(None, environ={**base, **env}))
 
@@ -171,25 +176,22 @@ def test_bad_acme_config_is_a_clear_error(env: dict[str, str], message: str) -> 
 async def test_schema_v1_store_migrates_and_keeps_its_certificates(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     key = parse_key_text(generate_key_text(), "t")
-    store = await SQLiteStore.open(path, key)
-    await store.put_certificate(
-        StoredCertificate("a.test", b"chain", b"key", ("a.test",), 1.0, 2.0, "CA", 0.5)
-    )
-    await store.close()
-    # turn it back into a version-1 store holding that certificate
+    # a genuine version-1 store (first migration only) holding one certificate
     db = sqlite3.connect(path)
-    row = db.execute(
-        "SELECT hostname, chain_pem, key_sealed, names, not_before, not_after, issuer,"
-        " created_at FROM certificates"
-    ).fetchone()
-    for table in ("renewals", "rate_log", "host_backoff", "alpn_challenges", "certificates"):
-        db.execute(f"DROP TABLE {table}")
+    db.executescript(MIGRATIONS[0])
     db.execute(
-        "CREATE TABLE certificates (hostname TEXT PRIMARY KEY, chain_pem BLOB NOT NULL,"
-        " key_sealed BLOB NOT NULL, names TEXT NOT NULL, not_before REAL NOT NULL,"
-        " not_after REAL NOT NULL, issuer TEXT NOT NULL, created_at REAL NOT NULL)"
+        "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            "a.test",
+            b"chain",
+            SecretBox(key).seal(b"key", "cert:a.test"),
+            "a.test",
+            1.0,
+            2.0,
+            "CA",
+            0.5,
+        ),
     )
-    db.execute("INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
     db.execute("PRAGMA user_version = 1")
     db.commit()
     db.close()

@@ -91,7 +91,8 @@ def test_domains_add_list_remove(store_env: dict[str, str]) -> None:
         (("a" * 60 + ".") * 5 + "test", "longer than 253"),
         ("localhost", "two labels"),
         ("bad_name.test", "letters, digits"),
-        ("edge.linkedge.test", "edge's own name"),
+        ("edge.linkedge.test", "edge's own names"),
+        ("x.edge.linkedge.test", "edge's own names"),
     ],
 )
 def test_domains_add_rejects_bad_hostnames(
@@ -134,6 +135,7 @@ def _serve_env(store_env: dict[str, str], directory: str, ca_bundle: str) -> dic
         "LINKEDGE_BACKEND_URL": "http://127.0.0.1:9",
         "LINKEDGE_ACME_DIRECTORY": directory,
         "LINKEDGE_ACME_CA_BUNDLE": ca_bundle,
+        "LINKEDGE_ADMIN_LISTEN": "",
     }
 
 
@@ -166,8 +168,75 @@ def test_domains_verify_reports_cname(store_env: dict[str, str], dns_server: DNS
     dns_server.set_cname("links.verify-cli.test", "cdn.elsewhere.test")
     failing = run_cli("domains", "verify", "links.verify-cli.test", env=env)
     assert failing.returncode == 1 and "cdn.elsewhere.test" in failing.stdout
+    assert "\033[" not in failing.stdout  # piped: no colours
     dns_server.set_cname("links.verify-cli.test", "edge.linkedge.test")
+    dns_server.set_a("edge.linkedge.test", ["127.0.0.1"])
+    # the CNAME passes, but no edge serves HTTPS for it here: the https check says so
     passing = run_cli("domains", "verify", "links.verify-cli.test", env=env)
-    assert passing.returncode == 0 and "reaches edge.linkedge.test" in passing.stdout
+    lines = passing.stdout.splitlines()
+    assert passing.returncode == 1, passing.stdout
+    assert any(
+        ln.split()[:2] == ["cname", "[pass]"] and "reaches edge.linkedge.test" in ln for ln in lines
+    ), lines
+    assert any(ln.split()[:2] == ["https", "[fail]"] and "cannot connect" in ln for ln in lines), (
+        lines
+    )
     rows = json.loads(run_cli("domains", "list", "--json", env=env).stdout)
     assert rows[0]["state"] == "verified"
+    as_json = json.loads(
+        run_cli("domains", "verify", "--json", "links.verify-cli.test", env=env).stdout
+    )
+    assert [(c["name"], c["state"]) for c in as_json["checks"]] == [
+        ("cname", "pass"),
+        ("caa", "pass"),
+        ("https", "fail"),
+    ]
+    assert as_json["ok"] is False and as_json["state"] == "verified"
+
+
+def test_domains_verify_colours_on_a_terminal(
+    store_env: dict[str, str], dns_server: DNSServer
+) -> None:
+    import pty
+
+    env = {**os.environ, **store_env, "LINKEDGE_DNS_NAMESERVERS": dns_server.nameserver}
+    env.pop("NO_COLOR", None)
+    assert run_cli("domains", "add", "links.tty-cli.test", env=env).returncode == 0
+    dns_server.set_cname("links.tty-cli.test", "elsewhere.tty.test")
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "domains", "verify", "links.tty-cli.test"],
+            stdout=secondary,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=60,
+        )
+        os.close(secondary)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(primary)
+    text = out.decode()
+    assert proc.returncode == 1
+    assert "\033[31m[fail]" in text and "\033[32m[pass]" in text  # red cname, green caa
+    assert "points to elsewhere.tty.test" in text
+
+
+def test_serve_refuses_admin_listener_without_token(
+    store_env: dict[str, str], pebble: PebbleServer
+) -> None:
+    env = _serve_env(store_env, pebble.directory_url, str(pebble.ca_bundle))
+    env["LINKEDGE_ADMIN_LISTEN"] = f"127.0.0.1:{free_port()}"
+    env["LINKEDGE_ADMIN_TOKEN"] = ""
+    assert_clean_error(run_cli("serve", env=env), 2, "no admin token", 'admin.listen = ""')
+    env["LINKEDGE_ADMIN_TOKEN"] = "short"
+    assert_clean_error(run_cli("serve", env=env), 2, "shorter than 16")
+    assert "short" not in run_cli("serve", env=env).stderr.replace("shorter", "")  # never echoed

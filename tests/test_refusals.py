@@ -111,7 +111,6 @@ async def test_wrong_cname_is_refused_without_repeating_dns(
     assert domain is not None and domain.state.value == "pending"
     assert domain.cname_target_seen == "other.cdn.test"
     assert domain.last_check_reason is not None and "other.cdn.test" in domain.last_check_reason
-    assert kinds.count("check_failed") == 1
     assert kinds.count("refused") == 1  # later attempts hit the negative cache
     assert "order_started" not in kinds
 
@@ -173,7 +172,8 @@ async def test_pending_host_gets_one_dns_check_per_recheck_interval(
         assert dns_server.query_count(host) == queries
         async with edge_store(edge) as store:
             kinds = [e.kind for e in await store.list_events(host)]
-        assert kinds.count("check_failed") == 1
+            domain = await store.get_domain(host)
+        assert domain is not None and domain.last_check_at is not None  # shared by workers
         assert kinds.count("refused") == 4  # each one decided again, from the store
     finally:
         await edge.stop()

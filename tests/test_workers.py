@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from conftest import free_port
 
-from certstore import SQLiteStore, generate_key_text
+from certstore import DomainState, SQLiteStore, generate_key_text
 from certstore.crypto import parse_key_text
 from proxy.demo.client import edge_session
 from proxy.demo.dnsserver import DNSServer
@@ -58,9 +58,48 @@ class ServeProcess:
             self.proc.wait()
 
 
+class HookReceiver:
+    """Records webhook deliveries (a thread, so it runs beside sync fixtures)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.bodies: list[bytes] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                owner.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hooks() -> Iterator[HookReceiver]:
+    receiver = HookReceiver()
+    yield receiver
+    receiver.close()
+
+
+ADMIN_TOKEN = "workers-admin-token-0123456789"
+
+
 @pytest.fixture
 def two_workers(
-    tmp_path: Path, pebble: PebbleServer, dns_server: DNSServer, backend
+    tmp_path: Path, pebble: PebbleServer, dns_server: DNSServer, backend, hooks
 ) -> Iterator[tuple[ServeProcess, dict[str, str], int]]:
     dns_server.set_a(TARGET, [IP])
     key_text = generate_key_text()
@@ -75,6 +114,14 @@ def two_workers(
         "LINKEDGE_STORE_PATH": str(tmp_path / "store.db"),
         "LINKEDGE_STORE_KEY": key_text,
         "LINKEDGE_DNS_NAMESERVERS": dns_server.nameserver,
+        "LINKEDGE_ADMIN_LISTEN": f"{IP}:{free_port(IP)}",
+        "LINKEDGE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "LINKEDGE_VERIFY_POLL_SECONDS": "0.2",
+        "LINKEDGE_LIFECYCLE_SYNC_SECONDS": "0.2",
+        "LINKEDGE_CHECKS_HTTPS_PORT": str(https_port),
+        "LINKEDGE_CHECKS_CA_BUNDLE": str(pebble.root_path),
+        "LINKEDGE_WEBHOOKS_URL": hooks.url,
+        "LINKEDGE_WEBHOOK_SECRET": "webhook-secret-0123456789",
     }
     serve = ServeProcess(env, tmp_path / "serve.log")
     try:
@@ -131,4 +178,44 @@ async def test_one_order_per_name_across_workers(
     assert pebble.order_count() - before == 1
     events = await store.list_events(host)
     assert [e.kind for e in events].count("order_started") == 1
+    await store.close()
+
+
+async def test_admin_checks_and_webhooks_once_across_workers(
+    two_workers, pebble: PebbleServer, dns_server: DNSServer, hooks
+) -> None:
+    """Two processes: one admin listener; each host checked once (leases), verified
+    hosts issued without a click, and every transition announced exactly once."""
+    serve, env, _ = two_workers
+    log = serve.log()
+    assert log.count("admin API and status page on") == 1  # only the primary worker
+    assert ADMIN_TOKEN not in log and "webhook-secret" not in log  # secrets are never logged
+    hosts = [f"links.bg{i}.test" for i in range(6)]
+    dns_server.reset_counts()
+    before = pebble.order_count()
+    base = f"http://{env['LINKEDGE_ADMIN_LISTEN']}"
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with aiohttp.ClientSession(base_url=base, headers=headers) as api:
+        for host in hosts:
+            dns_server.set_cname(host, TARGET)
+            async with api.post("/v1/hosts", json={"hostname": host, "account": "acct"}) as r:
+                assert r.status == 201
+    store = await open_store(env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the background verifiers of both workers
+        states = [(await store.get_domain(h)).state for h in hosts]  # type: ignore[union-attr]
+        if all(s is DomainState.ACTIVE for s in states) and len(hooks.bodies) >= 2 * len(hosts):
+            break
+        await asyncio.sleep(0.2)
+    assert states == [DomainState.ACTIVE] * len(hosts), serve.log()
+    assert pebble.order_count() - before == len(hosts)
+    for host in hosts:
+        assert dns_server.query_count(host, "CAA") == 1, host  # one check, not one per worker
+    await asyncio.sleep(1.0)  # let a duplicate delivery show up if there were one
+    import json
+
+    deliveries = [json.loads(b) for b in hooks.bodies]
+    assert sorted((d["host"], d["to"]) for d in deliveries) == sorted(
+        (h, to) for h in hosts for to in ("verified", "active")
+    )
     await store.close()

@@ -55,7 +55,7 @@ def _free_port() -> int:
 
 
 async def _demo(tmp: Path, keep: bool) -> int:
-    http_port, https_port = _free_port(), _free_port()
+    http_port, https_port, admin_port = _free_port(), _free_port(), _free_port()
     dns = DNSServer()
     pebble: PebbleServer | None = None
     edge: subprocess.Popen[bytes] | None = None
@@ -80,9 +80,15 @@ async def _demo(tmp: Path, keep: bool) -> int:
         key_file = tmp / "store.key"
         key_file.write_text(key_text)
         key_file.chmod(0o600)
+        admin_token = generate_key_text()  # 44 random characters
+        token_file = tmp / "admin.token"
+        token_file.write_text(admin_token)
+        token_file.chmod(0o600)
         config_path = tmp / "linkedge.toml"
         config_path.write_text(
-            _config_toml(tmp, https_port, http_port, backend_url, pebble, dns.nameserver)
+            _config_toml(
+                tmp, https_port, http_port, admin_port, backend_url, pebble, dns.nameserver
+            )
         )
 
         _step(f"registering tracking host {DEMO_HOST} and pointing its CNAME at {EDGE_TARGET}")
@@ -120,6 +126,7 @@ async def _demo(tmp: Path, keep: bool) -> int:
             print(
                 f"\nStill running. Try:\n  curl --cacert {pebble.root_path} --resolve "
                 f"{DEMO_HOST}:{https_port}:{EDGE_IP} -i https://{DEMO_HOST}:{https_port}/c/42\n"
+                f"  status page: http://{EDGE_IP}:{admin_port}/status (token: {admin_token})\n"
                 "Ctrl-C to stop."
             )
             await _wait_for_interrupt()
@@ -151,7 +158,13 @@ def _start_edge(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
 
 
 def _config_toml(
-    tmp: Path, https_port: int, http_port: int, backend_url: str, pebble: PebbleServer, ns: str
+    tmp: Path,
+    https_port: int,
+    http_port: int,
+    admin_port: int,
+    backend_url: str,
+    pebble: PebbleServer,
+    ns: str,
 ) -> str:
     return f"""\
 [listen]
@@ -174,6 +187,14 @@ key_file = "{tmp / "store.key"}"
 
 [dns]
 nameservers = ["{ns}"]
+
+[admin]
+listen = "{EDGE_IP}:{admin_port}"
+token_file = "{tmp / "admin.token"}"
+
+[checks]
+https_port = {https_port}
+ca_bundle = "{pebble.root_path}"
 """
 
 

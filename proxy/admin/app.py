@@ -1,0 +1,33 @@
+"""The admin listener's application: JSON API, OpenAPI document, status page."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from . import status_page
+from .api import ROUTES
+from .auth import auth_middleware
+from .deps import DEPS, AdminDeps
+from .openapi import document
+
+MAX_BODY = 64 * 1024
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(document())
+
+
+def make_admin_app(deps: AdminDeps) -> web.Application:
+    app = web.Application(
+        middlewares=[auth_middleware(deps.token, deps.clock)], client_max_size=MAX_BODY
+    )
+    app[DEPS] = deps
+    for method, path, handler, _summary in ROUTES:
+        app.router.add_route(method, path, handler)
+    app.router.add_get("/v1/openapi.json", openapi_json)
+    app.router.add_get("/", status_page.root)
+    app.router.add_get("/status", status_page.status_page)
+    app.router.add_get("/status/login", status_page.login_form)
+    app.router.add_post("/status/login", status_page.login)
+    app.router.add_post("/status/logout", status_page.logout)
+    return app

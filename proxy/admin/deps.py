@@ -1,0 +1,31 @@
+"""What the admin handlers work with, handed over by the worker that runs the listener."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from certstore import CertStore
+
+from ..certificates import CertificateManager
+from ..lifecycle import Lifecycle
+from ..state_sync import StateSync
+from ..verifier import Verifier
+
+
+@dataclass
+class AdminDeps:
+    store: CertStore
+    verifier: Verifier
+    lifecycle: Lifecycle
+    edge_target: str
+    token: str = field(repr=False)
+    manager: CertificateManager | None = None  # None: no forced renewal (no ACME here)
+    state_sync: StateSync | None = None
+    clock: Callable[[], float] = time.time
+
+
+DEPS: web.AppKey[AdminDeps] = web.AppKey("linkedge_admin_deps", AdminDeps)

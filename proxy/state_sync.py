@@ -1,0 +1,68 @@
+"""Keeps one worker's in-memory view in step with changes made by other processes.
+
+The events table is the change feed: every state transition, removal and new
+certificate is an event, so each worker follows it by id (an index range scan) and
+drops its cached TLS context and refusal for the host; the next handshake reads the
+store. The set of suspended hosts is kept here too, for the plain-HTTP answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from certstore import CertStore, DomainState, Event
+
+log = logging.getLogger(__name__)
+_INVALIDATING = {"state", "removed", "issued", "certificate_deleted"}
+
+
+class StateSync:
+    def __init__(
+        self, store: CertStore, forget: Callable[[str], None], interval: float = 1.0
+    ) -> None:
+        self._store = store
+        self._forget = forget
+        self._interval = interval
+        self._cursor = 0
+        self.suspended: set[str] = set()
+
+    def is_suspended(self, hostname: str) -> bool:
+        return hostname in self.suspended
+
+    async def start(self) -> None:
+        self._cursor = await self._store.last_event_id()
+        after: str | None = None
+        while True:
+            page = await self._store.list_domains_page(
+                after=after, limit=1000, state=DomainState.SUSPENDED
+            )
+            self.suspended.update(d.hostname for d in page)
+            if len(page) < 1000:
+                break
+            after = page[-1].hostname
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.poll()
+            except Exception:
+                log.exception("following store changes failed")
+            await asyncio.sleep(self._interval)
+
+    async def poll(self) -> int:
+        events = await self._store.events_after(self._cursor)
+        for event in events:
+            self._apply(event)
+            self._cursor = event.id
+        return len(events)
+
+    def _apply(self, event: Event) -> None:
+        if event.hostname is None or event.kind not in _INVALIDATING:
+            return
+        self._forget(event.hostname)
+        if event.kind == "removed" or (event.kind == "state" and event.to_state != "suspended"):
+            self.suspended.discard(event.hostname)
+        elif event.kind == "state":
+            self.suspended.add(event.hostname)
