@@ -11,9 +11,17 @@ import struct
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
+def _same_family(src: str, dst: str) -> str:
+    """dst in src's family (an IPv6 client reached an IPv4 address: IPv4-mapped)."""
+    if ":" in src and ":" not in dst:
+        return f"::ffff:{dst}"
+    return dst
+
+
 def v1_header(src: tuple[str, int], dst: tuple[str, int]) -> bytes:
     family = "TCP6" if ":" in src[0] else "TCP4"
-    return f"PROXY {family} {src[0]} {dst[0]} {src[1]} {dst[1]}\r\n".encode()
+    dst_ip = _same_family(src[0], dst[0])
+    return f"PROXY {family} {src[0]} {dst_ip} {src[1]} {dst[1]}\r\n".encode()
 
 
 def v2_header(
@@ -27,7 +35,8 @@ def v2_header(
     if src is None or dst is None:
         fam, addresses = 0x00, b""
     else:
-        s, d = ipaddress.ip_address(src[0]), ipaddress.ip_address(dst[0])
+        s = ipaddress.ip_address(src[0])
+        d = ipaddress.ip_address(_same_family(src[0], dst[0]))
         fam = 0x11 if s.version == 4 else 0x21  # AF_INET/AF_INET6, STREAM
         addresses = s.packed + d.packed + struct.pack("!HH", src[1], dst[1])
     extra = b"".join(struct.pack("!BH", t, len(v)) + v for t, v in tlvs)
