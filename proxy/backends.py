@@ -2,9 +2,9 @@
 
 Each worker checks every backend actively (GET `health_path` every
 `health_interval`; an answer below 500 passes, no answer or a 5xx fails) and
-passively (a refused or timed-out connect while forwarding takes the backend out
-at once). `unhealthy_after` failed checks in a row take a backend out,
-`healthy_after` passed ones bring it back. Requests go round robin over the
+passively (a connect refused while forwarding takes the backend out at once).
+`unhealthy_after` failed checks in a row take a backend out, `healthy_after`
+passed ones bring it back. Requests go round robin over the
 healthy backends; `candidates()` is the order to try them in when connecting
 fails. With every backend out there are no candidates, and the forwarder answers
 502 at once instead of letting the click wait on connect timeouts.

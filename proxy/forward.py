@@ -102,8 +102,12 @@ class Forwarder:
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Nothing was sent, so the next backend may have the request; unless
                 # the body had started to stream (it cannot be read twice).
-                self._backends.connect_failed(backend, exc)
                 log.warning("cannot connect to backend %s: %s", backend.base, exc)
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    # Refused, unreachable: the backend's fault. A timeout may also be
+                    # our own pool being full (aiohttp's connect timeout includes the
+                    # wait for a free connection), so that is left to the health checks.
+                    self._backends.connect_failed(backend, exc)
                 if body is not None and body.started:
                     break
                 continue

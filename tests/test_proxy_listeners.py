@@ -20,10 +20,12 @@ from conftest import EdgeHandle, StaticResolver, client_context
 from helpers_edge import certify, read_to_close
 from helpers_proxy import ProxyBalancer, v1_header, v2_header
 
+from proxy.config import ConfigError, check_listen, load_config
 from proxy.demo.backend import RecordedRequest
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 from proxy.listener import ListenerStats
+from proxy.peers import TrustedNetworks
 
 BALANCER = "127.0.0.5"
 STRANGER = "127.0.0.6"
@@ -344,3 +346,37 @@ async def test_http_listener_with_proxy_headers(lb: LBEdge) -> None:
     assert (lb.http.proxy_missing, lb.http.proxy_malformed, lb.http.proxy_untrusted) == (1, 1, 1)
     assert lb.http.pending == 0
     assert {r.raw_path for r in lb.recorded} == {"/c/http-v1", "/c/http-v2", "/c/http-local"}
+
+
+# -- configuration -----------------------------------------------------------------------
+
+
+def test_proxy_protocol_config() -> None:
+    config = load_config(
+        None,
+        environ={
+            "LINKEDGE_LISTEN_HTTPS_PROXY_PROTOCOL": "true",
+            "LINKEDGE_LISTEN_PROXY_PROTOCOL_TRUSTED": "10.0.0.0/8, 2001:db8::/32,192.0.2.7",
+        },
+    )
+    assert config.listen.https_proxy_protocol and not config.listen.http_proxy_protocol
+    check_listen(config)
+    trusted = TrustedNetworks(config.listen.proxy_protocol_trusted)
+    assert "10.1.2.3" in trusted and "::ffff:10.1.2.3" in trusted and "192.0.2.7" in trusted
+    assert "2001:db8:1::5" in trusted
+    assert "11.0.0.1" not in trusted and "192.0.2.8" not in trusted and "junk" not in trusted
+
+    config.listen.proxy_protocol_trusted = []
+    with pytest.raises(ConfigError, match="proxy_protocol_trusted must name"):
+        check_listen(config)
+    config.listen.proxy_protocol_trusted = ["10.0.0.1/8"]
+    with pytest.raises(ConfigError, match="10.0.0.1/8.*host bits"):
+        check_listen(config)
+    config.listen.proxy_protocol_trusted = ["10.0.0.0/8"]
+    config.listen.forwarded_trusted = ["cdn"]
+    with pytest.raises(ConfigError, match="listen.forwarded_trusted: 'cdn' is not a CIDR"):
+        check_listen(config)
+    config.listen.forwarded_trusted = []
+    config.tls.max_pending_per_source = 0
+    with pytest.raises(ConfigError, match="max_pending_per_source"):
+        check_listen(config)
