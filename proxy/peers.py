@@ -11,9 +11,11 @@ runs a transport's callbacks in a copy of the context they were created in, so
 aiohttp's connection task, and with it every request on that keep-alive
 connection, sees the value; other connections, with tasks of their own, never
 do. Chosen over a table keyed by transport or protocol object: the transport only
-exists after the hand-off, and aiohttp can already be handling a request by then
-(TLS 1.3 clients send it with their Finished); aiohttp's protocol cannot carry an
-attribute (slots); and there is no entry to remove when the connection ends.
+exists once the hand-off returns, and whether aiohttp has started on a request by
+then is down to callback ordering inside asyncio and aiohttp (not seen on 3.11,
+even with the request in the same segment as the TLS Finished, but nothing
+promises it); aiohttp's protocol cannot carry an attribute (slots); and there is
+no entry to remove when the connection ends.
 """
 
 from __future__ import annotations

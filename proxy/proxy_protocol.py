@@ -75,11 +75,12 @@ class MalformedProxyHeader(ProxyProtocolError):
 
 def parse_proxy_header(data: bytes) -> ProxyHeader | None:
     """Parse the header at the start of ``data``; None while it is incomplete."""
-    head = data[:12]
-    if head == V2_SIGNATURE[: len(head)]:
-        return _parse_v2(data) if len(head) == 12 else None
-    if head[:6] == V1_PREFIX[: len(head[:6])]:
+    if data.startswith(V2_SIGNATURE):
+        return _parse_v2(data)
+    if data.startswith(V1_PREFIX):
         return _parse_v1(data)
+    if V2_SIGNATURE.startswith(data) or V1_PREFIX.startswith(data):
+        return None  # a signature's beginning (or nothing yet)
     raise NotProxyProtocol(f"stream starts with {bytes(data[:8])!r}, not a PROXY header")
 
 
@@ -148,7 +149,7 @@ def _v1_port(text: bytes) -> int:
 
 def _parse_v2(data: bytes) -> ProxyHeader | None:
     n = len(data)
-    if n <= 12:
+    if n == 12:
         return None
     version, command = data[12] >> 4, data[12] & 0x0F
     if version != 2:

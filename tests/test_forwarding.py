@@ -105,6 +105,9 @@ async def test_post_bodies_reach_the_backend_intact(
             assert await resp.json() == {"unsubscribed": True, "length": len(form)}
         assert recorded[-1].body == form
         assert header_values(recorded[-1], "Content-Type") == ["application/x-www-form-urlencoded"]
+        # a body of known length keeps its Content-Length framing
+        assert header_values(recorded[-1], "Content-Length") == [str(len(form))]
+        assert header_values(recorded[-1], "Transfer-Encoding") == []
 
         # a large body of unknown length (chunked upload) to /echo
         async with session.post(url(edge, host, "/echo?x=1"), data=chunks()) as resp:
