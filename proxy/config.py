@@ -16,6 +16,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from acme_client.solvers import CHALLENGE_TYPES
 
+from .peers import TrustedNetworks
+
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 ENV_PREFIX = "LINKEDGE_"
 
@@ -28,14 +30,32 @@ class ConfigError(Exception):
 class ListenConfig:
     https: str = "0.0.0.0:443"
     http: str = "0.0.0.0:80"
+    # PROXY protocol (v1 or v2) in front of each connection, per listener; only
+    # accepted from proxy_protocol_trusted, every other peer is closed
+    https_proxy_protocol: bool = False
+    http_proxy_protocol: bool = False
+    proxy_protocol_trusted: list[str] = field(default_factory=list)  # CIDRs of the balancers
+    proxy_protocol_timeout: float = 5.0  # to receive the header
+    # Clients (after PROXY) whose X-Forwarded-For/Forwarded chains are kept and appended
+    # to, e.g. a CDN in front of the edge; everyone else's are dropped
+    forwarded_trusted: list[str] = field(default_factory=list)
 
 
 @dataclass
 class BackendConfig:
-    url: str = ""
+    url: str = ""  # shorthand for urls = [url]; set one of the two
+    urls: list[str] = field(default_factory=list)  # several: round robin over healthy ones
     connect_timeout: float = 5.0
     timeout: float = 30.0
     pool_size: int = 256
+    health_path: str = "/"  # GET; healthy when the answer is below 500
+    health_interval: float = 5.0  # seconds between active checks of each backend
+    health_timeout: float = 2.0
+    healthy_after: int = 2  # consecutive passed checks to take a backend back
+    unhealthy_after: int = 3  # consecutive failed checks to take it out (one refused connect does)
+
+    def backend_urls(self) -> list[str]:
+        return list(self.urls) if self.urls else [self.url] if self.url else []
 
 
 @dataclass
@@ -105,6 +125,7 @@ class DnsConfig:
 @dataclass
 class TlsConfig:
     hello_timeout: float = 10.0  # to receive a complete ClientHello
+    max_pending_per_source: int = 64  # connections of one client awaiting their ClientHello
     handshake_timeout: float = 10.0  # for the TLS handshake once a certificate is chosen
     issuance_wait: float = 60.0  # how long a first handshake may wait for a new certificate
     cache_size: int = 10_000  # TLS contexts kept in memory per worker
@@ -206,8 +227,8 @@ def parse_address(value: str, what: str) -> tuple[str, int]:
 
 def require_serving(config: Config) -> None:
     """Checks only `serve` needs (the CLI's store commands work without them)."""
-    if not config.backend.url.startswith(("http://", "https://")):
-        raise ConfigError("backend.url must be an http:// or https:// URL")
+    check_backends(config)
+    check_listen(config)
     if not config.edge.cname_target:
         raise ConfigError("edge.cname_target is required (the name customers CNAME to)")
     parse_address(config.listen.https, "listen.https")
@@ -231,6 +252,48 @@ def require_serving(config: Config) -> None:
     if not 1 <= config.checks.https_port <= 65535:
         raise ConfigError("checks.https_port must be a TCP port")
     check_acme(config)
+
+
+def check_backends(config: Config) -> None:
+    backend = config.backend
+    if backend.url and backend.urls:
+        # Neither silently wins: an override of one would otherwise be ignored.
+        raise ConfigError("set backend.url (one backend) or backend.urls (several), not both")
+    urls = backend.backend_urls()
+    if not urls:
+        raise ConfigError("backend.url or backend.urls is required")
+    key = "backend.urls" if backend.urls else "backend.url"
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{key}: {url!r} must be an http:// or https:// URL")
+    if len(set(urls)) != len(urls):
+        raise ConfigError("backend.urls lists a backend twice")
+    if not backend.health_path.startswith("/"):
+        raise ConfigError("backend.health_path must start with /")
+    if backend.health_interval <= 0 or backend.health_timeout <= 0:
+        raise ConfigError("backend.health_interval and backend.health_timeout must be positive")
+    if backend.healthy_after < 1 or backend.unhealthy_after < 1:
+        raise ConfigError("backend.healthy_after and backend.unhealthy_after must be at least 1")
+
+
+def check_listen(config: Config) -> None:
+    listen = config.listen
+    for key in ("proxy_protocol_trusted", "forwarded_trusted"):
+        try:
+            TrustedNetworks(getattr(listen, key), f"listen.{key}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if (listen.https_proxy_protocol or listen.http_proxy_protocol) and not (
+        listen.proxy_protocol_trusted
+    ):
+        raise ConfigError(
+            "listen.proxy_protocol_trusted must name the load balancers' networks "
+            "when a listener expects the PROXY protocol"
+        )
+    if listen.proxy_protocol_timeout <= 0:
+        raise ConfigError("listen.proxy_protocol_timeout must be positive")
+    if config.tls.max_pending_per_source < 1:
+        raise ConfigError("tls.max_pending_per_source must be at least 1")
 
 
 def check_acme(config: Config) -> None:

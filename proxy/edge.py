@@ -34,6 +34,7 @@ from acme_client import (
 from certstore import CertStore, SQLiteStore, load_key
 
 from .admin import AdminDeps, make_admin_app
+from .backends import BackendPool, HealthSettings
 from .certificates import CertificateManager, ManagerSettings
 from .checks import CheckSettings, HostChecker
 from .clienthello import HANDSHAKE_FAILURE, ClientHello
@@ -43,7 +44,9 @@ from .gate import IssuanceGate
 from .hostnames import InvalidHostname, normalize_hostname
 from .http_app import make_http_app
 from .lifecycle import Lifecycle
+from .listener import PlainListener, ProxyProtocolSettings
 from .maintenance import Maintainer, MaintenanceSettings
+from .peers import TrustedNetworks
 from .refusals import Refused
 from .schedule import Schedule
 from .state_sync import StateSync
@@ -144,6 +147,8 @@ class EdgeWorker:
         self.state_sync: StateSync | None = None
         self.webhooks: WebhookSender | None = None
         self.tls_listener: TLSListener | None = None
+        self.http_listener: PlainListener | None = None  # only with listen.http_proxy_protocol
+        self.backends: BackendPool | None = None
         self.http_address: tuple[str, int] | None = None
         self.https_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
@@ -213,11 +218,27 @@ class EdgeWorker:
             account_uri=account.uri if account else None,
             clock=self._clock,
         )
+        backend = config.backend
+        self.backends = BackendPool(
+            backend.backend_urls(),
+            HealthSettings(
+                path=backend.health_path,
+                interval=backend.health_interval,
+                timeout=backend.health_timeout,
+                healthy_after=backend.healthy_after,
+                unhealthy_after=backend.unhealthy_after,
+            ),
+        )
+        await self.backends.start()
+        self._closers.append(self.backends.close)
         forwarder = Forwarder(
-            config.backend.url,
-            connect_timeout=config.backend.connect_timeout,
-            timeout=config.backend.timeout,
-            pool_size=config.backend.pool_size,
+            self.backends,
+            connect_timeout=backend.connect_timeout,
+            timeout=backend.timeout,
+            pool_size=backend.pool_size,
+            forwarded_trusted=TrustedNetworks(
+                config.listen.forwarded_trusted, "listen.forwarded_trusted"
+            ),
         )
         await forwarder.start()
         self._closers.append(forwarder.close)
@@ -227,14 +248,27 @@ class EdgeWorker:
         )
         await runner.setup()
         self._closers.append(runner.cleanup)
+        assert runner.server is not None
+        proxy_protocol = ProxyProtocolSettings(
+            trusted=TrustedNetworks(
+                config.listen.proxy_protocol_trusted, "listen.proxy_protocol_trusted"
+            ),
+            timeout=config.listen.proxy_protocol_timeout,
+        )
         http_sock = listening_socket(config.listen.http, "listen.http", reuse_port=True)
-        http_site = web.SockSite(runner, http_sock)
-        await http_site.start()
         self.http_address = http_sock.getsockname()[:2]
+        if config.listen.http_proxy_protocol:
+            # aiohttp's site would read the header as a broken request: accept ourselves
+            self.http_listener = PlainListener(
+                http_sock, runner.server, proxy_protocol=proxy_protocol
+            )
+            self.http_listener.start()
+            self._closers.append(self.http_listener.close)
+        else:
+            await web.SockSite(runner, http_sock).start()
 
         https_sock = listening_socket(config.listen.https, "listen.https", reuse_port=True)
         self.https_address = https_sock.getsockname()[:2]
-        assert runner.server is not None
         self.tls_listener = TLSListener(
             https_sock,
             self._select_context,
@@ -243,6 +277,8 @@ class EdgeWorker:
                 hello_timeout=config.tls.hello_timeout,
                 selection_timeout=config.tls.issuance_wait,
                 handshake_timeout=config.tls.handshake_timeout,
+                max_pending_per_source=config.tls.max_pending_per_source,
+                proxy_protocol=proxy_protocol if config.listen.https_proxy_protocol else None,
             ),
         )
         self.tls_listener.start()
@@ -260,10 +296,12 @@ class EdgeWorker:
             if config.webhooks.url:
                 await self._start_webhooks(store)
         log.info(
-            "edge worker ready: https on %s, http on %s, backend %s",
+            "edge worker ready: https on %s%s, http on %s%s, backends %s",
             _fmt(self.https_address),
+            " (PROXY protocol)" if config.listen.https_proxy_protocol else "",
             _fmt(self.http_address),
-            config.backend.url,
+            " (PROXY protocol)" if config.listen.http_proxy_protocol else "",
+            ", ".join(config.backend.backend_urls()),
         )
 
     async def _start_admin(self, store: SQLiteStore, lifecycle: Lifecycle, token: str) -> None:

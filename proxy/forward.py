@@ -4,19 +4,28 @@ The edge is transparent for the click: method, path and query (byte for byte),
 Host, User-Agent, cookies and bodies pass through; redirects are relayed as the
 backend sent them (a 302 stays a 302, never followed); nothing is cached. What
 the edge adds is who the client is: X-Forwarded-For/-Proto/-Host and Forwarded
-(RFC 7239), built only from what the edge itself saw. Client-supplied copies are
-dropped, since anyone can send them.
+(RFC 7239), built from what the edge itself saw (the client after a PROXY
+header, see `proxy/peers.py`). Client-supplied copies are dropped, since anyone
+can send them, unless the client is itself a trusted proxy
+(`listen.forwarded_trusted`): then its chain is kept and the client appended.
+
+Which backend: `proxy/backends.py`. A request moves on to the next healthy
+backend only when connecting failed, i.e. nothing of it was sent.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
+
+from .backends import BackendPool
+from .peers import TrustedNetworks, client_address
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +53,19 @@ UNTRUSTED_FORWARDING = frozenset(
 class Forwarder:
     def __init__(
         self,
-        backend_url: str,
+        backends: BackendPool,
         *,
         connect_timeout: float = 5.0,
         timeout: float = 30.0,
         pool_size: int = 256,
+        forwarded_trusted: TrustedNetworks | None = None,
     ) -> None:
-        self._base = URL(backend_url.rstrip("/"))
+        self._backends = backends
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout, sock_connect=connect_timeout, sock_read=timeout
         )
         self._pool_size = pool_size
+        self._trusted = forwarded_trusted or TrustedNetworks(())
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -75,25 +86,55 @@ class Forwarder:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None, "Forwarder.start() not awaited"
-        url = URL(str(self._base) + request.raw_path, encoded=True)
-        headers = forwarded_headers(request)
-        body = request.content if request.body_exists else None
-        try:
-            async with self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                compress=None,
-            ) as upstream:
+        headers = forwarded_headers(request, self._trusted)
+        body = _Body(request.content) if request.body_exists else None
+        for backend in self._backends.candidates():
+            url = URL(backend.base + request.raw_path, encoded=True)
+            try:
+                upstream = await self._session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=body.stream() if body is not None else None,
+                    allow_redirects=False,
+                    compress=None,
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # Nothing was sent, so the next backend may have the request; unless
+                # the body had started to stream (it cannot be read twice).
+                log.warning("cannot connect to backend %s: %s", backend.base, exc)
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    # Refused, unreachable: the backend's fault. A timeout may also be
+                    # our own pool being full (aiohttp's connect timeout includes the
+                    # wait for a free connection), so that is left to the health checks.
+                    self._backends.connect_failed(backend, exc)
+                if body is not None and body.started:
+                    break
+                continue
+            except TimeoutError:
+                log.warning("backend timeout for %s %s", request.method, request.raw_path)
+                return _error(504, "Gateway Timeout: the tracking backend did not answer in time")
+            except aiohttp.ClientError as exc:
+                log.warning("backend error for %s %s: %s", request.method, request.raw_path, exc)
+                return _error(502, "Bad Gateway: the tracking backend is unavailable")
+            async with upstream:
                 return await _relay(request, upstream)
-        except TimeoutError:
-            log.warning("backend timeout for %s %s", request.method, request.raw_path)
-            return _error(504, "Gateway Timeout: the tracking backend did not answer in time")
-        except aiohttp.ClientError as exc:
-            log.warning("backend error for %s %s: %s", request.method, request.raw_path, exc)
-            return _error(502, "Bad Gateway: the tracking backend is unavailable")
+        return _error(502, "Bad Gateway: the tracking backend is unavailable")
+
+
+class _Body:
+    """The request body, streamed to a backend at most once."""
+
+    __slots__ = ("_content", "started")
+
+    def __init__(self, content: aiohttp.StreamReader) -> None:
+        self._content = content
+        self.started = False
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        self.started = True
+        async for chunk in self._content.iter_any():
+            yield chunk
 
 
 def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
@@ -105,29 +146,45 @@ def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     return frozenset(tokens - {"", "host"})
 
 
-def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
+def forwarded_headers(
+    request: web.Request, trusted: TrustedNetworks | None = None
+) -> CIMultiDict[str]:
+    """The request's headers as the backend gets them.
+
+    The forwarding fields describe the client the edge saw. A client in `trusted`
+    is a proxy itself: its X-Forwarded-For and Forwarded chains are kept with the
+    client appended, and its X-Forwarded-Proto/-Host and X-Real-IP are kept.
+    """
     headers: CIMultiDict[str] = CIMultiDict()
     listed = connection_listed(request.headers)
+    client = client_address(request) or "unknown"
+    keep_chain = trusted is not None and bool(trusted) and client in trusted
+    chain: dict[str, list[str]] = {}
     for name, value in request.headers.items():
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in UNTRUSTED_FORWARDING or lname == "content-length":
+        if lname in HOP_BY_HOP or lname == "content-length" or lname in listed:
             continue
-        if lname in listed:
+        if lname in UNTRUSTED_FORWARDING:
+            if keep_chain:
+                chain.setdefault(lname, []).append(value)
             continue
         headers.add(name, value)
     if request.body_exists and request.content_length is not None:
         headers["Content-Length"] = str(request.content_length)
-    client = _client_ip(request)
     proto = "https" if request.secure else "http"
     host = request.headers.get("Host", "")
-    headers["X-Forwarded-For"] = client
-    headers["X-Forwarded-Proto"] = proto
-    if host:
+    headers["X-Forwarded-For"] = ", ".join([*chain.get("x-forwarded-for", ()), client])
+    headers["X-Forwarded-Proto"] = chain.get("x-forwarded-proto", [proto])[0]
+    if "x-forwarded-host" in chain:
+        headers["X-Forwarded-Host"] = chain["x-forwarded-host"][0]
+    elif host:
         headers["X-Forwarded-Host"] = host
-    forwarded = f"for={_forwarded_node(client)};proto={proto}"
+    if "x-real-ip" in chain:
+        headers["X-Real-IP"] = chain["x-real-ip"][0]
+    element = f"for={_forwarded_node(client)};proto={proto}"
     if host:
-        forwarded += f";host={_quote(host)}"
-    headers["Forwarded"] = forwarded
+        element += f";host={_quote(host)}"
+    headers["Forwarded"] = ", ".join([*chain.get("forwarded", ()), element])
     return headers
 
 
@@ -154,13 +211,6 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
             return response
     await response.write_eof()
     return response
-
-
-def _client_ip(request: web.Request) -> str:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return request.remote or "unknown"
 
 
 def _forwarded_node(ip: str) -> str:

@@ -5,7 +5,10 @@ we accept the TCP connection ourselves, peek (MSG_PEEK) at the ClientHello until
 it is complete, read SNI and ALPN, await the certificate (cache, store or a new
 order) and only then hand the untouched socket to asyncio's TLS with the chosen
 context and aiohttp as the protocol. Everything here is non-blocking: a slow or
-hostile client costs one task and one socket, bounded by `hello_timeout`.
+hostile client costs one task and one socket, bounded by `hello_timeout`, and one
+source can hold at most `max_pending_per_source` connections awaiting a hello.
+Behind a load balancer (`listen.https_proxy_protocol`) the PROXY header is
+consumed first (`proxy/listener.py`) and the ClientHello peeked after it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .clienthello import (
     DECODE_ERROR,
@@ -28,6 +31,16 @@ from .clienthello import (
     alert_record,
     parse_client_hello,
 )
+from .listener import (
+    Backoff,
+    Listener,
+    ListenerStats,
+    ProxyProtocolSettings,
+    close_cleanly,
+    peer_has_finished,
+    readable,
+)
+from .peers import source_key
 from .refusals import Refused
 
 log = logging.getLogger(__name__)
@@ -38,17 +51,8 @@ _PEEK_BYTES = MAX_CLIENT_HELLO + 4096  # the message plus the record headers aro
 ContextSelector = Callable[[ClientHello], Awaitable[ssl.SSLContext]]
 
 
-@dataclass
-class ListenerStats:
-    accepted: int = 0
-    handshakes_started: int = 0
-    refused: int = 0
-    bad_hello: int = 0
-    hello_timeouts: int = 0
-    selection_timeouts: int = 0
-    handshake_failures: int = 0
-    pending: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
+class _HelloAbandoned(Exception):
+    """The peer closed after sending part of a ClientHello."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +61,13 @@ class ListenerSettings:
     selection_timeout: float = 60.0  # includes a possible ACME order
     handshake_timeout: float = 10.0
     max_pending: int = 4096  # connections between accept and handshake
+    # Connections of one source (IPv4 address, IPv6 /64) awaiting their ClientHello,
+    # so that one client with silent connections cannot take all of max_pending.
+    max_pending_per_source: int = 64
+    proxy_protocol: ProxyProtocolSettings | None = None  # expect PROXY headers
 
 
-class TLSListener:
+class TLSListener(Listener):
     def __init__(
         self,
         sock: socket.socket,
@@ -67,57 +75,22 @@ class TLSListener:
         protocol_factory: Callable[[], asyncio.Protocol],
         settings: ListenerSettings,
     ) -> None:
-        self._sock = sock
+        super().__init__(
+            sock, max_pending=settings.max_pending, proxy_protocol=settings.proxy_protocol
+        )
         self._select = select_context
         self._protocol_factory = protocol_factory
         self._settings = settings
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._accept_task: asyncio.Task[None] | None = None
-        self.stats = ListenerStats()
+        self._awaiting_hello: dict[str, int] = {}  # source_key -> connections
 
-    def start(self) -> None:
-        self._sock.setblocking(False)
-        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
-
-    async def close(self) -> None:
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accept_task
-        self._sock.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, _addr = await loop.sock_accept(self._sock)
-            except OSError as exc:  # EMFILE and friends: back off instead of spinning
-                log.warning("accept failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
-            self.stats.accepted += 1
-            if self.stats.pending >= self._settings.max_pending:
-                conn.close()
-                self._count("overloaded")
-                continue
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(self._serve_connection(conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _serve_connection(self, conn: socket.socket) -> None:
+    async def _serve_connection(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         self.stats.pending += 1
         try:
-            ctx = await self._choose_context(conn)
+            ctx = await self._choose_context(conn, peer)
         finally:
             self.stats.pending -= 1
         if ctx is None:
-            _close_cleanly(conn)
+            close_cleanly(conn)
             return
         self.stats.handshakes_started += 1
         try:
@@ -133,29 +106,19 @@ class TLSListener:
             log.debug("TLS handshake failed: %r", exc)
             conn.close()
 
-    async def _choose_context(self, conn: socket.socket) -> ssl.SSLContext | None:
+    async def _choose_context(
+        self, conn: socket.socket, peer: tuple[str, int]
+    ) -> ssl.SSLContext | None:
         """The context for this connection, or None once the connection was dealt with."""
-        # asyncio.timeout, not wait_for: on 3.11 wait_for wraps the coroutine in an
-        # extra Task per call, measurable at ~15 us per connection on this path.
-        try:
-            async with asyncio.timeout(self._settings.hello_timeout):
-                hello = await _peek_client_hello(conn)
-        except TimeoutError:
-            self.stats.hello_timeouts += 1
-            return None
-        except MalformedClientHello as exc:
-            self.stats.bad_hello += 1
-            log.debug("malformed ClientHello: %s", exc)
-            _send_alert(conn, DECODE_ERROR)
-            return None
-        except ClientHelloError as exc:
-            self.stats.bad_hello += 1
-            log.debug("not TLS: %s", exc)
-            return None
-        except OSError:
-            return None
+        client_ip = peer[0]
+        if self._proxy is not None:
+            info = await self._receive_proxy_header(conn, peer)
+            if info is None:
+                return None
+            client_ip = info.client[0]
+        hello = await self._receive_hello(conn, client_ip)
         if hello is None:
-            return None  # the peer closed before sending a ClientHello
+            return None
         try:
             async with asyncio.timeout(self._settings.selection_timeout):
                 return await self._select(hello)
@@ -167,53 +130,62 @@ class TLSListener:
             _send_alert(conn, INTERNAL_ERROR)
         return None
 
-    def _count(self, key: str) -> None:
-        self.stats.errors[key] = self.stats.errors.get(key, 0) + 1
+    async def _receive_hello(self, conn: socket.socket, client_ip: str) -> ClientHello | None:
+        source = source_key(client_ip)
+        waiting = self._awaiting_hello.get(source, 0)
+        if waiting >= self._settings.max_pending_per_source:
+            self.stats.per_source_limited += 1
+            log.debug("%s has %d connections awaiting a ClientHello, closed", source, waiting)
+            return None
+        self._awaiting_hello[source] = waiting + 1
+        self.stats.awaiting_hello += 1
+        try:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for wraps the coroutine in an
+            # extra Task per call, measurable at ~15 us per connection on this path.
+            async with asyncio.timeout(self._settings.hello_timeout):
+                return await _peek_client_hello(conn)
+        except TimeoutError:
+            self.stats.hello_timeouts += 1
+        except _HelloAbandoned:
+            self.stats.hello_abandoned += 1
+        except MalformedClientHello as exc:
+            self.stats.bad_hello += 1
+            log.debug("malformed ClientHello: %s", exc)
+            _send_alert(conn, DECODE_ERROR)
+        except ClientHelloError as exc:
+            self.stats.bad_hello += 1
+            log.debug("not TLS: %s", exc)
+        except OSError:
+            pass
+        finally:
+            self.stats.awaiting_hello -= 1
+            remaining = self._awaiting_hello[source] - 1
+            if remaining:
+                self._awaiting_hello[source] = remaining
+            else:
+                del self._awaiting_hello[source]
+        return None
 
 
 async def _peek_client_hello(conn: socket.socket) -> ClientHello | None:
-    """Peek until the ClientHello is complete; None if the peer closed first.
-
-    A partial ClientHello leaves the socket readable, so between peeks we back off
-    (1 ms doubling to 50 ms) instead of spinning on readiness.
-    """
-    delay = 0.001
-    seen = 0
+    """Peek until the ClientHello is complete; None if the peer closed first."""
+    backoff = Backoff()
     while True:
         # Peek first: the ClientHello usually arrived with the connection, which
         # saves registering a reader and a trip through the event loop.
         try:
             data = conn.recv(_PEEK_BYTES, socket.MSG_PEEK)
         except BlockingIOError:
-            await _readable(conn)
+            await readable(conn)
             continue
         if not data:
             return None
         hello = parse_client_hello(data)
         if hello is not None:
             return hello
-        if len(data) > seen:
-            seen = len(data)
-            delay = 0.001
-        else:
-            delay = min(delay * 2, 0.05)
-        await asyncio.sleep(delay)
-
-
-async def _readable(conn: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    fd = conn.fileno()
-
-    def wake() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(fd, wake)
-    try:
-        await fut
-    finally:
-        loop.remove_reader(fd)
+        if peer_has_finished(conn):
+            raise _HelloAbandoned
+        await backoff.wait(len(data))
 
 
 def _send_alert(conn: socket.socket, alert: int) -> None:
@@ -221,19 +193,4 @@ def _send_alert(conn: socket.socket, alert: int) -> None:
         conn.send(alert_record(alert))
 
 
-def _close_cleanly(conn: socket.socket, max_reads: int = 8) -> None:
-    """Close with a FIN rather than a RST.
-
-    We only peeked, so the ClientHello is still unread in the kernel's buffer, and
-    closing a socket with unread input sends RST, which lets the peer's TCP stack
-    drop the alert we just sent (Windows does). Discard what has arrived first;
-    bounded, so a peer that keeps sending cannot keep us here.
-    """
-    with contextlib.suppress(OSError):
-        for _ in range(max_reads):
-            if not conn.recv(_PEEK_BYTES):
-                break
-    conn.close()
-
-
-__all__ = ["ListenerSettings", "TLSListener"]
+__all__ = ["ListenerSettings", "ListenerStats", "TLSListener"]

@@ -23,7 +23,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from certstore import SQLiteStore, generate_key_text
 from certstore.crypto import parse_key_text
 from proxy.config import Config
-from proxy.demo.backend import RecordedRequest, start_backend
+from proxy.demo.backend import HEALTH_PATH, RecordedRequest, start_backend
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 from proxy.edge import EdgeWorker
@@ -152,6 +152,7 @@ def make_config(
     config.listen.http = f"{ip}:{pebble.http_port}"
     config.backend.url = backend_url
     config.backend.timeout = 5
+    config.backend.health_path = HEALTH_PATH
     config.edge.cname_target = target
     config.acme.directory = pebble.directory_url
     config.acme.ca_bundle = str(pebble.ca_bundle)

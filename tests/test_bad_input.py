@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
+import struct
 import time
 
+import aiohttp
 import pytest
-from conftest import EdgeHandle
-from helpers_edge import certify, get_status, python_hello, read_to_close
+from conftest import EdgeHandle, StaticResolver, client_context
+from helpers_edge import certify, get_status, python_hello, read_to_close, url
 
 from proxy.clienthello import DECODE_ERROR, UNRECOGNIZED_NAME, alert_record, parse_client_hello
 from proxy.demo.dnsserver import DNSServer
@@ -112,19 +115,33 @@ async def test_plain_http_on_tls_port(served: Served) -> None:
 
 
 async def test_truncated_client_hello_then_close(served: Served) -> None:
+    """The peer's FIN is noticed behind the unread half hello (POLLRDHUP), not at the timeout."""
     hello = python_hello(served.host)
     before = served.snapshot()
-    pending = asyncio.ensure_future(
-        send_and_wait_for_close(served, hello[: len(hello) // 2], half_close=True)
+    data, how, _elapsed = await send_and_wait_for_close(
+        served, hello[: len(hello) // 2], half_close=True
     )
-    await asyncio.sleep(0.1)
-    await served.still_serving()  # while the half hello sits there
-    assert not pending.done()
-    data, how, elapsed = await pending
     assert (data, how) == (b"", "eof")
-    # the peer's FIN is invisible behind the peeked bytes: the hello timeout ends it
-    assert elapsed < HELLO_TIMEOUT + 1.0
-    assert served.delta(before) == {"accepted": 2, "hello_timeouts": 1, "handshakes_started": 1}
+    # counted as abandoned, which only the FIN check does: a timeout would count hello_timeouts
+    assert served.delta(before) == {"accepted": 1, "hello_abandoned": 1}
+    await served.still_serving()
+
+
+async def test_truncated_client_hello_then_reset(served: Served) -> None:
+    hello = python_hello(served.host)
+    before = served.snapshot()
+    sock = socket.create_connection((served.edge.ip, served.edge.https_port))
+    sock.sendall(hello[:40])
+    async with asyncio.timeout(10):
+        while served.stats.awaiting_hello == 0:
+            await asyncio.sleep(0.01)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST
+    async with asyncio.timeout(10):
+        while served.stats.pending:
+            await asyncio.sleep(0.01)
+    # abandoned, not timed out: the reset was noticed while waiting
+    assert served.delta(before) == {"accepted": 1, "hello_abandoned": 1}
     await served.still_serving()
 
 
@@ -200,9 +217,13 @@ async def test_trickled_client_hello_hits_hello_timeout(served: Served) -> None:
 
 async def test_many_silent_connections_are_bounded_by_hello_timeout(served: Served) -> None:
     count = 100
+    sources = [f"127.0.0.{n}" for n in (2, 3, 4, 5)]  # 25 each: under the per-source cap
     before = served.snapshot()
     conns = [
-        await asyncio.open_connection(served.edge.ip, served.edge.https_port) for _ in range(count)
+        await asyncio.open_connection(
+            served.edge.ip, served.edge.https_port, local_addr=(sources[i % 4], 0)
+        )
+        for i in range(count)
     ]
     try:
         await asyncio.sleep(0.1)
@@ -220,4 +241,56 @@ async def test_many_silent_connections_are_bounded_by_hello_timeout(served: Serv
     delta = served.delta(before)
     assert delta["accepted"] == count + 1
     assert delta["hello_timeouts"] == count
+    await served.still_serving()
+
+
+async def test_one_source_cannot_hold_more_than_its_share_of_pending_slots(served: Served) -> None:
+    """Default tls.max_pending_per_source (64): the 65th silent connection is closed at once."""
+    cap = served.edge.config.tls.max_pending_per_source
+    assert cap == 64
+    before = served.snapshot()
+
+    async def silent(source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(
+            served.edge.ip, served.edge.https_port, local_addr=(source, 0)
+        )
+
+    held = [await silent("127.0.0.5") for _ in range(cap)]
+    async with asyncio.timeout(10):
+        while served.stats.awaiting_hello < cap:
+            await asyncio.sleep(0.01)
+    extra = [await silent("127.0.0.5") for _ in range(5)]
+    other = await silent("127.0.0.6")
+    try:
+        # the extra ones end long before the 1 s hello timeout releases the held ones:
+        # waiting for them with the held ones still pending proves they were not timed out
+        extra_results = await asyncio.gather(*(read_to_close(r, 5) for r, _ in extra))
+        assert {(data, how) for data, how, _ in extra_results} == {(b"", "eof")}
+        assert served.stats.per_source_limited - before["per_source_limited"] == 5
+        assert served.stats.hello_timeouts == before["hello_timeouts"]
+        assert served.stats.pending >= cap + 1  # the held ones and the other source's
+        await served.still_serving()  # a third source is served meanwhile
+        # a real client from the same, saturated source is turned away too
+        with pytest.raises(aiohttp.ClientError):
+            connector = aiohttp.TCPConnector(
+                resolver=StaticResolver(served.edge.ip),
+                ssl=client_context(served.pebble),
+                local_addr=("127.0.0.5", 0),
+            )
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                session.get(url(served.edge, served.host, "/c/x")) as resp,
+            ):
+                await resp.read()
+        results = await asyncio.gather(
+            *(read_to_close(r, HELLO_TIMEOUT + 3) for r, _ in [*held, other])
+        )
+    finally:
+        for _, writer in [*held, *extra, other]:
+            writer.close()
+    assert {(data, how) for data, how, _ in results} == {(b"", "eof")}
+    delta = served.delta(before)
+    assert delta["hello_timeouts"] == cap + 1
+    assert delta["per_source_limited"] == 6
+    assert served.stats.pending == 0
     await served.still_serving()

@@ -7,8 +7,9 @@ import hashlib
 import json
 import time
 
+import aiohttp
 import pytest
-from conftest import EdgeHandle, client_context, free_port, https_session
+from conftest import EdgeHandle, StaticResolver, client_context, free_port, https_session
 from helpers_edge import certify, edge_store, url
 
 from proxy.demo.backend import RecordedRequest
@@ -104,6 +105,9 @@ async def test_post_bodies_reach_the_backend_intact(
             assert await resp.json() == {"unsubscribed": True, "length": len(form)}
         assert recorded[-1].body == form
         assert header_values(recorded[-1], "Content-Type") == ["application/x-www-form-urlencoded"]
+        # a body of known length keeps its Content-Length framing
+        assert header_values(recorded[-1], "Content-Length") == [str(len(form))]
+        assert header_values(recorded[-1], "Transfer-Encoding") == []
 
         # a large body of unknown length (chunked upload) to /echo
         async with session.post(url(edge, host, "/echo?x=1"), data=chunks()) as resp:
@@ -244,3 +248,157 @@ async def _only_domain(edge: EdgeHandle):
         cert = await store.get_certificate(domains[0].hostname)
     assert cert is not None  # issued on the first click even though the backend is down
     return domains[0]
+
+
+# -- byte for byte, both directions ------------------------------------------------------
+
+
+async def test_request_target_host_and_headers_pass_byte_for_byte(
+    edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer, backend
+) -> None:
+    """What the backend reads is what the client wrote: target, Host, header order,
+    repeated fields, values. Only the forwarding fields are added, at the end.
+
+    Names are case-insensitive (RFC 9110 §5.1); aiohttp's parser writes the names it
+    knows in their usual spelling (cookie -> Cookie) and keeps the case of all others.
+    """
+    host = await certify(edge, pebble, dns_server)
+    recorded: list[RecordedRequest] = backend[1]
+    targets = [
+        "/c/a%2Fb/./x/../%7e;p=1?q=%20+%2B&&x=%zz&u=%E2%82%AC",  # yarl would normalise this
+        "//c//double?a=1&a=2&",
+        "/echo?",  # the one deviation: an empty query's "?" is dropped (yarl, aiohttp client)
+    ]
+    fields = (
+        "User-Agent: MobileMail/1.0 CFNetwork/1410.0.3 Darwin/22.6.0\r\n"
+        "cookie: clk=abc; session=s1\r\n"
+        "X-lower-UPPER: 1\r\n"
+        "Accept-Language: de-CH, en;q=0.5\r\n"
+        "X-Dup: first\r\n"
+        "X-Dup: second\r\n"
+    )
+    for target in targets:
+        request = f"GET {target} HTTP/1.1\r\nHost: {host.upper()}\r\n{fields}\r\n".encode()
+        head, _ = await raw_https(edge, pebble, host, request)
+        assert head.startswith(b"HTTP/1.1 ")
+        seen = recorded[-1]
+        assert seen.raw_path == target.removesuffix("?")
+        sent = [tuple(line.split(": ", 1)) for line in fields.strip().split("\r\n")]
+        sent[1] = ("Cookie", sent[1][1])
+        assert seen.headers[: len(sent) + 1] == [("Host", host.upper()), *sent]
+        added = [k for k, _ in seen.headers[len(sent) + 1 :]]
+        assert added == ["X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Forwarded"]
+    assert recorded[0].path_qs != targets[0]  # the recorder's own view is normalised
+
+
+async def test_response_headers_and_set_cookies_are_relayed_untouched(
+    edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer, backend
+) -> None:
+    """Response fields as the backend sent them (case, order, repeated Set-Cookie); the
+    edge adds nothing (no Age, Via or cache fields) and caches nothing."""
+    host = await certify(edge, pebble, dns_server)
+    recorded: list[RecordedRequest] = backend[1]
+    target = "/cookies?name=a&name=b&name=c"
+    request = f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    via_edge, body = await raw_https(edge, pebble, host, request)
+    reader, writer = await asyncio.open_connection(*backend[0].removeprefix("http://").split(":"))
+    writer.write(request)
+    direct = await reader.read()
+    writer.close()
+    direct_head = direct.split(b"\r\n\r\n", 1)[0]
+
+    def fields(head: bytes) -> list[bytes]:
+        return [line for line in head.split(b"\r\n")[1:] if not line.startswith(b"Date:")]
+
+    assert via_edge.split(b"\r\n", 1)[0] == b"HTTP/1.1 200 OK"
+    assert fields(via_edge.rstrip(b"\r\n")) == fields(direct_head)
+    assert [f for f in fields(direct_head) if f.startswith(b"Set-Cookie")] == [
+        b"Set-Cookie: a=1; Path=/; Secure",
+        b"Set-Cookie: b=1; Path=/; Secure",
+        b"Set-Cookie: c=1; Path=/; Secure",
+    ]
+    assert body == b"cookies\n"
+    # not cached: the same request again reaches the backend again
+    await raw_https(edge, pebble, host, request)
+    assert [r.raw_path for r in recorded].count(target) == 3
+
+
+async def test_redirect_is_relayed_not_followed(
+    edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer, backend
+) -> None:
+    host = await certify(edge, pebble, dns_server)
+    recorded: list[RecordedRequest] = backend[1]
+    request = f"GET /c/r%20x?utm=1 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    for _ in range(2):
+        head, body = await raw_https(edge, pebble, host, request.encode())
+        lines = head.split(b"\r\n")
+        assert lines[0] == b"HTTP/1.1 302 Found"
+        assert b"Location: https://shop.example/landing/r%20x?utm=mail" in lines
+        assert b"Cache-Control: no-store" in lines
+        assert b"Set-Cookie: clk=r%20x; Path=/; HttpOnly" in lines
+        assert body == b"Redirecting to landing page r%20x\n"
+    assert [r.raw_path for r in recorded[-2:]] == ["/c/r%20x?utm=1"] * 2  # nothing followed
+
+
+async def test_head_of_a_large_download_keeps_the_backend_connection_usable(
+    edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer, backend
+) -> None:
+    host = await certify(edge, pebble, dns_server)
+    async with https_session(edge, pebble) as session:
+        for _ in range(3):  # HEAD, then GETs on the pooled backend connection
+            async with session.head(url(edge, host, "/big?bytes=300000")) as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Length"] == "300000"
+                assert await resp.read() == b""
+            async with session.get(url(edge, host, "/big?bytes=70000")) as resp:
+                assert len(await resp.read()) == 70000
+
+
+# -- trusted forwarders ------------------------------------------------------------------
+
+
+async def test_forwarding_chain_kept_only_from_trusted_forwarders(
+    edge_config: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer, backend
+) -> None:
+    """listen.forwarded_trusted = 127.0.0.5/32 (say, a CDN): its chain gets the client
+    appended; the same headers from 127.0.0.6 are dropped and rebuilt."""
+    edge_config.config.listen.forwarded_trusted = ["127.0.0.5/32"]
+    edge = edge_config
+    await edge.start()
+    try:
+        host = await certify(edge, pebble, dns_server)
+        recorded: list[RecordedRequest] = backend[1]
+        incoming = {
+            "X-Forwarded-For": "203.0.113.1, 198.51.100.2",
+            "Forwarded": "for=203.0.113.1;proto=https",
+            "X-Forwarded-Proto": "https",
+            "X-Real-IP": "203.0.113.1",
+        }
+        for source in ("127.0.0.5", "127.0.0.6"):
+            connector = aiohttp.TCPConnector(
+                resolver=StaticResolver(edge.ip),
+                ssl=client_context(pebble),
+                local_addr=(source, 0),
+            )
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                session.get(
+                    url(edge, host, f"/c/from-{source}"), headers=incoming, allow_redirects=False
+                ) as resp,
+            ):
+                assert resp.status == 302
+        trusted, untrusted = recorded[-2:]
+        authority = f"{host}:{edge.https_port}"
+        assert header_values(trusted, "X-Forwarded-For") == ["203.0.113.1, 198.51.100.2, 127.0.0.5"]
+        assert header_values(trusted, "Forwarded") == [
+            f'for=203.0.113.1;proto=https, for=127.0.0.5;proto=https;host="{authority}"'
+        ]
+        assert header_values(trusted, "X-Real-IP") == ["203.0.113.1"]
+        assert header_values(untrusted, "X-Forwarded-For") == ["127.0.0.6"]
+        assert header_values(untrusted, "Forwarded") == [
+            f'for=127.0.0.6;proto=https;host="{authority}"'
+        ]
+        assert header_values(untrusted, "X-Real-IP") == []
+        assert not any("203.0.113.1" in v for _, v in untrusted.headers)
+    finally:
+        await edge.stop()

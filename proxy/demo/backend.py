@@ -1,8 +1,8 @@
 """Sample click-tracking backend that sits behind linkedge in the demo and tests.
 
 It mimics what a real email tracking service does (302 to the landing page with
-a cookie) and adds a few diagnostic routes, and it records every request exactly
-as received so tests can check what the proxy forwarded.
+a cookie) and adds a few diagnostic routes, and it records every request except
+health checks exactly as received so tests can check what the proxy forwarded.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ LANDING_URL = "https://shop.example/landing/{id}?utm=mail"
 MAX_SLOW_SECONDS = 300.0
 MAX_BIG_BYTES = 1 << 30
 _CHUNK = 64 * 1024
+HEALTH_PATH = "/healthz"
 
 
 @dataclass
@@ -25,10 +26,11 @@ class RecordedRequest:
     """One request as the backend saw it; headers are raw pairs in wire order."""
 
     method: str
-    path_qs: str
+    path_qs: str  # as yarl normalised it
     headers: list[tuple[str, str]]
     body: bytes
     peer: tuple[str, int] | None  # (host, port) of the connecting client
+    raw_path: str = ""  # the request target exactly as received (path and query)
 
 
 RECORDED_KEY: web.AppKey[list[RecordedRequest] | None] = web.AppKey("recorded")
@@ -48,7 +50,9 @@ def _peer(request: web.Request) -> tuple[str, int] | None:
 @web.middleware
 async def _record(request: web.Request, handler: Handler) -> web.StreamResponse:
     recorded = request.app[RECORDED_KEY]
-    if recorded is not None:
+    # Health checks come on the checker's own schedule; recording them would
+    # interleave with the requests a test looks at.
+    if recorded is not None and request.path != HEALTH_PATH:
         body = await request.read()  # cached by aiohttp, handlers can read it again
         recorded.append(
             RecordedRequest(
@@ -57,6 +61,7 @@ async def _record(request: web.Request, handler: Handler) -> web.StreamResponse:
                 headers=_raw_headers(request),
                 body=body,
                 peer=_peer(request),
+                raw_path=request.raw_path,
             )
         )
     return await handler(request)
@@ -73,6 +78,18 @@ async def _click(request: web.Request) -> web.Response:
             "Cache-Control": "no-store",
         },
     )
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def _cookies(request: web.Request) -> web.Response:
+    """Several Set-Cookie fields, which must each reach the client."""
+    response = web.Response(text="cookies\n", headers={"Cache-Control": "private, max-age=60"})
+    for name in request.query.getall("name", ["a", "b"]):
+        response.headers.add("Set-Cookie", f"{name}=1; Path=/; Secure")
+    return response
 
 
 async def _unsubscribe(request: web.Request) -> web.Response:
@@ -113,6 +130,8 @@ async def _big(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     response.content_length = remaining
     await response.prepare(request)
+    if request.method == "HEAD":  # the length of the GET, no body
+        remaining = 0
     chunk = b"x" * _CHUNK
     while remaining > 0:
         part = chunk[: min(_CHUNK, remaining)]
@@ -129,6 +148,8 @@ def make_backend_app(recorded: list[RecordedRequest] | None = None) -> web.Appli
     app.router.add_get("/c/{id}", _click)  # also serves HEAD
     app.router.add_post("/unsubscribe", _unsubscribe)
     app.router.add_route("*", "/echo", _echo)
+    app.router.add_get("/cookies", _cookies)
+    app.router.add_get(HEALTH_PATH, _health)
     app.router.add_route("*", "/slow", _slow)
     app.router.add_get("/big", _big)
     return app

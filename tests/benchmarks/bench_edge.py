@@ -219,6 +219,7 @@ def baseline_main(
     _watch_parent(lifeline)
     from aiohttp import web
 
+    from proxy.backends import BackendPool
     from proxy.demo.backend import make_backend_app
     from proxy.forward import Forwarder
     from proxy.http_app import make_http_app
@@ -229,7 +230,11 @@ def baseline_main(
         closers: list[Callable[[], Any]] = []
         if mode == "aiohttp-fwd":
             # same parameters as the edge's Forwarder in this benchmark
-            forwarder = Forwarder(backend_url, connect_timeout=5.0, timeout=5.0, pool_size=256)
+            # (with health checks, as the edge has them)
+            backends = BackendPool([backend_url])
+            await backends.start()
+            closers.append(backends.close)
+            forwarder = Forwarder(backends, connect_timeout=5.0, timeout=5.0, pool_size=256)
             await forwarder.start()
             closers.append(forwarder.close)
             app = make_http_app(_NoStore(), forwarder)  # type: ignore[arg-type]
