@@ -18,12 +18,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp.abc import AbstractResolver, ResolveResult
 
 from certstore import SQLiteStore, generate_key_text
 from certstore.crypto import parse_key_text
 from proxy.config import Config
 from proxy.demo.backend import HEALTH_PATH, RecordedRequest, start_backend
+from proxy.demo.client import edge_session, verifying_context
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 from proxy.edge import EdgeWorker
@@ -125,25 +125,6 @@ def enable_admin(handle: EdgeHandle, tmp_path: Path) -> str:
     return f"http://{handle.ip}:{port}"
 
 
-class StaticResolver(AbstractResolver):
-    """aiohttp resolver sending every name to one address (the edge under test)."""
-
-    def __init__(self, ip: str) -> None:
-        self._ip = ip
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        return [
-            ResolveResult(
-                hostname=host, host=self._ip, port=port, family=socket.AF_INET, proto=0, flags=0
-            )
-        ]
-
-    async def close(self) -> None:
-        pass
-
-
 def make_config(
     tmp_path: Path, ip: str, target: str, pebble: PebbleServer, dns: DNSServer, backend_url: str
 ) -> Config:
@@ -198,16 +179,13 @@ async def edge(edge_config: EdgeHandle) -> AsyncIterator[EdgeHandle]:
 
 def client_context(pebble: PebbleServer) -> ssl.SSLContext:
     """A strict TLS client context trusting only Pebble's issuing root."""
-    return ssl.create_default_context(cafile=str(pebble.root_path))
+    return verifying_context(str(pebble.root_path))
 
 
 def https_session(
     edge: EdgeHandle, pebble: PebbleServer, **kwargs: object
 ) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        resolver=StaticResolver(edge.ip), ssl=client_context(pebble), force_close=True
-    )
-    return aiohttp.ClientSession(connector=connector, **kwargs)  # type: ignore[arg-type]
+    return edge_session(edge.ip, str(pebble.root_path), **kwargs)
 
 
 async def register(store: SQLiteStore, dns: DNSServer, host: str, target: str) -> None:

@@ -14,10 +14,11 @@ import time
 
 import aiohttp
 import pytest
-from conftest import EdgeHandle, StaticResolver, client_context
+from conftest import EdgeHandle, client_context
 from helpers_edge import certify, get_status, python_hello, read_to_close, url
 
 from proxy.clienthello import DECODE_ERROR, UNRECOGNIZED_NAME, alert_record, parse_client_hello
+from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 

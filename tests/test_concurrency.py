@@ -10,9 +10,10 @@ import urllib.parse
 
 import aiohttp
 import pytest
-from conftest import EdgeHandle, StaticResolver, client_context, register
+from conftest import EdgeHandle, client_context, register
 from helpers_edge import certify, edge_store, get_status, new_host, url
 
+from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 

@@ -9,10 +9,11 @@ import time
 
 import aiohttp
 import pytest
-from conftest import EdgeHandle, StaticResolver, client_context, free_port, https_session
+from conftest import EdgeHandle, client_context, free_port, https_session
 from helpers_edge import certify, edge_store, url
 
 from proxy.demo.backend import RecordedRequest
+from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 

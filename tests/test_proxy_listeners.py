@@ -16,12 +16,13 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
-from conftest import EdgeHandle, StaticResolver, client_context
+from conftest import EdgeHandle, client_context
 from helpers_edge import certify, read_to_close
 from helpers_proxy import ProxyBalancer, v1_header, v2_header
 
 from proxy.config import ConfigError, check_listen, load_config
 from proxy.demo.backend import RecordedRequest
+from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 from proxy.listener import ListenerStats
