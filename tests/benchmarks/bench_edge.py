@@ -555,6 +555,7 @@ class Bench:
         config.dns.timeout = 2
         config.tls.issuance_wait = 30
         config.tls.hello_timeout = 2
+        config.admin.listen = ""  # no admin API in the benchmark
         self.config = config
         self.edge_log = self.workdir / "edge.log"
         try:
