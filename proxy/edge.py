@@ -40,6 +40,8 @@ from .clienthello import HANDSHAKE_FAILURE, ClientHello
 from .config import Config, parse_address, read_secret
 from .forward import Forwarder
 from .gate import IssuanceGate
+from .host_policy import HostPolicy
+from .host_views import CHANGE_EVENTS, HostViews
 from .hostnames import InvalidHostname, normalize_hostname
 from .http_app import make_http_app
 from .lifecycle import Lifecycle
@@ -142,6 +144,7 @@ class EdgeWorker:
         self.maintainer: Maintainer | None = None
         self.verifier: Verifier | None = None
         self.state_sync: StateSync | None = None
+        self.host_views: HostViews | None = None
         self.webhooks: WebhookSender | None = None
         self.tls_listener: TLSListener | None = None
         self.http_address: tuple[str, int] | None = None
@@ -200,6 +203,8 @@ class EdgeWorker:
         )
         self.state_sync = StateSync(store, self.manager.forget, config.lifecycle.sync_seconds)
         await self.state_sync.start()
+        self.host_views = HostViews(store)
+        self.state_sync.follow(CHANGE_EVENTS, self.host_views.forget)
         self.verifier = Verifier(
             store,
             checker,
@@ -222,8 +227,11 @@ class EdgeWorker:
         await forwarder.start()
         self._closers.append(forwarder.close)
 
+        policy = HostPolicy(
+            self.host_views, https_public_port=config.edge.https_public_port, clock=self._clock
+        )
         runner = web.AppRunner(
-            make_http_app(store, forwarder, self.state_sync.is_suspended), access_log=None
+            make_http_app(store, forwarder, self.state_sync.is_suspended, policy), access_log=None
         )
         await runner.setup()
         self._closers.append(runner.cleanup)
@@ -276,6 +284,7 @@ class EdgeWorker:
             token=token,
             manager=self.manager,
             state_sync=self.state_sync,
+            host_views=self.host_views,
             clock=self._clock,
         )
         runner = web.AppRunner(make_admin_app(deps), access_log=None)
