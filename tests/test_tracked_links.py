@@ -21,7 +21,6 @@ from aiohttp import web
 from conftest import (
     ADMIN_TOKEN,
     EdgeHandle,
-    StaticResolver,
     client_context,
     enable_admin,
     free_port,
@@ -33,6 +32,7 @@ from test_admin_api import assert_schema
 from proxy.association_files import ANDROID, APPLE, etag
 from proxy.config import Config
 from proxy.demo.backend import RecordedRequest
+from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 
