@@ -37,10 +37,14 @@ class HostPolicy:
         *,
         https_public_port: int = 443,
         clock: Callable[[], float] = time.time,
+        is_https: Callable[[web.Request], bool] = lambda request: request.secure,
     ) -> None:
         self._views = views
         self._port_suffix = "" if https_public_port == 443 else f":{https_public_port}"
         self._clock = clock
+        # how the recipient reached us: TLS terminated here by default; a TLS-terminating
+        # proxy in front would have to be trusted for its X-Forwarded-Proto instead
+        self._is_https = is_https
 
     def install(self, app: web.Application) -> None:
         app.on_response_prepare.append(self._add_headers)
@@ -60,7 +64,7 @@ class HostPolicy:
         if (
             view is not None
             and view.https_upgrade
-            and not request.secure
+            and not self._is_https(request)
             and view.serves_https(self._clock())
         ):
             return self._upgrade(request, view.hostname)
@@ -91,7 +95,7 @@ class HostPolicy:
 
     async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         response.headers.popall(HSTS, None)
-        if not request.secure:  # RFC 6797 §7.2: meaningless over plain HTTP
+        if not self._is_https(request):  # RFC 6797 §7.2: meaningless over plain HTTP
             return
         # answer() has just loaded the view (or the host is not registered): memory only
         view = self._views.peek(host_header_name(request.headers.get("Host", "")))

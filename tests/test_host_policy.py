@@ -66,6 +66,9 @@ async def test_upgrade_location(views: HostViews, port: int, target: str, locati
     assert answer.headers["Location"] == location
     now = VALID[1]  # expired: forwarded again, no redirect into a failing handshake
     assert await policy.answer(request, HOST) is None
+    now = 5_000.0
+    behind_tls_proxy = HostPolicy(views, clock=lambda: now, is_https=lambda _r: True)
+    assert await behind_tls_proxy.answer(request, HOST) is None  # never a redirect loop
 
 
 async def test_hsts_needs_tls_a_valid_certificate_and_the_option(views: HostViews) -> None:
