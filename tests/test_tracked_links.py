@@ -71,6 +71,7 @@ class Setup:
     edge: EdgeHandle
     api: aiohttp.ClientSession
     recorded: list[RecordedRequest]
+    admin_url: str
 
 
 @pytest.fixture
@@ -80,7 +81,7 @@ async def setup(edge_config: EdgeHandle, tmp_path: Path, backend) -> AsyncIterat
     await edge_config.start()
     try:
         async with aiohttp.ClientSession(base_url=base, headers=AUTH) as api:
-            yield Setup(edge_config, api, backend[1])
+            yield Setup(edge_config, api, backend[1], base)
     finally:
         await edge_config.stop()
 
@@ -380,6 +381,31 @@ async def test_bad_uploads_are_refused_with_a_reason_and_the_previous_file_stays
     await still_served()
     async with edge_store(edge) as store:
         assert len(await store.list_events(host, limit=1000)) == events_before  # nothing written
+
+
+async def test_file_routes_need_the_admin_token(setup: Setup) -> None:
+    edge, api = setup.edge, setup.api
+    host = new_host(edge)
+    await call(api, "POST", "/v1/hosts", json={"hostname": host, "account": "shop"})
+    assert (await upload(api, host, ANDROID, ASSETLINKS))[0] == 201
+    for headers in ({}, {"Authorization": "Bearer not-the-admin-token-at-all"}):
+        async with aiohttp.ClientSession(base_url=setup.admin_url, headers=headers) as anon:
+            for method, kind in [
+                ("GET", ""),
+                ("GET", f"/{ANDROID}"),
+                ("PUT", f"/{APPLE}"),
+                ("PUT", f"/{ANDROID}"),
+                ("DELETE", f"/{ANDROID}"),
+            ]:
+                status, body = await call(
+                    anon, method, f"/v1/hosts/{host}/files{kind}", data=AASA,
+                    headers={"Content-Type": "application/json"},
+                )  # fmt: skip
+                assert status == 401 and body["error"] == "unauthorized", (method, kind)
+    status, listing = await call(api, "GET", f"/v1/hosts/{host}/files")
+    assert [f["kind"] for f in json.loads(listing)["files"]] == [ANDROID]  # nothing changed
+    got = await raw_http(edge, plain_get(host, ASSETLINKS_PATH))
+    assert (got.status, got.body) == (200, ASSETLINKS)
 
 
 # -- HTTPS upgrade ---------------------------------------------------------------------
