@@ -8,6 +8,7 @@ from .models import (
     DomainState,
     Event,
     HostBackoff,
+    HostFile,
     RenewalPlan,
     StoredCertificate,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "DomainState",
     "Event",
     "HostBackoff",
+    "HostFile",
     "RenewalPlan",
     "SQLiteStore",
     "SecretBox",

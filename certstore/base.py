@@ -15,6 +15,7 @@ from .models import (
     DomainState,
     Event,
     HostBackoff,
+    HostFile,
     RenewalPlan,
     StoredCertificate,
 )
@@ -84,6 +85,15 @@ class CertStore(Protocol):
     # per-host options (a JSON object, validated by the caller)
     async def get_options(self, hostname: str) -> dict[str, Any] | None: ...
     async def put_options(self, hostname: str, options: dict[str, Any]) -> None: ...
+
+    # files the edge serves itself per host (app association files), by kind; every
+    # write and delete is an event (file_updated, file_deleted) for other workers' caches
+    async def get_host_file(self, hostname: str, kind: str) -> HostFile | None: ...
+    async def list_host_files(self, hostname: str) -> list[HostFile]: ...
+    async def put_host_file(
+        self, hostname: str, kind: str, content: bytes, etag: str
+    ) -> HostFile: ...
+    async def delete_host_file(self, hostname: str, kind: str) -> bool: ...
 
     # ACME account
     async def get_account(self, directory_url: str) -> AcmeAccount | None: ...

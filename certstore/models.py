@@ -97,3 +97,20 @@ class Event:
     detail: str
     from_state: str | None = None  # set on kind "state" (a lifecycle transition)
     to_state: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HostFile:
+    """A document the edge serves itself for a host (an app association file)."""
+
+    hostname: str
+    kind: str  # e.g. "apple-app-site-association", "assetlinks.json"
+    content: bytes  # exactly as uploaded
+    etag: str  # strong entity tag, quoted, derived from the content
+    updated_at: float
+
+    def __repr__(self) -> str:
+        return (
+            f"HostFile(hostname={self.hostname!r}, kind={self.kind!r}, "
+            f"size={len(self.content)}, etag={self.etag!r})"
+        )

@@ -118,6 +118,47 @@ MIGRATIONS: tuple[str, ...] = (
                 new.state_reason, old.state, new.state);
     END;
     """,
+    # 4: files served per host (app association files); writes are events, atomically,
+    # so every worker's cache of them (and of the options) is invalidated
+    """
+    CREATE TABLE host_files (
+        hostname TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        content BLOB NOT NULL,
+        etag TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (hostname, kind)
+    );
+    CREATE TRIGGER host_file_inserted AFTER INSERT ON host_files
+    BEGIN
+        INSERT INTO events (at, hostname, kind, detail)
+        VALUES (new.updated_at, new.hostname, 'file_updated',
+                new.kind || ': ' || length(new.content) || ' bytes, ETag ' || new.etag);
+    END;
+    CREATE TRIGGER host_file_updated AFTER UPDATE ON host_files
+    BEGIN
+        INSERT INTO events (at, hostname, kind, detail)
+        VALUES (new.updated_at, new.hostname, 'file_updated',
+                new.kind || ': ' || length(new.content) || ' bytes, ETag ' || new.etag);
+    END;
+    -- a deleted row carries no time of deletion: SQLite's clock stands in for the store's
+    CREATE TRIGGER host_file_deleted AFTER DELETE ON host_files
+    BEGIN
+        INSERT INTO events (at, hostname, kind, detail)
+        VALUES ((julianday('now') - 2440587.5) * 86400.0, old.hostname, 'file_deleted',
+                old.kind);
+    END;
+    CREATE TRIGGER host_options_inserted AFTER INSERT ON host_options
+    BEGIN
+        INSERT INTO events (at, hostname, kind, detail)
+        VALUES (new.updated_at, new.hostname, 'options_changed', new.options);
+    END;
+    CREATE TRIGGER host_options_updated AFTER UPDATE ON host_options
+    BEGIN
+        INSERT INTO events (at, hostname, kind, detail)
+        VALUES (new.updated_at, new.hostname, 'options_changed', new.options);
+    END;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -25,6 +25,7 @@ from .models import (
     DomainState,
     Event,
     HostBackoff,
+    HostFile,
     RenewalPlan,
     StoredCertificate,
 )
@@ -136,7 +137,7 @@ class SQLiteStore:
         removed = cur.rowcount > 0
         await self._db.execute("DELETE FROM certificates WHERE hostname = ?", (hostname,))
         await self._db.execute("DELETE FROM challenges WHERE hostname = ?", (hostname,))
-        for table in ("renewals", "host_backoff", "alpn_challenges", "host_options"):
+        for table in ("renewals", "host_backoff", "alpn_challenges", "host_options", "host_files"):
             await self._db.execute(f"DELETE FROM {table} WHERE hostname = ?", (hostname,))
         if removed:
             await self.record_event(hostname, "removed", "domain and its certificate deleted")
@@ -310,6 +311,38 @@ class SQLiteStore:
             " updated_at = excluded.updated_at",
             (hostname, json.dumps(options, sort_keys=True), self._clock()),
         )
+
+    # -- files served per host ----------------------------------------------------
+
+    async def get_host_file(self, hostname: str, kind: str) -> HostFile | None:
+        row = await self._one(
+            f"SELECT {_FILE_COLS} FROM host_files WHERE hostname = ? AND kind = ?",
+            (hostname, kind),
+        )
+        return _host_file(row) if row else None
+
+    async def list_host_files(self, hostname: str) -> list[HostFile]:
+        rows = await self._all(
+            f"SELECT {_FILE_COLS} FROM host_files WHERE hostname = ? ORDER BY kind", (hostname,)
+        )
+        return [_host_file(r) for r in rows]
+
+    async def put_host_file(self, hostname: str, kind: str, content: bytes, etag: str) -> HostFile:
+        """Store (or replace) a file; a trigger records the `file_updated` event with it."""
+        now = self._clock()
+        await self._db.execute(
+            "INSERT INTO host_files (hostname, kind, content, etag, updated_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (hostname, kind) DO UPDATE SET"
+            " content = excluded.content, etag = excluded.etag, updated_at = excluded.updated_at",
+            (hostname, kind, content, etag, now),
+        )
+        return HostFile(hostname, kind, content, etag, now)
+
+    async def delete_host_file(self, hostname: str, kind: str) -> bool:
+        cur = await self._db.execute(
+            "DELETE FROM host_files WHERE hostname = ? AND kind = ?", (hostname, kind)
+        )
+        return cur.rowcount > 0
 
     # -- ACME account ----------------------------------------------------------
 
@@ -619,6 +652,7 @@ _DOMAIN_COLS = (
     " failed_checks, last_report"
 )
 _EVENT_COLS = "id, at, hostname, kind, detail, from_state, to_state"
+_FILE_COLS = "hostname, kind, content, etag, updated_at"
 _CERT_COLS = (
     "hostname, chain_pem, key_sealed, names, not_before, not_after, issuer, created_at,"
     " serial, directory_url"
@@ -628,6 +662,12 @@ _CERT_COLS = (
 def _renewal(row: sqlite3.Row) -> RenewalPlan:
     return RenewalPlan(
         hostname=row[0], due_at=row[1], next_check_at=row[2], source=row[3], last_error=row[4]
+    )
+
+
+def _host_file(row: sqlite3.Row) -> HostFile:
+    return HostFile(
+        hostname=row[0], kind=row[1], content=bytes(row[2]), etag=row[3], updated_at=row[4]
     )
 
 

@@ -63,6 +63,9 @@ class EdgeConfig:
     cname_target: str = ""
     # Policy for ClientHellos without SNI: serve this host's certificate, or refuse if empty.
     no_sni_host: str = ""
+    # the port recipients reach HTTPS on (behind a port-mapping load balancer it differs
+    # from listen.https); HTTPS-upgrade redirects name it unless it is 443
+    https_public_port: int = 443
 
 
 @dataclass
@@ -251,6 +254,8 @@ def require_serving(config: Config) -> None:
         )
     if not 1 <= config.checks.https_port <= 65535:
         raise ConfigError("checks.https_port must be a TCP port")
+    if not 1 <= config.edge.https_public_port <= 65535:
+        raise ConfigError("edge.https_public_port must be a TCP port")
     check_acme(config)
 
 

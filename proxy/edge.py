@@ -41,12 +41,14 @@ from .clienthello import HANDSHAKE_FAILURE, ClientHello
 from .config import Config, parse_address, read_secret
 from .forward import Forwarder
 from .gate import IssuanceGate
+from .host_policy import HostPolicy
+from .host_views import CHANGE_EVENTS, HostViews
 from .hostnames import InvalidHostname, normalize_hostname
 from .http_app import make_http_app
 from .lifecycle import Lifecycle
 from .listener import PlainListener, ProxyProtocolSettings
 from .maintenance import Maintainer, MaintenanceSettings
-from .peers import TrustedNetworks
+from .peers import TrustedNetworks, client_address
 from .refusals import Refused
 from .schedule import Schedule
 from .state_sync import StateSync
@@ -145,6 +147,7 @@ class EdgeWorker:
         self.maintainer: Maintainer | None = None
         self.verifier: Verifier | None = None
         self.state_sync: StateSync | None = None
+        self.host_views: HostViews | None = None
         self.webhooks: WebhookSender | None = None
         self.tls_listener: TLSListener | None = None
         self.http_listener: PlainListener | None = None  # only with listen.http_proxy_protocol
@@ -205,6 +208,8 @@ class EdgeWorker:
         )
         self.state_sync = StateSync(store, self.manager.forget, config.lifecycle.sync_seconds)
         await self.state_sync.start()
+        self.host_views = HostViews(store)
+        self.state_sync.follow(CHANGE_EVENTS, self.host_views.forget)
         self.verifier = Verifier(
             store,
             checker,
@@ -231,20 +236,35 @@ class EdgeWorker:
         )
         await self.backends.start()
         self._closers.append(self.backends.close)
+        forwarded_trusted = TrustedNetworks(
+            config.listen.forwarded_trusted, "listen.forwarded_trusted"
+        )
         forwarder = Forwarder(
             self.backends,
             connect_timeout=backend.connect_timeout,
             timeout=backend.timeout,
             pool_size=backend.pool_size,
-            forwarded_trusted=TrustedNetworks(
-                config.listen.forwarded_trusted, "listen.forwarded_trusted"
-            ),
+            forwarded_trusted=forwarded_trusted,
         )
         await forwarder.start()
         self._closers.append(forwarder.close)
 
+        def arrived_over_https(request: web.Request) -> bool:
+            # A trusted TLS-terminating proxy in front may say the client used HTTPS
+            # (else an upgraded host would redirect forever); nobody else may.
+            if request.secure:
+                return True
+            proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
+            return proto == "https" and client_address(request) in forwarded_trusted
+
+        policy = HostPolicy(
+            self.host_views,
+            https_public_port=config.edge.https_public_port,
+            clock=self._clock,
+            is_https=arrived_over_https,
+        )
         runner = web.AppRunner(
-            make_http_app(store, forwarder, self.state_sync.is_suspended), access_log=None
+            make_http_app(store, forwarder, self.state_sync.is_suspended, policy), access_log=None
         )
         await runner.setup()
         self._closers.append(runner.cleanup)
@@ -314,6 +334,7 @@ class EdgeWorker:
             token=token,
             manager=self.manager,
             state_sync=self.state_sync,
+            host_views=self.host_views,
             clock=self._clock,
         )
         runner = web.AppRunner(make_admin_app(deps), access_log=None)

@@ -63,6 +63,22 @@ def normalize_hostname(text: str) -> str:
     return name
 
 
+_HOST_HEADER = re.compile(r"^[a-z0-9.-]{1,253}$")
+
+
+def host_header_name(value: str) -> str:
+    """The name in a Host header in canonical form (lower case, no port, no trailing dot).
+
+    The cheap part of normalize_hostname, for every request: "" for anything that
+    cannot be a registered host (IP literals with brackets, non-ASCII, over-long
+    names), so nothing odd is looked up or cached.
+    """
+    if value.count(":") > 1:  # [v6]:port or garbage
+        return ""
+    name = value.rsplit(":", 1)[0].rstrip(".").lower()
+    return name if _HOST_HEADER.match(name) else ""
+
+
 def display_hostname(name: str) -> str:
     """The Unicode form, for people; falls back to the A-label form."""
     try:

@@ -3,6 +3,8 @@
 Plain HTTP stays useful forever: links in mail already sent are `http://`, and the
 CA's HTTP-01 validation arrives here. Challenge answers come from the store, so
 whichever worker process the CA reaches can answer for an order another placed.
+What the edge answers itself for a host (app association files, HTTPS upgrade,
+HSTS) is decided in `proxy/host_policy.py`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from aiohttp import web
 from certstore import CertStore
 
 from .forward import Forwarder
+from .host_policy import HostPolicy
+from .hostnames import host_header_name
 
 log = logging.getLogger(__name__)
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
@@ -25,12 +29,13 @@ def make_http_app(
     store: CertStore,
     forwarder: Forwarder,
     is_suspended: Callable[[str], bool] = lambda _host: False,
+    policy: HostPolicy | None = None,
 ) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
         path = request.path
         if path.startswith(CHALLENGE_PREFIX) and request.method in ("GET", "HEAD"):
             return await _challenge(store, path[len(CHALLENGE_PREFIX) :])
-        host = _request_host(request)
+        host = host_header_name(request.headers.get("Host", ""))
         if host and is_suspended(host):
             # the operator's kill switch; also reaches keep-alive HTTPS connections
             return web.Response(
@@ -38,10 +43,16 @@ def make_http_app(
                 text=f"{host} is suspended on this edge.\n",
                 headers={"Cache-Control": "no-store"},
             )
+        if policy is not None:  # association files, HTTPS upgrade
+            own = await policy.answer(request, host)
+            if own is not None:
+                return own
         return await forwarder.handle(request)
 
     app = web.Application(client_max_size=0)
     app.router.add_route("*", "/{tail:.*}", handle)
+    if policy is not None:
+        policy.install(app)  # HSTS
     return app
 
 
@@ -52,14 +63,6 @@ async def _challenge(store: CertStore, token: str) -> web.Response:
         return web.Response(status=404, text="no such challenge\n")
     log.info("served ACME challenge token %s (worker %d)", token, os.getpid())
     return web.Response(text=answer, content_type="application/octet-stream")
-
-
-def _request_host(request: web.Request) -> str:
-    """The Host header's name in canonical form (the cheap part of normalize_hostname)."""
-    host = request.headers.get("Host", "")
-    if host.startswith("["):
-        return ""
-    return host.rsplit(":", 1)[0].rstrip(".").lower() if host.count(":") <= 1 else ""
 
 
 def _is_token(token: str) -> bool:

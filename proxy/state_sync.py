@@ -3,14 +3,15 @@
 The events table is the change feed: every state transition, removal and new
 certificate is an event, so each worker follows it by id (an index range scan) and
 drops its cached TLS context and refusal for the host; the next handshake reads the
-store. The set of suspended hosts is kept here too, for the plain-HTTP answer.
+store. The set of suspended hosts is kept here too, for the plain-HTTP answer. Other
+per-worker caches (`proxy/host_views.py`) subscribe to the event kinds they depend on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from certstore import CertStore, DomainState, Event
 
@@ -26,7 +27,12 @@ class StateSync:
         self._forget = forget
         self._interval = interval
         self._cursor = 0
+        self._followers: list[tuple[frozenset[str], Callable[[str], None]]] = []
         self.suspended: set[str] = set()
+
+    def follow(self, kinds: Collection[str], forget: Callable[[str], None]) -> None:
+        """Also call forget(hostname) for every event of these kinds."""
+        self._followers.append((frozenset(kinds), forget))
 
     def is_suspended(self, hostname: str) -> bool:
         return hostname in self.suspended
@@ -59,7 +65,12 @@ class StateSync:
         return len(events)
 
     def _apply(self, event: Event) -> None:
-        if event.hostname is None or event.kind not in _INVALIDATING:
+        if event.hostname is None:
+            return
+        for kinds, forget in self._followers:
+            if event.kind in kinds:
+                forget(event.hostname)
+        if event.kind not in _INVALIDATING:
             return
         self._forget(event.hostname)
         if event.kind == "removed" or (event.kind == "state" and event.to_state != "suspended"):

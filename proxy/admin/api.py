@@ -1,4 +1,4 @@
-"""The admin JSON API (/v1): hosts, their checks, certificates, lifecycle and options.
+"""The admin JSON API (/v1): hosts, checks, certificates, lifecycle, options and files.
 
 Every expected error is a 4xx JSON body `{"error": code, "message": reason}` and
 changes nothing. Hostnames in paths and bodies go through the same normalisation as
@@ -16,12 +16,14 @@ from aiohttp import web
 from acme_client import AcmeError
 from certstore import DomainExists, DomainState
 
+from ..association_files import KINDS, MAX_BYTES, InvalidFile, NotJSON, etag
+from ..association_files import validate as validate_file
 from ..certificates import RenewalBusy
 from ..host_options import OptionsError, defaults, validate
 from ..hostnames import InvalidHostname, normalize_hostname
 from ..lifecycle import InvalidTransition
 from .deps import DEPS, AdminDeps
-from .views import certificate_json, event_json, host_json
+from .views import certificate_json, event_json, host_file_json, host_json
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
@@ -30,16 +32,22 @@ S = DomainState
 
 
 class ApiError(web.HTTPException):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, **extra: str) -> None:
         self.status_code = status
         super().__init__(
-            text=json.dumps({"error": code, "message": message}),
+            text=json.dumps({"error": code, "message": message, **extra}),
             content_type="application/json",
         )
 
 
 def _deps(request: web.Request) -> AdminDeps:
     return request.app[DEPS]
+
+
+def _changed(deps: AdminDeps, hostname: str) -> None:
+    """This worker serves the change at once; the others follow the event feed."""
+    if deps.host_views is not None:
+        deps.host_views.forget(hostname)
 
 
 async def _json_body(request: web.Request, allowed: set[str], required: set[str]) -> dict[str, Any]:
@@ -161,6 +169,7 @@ async def delete_host(request: web.Request) -> web.Response:
     await deps.store.remove_domain(domain.hostname)
     if deps.manager is not None:
         deps.manager.forget(domain.hostname)
+    _changed(deps, domain.hostname)
     return web.Response(status=204)
 
 
@@ -221,6 +230,7 @@ async def suspend(request: web.Request) -> web.Response:
         deps.state_sync.suspended.add(domain.hostname)
     if deps.manager is not None:
         deps.manager.forget(domain.hostname)
+    _changed(deps, domain.hostname)
     return web.json_response(await _host_body(deps, domain.hostname))
 
 
@@ -237,6 +247,7 @@ async def resume(request: web.Request) -> web.Response:
         deps.state_sync.suspended.discard(domain.hostname)
     if deps.manager is not None:
         deps.manager.forget(domain.hostname)
+    _changed(deps, domain.hostname)
     return web.json_response(await _host_body(deps, domain.hostname))
 
 
@@ -279,11 +290,86 @@ async def put_options(request: web.Request) -> web.Response:
         options = validate(data)
     except OptionsError as exc:
         raise ApiError(422, "invalid_options", str(exc)) from None
-    await deps.store.put_options(domain.hostname, options)
-    await deps.store.record_event(
-        domain.hostname, "options_changed", json.dumps(options, sort_keys=True)
-    )
+    await deps.store.put_options(domain.hostname, options)  # logs options_changed
+    _changed(deps, domain.hostname)
     return web.json_response(options)
+
+
+# -- app association files ---------------------------------------------------------
+
+
+def _file_kind(request: web.Request) -> str:
+    kind = request.match_info["kind"]
+    if kind not in KINDS:
+        raise ApiError(
+            404, "unknown_file", f"no file kind {kind[:64]!r} (known: {', '.join(KINDS)})"
+        )
+    return kind
+
+
+async def _file_body(request: web.Request) -> bytes:
+    """The raw upload, read no further than the limit."""
+    if request.content_type != "application/json":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send the file itself as the request body with Content-Type: application/json"
+            f" (got {request.content_type})",
+        )
+    too_large = ApiError(
+        413, "too_large", f"the file is larger than {MAX_BYTES} bytes (128 KiB), Apple's limit"
+    )
+    if (request.content_length or 0) > MAX_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > MAX_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def list_files(request: web.Request) -> web.Response:
+    deps, domain = await _domain(request)
+    files = await deps.store.list_host_files(domain.hostname)
+    return web.json_response({"files": [host_file_json(f) for f in files]})
+
+
+async def get_file(request: web.Request) -> web.Response:
+    deps, domain = await _domain(request)
+    kind = _file_kind(request)
+    found = await deps.store.get_host_file(domain.hostname, kind)
+    if found is None:
+        raise ApiError(404, "no_file", f"{domain.hostname} has no {kind}")
+    return web.Response(
+        body=found.content, content_type="application/json", headers={"ETag": found.etag}
+    )
+
+
+async def put_file(request: web.Request) -> web.Response:
+    deps, domain = await _domain(request)
+    kind = _file_kind(request)
+    content = await _file_body(request)
+    try:
+        validate_file(kind, content)
+    except NotJSON as exc:
+        raise ApiError(400, "malformed_json", str(exc), path=exc.path) from None
+    except InvalidFile as exc:
+        raise ApiError(422, "invalid_file", str(exc), path=exc.path) from None
+    existed = await deps.store.get_host_file(domain.hostname, kind) is not None
+    stored = await deps.store.put_host_file(domain.hostname, kind, content, etag(content))
+    _changed(deps, domain.hostname)  # logs file_updated
+    return web.json_response(host_file_json(stored), status=200 if existed else 201)
+
+
+async def delete_file(request: web.Request) -> web.Response:
+    deps, domain = await _domain(request)
+    kind = _file_kind(request)
+    if not await deps.store.delete_host_file(domain.hostname, kind):  # logs file_deleted
+        raise ApiError(404, "no_file", f"{domain.hostname} has no {kind}")
+    _changed(deps, domain.hostname)
+    return web.Response(status=204)
 
 
 ROUTES: list[tuple[str, str, Any, str]] = [
@@ -300,4 +386,8 @@ ROUTES: list[tuple[str, str, Any, str]] = [
     ("GET", "/v1/hosts/{host}/events", list_host_events, "Transitions and decisions, newest first"),
     ("GET", "/v1/hosts/{host}/options", get_options, "Per-host options"),
     ("PUT", "/v1/hosts/{host}/options", put_options, "Replace the per-host options"),
+    ("GET", "/v1/hosts/{host}/files", list_files, "The host's app association files"),
+    ("GET", "/v1/hosts/{host}/files/{kind}", get_file, "One association file, as uploaded"),
+    ("PUT", "/v1/hosts/{host}/files/{kind}", put_file, "Upload (replace) an association file"),
+    ("DELETE", "/v1/hosts/{host}/files/{kind}", delete_file, "Stop serving an association file"),
 ]

@@ -11,6 +11,7 @@ from aiohttp import web
 from certstore import CertStore
 
 from ..certificates import CertificateManager
+from ..host_views import HostViews
 from ..lifecycle import Lifecycle
 from ..state_sync import StateSync
 from ..verifier import Verifier
@@ -25,6 +26,7 @@ class AdminDeps:
     token: str = field(repr=False)
     manager: CertificateManager | None = None  # None: no forced renewal (no ACME here)
     state_sync: StateSync | None = None
+    host_views: HostViews | None = None  # this worker's cache: dropped at once on changes
     clock: Callable[[], float] = time.time
 
 

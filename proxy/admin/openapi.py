@@ -10,6 +10,7 @@ from typing import Any
 
 from certstore import DomainState
 
+from ..association_files import KINDS
 from ..checks import CHECK_NAMES, CheckState
 from ..host_options import json_schema as options_schema
 from .api import ROUTES
@@ -21,7 +22,15 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["error", "message"],
         "additionalProperties": False,
-        "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+        "properties": {
+            "error": {"type": "string"},
+            "message": {"type": "string"},
+            "path": {
+                "type": "string",
+                "description": "uploaded files: JSON path of the problem, e.g."
+                " $.applinks.details[0].appIDs[0]",
+            },
+        },
     },
     "Check": {
         "type": "object",
@@ -171,6 +180,34 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "Options": options_schema(),
+    "AssociationFile": {
+        "type": ["object", "array"],
+        "description": "apple-app-site-association: an object with applinks.details[] (appIDs"
+        " + components, or the legacy appID + paths); assetlinks.json: an array of statements"
+        " (relation delegate_permission/common.handle_all_urls, target android_app with"
+        " package_name and SHA-256 fingerprints). UTF-8, at most 128 KiB; served byte for byte.",
+    },
+    "HostFile": {
+        "type": "object",
+        "required": ["hostname", "kind", "size", "etag", "updated_at", "urls"],
+        "additionalProperties": False,
+        "properties": {
+            "hostname": {"type": "string"},
+            "kind": {"enum": list(KINDS)},
+            "size": {"type": "integer"},
+            "etag": {"type": "string"},
+            "updated_at": _ISO,
+            "urls": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "HostFiles": {
+        "type": "object",
+        "required": ["files"],
+        "additionalProperties": False,
+        "properties": {
+            "files": {"type": "array", "items": {"$ref": "#/components/schemas/HostFile"}}
+        },
+    },
 }
 
 # (method, path) -> (request schema, {status: response schema or None})
@@ -196,6 +233,29 @@ _IO: dict[tuple[str, str], tuple[str | None, dict[int, str | None]]] = {
         "Options",
         {200: "Options", 400: "Error", 404: "Error", 422: "Error"},
     ),
+    ("GET", "/v1/hosts/{host}/files"): (None, {200: "HostFiles", 404: "Error"}),
+    ("GET", "/v1/hosts/{host}/files/{kind}"): (None, {200: "AssociationFile", 404: "Error"}),
+    ("PUT", "/v1/hosts/{host}/files/{kind}"): (
+        "AssociationFile",
+        {
+            200: "HostFile",
+            201: "HostFile",
+            400: "Error",
+            404: "Error",
+            413: "Error",
+            415: "Error",
+            422: "Error",
+        },
+    ),
+    ("DELETE", "/v1/hosts/{host}/files/{kind}"): (None, {204: None, 404: "Error"}),
+}
+
+_PATH_PARAMETERS: dict[str, dict[str, Any]] = {
+    "host": {
+        "schema": {"type": "string"},
+        "description": "hostname; Unicode, upper case and a trailing dot are accepted",
+    },
+    "kind": {"schema": {"enum": list(KINDS)}, "description": "which association file"},
 }
 
 _QUERY: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {
@@ -221,16 +281,9 @@ def document() -> dict[str, Any]:
         request_schema, responses = _IO[(method, path)]
         operation: dict[str, Any] = {"summary": summary, "responses": {}}
         parameters = []
-        if "{host}" in path:
-            parameters.append(
-                {
-                    "name": "host",
-                    "in": "path",
-                    "required": True,
-                    "schema": {"type": "string"},
-                    "description": "hostname; Unicode, upper case and a trailing dot are accepted",
-                }
-            )
+        for name, spec in _PATH_PARAMETERS.items():
+            if "{" + name + "}" in path:
+                parameters.append({"name": name, "in": "path", "required": True, **spec})
         for name, schema in _QUERY.get((method, path), []):
             parameters.append({"name": name, "in": "query", "required": False, "schema": schema})
         if parameters:
@@ -281,9 +334,11 @@ _STATUS_TEXT = {
     204: "No Content",
     400: "Malformed JSON",
     401: "Missing or wrong token",
-    404: "Host not registered",
+    404: "Host not registered, or no such file",
     409: "Conflict with the host's current state or owner",
-    422: "Invalid input (the message says which field and why)",
+    413: "File larger than 128 KiB",
+    415: "Not sent as application/json",
+    422: "Invalid input (the message says which field and why; for files, `path` where)",
     502: "The CA failed",
     503: "Not available in this process",
 }

@@ -1,12 +1,13 @@
-"""JSON shapes of hosts, checks, certificates and events (shared by API and status page)."""
+"""JSON shapes of hosts, checks, certificates, events and files (API and status page)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from certstore import Domain, Event, StoredCertificate
+from certstore import Domain, Event, HostFile, StoredCertificate
 
+from ..association_files import SERVED_AT
 from ..hostnames import display_hostname
 from ..lifecycle import load_report
 
@@ -83,4 +84,15 @@ def certificate_json(cert: StoredCertificate, now: float) -> dict[str, Any]:
         "sha256_fingerprint": leaf.fingerprint(hashes.SHA256()).hex(":").upper(),
         "created_at": iso(cert.created_at),
         "chain_pem": cert.chain_pem.decode("ascii"),
+    }
+
+
+def host_file_json(found: HostFile) -> dict[str, Any]:
+    return {
+        "hostname": found.hostname,
+        "kind": found.kind,
+        "size": len(found.content),
+        "etag": found.etag,
+        "updated_at": iso(found.updated_at),
+        "urls": [f"https://{found.hostname}{p}" for p, k in SERVED_AT.items() if k == found.kind],
     }
