@@ -93,7 +93,8 @@ class CertificateManager:
         settings: ManagerSettings,
         clock: Callable[[], float] = time.time,
         limits: OrderLimits | None = None,
-        lifecycle: Lifecycle | None = None,
+        *,
+        lifecycle: Lifecycle,
     ) -> None:
         self._store = store
         self._lifecycle = lifecycle
@@ -203,12 +204,7 @@ class CertificateManager:
             )
             log.warning("%s: %s failed (%d in a row): %s", hostname, what, backoff.failures, exc)
             if not renewal:  # a failed renewal leaves the current certificate in service
-                if self._lifecycle is not None:
-                    await self._lifecycle.issuance_failed(hostname, f"issuance failed: {exc}")
-                else:
-                    await self._store.set_domain_state(
-                        hostname, DomainState.FAILED, f"issuance failed: {exc}"
-                    )
+                await self._lifecycle.issuance_failed(hostname, f"issuance failed: {exc}")
             await self._store.record_event(
                 hostname,
                 "renewal_failed" if renewal else "issuance_failed",
@@ -231,10 +227,7 @@ class CertificateManager:
         await self._store.put_certificate(stored)
         await self._limits.record_success(hostname)
         await self._limits.record_failed_authorizations(hostname, issued.failed_authorizations)
-        if self._lifecycle is not None:
-            await self._lifecycle.issued(hostname, f"certificate issued, serial {issued.serial}")
-        else:
-            await self._store.set_domain_state(hostname, DomainState.ACTIVE, "certificate issued")
+        await self._lifecycle.issued(hostname, f"certificate issued, serial {issued.serial}")
         await self._store.record_event(
             hostname,
             "renewed" if renewal else "issued",
@@ -248,6 +241,13 @@ class CertificateManager:
         return stored
 
     # -- the miss path -----------------------------------------------------------
+
+    async def _stored_context(self, hostname: str) -> ssl.SSLContext | None:
+        """A context for a still-valid certificate already in the store, if any."""
+        stored = await self._store.get_certificate(hostname)
+        if stored is not None and stored.is_valid_at(self._clock()):
+            return await self._remember(stored)
+        return None
 
     async def _resolve(self, hostname: str) -> ssl.SSLContext:
         stored = await self._store.get_certificate(hostname)
@@ -278,9 +278,9 @@ class CertificateManager:
                     await self._store.release_lease(lease, self.holder)
             # Another worker is ordering this name: its certificate lands in the store.
             await asyncio.sleep(self._settings.lease_poll_seconds)
-            stored = await self._store.get_certificate(hostname)
-            if stored is not None and stored.is_valid_at(self._clock()):
-                return await self._remember(stored)
+            ctx = await self._stored_context(hostname)
+            if ctx is not None:
+                return ctx
             await self._refuse_if_backing_off(hostname)
 
     async def renew_now(self, hostname: str) -> StoredCertificate:
@@ -308,9 +308,9 @@ class CertificateManager:
 
     async def _order_with_lease(self, hostname: str) -> ssl.SSLContext:
         # The previous holder may have finished (or failed) between our miss and our lease.
-        stored = await self._store.get_certificate(hostname)
-        if stored is not None and stored.is_valid_at(self._clock()):
-            return await self._remember(stored)
+        ctx = await self._stored_context(hostname)
+        if ctx is not None:
+            return ctx
         verdict = await self._refuse_if_backing_off(hostname)
         try:
             stored = await self.issue_and_store(hostname, authz_budget=verdict.authz_budget)

@@ -7,7 +7,6 @@ after loading; this runs in a thread so the event loop never waits on it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import ssl
 import tempfile
@@ -37,12 +36,6 @@ def build_server_context(
     finally:
         os.unlink(path)
     return ctx
-
-
-async def build_server_context_async(
-    chain_pem: bytes, key_pem: bytes, alpn: Sequence[str] = ALPN
-) -> ssl.SSLContext:
-    return await asyncio.to_thread(build_server_context, chain_pem, key_pem, alpn)
 
 
 class CachedContext:

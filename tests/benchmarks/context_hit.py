@@ -26,7 +26,7 @@ class _Store:
 
 
 async def main() -> None:
-    manager = CertificateManager(_Store(), None, None, ManagerSettings())  # type: ignore[arg-type]
+    manager = CertificateManager(_Store(), None, None, ManagerSettings(), lifecycle=None)  # type: ignore[arg-type]
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     far = time.time() + 86400
     hosts = [f"h{i}.bench.test" for i in range(HOSTS)]
