@@ -257,12 +257,16 @@ class CertificateManager:
                 return await self._remember(stored)
         decision = await self._gate.decide(hostname)
         if not decision.allowed:
-            self._refuse(hostname, decision.reason, self._settings.refusal_seconds, decision.alert)
             if decision.registered:
                 await self._store.record_event(hostname, "refused", decision.reason)
             else:
                 log.debug("refused unregistered name %s", hostname)
-            raise Refused(decision.reason, decision.alert)
+            if decision.state is DomainState.FAILED:
+                # A failed host still backing off is our problem (internal_error); a
+                # retired or given-up one is a name we no longer serve (unrecognized_name).
+                await self._refuse_if_backing_off(hostname)
+            self._refuse(hostname, decision.reason, self._settings.refusal_seconds)
+            raise Refused(decision.reason)
         return await self._obtain(hostname)
 
     async def _obtain(self, hostname: str) -> ssl.SSLContext:

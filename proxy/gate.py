@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from certstore import CertStore, Domain, DomainState
 
 from .checks import HostChecker
-from .clienthello import INTERNAL_ERROR, UNRECOGNIZED_NAME
 from .lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
@@ -29,9 +28,7 @@ class Decision:
     allowed: bool
     reason: str
     registered: bool = True
-    # unrecognized_name for names we will not serve; internal_error for a known host
-    # whose certificate cannot be had right now (failed issuance, backing off).
-    alert: int = UNRECOGNIZED_NAME
+    state: DomainState | None = None  # the host's state when refused
 
 
 class IssuanceGate:
@@ -62,20 +59,14 @@ class IssuanceGate:
         # pending or failed: one live check per interval
         now = self._clock()
         if domain.last_check_at is not None and now - domain.last_check_at < self._interval:
-            return await self._refusal(domain, f"{domain.last_check_reason}")
+            return _refusal(domain, f"{domain.last_check_reason}")
         report = await self._checker.check_dns(hostname)
         domain = await self._lifecycle.apply(domain, report, has_valid_cert=False)
         log.info("live check for %s: %s", hostname, report.summary)
         if domain.state is DomainState.VERIFIED:
             return Decision(True, report.summary)
-        return await self._refusal(domain, report.summary)
+        return _refusal(domain, report.summary)
 
-    async def _refusal(self, domain: Domain, reason: str) -> Decision:
-        text = f"{domain.state.value}: {reason}"
-        if domain.state is DomainState.FAILED:
-            # A known host whose issuance is backing off is our problem (internal_error);
-            # a retired or given-up host is a name we no longer serve (unrecognized_name).
-            backoff = await self._store.get_backoff(domain.hostname)
-            if backoff is not None and backoff.next_attempt_at > self._clock():
-                return Decision(False, f"{text}; issuance backing off", alert=INTERNAL_ERROR)
-        return Decision(False, text)
+
+def _refusal(domain: Domain, reason: str) -> Decision:
+    return Decision(False, f"{domain.state.value}: {reason}", state=domain.state)
