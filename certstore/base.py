@@ -75,6 +75,7 @@ class CertStore(Protocol):
         reason: str,
         passed: bool,
         next_check_at: float | None,
+        reset_failures: bool = False,
     ) -> None: ...
     async def update_check_report(
         self, hostname: str, report: dict[str, Any], reason: str

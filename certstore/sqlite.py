@@ -215,6 +215,7 @@ class SQLiteStore:
         reason: str,
         passed: bool,
         next_check_at: float | None,
+        reset_failures: bool = False,
     ) -> None:
         """Store the last check report and the schedule; the state is not touched here."""
         now = self._clock()
@@ -230,7 +231,7 @@ class SQLiteStore:
                 now,
                 reason,
                 next_check_at,
-                passed,
+                passed or reset_failures,
                 passed,
                 now,
                 hostname,

@@ -145,6 +145,17 @@ class Lifecycle:
         next_at = self.schedule.next_check(state, failed, now, since)
         if step is None and domain.next_check_at is None and state is S.FAILED:
             next_at = None  # given up: a manual check that still fails does not restart it
+        # Transition first, then the report: another worker reading in between must
+        # see the new state, not "pending, checked just now" (it would refuse a host
+        # that has just verified).
+        moved = False
+        if step is not None:
+            if step.to not in ALLOWED[domain.state]:  # decide() only proposes allowed steps
+                raise InvalidTransition(f"{domain.state} -> {step.to}")
+            moved = await self._store.transition_domain(
+                domain.hostname, [domain.state], step.to, step.reason, next_check_at=next_at
+            )
+            log.info("%s: %s -> %s (%s)", domain.hostname, domain.state, step.to, step.reason)
         problem = report.first_problem
         await self._store.save_check_report(
             domain.hostname,
@@ -153,14 +164,8 @@ class Lifecycle:
             reason=report.summary if problem else "all checks pass",
             passed=report.may_issue,
             next_check_at=next_at,
+            reset_failures=moved,  # a transition starts the count afresh
         )
-        if step is not None:
-            if step.to not in ALLOWED[domain.state]:  # decide() only proposes allowed steps
-                raise InvalidTransition(f"{domain.state} -> {step.to}")
-            await self._store.transition_domain(
-                domain.hostname, [domain.state], step.to, step.reason, next_check_at=next_at
-            )
-            log.info("%s: %s -> %s (%s)", domain.hostname, domain.state, step.to, step.reason)
         updated = await self._store.get_domain(domain.hostname)
         return updated or domain
 
