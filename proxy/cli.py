@@ -27,6 +27,7 @@ from .config import Config, ConfigError, check_acme, load_config, require_servin
 from .edge import make_issuer, open_store
 from .hostnames import InvalidHostname, display_hostname, normalize_hostname
 from .lifecycle import Lifecycle
+from .reload import ConfigSource
 from .revocation import revoke_and_purge
 from .schedule import Schedule
 from .verifier import Verifier, VerifierSettings
@@ -115,7 +116,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.workers is not None:
             config.workers = args.workers
         require_serving(config)
-        return serve(config)
+        return serve(config, ConfigSource(args.config, args.workers))
     handlers: dict[tuple[str, str], Callable[[SQLiteStore, Config, argparse.Namespace], Any]] = {
         ("domains", "add"): _domains_add,
         ("domains", "remove"): _domains_remove,
