@@ -50,6 +50,9 @@ _PRIVATE_KEY = re.compile(
 )
 _BEARER = re.compile(r"(Bearer\s+)\S+", re.I)
 _secrets: set[str] = set()
+# Off until configure() turns it on: never per click into the main log by accident.
+logging.getLogger(ACCESS_LOGGER).propagate = False
+logging.getLogger(ACCESS_LOGGER).setLevel(logging.CRITICAL + 1)
 
 
 def redact(secret: str) -> None:
