@@ -161,10 +161,13 @@ class CertificateManager:
         self._refusals.discard(hostname)
 
     async def close(self) -> None:
-        for task in list(self._background):
+        # Orders still running are cancelled too: their `finally` releases the name's
+        # lease while the store is open, so another process can order at once.
+        tasks = [*self._background, *self._inflight.values()]
+        for task in tasks:
             task.cancel()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def issue_and_store(
         self,

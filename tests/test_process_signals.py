@@ -8,20 +8,26 @@ keep-alive connections, so "the connection was not dropped" means the same socke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NoReturn
 
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import free_port
+from conftest import EdgeHandle, client_context, free_port, register, tls_handshake
+from helpers_edge import edge_store, new_host
 
 from certstore import generate_key_text
+from proxy.certificates import lease_name
+from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 
 IP = "127.0.0.78"
@@ -360,3 +366,35 @@ async def test_supervisor_forwards_sighup_and_drains_workers_on_sigterm(
         assert serve.proc.returncode == 0, serve.log()
     finally:
         serve.stop()
+
+
+async def test_shutdown_releases_the_leases_of_orders_in_flight(
+    edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer
+) -> None:
+    """An order still running at the deadline is cancelled and its lease released, so
+    another process may order the name at once instead of waiting for the lease to expire."""
+    worker = edge.worker
+    assert worker is not None and worker.manager is not None
+    host = new_host(edge)
+    async with edge_store(edge) as store:
+        await register(store, dns_server, host, edge.target)
+    ordering = asyncio.Event()
+
+    async def slow_issue(*_args: object, **_kwargs: object) -> NoReturn:
+        ordering.set()
+        await asyncio.Event().wait()  # a CA that never finishes
+        raise AssertionError("unreachable")
+
+    worker.manager._issuer.issue = slow_issue  # type: ignore[method-assign]
+    click = asyncio.create_task(
+        tls_handshake(edge.ip, edge.https_port, host, client_context(pebble))
+    )
+    await asyncio.wait_for(ordering.wait(), 20)
+    async with edge_store(edge) as store:
+        assert not await store.try_acquire_lease(lease_name(host), "other-process", 60)
+    await worker.drain(0.5)
+    await edge.stop()
+    with contextlib.suppress(ssl.SSLError, ConnectionError, OSError):
+        await click
+    async with edge_store(edge) as store:
+        assert await store.try_acquire_lease(lease_name(host), "other-process", 60)
