@@ -503,15 +503,30 @@ async def run_worker(
 ) -> None:
     """Run one worker until SIGTERM/SIGINT (drained, see `EdgeWorker.drain`); SIGHUP reloads.
 
+    A second SIGINT (Ctrl-C twice) stops without waiting for the requests in flight.
+
     SIGHUP may arrive blocked (`serve` blocks it until this handler exists, so an early
     one is not the default "terminate"); it is unblocked once the handler is in place.
     """
     worker = EdgeWorker(config, primary=primary)
     stop = asyncio.Event()
+    now = asyncio.Event()  # a second Ctrl-C: do not wait for the requests in flight
     started = asyncio.Event()
     loop = asyncio.get_running_loop()
+    interrupts = 0
+
+    def on_stop(sig: int) -> None:
+        # Repeated SIGTERMs change nothing: systemd signals the whole control group and
+        # the supervisor forwards its own, so a worker commonly gets two.
+        nonlocal interrupts
+        if sig == signal.SIGINT:
+            interrupts += 1
+            if interrupts >= 2:
+                now.set()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop, sig)
     reloads: list[asyncio.Task[bool]] = []
 
     async def reload() -> bool:
@@ -534,7 +549,6 @@ async def run_worker(
         if ready is not None:
             ready()
         await stop.wait()
-        stop.clear()
         timeout = worker.config.shutdown_timeout
         log.info(
             "stopping: no new connections, up to %.0f s for requests in flight",
@@ -542,7 +556,7 @@ async def run_worker(
             extra={"event": "draining", "duration": timeout},
         )
         drain = loop.create_task(worker.drain(timeout))
-        again = loop.create_task(stop.wait())  # a second SIGTERM/SIGINT: stop now
+        again = loop.create_task(now.wait())
         await asyncio.wait({drain, again}, return_when=asyncio.FIRST_COMPLETED)
         drain.cancel()
         again.cancel()

@@ -177,9 +177,6 @@ class ForwarderSlot:
 
 async def reload_worker(worker: EdgeWorker, source: ConfigSource) -> bool:
     """Apply a re-read configuration to a running worker; False (and a log line) if refused."""
-    from .edge import build_forwarder, limit_settings, listener_settings
-    from .logging_setup import configure, redact
-
     try:
         new = source.load()
         token = None
@@ -187,13 +184,24 @@ async def reload_worker(worker: EdgeWorker, source: ConfigSource) -> bool:
             token = read_secret(
                 new.admin.token_file, new.admin.token_env, "admin token", "admin.token"
             )
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:
         log.error(
             "reload refused, the running configuration stays in service: %s",
             exc,
             extra={"event": "reload_refused", "reason": str(exc)},
         )
         return False
+    try:
+        return await _apply(worker, new, token)
+    except Exception:  # a reload never takes the worker down
+        log.exception("reload failed while applying; some settings may be the old ones")
+        return False
+
+
+async def _apply(worker: EdgeWorker, new: Config, token: str | None) -> bool:
+    from .edge import build_forwarder, limit_settings, listener_settings
+    from .logging_setup import configure, redact
+
     old = worker.config
     live, restart = split_changes(old, new)
     config = effective(old, new)
@@ -229,7 +237,7 @@ def supervisor_reload(config: Config, source: ConfigSource) -> Config | None:
     """The supervisor's half of SIGHUP: validate once; the new config for respawns, or None."""
     try:
         new = source.load()
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:
         log.error(
             "reload refused, the running configuration stays in service: %s",
             exc,

@@ -121,6 +121,7 @@ def _supervise(config: Config, source: ConfigSource | None = None) -> int:
                 new = supervisor_reload(config, source)
                 if new is not None:
                     config = new  # what a restarted worker starts with
+                    configure_logging(config.log_level, config.log_format, config)
                     for proc, _ in procs.values():
                         if proc.is_alive() and proc.pid is not None:
                             os.kill(proc.pid, signal.SIGHUP)
