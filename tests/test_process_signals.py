@@ -56,7 +56,7 @@ class Backend:
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", handle)
-        self.runner = web.AppRunner(app)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.5)  # a /slow still running
         await self.runner.setup()
         port = free_port()
         await web.TCPSite(self.runner, "127.0.0.1", port).start()
