@@ -212,6 +212,9 @@ class EdgeWorker:
             admin_token = read_secret(
                 config.admin.token_file, config.admin.token_env, "admin token", "admin.token"
             )
+        for secret in (admin_token, config.acme.eab_hmac_key, config.fallback.eab_hmac_key):
+            if secret:
+                redact(secret)  # never in a log line (proxy/logging_setup.py)
         store = await open_store(config, self._clock)
         self._closers.append(store.close)
         self._closers.append(self._cancel_tasks)
@@ -392,6 +395,7 @@ class EdgeWorker:
         secret = read_secret(
             hooks.secret_file, hooks.secret_env, "webhook secret", "webhooks.secret"
         )
+        redact(secret)
         self.webhooks = WebhookSender(
             store,
             WebhookSettings(
