@@ -25,12 +25,15 @@ from aiohttp import web
 from conftest import EdgeHandle, client_context, free_port, register, tls_handshake
 from helpers_edge import edge_store, new_host
 
-from certstore import generate_key_text
+from certstore import SQLiteStore, generate_key_text
+from certstore.crypto import parse_key_text
 from proxy.certificates import lease_name
+from proxy.demo.client import edge_session
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 
 IP = "127.0.0.78"
+TARGET = "edge-signals.linkedge.test"
 TOKEN_1 = "first-admin-token-0123456789"
 TOKEN_2 = "second-admin-token-9876543210"
 
@@ -70,17 +73,21 @@ class Backend:
 class Serve:
     """`linkedge -c FILE serve` with the config file and admin token file in tmp_path."""
 
-    def __init__(self, tmp_path: Path, pebble: PebbleServer, workers: int = 1) -> None:
+    def __init__(
+        self, tmp_path: Path, pebble: PebbleServer, workers: int = 1, http_port: int = 0
+    ) -> None:
         self.tmp = tmp_path
         self.pebble = pebble
         self.workers = workers
         self.config_path = tmp_path / "linkedge.toml"
         self.token_path = tmp_path / "admin.token"
         self.log_path = tmp_path / "serve.log"
-        self.http_port = free_port(IP)
+        self.http_port = http_port or free_port(IP)
+        self.store_key = generate_key_text()
         self.https_port = free_port(IP)
         self.admin_port = free_port(IP)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.dns = "127.0.0.1:53"  # set by tests that need the edge to resolve names
 
     def write_config(self, backend_url: str, *, token: str = TOKEN_1, extra: str = "") -> None:
         self.token_path.write_text(token + "\n")
@@ -96,10 +103,12 @@ url = "{backend_url}"
 timeout = 20.0
 health_interval = 0.5
 [edge]
-cname_target = "edge-signals.linkedge.test"
+cname_target = "{TARGET}"
 [acme]
 directory = "{self.pebble.directory_url}"
 ca_bundle = "{self.pebble.ca_bundle}"
+[dns]
+nameservers = ["{self.dns}"]
 [store]
 path = "{self.tmp / "store.db"}"
 key_env = "SIGNALS_TEST_STORE_KEY"
@@ -116,7 +125,7 @@ interval_seconds = 0
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LINKEDGE_")}
-        env["SIGNALS_TEST_STORE_KEY"] = generate_key_text()
+        env["SIGNALS_TEST_STORE_KEY"] = self.store_key
         args = [sys.executable, "-m", "proxy.cli", "-c", str(self.config_path), "serve"]
         if self.workers > 1:
             args += ["--workers", str(self.workers)]
@@ -244,6 +253,55 @@ async def test_sigterm_finishes_the_click_in_flight_refuses_new_ones_and_exits_0
     assert serve.proc.returncode == 0, serve.log()
     assert time.monotonic() - sent_at < 10
     assert "Traceback" not in serve.log()
+
+
+async def test_sigterm_lets_an_https_click_in_flight_finish(
+    tmp_path: Path,
+    pebble: PebbleServer,
+    dns_server: DNSServer,
+    backends: tuple[Backend, Backend],
+) -> None:
+    """The same over HTTPS, with a certificate the process ordered from Pebble itself."""
+    backend, _ = backends
+    serve = Serve(tmp_path, pebble, http_port=pebble.http_port)  # Pebble validates there
+    serve.dns = dns_server.nameserver
+    dns_server.set_a(TARGET, [IP])
+    host = "links.signals-https.test"
+    dns_server.set_cname(host, TARGET)
+    try:
+        serve.write_config(backend.url)
+        serve.start()
+        await serve.wait_log("edge worker ready")
+        store = await SQLiteStore.open(
+            str(tmp_path / "store.db"), parse_key_text(serve.store_key, "test")
+        )
+        try:
+            await store.add_domain(host, "shop")
+        finally:
+            await store.close()
+        url = f"https://{host}:{serve.https_port}"
+        async with edge_session(IP, str(pebble.root_path)) as session:
+            async with session.get(f"{url}/c/first") as resp:  # the order happens here
+                assert (resp.status, await resp.text()) == (200, "backend-A /c/first")
+
+            async def slow() -> tuple[int, str]:
+                async with session.get(f"{url}/slow") as resp:
+                    return resp.status, await resp.text()
+
+            in_flight = asyncio.create_task(slow())
+            await asyncio.wait_for(backend.slow_started.wait(), 10)
+            serve.signal(signal.SIGTERM)
+            await serve.wait_log("stopping: no new connections")
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection(IP, serve.https_port)
+            assert await in_flight == (200, "backend-A /slow")
+        assert serve.proc is not None
+        deadline = time.monotonic() + 10
+        while serve.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert serve.proc.returncode == 0, serve.log()
+    finally:
+        serve.stop()
 
 
 async def test_sigterm_cuts_what_outlives_the_deadline(
