@@ -113,7 +113,11 @@ def configure(
     access_log: str = "",
     access_log_format: str = "combined",
 ) -> None:
-    """(Re)configure the root logger and the access log of this process."""
+    """(Re)configure the root logger and the access log of this process.
+
+    The access log file is opened first: when it cannot be (OSError), nothing changes.
+    """
+    access = _access_handler(access_log)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
@@ -124,24 +128,34 @@ def configure(
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     # asyncio reports every client that aborts a TLS handshake; those are counted instead.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    _configure_access_log(access_log, access_log_format)
+    _install_access_log(access, access_log_format)
 
 
-def _configure_access_log(destination: str, fmt: str) -> None:
-    logger = logging.getLogger(ACCESS_LOGGER)
-    logger.propagate = False
-    for old in logger.handlers[:]:
-        logger.removeHandler(old)
-        old.close()
+def _access_handler(destination: str) -> logging.Handler | None:
     if not destination:
-        logger.setLevel(logging.CRITICAL + 1)  # AccessLogger.enabled is False: no work per request
-        return
+        return None
     handler: logging.Handler
     if destination == "-":
         handler = logging.StreamHandler(sys.stderr)
     else:
         handler = logging.FileHandler(destination, encoding="utf-8")  # reopened on reload
     handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
+
+
+def _configure_access_log(destination: str, fmt: str) -> None:
+    _install_access_log(_access_handler(destination), fmt)
+
+
+def _install_access_log(handler: logging.Handler | None, fmt: str) -> None:
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.propagate = False
+    for old in logger.handlers[:]:
+        logger.removeHandler(old)
+        old.close()
+    if handler is None:
+        logger.setLevel(logging.CRITICAL + 1)  # AccessLogger.enabled is False: no work per request
+        return
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     AccessLogger.combined = fmt != "common"
@@ -162,7 +176,7 @@ class AccessLogger(AbstractAccessLogger):
         line = (
             f'{client} - - [{stamp}] "{_clean(request.method)} {_clean(request.raw_path)} '
             f'HTTP/{request.version.major}.{request.version.minor}" '
-            f"{response.status} {response.body_length or '-'}"
+            f"{response.status} {_body_bytes(request, response)}"
         )
         if self.combined:
             referer = _clean(request.headers.get("Referer", "-"))
@@ -173,6 +187,15 @@ class AccessLogger(AbstractAccessLogger):
     @property
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
+
+
+def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> str:
+    """%b: the body's size as announced (aiohttp's own count includes the headers); "-"
+    for none and for a chunked body of unannounced size."""
+    if request.method == "HEAD" or response.status in (204, 304):
+        return "-"
+    length = response.content_length
+    return str(length) if length else "-"
 
 
 def _clean(value: str) -> str:

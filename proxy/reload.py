@@ -205,7 +205,6 @@ async def _apply(worker: EdgeWorker, new: Config, token: str | None) -> bool:
     old = worker.config
     live, restart = split_changes(old, new)
     config = effective(old, new)
-    configure(config.log_level, config.log_format, config.access_log, config.access_log_format)
     if any(k.startswith("backend.") for k in live) and worker.forwarding is not None:
         forwarder, backends = await build_forwarder(config)
         worker.forwarding.replace(forwarder, backends, grace=max(60.0, 4 * old.backend.timeout))
@@ -230,6 +229,8 @@ async def _apply(worker: EdgeWorker, new: Config, token: str | None) -> bool:
         extra={"event": "reloaded", "reason": ", ".join(live + (["admin token"] * token_changed))},
     )
     log_restart_needed(restart)
+    # last, so that the lines above still appear at the old level and in the old format
+    configure(config.log_level, config.log_format, config.access_log, config.access_log_format)
     return True
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import ssl
@@ -339,7 +340,9 @@ async def test_sighup_switches_backend_and_admin_token_keeping_keepalive_connect
     assert await conn.get("/c/1") == (200, "backend-A /c/1")
     assert await admin_status(serve, TOKEN_1) == 200
 
-    serve.write_config(b.url, token=TOKEN_2)
+    access_log = serve.tmp / "access.log"
+    logs = f'log_format = "json"\naccess_log = "{access_log}"\naccess_log_format = "common"'
+    serve.write_config(b.url, token=TOKEN_2, extra=logs)
     serve.signal(signal.SIGHUP)
     await serve.wait_log("reloaded configuration")
     # the same connection, the next click: the new backend
@@ -350,8 +353,18 @@ async def test_sighup_switches_backend_and_admin_token_keeping_keepalive_connect
     assert await admin_status(serve, TOKEN_1) == 401
     conn.close()
     log = serve.log()
-    assert "backend.url" in log
+    assert "backend.url" in log and "access_log" in log and "log_format" in log
     assert TOKEN_1 not in log and TOKEN_2 not in log
+    # the log format and the access log changed with the reload too
+    lines = access_log.read_text().splitlines()
+    assert any(line.endswith('"GET /c/3 HTTP/1.1" 200 14') for line in lines), lines
+    assert all(line.startswith("127.0.0.1 - - [") for line in lines), lines
+    serve.stop()
+    assert serve.proc is not None and serve.proc.returncode == 0
+    tail = serve.log().split("reloaded configuration", 1)[1].splitlines()[1:]
+    events = [json.loads(line) for line in tail if line.startswith("{")]
+    assert [e["event"] for e in events if "event" in e] == ["draining"]
+    assert all(set(e) >= {"ts", "level", "logger", "message"} for e in events)
 
 
 async def test_sighup_with_a_broken_config_keeps_the_running_one(
