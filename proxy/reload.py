@@ -135,6 +135,7 @@ class ForwarderSlot:
         self._active: dict[int, int] = {}  # id(forwarder) -> requests it is handling
         self._idle: dict[int, asyncio.Event] = {}  # set when a retired one has none left
         self._retiring: set[asyncio.Task[None]] = set()
+        self._retired: dict[int, tuple[Forwarder, BackendPool]] = {}  # not closed yet
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         forwarder = self.forwarder
@@ -143,12 +144,15 @@ class ForwarderSlot:
         try:
             return await forwarder.handle(request)
         finally:
-            self._active[key] -= 1
-            if self._active[key] == 0 and key in self._idle:
+            left = self._active.get(key, 1) - 1
+            if key in self._active:
+                self._active[key] = left
+            if left == 0 and key in self._idle:
                 self._idle[key].set()
 
     def replace(self, forwarder: Forwarder, backends: BackendPool, grace: float) -> None:
         old = (self.forwarder, self.backends)
+        self._retired[id(old[0])] = old
         self.forwarder, self.backends = forwarder, backends
         task = asyncio.get_running_loop().create_task(self._retire(*old, grace))
         self._retiring.add(task)
@@ -164,15 +168,18 @@ class ForwarderSlot:
                 await idle.wait()
         self._active.pop(key, None)
         self._idle.pop(key, None)
-        await forwarder.close()
-        await backends.close()
+        if self._retired.pop(key, None) is not None:
+            await forwarder.close()
+            await backends.close()
 
     async def close(self) -> None:
         for task in list(self._retiring):
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
-        await self.forwarder.close()
-        await self.backends.close()
+        for forwarder, backends in [*self._retired.values(), (self.forwarder, self.backends)]:
+            await forwarder.close()
+            await backends.close()
+        self._retired.clear()
 
 
 async def reload_worker(worker: EdgeWorker, source: ConfigSource) -> bool:
