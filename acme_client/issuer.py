@@ -258,7 +258,12 @@ class AcmeIssuer:
                 order = await self._run(self._new_order, csr_pem, None)
             else:
                 raise _as_acme_error(exc, "new order") from exc
-        log.info("order created for %s: %s", hostname, order.uri)
+        log.info(
+            "order created for %s: %s",
+            hostname,
+            order.uri,
+            extra={"event": "order_created", "host": hostname, "order_url": order.uri},
+        )
         return order
 
     # -- account -----------------------------------------------------------------

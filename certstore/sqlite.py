@@ -425,6 +425,17 @@ class SQLiteStore:
         )
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
+    async def soonest_expiries(self, limit: int) -> list[tuple[str, float, float, str]]:
+        """(hostname, not_before, not_after, issuer), soonest expiry first; no key is opened."""
+        return [
+            (r[0], r[1], r[2], r[3])
+            for r in await self._all(
+                "SELECT hostname, not_before, not_after, issuer FROM certificates"
+                " ORDER BY not_after LIMIT ?",
+                (limit,),
+            )
+        ]
+
     async def list_certificates(self) -> list[StoredCertificate]:
         rows = await self._all(f"SELECT {_CERT_COLS} FROM certificates ORDER BY not_after")
         return [self._certificate(r) for r in rows]

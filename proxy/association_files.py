@@ -35,6 +35,12 @@ _TEAM_PREFIX = re.compile(r"([^.]*)\.")
 _PACKAGE = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:\.[A-Za-z][A-Za-z0-9_]*)+")
 _FINGERPRINT = re.compile(r"[0-9A-F]{2}(?::[0-9A-F]{2}){31}")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Digital Asset Links: a relation is kind/detail ("delegate_permission/common.get_login_creds")
+_RELATION = re.compile(r"[a-z][a-z0-9_]*/[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST = rf"{_LABEL}(?:\.{_LABEL})*"
+_SITE = re.compile(rf"https?://{_HOST}(?::[0-9]{{1,5}})?/?")
+_INCLUDE = re.compile(rf"https://{_HOST}(?::[0-9]{{1,5}})?/[^\s]*")
 
 
 class InvalidFile(ValueError):
@@ -302,16 +308,22 @@ def _fingerprint(value: Any, path: str) -> None:
 
 def _target(value: Any, path: str) -> None:
     obj = _expect(value, dict, path)
+    if "namespace" not in obj:
+        raise InvalidFile(path, '"namespace" is missing')
+    namespace = obj["namespace"]
+    if namespace == "web":
+        _web_target(obj, path)
+        return
+    if namespace != "android_app":
+        raise InvalidFile(
+            _at(path, "namespace"), f'{_show(namespace)}: must be "android_app" or "web"'
+        )
     _keys(
         obj,
         path,
         {"namespace", "package_name", "sha256_cert_fingerprints"},
         {"namespace", "package_name", "sha256_cert_fingerprints"},
     )
-    if obj["namespace"] != "android_app":
-        raise InvalidFile(
-            _at(path, "namespace"), f'{_show(obj["namespace"])}: must be "android_app"'
-        )
     package = _expect(obj["package_name"], str, _at(path, "package_name"))
     if not _PACKAGE.fullmatch(package):
         raise InvalidFile(
@@ -326,12 +338,47 @@ def _target(value: Any, path: str) -> None:
         _fingerprint(item, f"{where}[{i}]")
 
 
+def _web_target(obj: dict[str, Any], path: str) -> None:
+    """A web site: `{"namespace": "web", "site": "https://example.com"}` (scheme, host, port)."""
+    _keys(obj, path, {"namespace", "site"}, {"namespace", "site"})
+    where = _at(path, "site")
+    _site(_expect(obj["site"], str, where), where)
+
+
+def _site(site: str, where: str) -> None:
+    if not _SITE.fullmatch(site):
+        raise InvalidFile(
+            where,
+            f"{_show(site)} must be a site: scheme and host, optionally a port "
+            "(e.g. https://shop.example), without a path, query or fragment",
+        )
+
+
+def _relation(value: Any, path: str) -> None:
+    _expect(value, str, path)
+    if not _RELATION.fullmatch(value):
+        raise InvalidFile(
+            path,
+            f"{_show(value)} is not a relation: kind/detail, e.g. "
+            f'"{HANDLE_ALL_URLS}" or "delegate_permission/common.get_login_creds"',
+        )
+
+
 def _statement(value: Any, path: str) -> None:
     obj = _expect(value, dict, path)
+    if "include" in obj:  # a pointer to more statements, fetched by the verifier
+        _keys(obj, path, {"include"}, {"include"})
+        where = _at(path, "include")
+        include = _expect(obj["include"], str, where)
+        if not _INCLUDE.fullmatch(include):
+            raise InvalidFile(
+                where, f"{_show(include)} must be an https:// URL of a statement list"
+            )
+        return
     _keys(obj, path, {"relation", "target", "relation_extensions"}, {"relation", "target"})
-    relations = _strings(obj["relation"], _at(path, "relation"), non_empty=True)
-    if HANDLE_ALL_URLS not in relations:
-        raise InvalidFile(_at(path, "relation"), f'must include "{HANDLE_ALL_URLS}"')
+    where = _at(path, "relation")
+    for i, relation in enumerate(_strings(obj["relation"], where, non_empty=True)):
+        _relation(relation, f"{where}[{i}]")
     _target(obj["target"], _at(path, "target"))
     if "relation_extensions" in obj:
         _expect(obj["relation_extensions"], dict, _at(path, "relation_extensions"))

@@ -161,10 +161,13 @@ class CertificateManager:
         self._refusals.discard(hostname)
 
     async def close(self) -> None:
-        for task in list(self._background):
+        # Orders still running are cancelled too: their `finally` releases the name's
+        # lease while the store is open, so another process can order at once.
+        tasks = [*self._background, *self._inflight.values()]
+        for task in tasks:
             task.cancel()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def issue_and_store(
         self,
@@ -202,7 +205,19 @@ class CertificateManager:
             backoff = await self._limits.record_failure(
                 hostname, str(exc), exc.failed_authorizations
             )
-            log.warning("%s: %s failed (%d in a row): %s", hostname, what, backoff.failures, exc)
+            log.warning(
+                "%s: %s failed (%d in a row): %s",
+                hostname,
+                what,
+                backoff.failures,
+                exc,
+                extra={
+                    "event": "renewal_failed" if renewal else "issuance_failed",
+                    "host": hostname,
+                    "reason": str(exc),
+                    "duration": time.monotonic() - started,
+                },
+            )
             if not renewal:  # a failed renewal leaves the current certificate in service
                 await self._lifecycle.issuance_failed(hostname, f"issuance failed: {exc}")
             await self._store.record_event(
@@ -235,7 +250,13 @@ class CertificateManager:
             f"{_iso(issued.not_after)}, took {elapsed * 1000:.0f} ms",
         )
         done = "renewed" if renewal else "issued"
-        log.info("%s certificate for %s in %.0f ms", done, hostname, elapsed * 1000)
+        log.info(
+            "%s certificate for %s in %.0f ms",
+            done,
+            hostname,
+            elapsed * 1000,
+            extra={"event": done, "host": hostname, "duration": elapsed},
+        )
         self._refusals.discard(hostname)
         await self._remember(stored)
         return stored
@@ -259,6 +280,13 @@ class CertificateManager:
         if not decision.allowed:
             if decision.registered:
                 await self._store.record_event(hostname, "refused", decision.reason)
+                # once per refusal: the refusal cache answers the next handshakes
+                log.info(
+                    "refused a certificate for %s: %s",
+                    hostname,
+                    decision.reason,
+                    extra={"event": "refused", "host": hostname, "reason": decision.reason},
+                )
             else:
                 log.debug("refused unregistered name %s", hostname)
             if decision.state is DomainState.FAILED:

@@ -21,12 +21,16 @@ from acme_client.renewal import ratio_window
 from certstore import DomainExists, SQLiteStore, StoreError, StoreKeyError
 from certstore.crypto import generate_key_text
 
-from .admin.views import host_json
+from . import host_files
+from .admin.views import host_file_json, host_json
+from .association_files import KINDS, MAX_BYTES
 from .checks import CheckReport, CheckSettings, CheckState, HostChecker
 from .config import Config, ConfigError, check_acme, load_config, require_serving
 from .edge import make_issuer, open_store
+from .host_files import FileError
 from .hostnames import InvalidHostname, display_hostname, normalize_hostname
 from .lifecycle import Lifecycle
+from .reload import ConfigSource
 from .revocation import revoke_and_purge
 from .schedule import Schedule
 from .verifier import Verifier, VerifierSettings
@@ -84,6 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("hostname")
 
+    files = sub.add_parser(
+        "files", help="a host's app association files (as PUT/GET/DELETE .../files/{kind})"
+    ).add_subparsers(dest="action", required=True)
+    kinds = ", ".join(KINDS)
+    p = files.add_parser("list", help="the host's files: size, ETag, when updated, URLs")
+    p.add_argument("hostname")
+    p.add_argument("--json", action="store_true")
+    p = files.add_parser("put", help="validate and upload (replace) a file; the edge serves it")
+    p.add_argument("hostname")
+    p.add_argument("kind", help=kinds)
+    p.add_argument("file", nargs="?", default="-", help="the file (default: standard input)")
+    p = files.add_parser("get", help="the file as stored, byte for byte")
+    p.add_argument("hostname")
+    p.add_argument("kind", help=kinds)
+    p.add_argument("file", nargs="?", default="-", help="write here (default: standard output)")
+    p = files.add_parser("delete", help="stop serving a file")
+    p.add_argument("hostname")
+    p.add_argument("kind", help=kinds)
+
     p = sub.add_parser("keygen", help="write a new store encryption key to a file")
     p.add_argument("path")
 
@@ -115,7 +138,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.workers is not None:
             config.workers = args.workers
         require_serving(config)
-        return serve(config)
+        return serve(config, ConfigSource(args.config, args.workers))
     handlers: dict[tuple[str, str], Callable[[SQLiteStore, Config, argparse.Namespace], Any]] = {
         ("domains", "add"): _domains_add,
         ("domains", "remove"): _domains_remove,
@@ -123,6 +146,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         ("domains", "verify"): _domains_verify,
         ("certs", "list"): _certs_list,
         ("certs", "revoke"): _certs_revoke,
+        ("files", "list"): _files_list,
+        ("files", "put"): _files_put,
+        ("files", "get"): _files_get,
+        ("files", "delete"): _files_delete,
     }
     return asyncio.run(_with_store(config, args, handlers[(args.command, args.action)]))
 
@@ -261,6 +288,81 @@ async def _domains_verify(store: SQLiteStore, config: Config, args: argparse.Nam
     else:
         _print_report(outcome.domain.state.value, outcome.domain.state_reason, report)
     return 0 if ok else EXIT_FAILURE
+
+
+# -- app association files: the rules are proxy/host_files.py, shared with the admin API
+
+
+async def _files_list(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:
+    hostname = normalize_hostname(args.hostname)
+    try:
+        found = await host_files.list_files(store, hostname)
+    except FileError as exc:
+        return _file_refused(exc)
+    if args.json:
+        print(json.dumps([host_file_json(f) for f in found], indent=2))
+        return 0
+    _table(
+        ["KIND", "SIZE", "ETAG", "UPDATED (UTC)"],
+        [[f.kind, str(len(f.content)), f.etag, _utc(f.updated_at)] for f in found],
+    )
+    return 0
+
+
+async def _files_put(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:
+    hostname = normalize_hostname(args.hostname)
+    content = _read_upload(args.file)
+    try:
+        stored, replaced = await host_files.put_file(store, hostname, args.kind, content)
+    except FileError as exc:
+        return _file_refused(exc)
+    urls = host_file_json(stored)["urls"]
+    print(
+        f"{'replaced' if replaced else 'stored'} {stored.kind} of {hostname}: "
+        f"{len(stored.content)} bytes, ETag {stored.etag}; served at {', '.join(urls)}"
+    )
+    return 0
+
+
+async def _files_get(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:
+    hostname = normalize_hostname(args.hostname)
+    try:
+        found = await host_files.get_file(store, hostname, args.kind)
+    except FileError as exc:
+        return _file_refused(exc)
+    _write_download(args.file, found.content)
+    return 0
+
+
+async def _files_delete(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:
+    hostname = normalize_hostname(args.hostname)
+    try:
+        await host_files.delete_file(store, hostname, args.kind)
+    except FileError as exc:
+        return _file_refused(exc)
+    print(f"deleted {args.kind} of {hostname}; the edge answers 404 for it now")
+    return 0
+
+
+def _read_upload(path: str) -> bytes:
+    """At most one byte over the limit: a larger file is refused without reading it all."""
+    if path == "-":
+        return sys.stdin.buffer.read(MAX_BYTES + 1)
+    with open(path, "rb") as fh:
+        return fh.read(MAX_BYTES + 1)
+
+
+def _write_download(path: str, content: bytes) -> None:
+    if path == "-":
+        sys.stdout.buffer.write(content)
+        sys.stdout.buffer.flush()
+    else:
+        Path(path).write_bytes(content)
+
+
+def _file_refused(exc: FileError) -> int:
+    print(f"linkedge: error: {exc}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 _COLOURS = {

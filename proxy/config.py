@@ -198,6 +198,10 @@ class Config:
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     workers: int = 1
     log_level: str = "info"
+    log_format: str = "text"  # "json": one JSON object per line (ts, level, event, host, ...)
+    access_log: str = ""  # "" off; "-" standard error; else a file (reopened on SIGHUP)
+    access_log_format: str = "combined"  # or "common"
+    shutdown_timeout: float = 30.0  # SIGTERM: seconds for requests in flight to finish
 
 
 def load_config(path: str | Path | None, environ: dict[str, str] | None = None) -> Config:
@@ -257,6 +261,16 @@ def require_serving(config: Config) -> None:
     if not 1 <= config.edge.https_public_port <= 65535:
         raise ConfigError("edge.https_public_port must be a TCP port")
     check_acme(config)
+    check_logging(config)
+
+
+def check_logging(config: Config) -> None:
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log_level must be debug, info, warning or error")
+    if config.log_format not in ("text", "json"):
+        raise ConfigError('log_format must be "text" or "json"')
+    if config.access_log_format not in ("combined", "common"):
+        raise ConfigError('access_log_format must be "combined" or "common"')
 
 
 def check_backends(config: Config) -> None:

@@ -47,9 +47,11 @@ from .hostnames import InvalidHostname, normalize_hostname
 from .http_app import make_http_app
 from .lifecycle import Lifecycle
 from .listener import PlainListener, ProxyProtocolSettings
+from .logging_setup import ACCESS_LOGGER, AccessLogger, redact
 from .maintenance import Maintainer, MaintenanceSettings
 from .peers import TrustedNetworks, client_address
 from .refusals import Refused
+from .reload import ConfigSource, ForwarderSlot, reload_worker
 from .schedule import Schedule
 from .state_sync import StateSync
 from .tls_listener import ListenerSettings, TLSListener
@@ -134,6 +136,49 @@ def limit_settings(config: Config) -> LimitSettings:
     )
 
 
+def listener_settings(
+    config: Config, proxy_protocol: ProxyProtocolSettings | None
+) -> ListenerSettings:
+    return ListenerSettings(
+        hello_timeout=config.tls.hello_timeout,
+        selection_timeout=config.tls.issuance_wait,
+        handshake_timeout=config.tls.handshake_timeout,
+        max_pending_per_source=config.tls.max_pending_per_source,
+        proxy_protocol=proxy_protocol,
+    )
+
+
+async def build_forwarder(config: Config) -> tuple[Forwarder, BackendPool]:
+    """The backends (health checks running) and a started forwarder to them."""
+    backend = config.backend
+    backends = BackendPool(
+        backend.backend_urls(),
+        HealthSettings(
+            path=backend.health_path,
+            interval=backend.health_interval,
+            timeout=backend.health_timeout,
+            healthy_after=backend.healthy_after,
+            unhealthy_after=backend.unhealthy_after,
+        ),
+    )
+    await backends.start()
+    forwarder = Forwarder(
+        backends,
+        connect_timeout=backend.connect_timeout,
+        timeout=backend.timeout,
+        pool_size=backend.pool_size,
+        forwarded_trusted=TrustedNetworks(
+            config.listen.forwarded_trusted, "listen.forwarded_trusted"
+        ),
+    )
+    try:
+        await forwarder.start()
+    except BaseException:
+        await backends.close()
+        raise
+    return forwarder, backends
+
+
 class EdgeWorker:
     def __init__(
         self, config: Config, clock: Callable[[], float] = time.time, *, primary: bool = True
@@ -152,6 +197,10 @@ class EdgeWorker:
         self.tls_listener: TLSListener | None = None
         self.http_listener: PlainListener | None = None  # only with listen.http_proxy_protocol
         self.backends: BackendPool | None = None
+        self.forwarding: ForwarderSlot | None = None  # swapped on reload (proxy/reload.py)
+        self.admin_deps: AdminDeps | None = None
+        self._sites: list[web.BaseSite] = []  # stopped first on a graceful shutdown
+        self._servers: list[web.Server] = []
         self.http_address: tuple[str, int] | None = None
         self.https_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
@@ -163,6 +212,9 @@ class EdgeWorker:
             admin_token = read_secret(
                 config.admin.token_file, config.admin.token_env, "admin token", "admin.token"
             )
+        for secret in (admin_token, config.acme.eab_hmac_key, config.fallback.eab_hmac_key):
+            if secret:
+                redact(secret)  # never in a log line (proxy/logging_setup.py)
         store = await open_store(config, self._clock)
         self._closers.append(store.close)
         self._closers.append(self._cancel_tasks)
@@ -223,31 +275,12 @@ class EdgeWorker:
             account_uri=account.uri if account else None,
             clock=self._clock,
         )
-        backend = config.backend
-        self.backends = BackendPool(
-            backend.backend_urls(),
-            HealthSettings(
-                path=backend.health_path,
-                interval=backend.health_interval,
-                timeout=backend.health_timeout,
-                healthy_after=backend.healthy_after,
-                unhealthy_after=backend.unhealthy_after,
-            ),
-        )
-        await self.backends.start()
-        self._closers.append(self.backends.close)
+        forwarder, self.backends = await build_forwarder(config)
+        self.forwarding = ForwarderSlot(forwarder, self.backends)
+        self._closers.append(self.forwarding.close)
         forwarded_trusted = TrustedNetworks(
             config.listen.forwarded_trusted, "listen.forwarded_trusted"
         )
-        forwarder = Forwarder(
-            self.backends,
-            connect_timeout=backend.connect_timeout,
-            timeout=backend.timeout,
-            pool_size=backend.pool_size,
-            forwarded_trusted=forwarded_trusted,
-        )
-        await forwarder.start()
-        self._closers.append(forwarder.close)
 
         def arrived_over_https(request: web.Request) -> bool:
             # A trusted TLS-terminating proxy in front may say the client used HTTPS
@@ -264,11 +297,14 @@ class EdgeWorker:
             is_https=arrived_over_https,
         )
         runner = web.AppRunner(
-            make_http_app(store, forwarder, self.state_sync.is_suspended, policy), access_log=None
+            make_http_app(store, self.forwarding, self.state_sync.is_suspended, policy),
+            access_log=logging.getLogger(ACCESS_LOGGER),  # off unless `access_log` is set
+            access_log_class=AccessLogger,
         )
         await runner.setup()
         self._closers.append(runner.cleanup)
         assert runner.server is not None
+        self._servers.append(runner.server)
         proxy_protocol = ProxyProtocolSettings(
             trusted=TrustedNetworks(
                 config.listen.proxy_protocol_trusted, "listen.proxy_protocol_trusted"
@@ -285,7 +321,9 @@ class EdgeWorker:
             self.http_listener.start()
             self._closers.append(self.http_listener.close)
         else:
-            await web.SockSite(runner, http_sock).start()
+            site = web.SockSite(runner, http_sock)
+            await site.start()
+            self._sites.append(site)
 
         https_sock = listening_socket(config.listen.https, "listen.https", reuse_port=True)
         self.https_address = https_sock.getsockname()[:2]
@@ -293,12 +331,8 @@ class EdgeWorker:
             https_sock,
             self._select_context,
             runner.server,
-            ListenerSettings(
-                hello_timeout=config.tls.hello_timeout,
-                selection_timeout=config.tls.issuance_wait,
-                handshake_timeout=config.tls.handshake_timeout,
-                max_pending_per_source=config.tls.max_pending_per_source,
-                proxy_protocol=proxy_protocol if config.listen.https_proxy_protocol else None,
+            listener_settings(
+                config, proxy_protocol if config.listen.https_proxy_protocol else None
             ),
         )
         self.tls_listener.start()
@@ -337,11 +371,17 @@ class EdgeWorker:
             host_views=self.host_views,
             clock=self._clock,
         )
+        self.admin_deps = deps
+        redact(token)
         runner = web.AppRunner(make_admin_app(deps), access_log=None)
         await runner.setup()
         self._closers.append(runner.cleanup)
+        assert runner.server is not None
+        self._servers.append(runner.server)
         sock = listening_socket(self.config.admin.listen, "admin.listen", reuse_port=False)
-        await web.SockSite(runner, sock).start()
+        site = web.SockSite(runner, sock)
+        await site.start()
+        self._sites.append(site)
         self.admin_address = sock.getsockname()[:2]
         log.info("admin API and status page on http://%s/status", _fmt(self.admin_address))
         if not ipaddress.ip_address(self.admin_address[0]).is_loopback:
@@ -355,6 +395,7 @@ class EdgeWorker:
         secret = read_secret(
             hooks.secret_file, hooks.secret_env, "webhook secret", "webhooks.secret"
         )
+        redact(secret)
         self.webhooks = WebhookSender(
             store,
             WebhookSettings(
@@ -387,6 +428,34 @@ class EdgeWorker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+
+    async def drain(self, seconds: float) -> None:
+        """Graceful stop: accept nothing more, let requests in flight finish within `seconds`.
+
+        Listening sockets close first (new connections are refused, or go to the other
+        workers sharing the port). Connections between accept and hand-off (ClientHello,
+        a certificate being issued, the handshake) get to finish; then every HTTP
+        connection finishes its current request and closes, idle keep-alive ones at
+        once. Whatever is still running at the deadline is cancelled. `close()` then
+        stops the background work (its leases are released as the tasks end) and the
+        store, last.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, seconds)
+        listeners = [x for x in (self.tls_listener, self.http_listener) if x is not None]
+        for listener in listeners:
+            await listener.stop_accepting()
+        for site in self._sites:
+            await site.stop()
+        self._sites.clear()
+        for listener in listeners:
+            await listener.wait_idle(max(0.0, deadline - loop.time()))
+        for server in self._servers:
+            server.pre_shutdown()  # idle keep-alive connections close now, busy ones after
+        await asyncio.gather(
+            *(server.shutdown(max(0.0, deadline - loop.time())) for server in self._servers)
+        )
+        self._servers.clear()
 
     async def close(self) -> None:
         while self._closers:
@@ -430,18 +499,74 @@ def _fmt(address: tuple[str, int] | None) -> str:
 
 
 async def run_worker(
-    config: Config, ready: Callable[[], None] | None = None, *, primary: bool = True
+    config: Config,
+    ready: Callable[[], None] | None = None,
+    *,
+    primary: bool = True,
+    source: ConfigSource | None = None,
 ) -> None:
-    """Run one worker until SIGTERM/SIGINT."""
+    """Run one worker until SIGTERM/SIGINT (drained, see `EdgeWorker.drain`); SIGHUP reloads.
+
+    A second SIGINT (Ctrl-C twice) stops without waiting for the requests in flight.
+
+    SIGHUP may arrive blocked (`serve` blocks it until this handler exists, so an early
+    one is not the default "terminate"); it is unblocked once the handler is in place.
+    """
     worker = EdgeWorker(config, primary=primary)
     stop = asyncio.Event()
+    now = asyncio.Event()  # a second Ctrl-C: do not wait for the requests in flight
+    started = asyncio.Event()
     loop = asyncio.get_running_loop()
+    interrupts = 0
+
+    def on_stop(sig: int) -> None:
+        # Repeated SIGTERMs change nothing: systemd signals the whole control group and
+        # the supervisor forwards its own, so a worker commonly gets two.
+        nonlocal interrupts
+        if sig == signal.SIGINT:
+            interrupts += 1
+            if interrupts >= 2:
+                now.set()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop, sig)
+    reloads: list[asyncio.Task[bool]] = []
+
+    async def reload() -> bool:
+        await started.wait()
+        if source is None:
+            log.warning("SIGHUP: no configuration source to reload from; ignored")
+            return False
+        return await reload_worker(worker, source)
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        reloads.append(task)
+        task.add_done_callback(reloads.remove)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     try:
         await worker.start()
+        started.set()
         if ready is not None:
             ready()
         await stop.wait()
+        timeout = worker.config.shutdown_timeout
+        log.info(
+            "stopping: no new connections, up to %.0f s for requests in flight",
+            timeout,
+            extra={"event": "draining", "duration": timeout},
+        )
+        drain = loop.create_task(worker.drain(timeout))
+        again = loop.create_task(now.wait())
+        await asyncio.wait({drain, again}, return_when=asyncio.FIRST_COMPLETED)
+        drain.cancel()
+        again.cancel()
+        await asyncio.gather(drain, again, return_exceptions=True)
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        for task in list(reloads):
+            task.cancel()
         await worker.close()

@@ -62,7 +62,12 @@ class IssuanceGate:
             return _refusal(domain, f"{domain.last_check_reason}")
         report = await self._checker.check_dns(hostname)
         domain = await self._lifecycle.apply(domain, report, has_valid_cert=False)
-        log.info("live check for %s: %s", hostname, report.summary)
+        log.info(
+            "live check for %s: %s",
+            hostname,
+            report.summary,
+            extra={"event": "check", "host": hostname, "reason": report.summary},
+        )
         if domain.state is DomainState.VERIFIED:
             return Decision(True, report.summary)
         return _refusal(domain, report.summary)

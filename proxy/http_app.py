@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from typing import Protocol
 
 from aiohttp import web
 
@@ -25,9 +26,13 @@ log = logging.getLogger(__name__)
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 
 
+class ClickForwarder(Protocol):
+    async def handle(self, request: web.Request) -> web.StreamResponse: ...
+
+
 def make_http_app(
     store: CertStore,
-    forwarder: Forwarder,
+    forwarder: Forwarder | ClickForwarder,
     is_suspended: Callable[[str], bool] = lambda _host: False,
     policy: HostPolicy | None = None,
 ) -> web.Application:

@@ -96,7 +96,14 @@ class Lifecycle:
             domain.hostname, [domain.state], to, reason, next_check_at=next_check_at
         )
         if changed:
-            log.info("%s: %s -> %s (%s)", domain.hostname, domain.state, to, reason)
+            log.info(
+                "%s: %s -> %s (%s)",
+                domain.hostname,
+                domain.state,
+                to,
+                reason,
+                extra={"event": "transition", "host": domain.hostname, "reason": reason},
+            )
         return changed
 
     async def issued(self, hostname: str, reason: str) -> None:
@@ -155,7 +162,14 @@ class Lifecycle:
             moved = await self._store.transition_domain(
                 domain.hostname, [domain.state], step.to, step.reason, next_check_at=next_at
             )
-            log.info("%s: %s -> %s (%s)", domain.hostname, domain.state, step.to, step.reason)
+            log.info(
+                "%s: %s -> %s (%s)",
+                domain.hostname,
+                domain.state,
+                step.to,
+                step.reason,
+                extra={"event": "transition", "host": domain.hostname, "reason": step.reason},
+            )
         problem = report.first_problem
         await self._store.save_check_report(
             domain.hostname,

@@ -96,6 +96,20 @@ class Listener:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def stop_accepting(self) -> None:
+        """Close the listening socket; connections already accepted carry on (graceful stop)."""
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+            self._accept_task = None
+        self._sock.close()
+
+    async def wait_idle(self, seconds: float) -> None:
+        """Wait up to `seconds` for the accepted connections to be handed over (or closed)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=seconds)
+
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:

@@ -195,7 +195,12 @@ class Maintainer:
 
     async def _skip(self, plan: RenewalPlan, reason: str) -> RenewalPlan:
         await self._store.record_event(plan.hostname, "renewal_skipped", reason)
-        log.warning("%s: renewal skipped: %s", plan.hostname, reason)
+        log.warning(
+            "%s: renewal skipped: %s",
+            plan.hostname,
+            reason,
+            extra={"event": "renewal_skipped", "host": plan.hostname, "reason": reason},
+        )
         return replace(
             plan,
             next_check_at=self._clock() + self._settings.skip_recheck_seconds,

@@ -12,12 +12,15 @@ import asyncio
 import logging
 import multiprocessing
 import multiprocessing.process
+import os
 import signal
 import time
 from types import FrameType
 
+from . import logging_setup
 from .config import Config
 from .edge import listening_socket, make_issuer, open_store, run_worker
+from .reload import ConfigSource, supervisor_reload
 
 log = logging.getLogger(__name__)
 _FAST_EXIT_SECONDS = 5.0  # a worker dying this soon after start is broken, not unlucky
@@ -42,51 +45,86 @@ async def preflight(config: Config) -> None:
         await store.close()
 
 
-def serve(config: Config) -> int:
-    configure_logging("warning")  # retries during the preflight are not news
+def serve(config: Config, source: ConfigSource | None = None) -> int:
+    """Run the edge until SIGTERM/SIGINT (a graceful stop); SIGHUP reloads `source`.
+
+    SIGHUP stays blocked until a handler exists (here, and in each worker, which
+    inherits the mask), so an early one is held rather than killing the process.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    configure_logging("warning", config.log_format)  # retries during the preflight are not news
     asyncio.run(preflight(config))
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format, config)
     if config.workers == 1:
-        asyncio.run(run_worker(config))
+        asyncio.run(run_worker(config, source=source))
         return 0
-    return _supervise(config)
+    return _supervise(config, source)
 
 
-def _worker_main(config: Config, primary: bool) -> None:
-    configure_logging(config.log_level)
+def _worker_main(config: Config, primary: bool, source: ConfigSource | None) -> None:
+    configure_logging(config.log_level, config.log_format, config)
     try:
-        asyncio.run(run_worker(config, primary=primary))
+        asyncio.run(run_worker(config, primary=primary, source=source))
     except KeyboardInterrupt:
         pass
 
 
-def _supervise(config: Config) -> int:
+def _supervise(config: Config, source: ConfigSource | None = None) -> int:
     ctx = multiprocessing.get_context("spawn")
     stopping = False
+    reload_requested = False
 
     def request_stop(_sig: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 
+    def request_reload(_sig: int, _frame: FrameType | None) -> None:
+        nonlocal reload_requested
+        reload_requested = True
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_reload)
 
     procs: dict[int, tuple[multiprocessing.process.BaseProcess, float]] = {}
 
     def spawn(slot: int) -> None:
         # slot 0 is the primary: admin listener and webhook sender (see proxy/edge.py)
         proc = ctx.Process(
-            target=_worker_main, args=(config, slot == 0), name=f"linkedge-worker-{slot}"
+            target=_worker_main,
+            args=(config, slot == 0, source),
+            name=f"linkedge-worker-{slot}",
         )
-        proc.start()
+        # The worker starts with SIGHUP blocked (the mask survives fork and exec) and
+        # unblocks it once its handler is installed: a reload sent meanwhile waits.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         procs[slot] = (proc, time.monotonic())
         log.info("started worker %d (pid %s)", slot, proc.pid)
 
     for slot in range(config.workers):
         spawn(slot)
     exit_code = 0
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     while not stopping:
         time.sleep(0.2)
+        if reload_requested and not stopping:
+            # Workers reload in place (nothing restarts, nothing is dropped); the file is
+            # validated here first so that a refusal is one line, not one per worker.
+            reload_requested = False
+            if source is None:
+                log.warning("SIGHUP: no configuration source to reload from; ignored")
+            else:
+                new = supervisor_reload(config, source)
+                if new is not None:
+                    config = new  # what a restarted worker starts with
+                    configure_logging(config.log_level, config.log_format, config)
+                    for proc, _ in procs.values():
+                        if proc.is_alive() and proc.pid is not None:
+                            os.kill(proc.pid, signal.SIGHUP)
         for slot, (proc, started) in list(procs.items()):
             if proc.is_alive() or stopping:
                 continue
@@ -101,19 +139,21 @@ def _supervise(config: Config) -> int:
     for proc, _ in procs.values():
         if proc.is_alive():
             proc.terminate()
+    # each worker drains (config.shutdown_timeout); it is killed only well after that
+    deadline = time.monotonic() + config.shutdown_timeout + 10
     for proc, _ in procs.values():
-        proc.join(10)
+        proc.join(max(0.0, deadline - time.monotonic()))
         if proc.is_alive():
             proc.kill()
             proc.join()
     return exit_code
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-        force=True,
+def configure_logging(level: str, log_format: str = "text", config: Config | None = None) -> None:
+    """Text or JSON lines on stderr, and the access log when `config` asks for one."""
+    logging_setup.configure(
+        level,
+        log_format,
+        config.access_log if config is not None else "",
+        config.access_log_format if config is not None else "combined",
     )
-    # asyncio reports every client that aborts a TLS handshake; those are counted instead.
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)

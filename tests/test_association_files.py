@@ -51,6 +51,42 @@ BOTH_IN_ONE: dict[str, Any] = {
         ]
     }
 }
+HANDLE = "delegate_permission/common.handle_all_urls"
+# Shapes published by real sites: App Links plus credential sharing with the web site,
+# a web-only statement, and an include of a shared statement list.
+ASSETLINKS_WITH_WEB: list[Any] = [
+    {
+        "relation": [
+            "delegate_permission/common.handle_all_urls",
+            "delegate_permission/common.get_login_creds",
+        ],
+        "target": {
+            "namespace": "android_app",
+            "package_name": "com.shop.android",
+            "sha256_cert_fingerprints": [FP],
+        },
+    },
+    {
+        "relation": ["delegate_permission/common.get_login_creds"],
+        "target": {"namespace": "web", "site": "https://shop.example"},
+    },
+    {
+        "relation": ["delegate_permission/common.get_login_creds"],
+        "target": {"namespace": "web", "site": "https://accounts.shop.example:8443/"},
+    },
+]
+LOGIN_ONLY: list[Any] = [
+    {
+        "relation": ["delegate_permission/common.get_login_creds"],
+        "target": {
+            "namespace": "android_app",
+            "package_name": "com.shop.wallet",
+            "sha256_cert_fingerprints": [FP],
+        },
+        "relation_extensions": {"delegate_permission/common.get_login_creds": {}},
+    },
+    {"include": "https://shop.example/.well-known/assetlinks.json"},
+]
 ASSETLINKS: list[Any] = [
     {
         "relation": [
@@ -80,8 +116,22 @@ def encode(doc: Any) -> bytes:
 
 @pytest.mark.parametrize(
     ("kind", "doc"),
-    [(APPLE, AASA), (APPLE, LEGACY), (APPLE, BOTH_IN_ONE), (ANDROID, ASSETLINKS)],
-    ids=["aasa-components", "aasa-legacy-paths", "aasa-both-formats", "assetlinks"],
+    [
+        (APPLE, AASA),
+        (APPLE, LEGACY),
+        (APPLE, BOTH_IN_ONE),
+        (ANDROID, ASSETLINKS),
+        (ANDROID, ASSETLINKS_WITH_WEB),
+        (ANDROID, LOGIN_ONLY),
+    ],
+    ids=[
+        "aasa-components",
+        "aasa-legacy-paths",
+        "aasa-both-formats",
+        "assetlinks",
+        "assetlinks-app-and-web-login",
+        "assetlinks-login-only-and-include",
+    ],
 )
 def test_valid_files_pass(kind: str, doc: Any) -> None:
     validate(kind, encode(doc))
@@ -222,15 +272,57 @@ BAD_ASSETLINKS: list[tuple[Any, str, str]] = [
     (changed(ASSETLINKS, [*S0, "relation"], DELETE), "$[0]", '"relation" is missing'),
     (changed(ASSETLINKS, [*S0, "relation"], []), "$[0].relation", "must not be empty"),
     (
-        changed(ASSETLINKS, [1, "relation"], ["delegate_permission/common.get_login_creds"]),
-        "$[1].relation",
-        'must include "delegate_permission/common.handle_all_urls"',
+        changed(ASSETLINKS, [1, "relation"], ["handle_all_urls"]),
+        "$[1].relation[0]",
+        "is not a relation: kind/detail",
     ),
+    (
+        changed(ASSETLINKS, [*S0, "relation", 1], "delegate_permission/common get_login_creds"),
+        "$[0].relation[1]",
+        "is not a relation",
+    ),
+    (changed(ASSETLINKS, [*S0, "relation", 0], 7), "$[0].relation[0]", "must be a string"),
     (changed(ASSETLINKS, [*S0, "target"], DELETE), "$[0]", '"target" is missing'),
     (
-        changed(ASSETLINKS, [*T0, "namespace"], "web"),
+        changed(ASSETLINKS, [*T0, "namespace"], "ios_app"),
         "$[0].target.namespace",
-        'must be "android_app"',
+        'must be "android_app" or "web"',
+    ),
+    (changed(ASSETLINKS, [*T0, "namespace"], DELETE), "$[0].target", '"namespace" is missing'),
+    (
+        changed(ASSETLINKS, [*T0, "namespace"], "web"),  # still has package_name, no site
+        "$[0].target.package_name",
+        "unknown key (expected one of namespace, site)",
+    ),
+    (
+        [{"relation": [HANDLE], "target": {"namespace": "web"}}],
+        "$[0].target",
+        '"site" is missing',
+    ),
+    (
+        [{"relation": [HANDLE], "target": {"namespace": "web", "site": "https://shop.test/app"}}],
+        "$[0].target.site",
+        "without a path",
+    ),
+    (
+        [{"relation": [HANDLE], "target": {"namespace": "web", "site": "shop.test"}}],
+        "$[0].target.site",
+        "must be a site: scheme and host",
+    ),
+    (
+        [{"relation": [HANDLE], "target": {"namespace": "web", "site": ["https://shop.test"]}}],
+        "$[0].target.site",
+        "must be a string",
+    ),
+    (
+        [*ASSETLINKS, {"include": "http://shop.test/more.json"}],
+        "$[2].include",
+        "must be an https:// URL",
+    ),
+    (
+        [{"include": "https://shop.test/more.json", "relation": [HANDLE]}],
+        "$[0].relation",
+        "unknown key (expected one of include)",
     ),
     (
         changed(ASSETLINKS, [*T0, "package_name"], "shop"),

@@ -6,17 +6,21 @@ the screenshot goes to $LINKEDGE_ARTIFACTS (default: the test's tmp dir).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ADMIN_TOKEN, EdgeHandle, enable_admin
+from conftest import ADMIN_TOKEN, EdgeHandle, client_context, enable_admin, tls_handshake
 from playwright.async_api import async_playwright
 
+from proxy.association_files import ANDROID, APPLE
 from proxy.demo.dnsserver import DNSServer
+from proxy.demo.pebble import PebbleServer
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -114,5 +118,103 @@ async def test_status_page_shows_checks_in_chromium(
             await page.click("text=Log out")  # the cookie is gone: back to the form
             await page.goto(f"{base}/status")
             assert page.url == f"{base}/status/login"
+        finally:
+            await browser.close()
+
+
+FP = ":".join(f"{i:02X}" for i in range(32))
+AASA = json.dumps(
+    {"applinks": {"details": [{"appIDs": ["ABCDE12345.com.shop.app"], "components": []}]}}
+).encode()
+ASSETLINKS = json.dumps(
+    [
+        {
+            "relation": ["delegate_permission/common.get_login_creds"],
+            "target": {"namespace": "web", "site": "https://shop.example"},
+        }
+    ]
+).encode()
+
+
+async def test_status_page_live_view_files_and_options_in_chromium(
+    admin, dns_server: DNSServer, pebble: PebbleServer, tmp_path: Path
+) -> None:
+    """The live view (counts by state, soonest expiries, recent failures) refreshes by
+    itself; each host shows its files (size, ETag, updated) and HSTS/upgrade options."""
+    edge, base = admin
+    n = edge.ip.split(".")[-1]
+    green, other, broken = (f"links.{k}-live{n}.test" for k in ("green", "other", "broken"))
+    dns_server.set_cname(green, edge.target)
+    dns_server.set_cname(other, edge.target)
+    dns_server.set_cname(broken, "elsewhere.example.test")
+    async with aiohttp.ClientSession(base_url=base, headers=AUTH) as api:
+        for host in (green, other, broken):
+            async with api.post("/v1/hosts", json={"hostname": host, "account": "shop"}) as r:
+                assert r.status == 201
+        for host in (green, other):
+            async with api.post(f"/v1/hosts/{host}/checks") as r:
+                assert r.status == 200
+        put = {"Content-Type": "application/json"}
+        async with api.put(f"/v1/hosts/{green}/files/{APPLE}", data=AASA, headers=put) as r:
+            assert r.status == 201
+            aasa_etag = (await r.json())["etag"]
+        options = {"hsts_max_age": 31536000, "https_upgrade": True}
+        async with api.put(f"/v1/hosts/{green}/options", json=options) as r:
+            assert r.status == 200
+    with pytest.raises((ssl.SSLError, ConnectionError)):  # a refusal, with its reason
+        await tls_handshake(edge.ip, edge.https_port, broken, client_context(pebble))
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1600, "height": 1000})
+            await page.goto(f"{base}/status/login")
+            await page.fill("#token", ADMIN_TOKEN)
+            await page.click("button[type=submit]")
+            await page.goto(f"{base}/status?refresh=2")
+
+            async def text(selector: str) -> str:
+                return await page.inner_text(selector)
+
+            assert await text('#by-state tr[data-state="active"] [data-field="count"]') == "2"
+            assert await text('#by-state tr[data-state="pending"] [data-field="count"]') == "1"
+            assert await text('#by-state [data-field="total"]') == "3"
+            expiries = page.locator("#expiries tr[data-expiry-host]")
+            assert await expiries.count() == 2
+            assert "days" in await expiries.first.inner_text()
+            failure = page.locator('#failures tr[data-event="refused"]')
+            assert broken in await failure.first.inner_text()
+            assert "elsewhere.example.test" in await failure.first.inner_text()
+
+            files = f'tr[data-host="{green}"] [data-field="files"]'
+            aasa = page.locator(f'{files} .file[data-kind="{APPLE}"]')
+            assert await aasa.get_attribute("data-size") == str(len(AASA))
+            assert f"{len(AASA)} B" in await aasa.inner_text()
+            assert await aasa.locator("code").get_attribute("title") == aasa_etag
+            assert await text(f'{files} [data-option="hsts"]') == "HSTS max-age=31536000"
+            assert await text(f'{files} [data-option="upgrade"]') == "HTTPS upgrade on"
+            other_files = f'tr[data-host="{other}"] [data-field="files"]'
+            assert "no files" in await text(other_files)
+            assert await text(f'{other_files} [data-option="hsts"]') == "HSTS off"
+            assert "live, refreshes every 2 s" in await text("#live-note")
+
+            # changes show up without anyone reloading the page
+            async with aiohttp.ClientSession(base_url=base, headers=AUTH) as api:
+                path = f"/v1/hosts/{other}/files/{ANDROID}"
+                async with api.put(path, data=ASSETLINKS, headers=put) as r:
+                    assert r.status == 201
+                async with api.post(f"/v1/hosts/{other}/suspend", json={"reason": "x"}) as r:
+                    assert r.status == 200
+            await page.wait_for_selector(
+                f'{other_files} .file[data-kind="{ANDROID}"]', timeout=10_000
+            )
+            assert await text('#by-state tr[data-state="suspended"] [data-field="count"]') == "1"
+            assert await text('#by-state tr[data-state="active"] [data-field="count"]') == "1"
+
+            out = Path(os.environ.get("LINKEDGE_ARTIFACTS") or tmp_path)
+            out.mkdir(parents=True, exist_ok=True)
+            shot = out / "status-page-live.png"
+            await page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
         finally:
             await browser.close()

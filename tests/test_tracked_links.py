@@ -319,8 +319,8 @@ BAD_UPLOADS: list[tuple[str, str, bytes, str, int, str, str | None, str]] = [
      "invalid_file", "$[0].target.sha256_cert_fingerprints[0]", "upper-case hex"),
     ("short-fingerprint", ANDROID, ASSETLINKS.replace(b':1F"', b'"'), "application/json", 422,
      "invalid_file", "$[0].target.sha256_cert_fingerprints[0]", "32 upper-case hex bytes"),
-    ("no-handle-all-urls", ANDROID, ASSETLINKS.replace(b"handle_all_urls", b"get_login_creds"),
-     "application/json", 422, "invalid_file", "$[0].relation", "handle_all_urls"),
+    ("malformed-relation", ANDROID, ASSETLINKS.replace(b"permission/common.", b"permission/"
+     b"common "), "application/json", 422, "invalid_file", "$[0].relation[0]", "kind/detail"),
     ("too-large", APPLE, AASA + b" " * (128 * 1024), "application/json", 413, "too_large",
      None, "larger than 131072 bytes"),
     ("wrong-content-type", APPLE, AASA, "text/plain", 415, "unsupported_media_type", None,

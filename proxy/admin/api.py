@@ -16,9 +16,10 @@ from aiohttp import web
 from acme_client import AcmeError
 from certstore import DomainExists, DomainState
 
-from ..association_files import KINDS, MAX_BYTES, InvalidFile, NotJSON, etag
-from ..association_files import validate as validate_file
+from .. import host_files
+from ..association_files import MAX_BYTES
 from ..certificates import RenewalBusy
+from ..host_files import FileError
 from ..host_options import OptionsError, defaults, validate
 from ..hostnames import InvalidHostname, normalize_hostname
 from ..lifecycle import InvalidTransition
@@ -298,13 +299,16 @@ async def put_options(request: web.Request) -> web.Response:
 # -- app association files ---------------------------------------------------------
 
 
-def _file_kind(request: web.Request) -> str:
-    kind = request.match_info["kind"]
-    if kind not in KINDS:
-        raise ApiError(
-            404, "unknown_file", f"no file kind {kind[:64]!r} (known: {', '.join(KINDS)})"
-        )
-    return kind
+def _file_error(exc: FileError) -> ApiError:
+    extra = {"path": exc.path} if exc.path is not None else {}
+    return ApiError(exc.status, exc.code, str(exc), **extra)
+
+
+def _file_host(request: web.Request) -> tuple[AdminDeps, str]:
+    try:
+        return _deps(request), normalize_hostname(request.match_info["host"])
+    except InvalidHostname as exc:
+        raise ApiError(422, "invalid_hostname", str(exc)) from None
 
 
 async def _file_body(request: web.Request) -> bytes:
@@ -316,59 +320,61 @@ async def _file_body(request: web.Request) -> bytes:
             "send the file itself as the request body with Content-Type: application/json"
             f" (got {request.content_type})",
         )
-    too_large = ApiError(
-        413, "too_large", f"the file is larger than {MAX_BYTES} bytes (128 KiB), Apple's limit"
-    )
     if (request.content_length or 0) > MAX_BYTES:
-        raise too_large
+        raise _file_error(host_files.too_large())
     chunks, size = [], 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > MAX_BYTES:
-            raise too_large
+            raise _file_error(host_files.too_large())
         chunks.append(chunk)
     return b"".join(chunks)
 
 
+# The rules live in proxy/host_files.py, shared with `linkedge files`.
+
+
 async def list_files(request: web.Request) -> web.Response:
-    deps, domain = await _domain(request)
-    files = await deps.store.list_host_files(domain.hostname)
+    deps, hostname = _file_host(request)
+    try:
+        files = await host_files.list_files(deps.store, hostname)
+    except FileError as exc:
+        raise _file_error(exc) from None
     return web.json_response({"files": [host_file_json(f) for f in files]})
 
 
 async def get_file(request: web.Request) -> web.Response:
-    deps, domain = await _domain(request)
-    kind = _file_kind(request)
-    found = await deps.store.get_host_file(domain.hostname, kind)
-    if found is None:
-        raise ApiError(404, "no_file", f"{domain.hostname} has no {kind}")
+    deps, hostname = _file_host(request)
+    try:
+        found = await host_files.get_file(deps.store, hostname, request.match_info["kind"])
+    except FileError as exc:
+        raise _file_error(exc) from None
     return web.Response(
         body=found.content, content_type="application/json", headers={"ETag": found.etag}
     )
 
 
 async def put_file(request: web.Request) -> web.Response:
-    deps, domain = await _domain(request)
-    kind = _file_kind(request)
-    content = await _file_body(request)
+    deps, hostname = _file_host(request)
+    kind = request.match_info["kind"]
     try:
-        validate_file(kind, content)
-    except NotJSON as exc:
-        raise ApiError(400, "malformed_json", str(exc), path=exc.path) from None
-    except InvalidFile as exc:
-        raise ApiError(422, "invalid_file", str(exc), path=exc.path) from None
-    existed = await deps.store.get_host_file(domain.hostname, kind) is not None
-    stored = await deps.store.put_host_file(domain.hostname, kind, content, etag(content))
-    _changed(deps, domain.hostname)  # logs file_updated
+        await host_files.require_host(deps.store, hostname)
+        host_files.check_kind(kind)
+        content = await _file_body(request)
+        stored, existed = await host_files.put_file(deps.store, hostname, kind, content)
+    except FileError as exc:
+        raise _file_error(exc) from None
+    _changed(deps, hostname)  # logs file_updated
     return web.json_response(host_file_json(stored), status=200 if existed else 201)
 
 
 async def delete_file(request: web.Request) -> web.Response:
-    deps, domain = await _domain(request)
-    kind = _file_kind(request)
-    if not await deps.store.delete_host_file(domain.hostname, kind):  # logs file_deleted
-        raise ApiError(404, "no_file", f"{domain.hostname} has no {kind}")
-    _changed(deps, domain.hostname)
+    deps, hostname = _file_host(request)
+    try:
+        await host_files.delete_file(deps.store, hostname, request.match_info["kind"])
+    except FileError as exc:  # logs file_deleted when it deletes
+        raise _file_error(exc) from None
+    _changed(deps, hostname)
     return web.Response(status=204)
 
 

@@ -19,7 +19,7 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 def make_admin_app(deps: AdminDeps) -> web.Application:
     app = web.Application(
-        middlewares=[auth_middleware(deps.token, deps.clock)], client_max_size=MAX_BODY
+        middlewares=[auth_middleware(lambda: deps.token, deps.clock)], client_max_size=MAX_BODY
     )
     app[DEPS] = deps
     for method, path, handler, _summary in ROUTES:

@@ -64,10 +64,16 @@ def unauthorized() -> web.Response:
     )
 
 
-def auth_middleware(token: str, clock: Callable[[], float] = time.time) -> Middleware:
+def auth_middleware(
+    token: str | Callable[[], str], clock: Callable[[], float] = time.time
+) -> Middleware:
+    """`token` may be a callable: the current token, re-read on SIGHUP (proxy/reload.py)."""
+    current = token if callable(token) else lambda: token
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
+        token = current()
         if path == LOGIN_PATH:
             return await handler(request)
         if bearer_ok(request, token):

@@ -184,8 +184,9 @@ SCHEMAS: dict[str, Any] = {
         "type": ["object", "array"],
         "description": "apple-app-site-association: an object with applinks.details[] (appIDs"
         " + components, or the legacy appID + paths); assetlinks.json: an array of statements"
-        " (relation delegate_permission/common.handle_all_urls, target android_app with"
-        " package_name and SHA-256 fingerprints). UTF-8, at most 128 KiB; served byte for byte.",
+        " (Digital Asset Links: relations such as delegate_permission/common.handle_all_urls"
+        " or .get_login_creds; target android_app with package_name and SHA-256 fingerprints,"
+        " or web with site; or include). UTF-8, at most 128 KiB; served byte for byte.",
     },
     "HostFile": {
         "type": "object",

@@ -1,7 +1,10 @@
 """The status page: every host with its checks (green/red), reasons, expiry and events.
 
 Server-rendered HTML with no scripts, on the admin listener. Operators log in with
-the admin token (see auth.py); the page is read-only.
+the admin token (see auth.py); the page is read-only. A live view on top (hosts by
+state, the soonest expiries, recent failures with their reasons) refreshes itself
+every `refresh` seconds (a meta refresh: still no script). Each host shows its app
+association files (size, ETag, when updated) and its HSTS / HTTPS-upgrade options.
 """
 
 from __future__ import annotations
@@ -14,13 +17,29 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from certstore import DomainState, Event
+from certstore import DomainState, Event, HostFile
 
+from ..host_options import defaults
 from .auth import LOGIN_PATH, SESSION_COOKIE, SESSION_SECONDS, new_session, token_ok
 from .deps import DEPS
 from .views import host_json
 
 PAGE_SIZE = 100
+REFRESH_SECONDS = 15  # the live view's default; ?refresh=N (2..3600) changes it
+EXPIRIES_SHOWN = 8
+FAILURES_SHOWN = 10
+FAILURE_EVENTS = frozenset(
+    {
+        "issuance_failed",
+        "renewal_failed",
+        "refused",
+        "renewal_skipped",
+        "order_deferred",
+        "webhook_failed",
+        "removed_unrevoked",
+    }
+)
+_SHORT_KIND = {"apple-app-site-association": "AASA", "assetlinks.json": "assetlinks.json"}
 _E = html.escape
 
 _STATE_TONE = {
@@ -84,21 +103,38 @@ h2 { font-size: 15px; margin: 0 0 10px; }
 .login button { background: #111827; color: #fff; border: 0; border-radius: 6px; padding: 8px 16px;
   font: inherit; cursor: pointer; }
 .error { color: var(--bad); margin-bottom: 10px; }
+.live { display: grid; grid-template-columns: minmax(180px, 1fr) minmax(260px, 2fr)
+  minmax(320px, 3fr); gap: 16px; margin-bottom: 8px; }
+.live .card { margin-bottom: 16px; }
+.live h2 { padding: 10px 12px 0; }
+.live td { padding: 6px 12px; }
+.file { font-size: 12px; min-width: 240px; word-break: break-all; }
+.file code { font-size: 11px; color: #4b5563; }
+.opts { margin-top: 4px; display: flex; gap: 4px; flex-wrap: wrap; }
 """
 
 _PAGE = Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="refresh" content="$refresh">
 <title>linkedge — tracking hosts</title><style>$style</style></head>
 <body>
 <header><h1>linkedge</h1><span class="sub">tracking hosts on edge target <b>$target</b>
- · $generated</span>
+ · $generated · <span id="live-note">live, refreshes every $refresh s</span></span>
 <form method="post" action="/status/logout"><button type="submit">Log out</button></form></header>
 <main>
+<section class="live" id="live">
+<div class="card"><h2>Hosts by state</h2><table id="by-state"><tbody>$by_state</tbody></table>
+</div>
+<div class="card"><h2>Soonest expiries</h2><table id="expiries"><tbody>$expiries</tbody></table>
+</div>
+<div class="card"><h2>Recent failures</h2><table id="failures"><tbody>$failures</tbody></table>
+</div>
+</section>
 <div class="summary">$summary</div>
 <div class="card"><table id="hosts">
 <thead><tr><th>Host</th><th>State</th><th>CNAME</th><th>CAA</th><th>HTTPS</th>
-<th>Certificate</th><th>Last event</th></tr></thead>
+<th>Certificate</th><th>App files &amp; options</th><th>Last event</th></tr></thead>
 <tbody>$rows</tbody></table>$empty</div>
 <div class="nav">$nav</div>
 <h2>Recent events</h2>
@@ -146,7 +182,64 @@ def _cert_cell(cert: dict[str, Any] | None) -> str:
     )
 
 
-def _row(host: dict[str, Any], last: Event | None) -> str:
+def _files_cell(files: list[HostFile], options: dict[str, Any]) -> str:
+    parts = []
+    for f in files:
+        tag = f.etag if len(f.etag) <= 22 else f.etag[:20] + "…"
+        parts.append(
+            f'<div class="file" data-kind="{_E(f.kind)}" data-size="{len(f.content)}">'
+            f"<b>{_E(_SHORT_KIND.get(f.kind, f.kind))}</b> {len(f.content):,} B · "
+            f'<code title="{_E(f.etag)}">{_E(tag)}</code> · '
+            f'<span class="muted">{_E(_when(f.updated_at))}</span></div>'
+        )
+    if not parts:
+        parts.append('<span class="muted">no files</span>')
+    hsts = options.get("hsts_max_age")
+    upgrade = bool(options.get("https_upgrade"))
+    parts.append(
+        '<div class="opts" data-field="options">'
+        + (
+            f'<span class="pill ok" data-option="hsts">HSTS max-age={int(hsts)}</span>'
+            if hsts is not None
+            else '<span class="pill off" data-option="hsts">HSTS off</span>'
+        )
+        + (
+            '<span class="pill ok" data-option="upgrade">HTTPS upgrade on</span>'
+            if upgrade
+            else '<span class="pill off" data-option="upgrade">HTTPS upgrade off</span>'
+        )
+        + "</div>"
+    )
+    return f'<td data-field="files">{"".join(parts)}</td>'
+
+
+def _days_pill(not_after: float, now: float, not_before: float) -> str:
+    days = (not_after - now) / 86400
+    lifetime = max(not_after - not_before, 1.0)
+    tone = "bad" if days <= 0 else ("warn" if (not_after - now) < lifetime / 3 else "ok")
+    label = "expired" if days <= 0 else f"{days:.1f} days"
+    return f'<span class="pill {tone}">{_E(label)}</span>'
+
+
+def _failure_row(e: Event) -> str:
+    what = e.kind if e.kind != "state" else f"{e.from_state} → {e.to_state}"
+    return (
+        f'<tr data-event="{_E(e.kind)}"><td class=muted>{_E(_when(e.at))}</td>'
+        f"<td>{_E(e.hostname or '–')}</td><td>{_E(what)}</td>"
+        f'<td class="reason">{_E(e.detail[:240])}</td></tr>'
+    )
+
+
+def _is_failure(e: Event) -> bool:
+    return e.kind in FAILURE_EVENTS or (e.kind == "state" and e.to_state == "failed")
+
+
+def _row(
+    host: dict[str, Any],
+    last: Event | None,
+    files: list[HostFile] | None = None,
+    options: dict[str, Any] | None = None,
+) -> str:
     checks = {c["name"]: c for c in host["checks"]}
     name = host["hostname_unicode"]
     shown = _E(name)
@@ -170,6 +263,7 @@ def _row(host: dict[str, Any], last: Event | None) -> str:
         + _check_cell(checks.get("caa"))
         + _check_cell(checks.get("https"))
         + _cert_cell(host["certificate"])
+        + _files_cell(files or [], options or defaults())
         + f"<td>{last_html}</td></tr>"
     )
 
@@ -187,8 +281,15 @@ async def status_page(request: web.Request) -> web.Response:
     rows = []
     for domain in page:
         last = await deps.store.list_events(domain.hostname, limit=1)
+        files = await deps.store.list_host_files(domain.hostname)
+        options = {**defaults(), **(await deps.store.get_options(domain.hostname) or {})}
         rows.append(
-            _row(host_json(domain, validity.get(domain.hostname), now), last[0] if last else None)
+            _row(
+                host_json(domain, validity.get(domain.hostname), now),
+                last[0] if last else None,
+                files,
+                options,
+            )
         )
     counts = await deps.store.count_domains_by_state()
     total = sum(counts.values())
@@ -204,6 +305,29 @@ async def status_page(request: web.Request) -> web.Response:
     if more:
         params = {"after": page[-1].hostname, **({"state": state.value} if state else {})}
         nav = f'<a href="/status?{_E(urlencode(params))}">Next page →</a>'
+    by_state = (
+        "".join(
+            f'<tr data-state="{_E(s.value)}"><td><span class="pill {_STATE_TONE[s.value]}">'
+            f'{_E(s.value)}</span></td><td data-field="count">{counts.get(s, 0)}</td></tr>'
+            for s in DomainState
+        )
+        + f'<tr><td class="muted">all</td><td data-field="total">{total}</td></tr>'
+    )
+    soonest = await deps.store.soonest_expiries(EXPIRIES_SHOWN)
+    expiries = (
+        "".join(
+            f'<tr data-expiry-host="{_E(host)}"><td>{_E(host)}</td>'
+            f"<td class=muted>{_E(_when(not_after))}</td>"
+            f"<td>{_days_pill(not_after, now, not_before)}</td></tr>"
+            for host, not_before, not_after, _issuer in soonest
+        )
+        or '<tr><td class="muted">no certificates yet</td></tr>'
+    )
+    recent = [e for e in await deps.store.list_events(None, limit=500) if _is_failure(e)]
+    failures = "".join(_failure_row(e) for e in recent[:FAILURES_SHOWN]) or (
+        '<tr><td class="muted">no recent failures</td></tr>'
+    )
+    refresh = _refresh_seconds(request.query.get("refresh"))
     events = await deps.store.list_events(None, limit=20)
     event_rows = "".join(
         f"<tr><td class=muted>{_E(_when(e.at))}</td><td>{_E(e.hostname or '–')}</td>"
@@ -216,12 +340,22 @@ async def status_page(request: web.Request) -> web.Response:
         target=_E(deps.edge_target),
         generated=_E(_when(now)) + " UTC",
         summary="".join(chips),
+        refresh=str(refresh),
+        by_state=by_state,
+        expiries=expiries,
+        failures=failures,
         rows="".join(rows),
         empty="" if rows else '<div class="empty">No hosts registered.</div>',
         nav=nav,
         events=event_rows,
     )
     return web.Response(text=body, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+
+def _refresh_seconds(text: str | None) -> int:
+    if text is not None and text.isdigit():
+        return min(max(int(text), 2), 3600)
+    return REFRESH_SECONDS
 
 
 async def login_form(request: web.Request) -> web.Response:
