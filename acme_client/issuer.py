@@ -391,6 +391,12 @@ class AcmeIssuer:
         except (errors.Error, requests.RequestException) as exc:
             raise _as_acme_error(exc, f"resuming the order for {hostname}") from exc
         if order.body.status == messages.STATUS_INVALID:
+            # e.g. the CA validated while no process of ours was up to answer
+            log.info(
+                "%s: order %s left by an earlier process became invalid; ordering anew",
+                hostname,
+                pending.order_url,
+            )
             await self._store.delete_pending_order(hostname, pending.order_url)
             return None
         log.info(

@@ -131,6 +131,7 @@ async def test_sigkill_during_first_clicks_loses_nothing(
     finalized_before = own_pebble.log_text().count("POST /finalize-order/")
     hosts = [f"links.crash{i}-{os.getpid()}.test" for i in range(ROUNDS)]
     waits: list[float] = []
+    in_flight = 0  # rounds killed with an order recorded in the store
     try:
         serve.start()
         for i, host in enumerate(hosts):
@@ -142,6 +143,8 @@ async def test_sigkill_during_first_clicks_loses_nothing(
             serve.kill()
             await attempt
             assert integrity(db) == "ok", f"round {i}"
+            if await store.get_pending_order(host) is not None:
+                in_flight += 1
 
             restarted = time.monotonic()
             serve.start()
@@ -164,7 +167,7 @@ async def test_sigkill_during_first_clicks_loses_nothing(
         assert "Traceback" not in log, log[-4000:]
         print(
             f"served after restart: max {max(waits):.2f} s, mean {sum(waits) / len(waits):.2f} s;"
-            f" orders resumed: {log.count('resuming order')},"
+            f" killed with an order in flight: {in_flight}, resumed: {log.count('resuming order')},"
             f" leases released at start: {log.count('lease(s) of earlier processes')}"
         )
     finally:
