@@ -323,6 +323,16 @@ async def test_fallback_ca_with_eab_issues_when_the_primary_is_down(
         primary.stop()
         try:
             serial = await served_serial(ip, edge.https_port, host, client_context(fallback))
+            # the primary's breaker is open now: the next order goes straight to the
+            # fallback, without the primary's seconds of retries first (issue 8)
+            quick = f"links.fallback-quick-{ip.split('.')[-1]}.test"
+            await _register(store, dns_server, quick, target)
+            started = time.monotonic()
+            await served_serial(ip, edge.https_port, quick, client_context(fallback))
+            assert time.monotonic() - started < 2.0
+            breaker = await store.get_ca_breaker(primary.directory_url)
+            assert breaker is not None and breaker.state != "closed"
+            assert await store.get_backoff(host) is None and await store.get_backoff(quick) is None
         finally:
             primary.start()
         cert = await store.get_certificate(host)
