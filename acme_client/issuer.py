@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -53,6 +54,7 @@ from .solvers import HTTP_01, ChallengeSink, Solver, make_solver
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 USER_AGENT = "linkedge"
+ACCOUNT_WAIT = 30.0  # seconds a worker waits for another one registering the account
 CESSATION_OF_OPERATION = 5  # RFC 5280 CRLReason
 
 
@@ -426,12 +428,13 @@ class AcmeIssuer:
     async def _place_order(
         self, hostname: str, csr_pem: bytes, replaces: str | None
     ) -> messages.OrderResource:
+        used = self._account_uri
         try:
             order = await self._run(self._new_order, csr_pem, replaces)
         except messages.Error as exc:
             if exc.code == "accountDoesNotExist":
                 # The CA forgot us (a reset test CA, a deactivated account): register again once.
-                await self._ensure_account(force_new=True)
+                await self._ensure_account(force_new=True, stale=used)
                 order = await self._run(self._new_order, csr_pem, replaces)
             elif replaces is not None and exc.code != "rateLimited":
                 # RFC 9773 §5: a CA may refuse `replaces` (already replaced...): order plainly.
@@ -444,24 +447,52 @@ class AcmeIssuer:
 
     # -- account -----------------------------------------------------------------
 
-    async def _ensure_account(self, *, force_new: bool) -> None:
+    async def _ensure_account(self, *, force_new: bool, stale: str | None = None) -> None:
+        """Load the stored account, or register one; `force_new`: the CA no longer knows
+        `stale`, so an account other than that one is needed (maybe registered already by a
+        concurrent order or another worker)."""
         async with self._account_lock:
             url = self._settings.directory_url
-            stored = None if force_new else await self._store.get_account(url)
-            if stored is not None:
+            if not force_new:
+                stale = None
+            stored = await self._store.get_account(url)
+            if stored is not None and (not force_new or stored.uri != stale):
                 self._use_account(stored.key_pem, stored.uri)
                 return
-            key_pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            self._use_account(key_pem, None)
-            uri = await self._run(self._register)
-            self._use_account(key_pem, uri)
-            await self._store.save_account(AcmeAccount(directory_url=url, uri=uri, key_pem=key_pem))
-            await self._store.record_event(None, "acme_account_registered", uri)
-            log.info("registered ACME account %s", uri)
+            # One registration across workers (they may all find no account when the CA
+            # was down at start-up): the others wait for the one that holds this lease.
+            lease, holder = f"account:{url}", f"{os.uname().nodename}:{os.getpid()}:{id(self)}"
+            deadline = time.monotonic() + ACCOUNT_WAIT
+            while not await self._store.try_acquire_lease(lease, holder, ACCOUNT_WAIT):
+                stored = await self._store.get_account(url)
+                if stored is not None and stored.uri != stale:
+                    self._use_account(stored.key_pem, stored.uri)
+                    return
+                if time.monotonic() > deadline:
+                    break  # the holder is stuck or dead: register ourselves
+                await asyncio.sleep(0.1)
+            try:
+                await self._register_account(url, stale)
+            finally:
+                await self._store.release_lease(lease, holder)
+
+    async def _register_account(self, url: str, stale: str | None) -> None:
+        """Register (again, when `stale` is the account the CA no longer knows)."""
+        stored = await self._store.get_account(url)  # registered by another worker meanwhile?
+        if stored is not None and stored.uri != stale:
+            self._use_account(stored.key_pem, stored.uri)
+            return
+        key_pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        self._use_account(key_pem, None)
+        uri = await self._run(self._register)
+        self._use_account(key_pem, uri)
+        await self._store.save_account(AcmeAccount(directory_url=url, uri=uri, key_pem=key_pem))
+        await self._store.record_event(None, "acme_account_registered", uri)
+        log.info("registered ACME account %s", uri)
 
     def _use_account(self, key_pem: bytes, uri: str | None) -> None:
         key = serialization.load_pem_private_key(key_pem, password=None)

@@ -236,3 +236,64 @@ async def test_pending_order_is_sealed_and_ended_by_the_certificate(
     assert await store.get_pending_order("a.test") is None  # same statement (trigger)
     rows = await store._all("PRAGMA integrity_check")
     assert rows[0][0] == "ok"
+
+
+# -- part 5: how long the maintenance loop sleeps ------------------------------------
+
+
+class _Earliest:
+    def __init__(self) -> None:
+        self.at: float | None = None
+        self.passes = 0
+
+    async def next_maintenance_at(self) -> float | None:
+        return self.at
+
+    async def hosts_needing_maintenance(self, now: float, limit: int) -> list[str]:
+        self.passes += 1
+        return []
+
+
+class _Limits:
+    async def prune(self) -> None:
+        pass
+
+
+class _Manager:
+    holder = "node:1:test"
+    limits = _Limits()
+
+
+async def test_maintenance_sleeps_until_the_earliest_due_time_and_wakes_early() -> None:
+    from proxy.maintenance import Maintainer, MaintenanceSettings
+
+    store = _Earliest()
+    now = 1000.0
+    maintainer = Maintainer(
+        store,  # type: ignore[arg-type]
+        _Manager(),  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        "edge.test",
+        MaintenanceSettings(interval_seconds=60.0),
+        clock=lambda: now,
+        uniform=lambda: 0.5,
+    )
+    assert await maintainer._sleep_for(0) == 60.0  # nothing stored: the safety net
+    store.at = now + 7.0
+    assert await maintainer._sleep_for(1) == pytest.approx(7.025)
+    store.at = now + 3600.0
+    assert await maintainer._sleep_for(1) == 60.0  # never longer than the interval
+    store.at = now - 5.0  # due, but another worker holds the lease: not a busy loop
+    assert await maintainer._sleep_for(0) == 1.0
+    assert await maintainer._sleep_for(3) == 0.25
+
+    # the loop: one pass, then asleep until woken by a stored certificate
+    store.at = None
+    maintainer.start()
+    await asyncio.sleep(0.8)  # the start-up jitter (< 1 s), then the first pass
+    assert store.passes == 1
+    maintainer.wake("a.test")
+    await asyncio.sleep(0.1)
+    assert store.passes == 2
+    await maintainer.close()
