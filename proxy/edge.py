@@ -189,7 +189,13 @@ class EdgeWorker:
         self._closers.append(issuer.close)
         # The CA is reached lazily, through its circuit breaker: a CA that is down now must
         # not keep this edge from serving the certificates and challenges it has.
-        self._spawn(self._connect_ca(issuer))
+        ca_task = asyncio.ensure_future(self._connect_ca(issuer))
+
+        async def stop_ca_task() -> None:  # before the issuer's thread pool goes away
+            ca_task.cancel()
+            await asyncio.gather(ca_task, return_exceptions=True)
+
+        self._closers.append(stop_ca_task)
         account = await store.get_account(config.acme.directory)
         checker = HostChecker(CheckSettings.from_config(config), self._clock)
         lifecycle = Lifecycle(store, Schedule.from_config(config), self._clock)
