@@ -39,6 +39,7 @@ class BreakerSettings:
     failure_threshold: int = 1  # consecutive CA-level failures (each already retried) to open
     probe_seconds: float = 2.0  # between probes while open, jittered ±25 %
     probe_timeout: float = 5.0  # a probe that takes longer counts as a failure
+    rate_limited_seconds: float = 60.0  # after a `rateLimited` answer: no probe before this
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +60,10 @@ def transition_failure(
     error: str,
     settings: BreakerSettings,
     uniform: Callable[[], float] = random.random,
+    hold_until: float | None = None,
 ) -> CaBreakerState:
+    """`hold_until`: no probe before then (a CA that said "rate limited" is not asked again
+    every few seconds just because its directory answers)."""
     failures = state.failures + 1
     if state.state == CLOSED and failures < max(settings.failure_threshold, 1):
         return replace(state, failures=failures, last_error=error)
@@ -68,7 +72,7 @@ def transition_failure(
         state=OPEN,
         failures=failures,
         opened_at=state.opened_at if state.state != CLOSED else now,
-        next_probe_at=next_probe(now, settings, uniform),
+        next_probe_at=max(next_probe(now, settings, uniform), hold_until or 0.0),
         last_error=error,
     )
 
@@ -150,9 +154,9 @@ class CaBreaker:
                 return state
             await asyncio.sleep(0.02)
 
-    async def record_failure(self, error: str) -> None:
+    async def record_failure(self, error: str, *, hold_until: float | None = None) -> None:
         state = transition_failure(
-            await self.state(), self._clock(), error, self.settings, self._uniform
+            await self.state(), self._clock(), error, self.settings, self._uniform, hold_until
         )
         await self._store.put_ca_breaker(state)
         self._log_change(state)

@@ -198,7 +198,10 @@ class AcmeIssuer:
         if self.breaker is None or isinstance(exc, CaUnavailable | OrderLimitReached):
             return
         if is_ca_failure(exc):
-            await self.breaker.record_failure(str(exc))
+            hold = None
+            if isinstance(exc, RateLimited):  # the CA asked us to slow down: not every 2 s
+                hold = exc.retry_at or time.time() + self.breaker.settings.rate_limited_seconds
+            await self.breaker.record_failure(str(exc), hold_until=hold)
         else:
             await self.breaker.record_success()
 

@@ -69,6 +69,11 @@ def test_breaker_opens_after_threshold_and_probes_with_jitter() -> None:
     low = transition_failure(CaBreakerState(URL, failures=5), 0.0, "x", SETTINGS, lambda: 0.0)
     high = transition_failure(CaBreakerState(URL, failures=5), 0.0, "x", SETTINGS, lambda: 1.0)
     assert (low.next_probe_at, high.next_probe_at) == (3.0, 5.0)
+    # a rate-limited CA is not probed again before it said
+    held = transition_failure(
+        CaBreakerState(URL, failures=1), 0.0, "rateLimited", SETTINGS, half, 60
+    )
+    assert held.state == OPEN and held.next_probe_at == 60.0
 
 
 def test_failed_probe_reopens_keeping_the_outage_start_and_success_closes() -> None:
