@@ -66,11 +66,11 @@ class FailoverIssuer:
     async def check_available(self) -> None:
         """Raise CaUnavailable at once when no configured CA can take an order now."""
         try:
-            await self.primary.check_available(claim=False)
+            await self.primary.check_available()
         except CaUnavailable:
             if self.fallback is None:
                 raise
-            await self.fallback.check_available(claim=False)
+            await self.fallback.check_available()
 
     async def run_prober(self) -> None:
         """Probe each CA whose breaker is open, every few seconds (see breaker.py)."""

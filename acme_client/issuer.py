@@ -152,7 +152,7 @@ class AcmeIssuer:
         """Start lazily, through the breaker: an unreachable CA is logged and opens the
         breaker; the edge keeps serving what it has. True when the CA is ready."""
         try:
-            await self.check_available()
+            await self.check_available(claim=True)
             await self.start()
         except CaUnavailable:
             return False
@@ -170,8 +170,11 @@ class AcmeIssuer:
         log.info("ACME CA %s ready", self.directory_url)
         return True
 
-    async def check_available(self, *, claim: bool = True) -> None:
-        """Raise CaUnavailable at once while this CA's circuit breaker is open."""
+    async def check_available(self, *, claim: bool = False) -> None:
+        """Raise CaUnavailable at once while this CA's circuit breaker is open.
+
+        `claim`: when a probe is due, this caller's request is the probe (only for the
+        real attempt; a look before it must not take the probe from it)."""
         if self.breaker is not None:
             await self.breaker.check(claim=claim)
 
@@ -224,7 +227,7 @@ class AcmeIssuer:
         a new order tries the next, as long as `authz_budget` failed authorizations
         allow. The raised error's `failed_authorizations` says how many were spent.
         """
-        await self.check_available()
+        await self.check_available(claim=True)
         try:
             issued = await self._issue(hostname, sink, budget, replaces, exempt, authz_budget)
         except AcmeError as exc:
@@ -269,7 +272,7 @@ class AcmeIssuer:
 
     async def renewal_info(self, chain_pem: bytes) -> AriAnswer | None:
         """The CA's suggested renewal window, or None when the CA offers no ARI."""
-        await self.check_available()
+        await self.check_available()  # a look only: the probe is for orders and the prober
         try:
             if not self.started:
                 await self.start()
@@ -277,12 +280,15 @@ class AcmeIssuer:
                 return None
             leaf = x509.load_pem_x509_certificates(chain_pem)[0]
             try:
-                return await self._run(self._fetch_renewal_info, leaf)
+                answer = await self._run(self._fetch_renewal_info, leaf)
             except (errors.Error, requests.RequestException, ValueError) as exc:
                 raise _as_acme_error(exc, "renewal info") from exc
         except AcmeError as exc:
             await self._note_failure(exc)
             raise
+        if self.breaker is not None:
+            await self.breaker.record_success()
+        return answer
 
     async def revoke(
         self, chain_pem: bytes, key_pem: bytes, reason: int = CESSATION_OF_OPERATION
