@@ -251,23 +251,24 @@ class AcmeIssuer:
         types = list(self._settings.challenges)
         allowed_failures = len(types) if authz_budget is None else max(authz_budget, 1)
         failed = 0
+        crashed = [0]  # authorizations an earlier process's order left invalid (see resume)
         while True:
             if budget is not None:
                 await budget.before_new_order(hostname, exempt=exempt)
             try:
-                issued = await self._issue_once(hostname, sink, types, replaces)
-                return dataclasses.replace(issued, failed_authorizations=failed)
+                issued = await self._issue_once(hostname, sink, types, replaces, crashed)
+                return dataclasses.replace(issued, failed_authorizations=failed + crashed[0])
             except AuthorizationFailed as exc:
                 failed += 1
                 used = getattr(exc, "challenge_type", types[0])
                 types = types[types.index(used) + 1 :] if used in types else []
                 if not types or failed >= allowed_failures:
-                    exc.failed_authorizations = failed
+                    exc.failed_authorizations = failed + crashed[0]
                     raise
                 log.info("%s: %s failed (%s); trying %s", hostname, used, exc, types[0])
                 replaces = None  # the failed order may have consumed the replacement
             except AcmeError as exc:
-                exc.failed_authorizations = failed
+                exc.failed_authorizations = failed + crashed[0]
                 raise
 
     async def renewal_info(self, chain_pem: bytes) -> AriAnswer | None:
@@ -306,10 +307,15 @@ class AcmeIssuer:
     # -- one order -------------------------------------------------------------------
 
     async def _issue_once(
-        self, hostname: str, sink: ChallengeSink, types: Sequence[str], replaces: str | None
+        self,
+        hostname: str,
+        sink: ChallengeSink,
+        types: Sequence[str],
+        replaces: str | None,
+        crashed: list[int],
     ) -> IssuedCertificate:
         deadline = time.monotonic() + self._settings.order_timeout
-        resumed = await self._resume_order(hostname)
+        resumed = await self._resume_order(hostname, crashed)
         if resumed is not None:
             order, key_pem = resumed
         else:
@@ -379,8 +385,13 @@ class AcmeIssuer:
             directory_url=self.directory_url,
         )
 
-    async def _resume_order(self, hostname: str) -> tuple[messages.OrderResource, bytes] | None:
-        """The order an earlier (crashed) process left for this host at this CA, if usable."""
+    async def _resume_order(
+        self, hostname: str, crashed: list[int]
+    ) -> tuple[messages.OrderResource, bytes] | None:
+        """The order an earlier (crashed) process left for this host at this CA, if usable.
+
+        One that became invalid (the CA validated while no process answered) cost a failed
+        authorization at the CA: counted in `crashed`, so our hourly cap counts it too."""
         pending = await self._store.get_pending_order(hostname)
         if pending is None or pending.directory_url != self.directory_url:
             return None
@@ -409,6 +420,7 @@ class AcmeIssuer:
                 pending.order_url,
             )
             await self._store.delete_pending_order(hostname, pending.order_url)
+            crashed[0] += 1
             return None
         log.info(
             "%s: resuming order %s (%s) left by an earlier process",
