@@ -1,12 +1,15 @@
 """ACME orders, challenges, renewal timing, limits and revocation, on certbot's `acme`."""
 
+from .breaker import BreakerSettings, CaBreaker
 from .errors import (
     AcmeError,
     AcmeUnavailable,
     AuthorizationFailed,
+    CaUnavailable,
     IssuanceTimeout,
     OrderLimitReached,
     RateLimited,
+    is_ca_failure,
 )
 from .failover import FailoverIssuer
 from .issuer import (
@@ -30,6 +33,9 @@ __all__ = [
     "AcmeUnavailable",
     "AriAnswer",
     "AuthorizationFailed",
+    "BreakerSettings",
+    "CaBreaker",
+    "CaUnavailable",
     "ChallengeSink",
     "FailoverIssuer",
     "HostVerdict",
@@ -40,6 +46,7 @@ __all__ = [
     "OrderLimitReached",
     "OrderLimits",
     "RateLimited",
+    "is_ca_failure",
     "registered_domain",
     "tls_alpn01_certificate",
 ]

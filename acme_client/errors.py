@@ -12,6 +12,17 @@ class AcmeUnavailable(AcmeError):
     """The ACME server cannot be reached or answers garbage (transient)."""
 
 
+class CaUnavailable(AcmeUnavailable):
+    """Not even tried: the CA's circuit breaker is open (see breaker.py).
+
+    `retry_at` is when the breaker's next probe may go (None: unknown).
+    """
+
+    def __init__(self, message: str, retry_at: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at
+
+
 class AuthorizationFailed(AcmeError):
     """The CA could not validate control of the name (its problem detail included)."""
 
@@ -46,3 +57,12 @@ def falls_back(exc: AcmeError) -> bool:
     if isinstance(exc, AuthorizationFailed):
         return "caa" in str(exc).lower()
     return True
+
+
+def is_ca_failure(exc: AcmeError) -> bool:
+    """The CA's trouble, not the host's: unreachable, timing out, 5xx, `serverInternal`,
+    `rateLimited` answers. These open the CA's circuit breaker and never count against
+    the host (no backoff step, no failed state); everything else is about the host."""
+    if isinstance(exc, OrderLimitReached):
+        return False  # our own limiter: a decision, not a failure
+    return isinstance(exc, AcmeUnavailable | RateLimited)

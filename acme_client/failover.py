@@ -10,10 +10,11 @@ remember which CA issued them, so ARI and revocation go to the right one.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 
-from .errors import AcmeError, falls_back
+from .errors import AcmeError, CaUnavailable, falls_back
 from .issuer import (
     CESSATION_OF_OPERATION,
     AcmeIssuer,
@@ -55,6 +56,29 @@ class FailoverIssuer:
             except AcmeError as exc:
                 log.warning("fallback ACME CA not ready (will retry when needed): %s", exc)
 
+    async def connect(self) -> bool:
+        """Start both CAs lazily (never raises): True when at least one is ready."""
+        ready = await self.primary.connect()
+        if self.fallback is not None:
+            ready = await self.fallback.connect() or ready
+        return ready
+
+    async def check_available(self) -> None:
+        """Raise CaUnavailable at once when no configured CA can take an order now."""
+        try:
+            await self.primary.check_available()
+        except CaUnavailable:
+            if self.fallback is None:
+                raise
+            await self.fallback.check_available()
+
+    async def run_prober(self) -> None:
+        """Probe each CA whose breaker is open, every few seconds (see breaker.py)."""
+        probers = [self.primary.run_prober()]
+        if self.fallback is not None:
+            probers.append(self.fallback.run_prober())
+        await asyncio.gather(*probers)
+
     async def close(self) -> None:
         await self.primary.close()
         if self.fallback is not None:
@@ -91,7 +115,12 @@ class FailoverIssuer:
             left = None if authz_budget is None else authz_budget - spent
             if left is not None and left <= 0:
                 raise
-            log.warning("%s: primary CA failed (%s); trying the fallback CA", hostname, exc)
+            if isinstance(exc, CaUnavailable):
+                log.info(
+                    "%s: primary CA unavailable (breaker open); ordering at the fallback", hostname
+                )
+            else:
+                log.warning("%s: primary CA failed (%s); trying the fallback CA", hostname, exc)
             try:
                 # `replaces` names a certificate of the primary: meaningless to the fallback
                 issued = await self.fallback.issue(

@@ -4,11 +4,13 @@ from .base import CertStore, DomainExists
 from .crypto import SecretBox, StoreKeyError, generate_key_text, load_key
 from .models import (
     AcmeAccount,
+    CaBreakerState,
     Domain,
     DomainState,
     Event,
     HostBackoff,
     HostFile,
+    PendingOrder,
     RenewalPlan,
     StoredCertificate,
 )
@@ -16,6 +18,7 @@ from .sqlite import SQLiteStore, StoreError
 
 __all__ = [
     "AcmeAccount",
+    "CaBreakerState",
     "CertStore",
     "Domain",
     "DomainExists",
@@ -23,6 +26,7 @@ __all__ = [
     "Event",
     "HostBackoff",
     "HostFile",
+    "PendingOrder",
     "RenewalPlan",
     "SQLiteStore",
     "SecretBox",

@@ -114,3 +114,36 @@ class HostFile:
             f"HostFile(hostname={self.hostname!r}, kind={self.kind!r}, "
             f"size={len(self.content)}, etag={self.etag!r})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class PendingOrder:
+    """An ACME order placed but not yet turned into a stored certificate.
+
+    Recorded before the CA is asked to validate, so a process that takes over after a
+    crash resumes this order (and downloads a certificate the CA already issued)
+    instead of placing a second one. Ended by storing the host's certificate.
+    """
+
+    hostname: str
+    directory_url: str
+    order_url: str
+    account_uri: str
+    key_pem: bytes  # sealed in the store
+    names: tuple[str, ...]
+    created_at: float
+
+    def __repr__(self) -> str:  # never the key
+        return f"PendingOrder(hostname={self.hostname!r}, order_url={self.order_url!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class CaBreakerState:
+    """One CA's circuit breaker as the workers share it (see acme_client.breaker)."""
+
+    directory_url: str
+    state: str = "closed"  # closed | open | half_open
+    failures: int = 0  # consecutive CA-level failures
+    opened_at: float | None = None
+    next_probe_at: float | None = None  # open: when the next probe may go
+    last_error: str = ""

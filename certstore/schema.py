@@ -159,6 +159,41 @@ MIGRATIONS: tuple[str, ...] = (
         VALUES (new.updated_at, new.hostname, 'options_changed', new.options);
     END;
     """,
+    # 5: crash safety and CA outages (issue 8): lease holders' node and pid (a restarted
+    # process frees the leases of its dead predecessors at once), orders in flight (the
+    # process that takes over resumes the order instead of placing a second one), and
+    # one circuit-breaker row per CA directory, shared by the workers
+    """
+    ALTER TABLE leases ADD COLUMN node TEXT NOT NULL DEFAULT '';
+    ALTER TABLE leases ADD COLUMN pid INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE pending_orders (
+        hostname TEXT PRIMARY KEY,
+        directory_url TEXT NOT NULL,
+        order_url TEXT NOT NULL,
+        account_uri TEXT NOT NULL,
+        key_sealed BLOB NOT NULL,
+        names TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    -- the certificate of an order and the end of that order are one statement
+    CREATE TRIGGER certificate_inserted_ends_order AFTER INSERT ON certificates
+    BEGIN
+        DELETE FROM pending_orders WHERE hostname = new.hostname;
+    END;
+    CREATE TRIGGER certificate_updated_ends_order AFTER UPDATE ON certificates
+    BEGIN
+        DELETE FROM pending_orders WHERE hostname = new.hostname;
+    END;
+    CREATE TABLE ca_breakers (
+        directory_url TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        failures INTEGER NOT NULL,
+        opened_at REAL,
+        next_probe_at REAL,
+        last_error TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -21,17 +21,20 @@ from .base import DomainExists
 from .crypto import SecretBox, StoreKeyError
 from .models import (
     AcmeAccount,
+    CaBreakerState,
     Domain,
     DomainState,
     Event,
     HostBackoff,
     HostFile,
+    PendingOrder,
     RenewalPlan,
     StoredCertificate,
 )
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
 _KEY_CHECK = b"linkedge-store-key-check"
+_NODE = os.uname().nodename
 Clock = Callable[[], float]
 
 
@@ -474,18 +477,121 @@ class SQLiteStore:
     # -- leases ----------------------------------------------------------------
 
     async def try_acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
+        """Take a free or expired lease, or extend our own (same holder): True if held."""
         now = self._clock()
         cur = await self._db.execute(
-            "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?)"
+            "INSERT INTO leases (name, holder, expires_at, node, pid) VALUES (?, ?, ?, ?, ?)"
             " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
-            " expires_at = excluded.expires_at"
+            " expires_at = excluded.expires_at, node = excluded.node, pid = excluded.pid"
             " WHERE leases.expires_at <= ? OR leases.holder = excluded.holder",
-            (name, holder, now + ttl, now),
+            (name, holder, now + ttl, _NODE, os.getpid(), now),
         )
         return cur.rowcount > 0
 
     async def release_lease(self, name: str, holder: str) -> None:
         await self._db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+    async def release_dead_leases(self) -> list[str]:
+        """Free the leases of processes on this node that are no longer running."""
+        rows = await self._all(
+            "SELECT DISTINCT pid FROM leases WHERE node = ? AND pid != ? AND pid > 0",
+            (_NODE, os.getpid()),
+        )
+        released: list[str] = []
+        for (pid,) in rows:
+            if process_alive(int(pid)):
+                continue
+            names = await self._all(
+                "SELECT name FROM leases WHERE node = ? AND pid = ?", (_NODE, pid)
+            )
+            await self._db.execute("DELETE FROM leases WHERE node = ? AND pid = ?", (_NODE, pid))
+            released.extend(str(n[0]) for n in names)
+        return released
+
+    # -- orders in flight --------------------------------------------------------
+
+    async def put_pending_order(self, order: PendingOrder) -> None:
+        sealed = self._box.seal(order.key_pem, f"order:{order.hostname}")
+        await self._db.execute(
+            "INSERT OR REPLACE INTO pending_orders (hostname, directory_url, order_url,"
+            " account_uri, key_sealed, names, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                order.hostname,
+                order.directory_url,
+                order.order_url,
+                order.account_uri,
+                sealed,
+                ",".join(order.names),
+                order.created_at,
+            ),
+        )
+
+    async def get_pending_order(self, hostname: str) -> PendingOrder | None:
+        row = await self._one(
+            "SELECT hostname, directory_url, order_url, account_uri, key_sealed, names,"
+            " created_at FROM pending_orders WHERE hostname = ?",
+            (hostname,),
+        )
+        if row is None:
+            return None
+        return PendingOrder(
+            hostname=row[0],
+            directory_url=row[1],
+            order_url=row[2],
+            account_uri=row[3],
+            key_pem=self._box.open(row[4], f"order:{row[0]}"),
+            names=tuple(n for n in row[5].split(",") if n),
+            created_at=row[6],
+        )
+
+    async def delete_pending_order(self, hostname: str, order_url: str) -> None:
+        await self._db.execute(
+            "DELETE FROM pending_orders WHERE hostname = ? AND order_url = ?",
+            (hostname, order_url),
+        )
+
+    # -- per-CA circuit breaker ----------------------------------------------------
+
+    async def get_ca_breaker(self, directory_url: str) -> CaBreakerState | None:
+        row = await self._one(
+            "SELECT directory_url, state, failures, opened_at, next_probe_at, last_error"
+            " FROM ca_breakers WHERE directory_url = ?",
+            (directory_url,),
+        )
+        if row is None:
+            return None
+        return CaBreakerState(
+            directory_url=row[0],
+            state=row[1],
+            failures=row[2],
+            opened_at=row[3],
+            next_probe_at=row[4],
+            last_error=row[5],
+        )
+
+    async def put_ca_breaker(self, state: CaBreakerState) -> None:
+        await self._db.execute(
+            "INSERT OR REPLACE INTO ca_breakers (directory_url, state, failures, opened_at,"
+            " next_probe_at, last_error, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                state.directory_url,
+                state.state,
+                state.failures,
+                state.opened_at,
+                state.next_probe_at,
+                state.last_error,
+                self._clock(),
+            ),
+        )
+
+    async def claim_ca_probe(self, directory_url: str, now: float, next_probe_at: float) -> bool:
+        """Atomically: an open breaker whose probe is due becomes half-open, for one caller."""
+        cur = await self._db.execute(
+            "UPDATE ca_breakers SET state = 'half_open', next_probe_at = ?, updated_at = ?"
+            " WHERE directory_url = ? AND state != 'closed' AND next_probe_at <= ?",
+            (next_probe_at, now, directory_url, now),
+        )
+        return cur.rowcount > 0
 
     # -- TLS-ALPN-01 key authorizations (one per name) ------------------------
 
@@ -545,6 +651,14 @@ class SQLiteStore:
             (now, limit),
         )
         return [str(r[0]) for r in rows]
+
+    async def next_maintenance_at(self) -> float | None:
+        """The earliest moment a certificate needs a visit (no plan yet: 0); None: none."""
+        row = await self._one(
+            "SELECT MIN(COALESCE(r.next_check_at, 0)) FROM certificates c"
+            " LEFT JOIN renewals r USING (hostname)"
+        )
+        return None if row is None or row[0] is None else float(row[0])
 
     # -- rate limits (sliding windows) ------------------------------------------
 
@@ -746,3 +860,21 @@ def _statements(script: str) -> list[str]:
     if pending.strip(" \n;"):
         statements.append(pending.strip())
     return statements
+
+
+def process_alive(pid: int) -> bool:
+    """Is a process with this pid running on this machine (a zombie is not)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True  # no /proc: trust kill()
+    # "pid (comm) S ...": the state follows the last ')'
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X")

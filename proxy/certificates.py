@@ -17,18 +17,20 @@ Order of work for one handshake (the first steps are the hot path):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from acme_client import (
     ACME_TLS_ALPN,
     AcmeError,
+    CaUnavailable,
     HostVerdict,
     IssuedCertificate,
     LimitSettings,
@@ -36,6 +38,7 @@ from acme_client import (
     OrderLimitReached,
     OrderLimits,
     RateLimited,
+    is_ca_failure,
     tls_alpn01_certificate,
 )
 from acme_client.solvers import ChallengeSink
@@ -64,15 +67,21 @@ class Issuer(Protocol):
         authz_budget: int | None = None,
     ) -> IssuedCertificate: ...
 
+    async def check_available(self) -> None:
+        """Raise CaUnavailable at once when no CA can take an order now (breaker open)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ManagerSettings:
     refusal_seconds: float = 30.0
     failure_backoff_seconds: float = 60.0  # first backoff step; see acme_client.limits
-    lease_seconds: float = 150.0  # > ACME order timeout: a crashed holder frees the name
+    # kept alive by the holder (refreshed every third of it): a dead holder's lease
+    # expires within this many seconds
+    lease_seconds: float = 10.0
     lease_poll_seconds: float = 0.1
     cache_size: int = 10_000
     revalidate_seconds: float = 30.0  # cached contexts are compared with the store this often
+    ca_refusal_seconds: float = 1.0  # a click refused for a CA outage is remembered this long
 
 
 def lease_name(hostname: str) -> str:
@@ -82,6 +91,37 @@ def lease_name(hostname: str) -> str:
 
 class RenewalBusy(Exception):
     """Another order for this host is in progress (in this or another worker)."""
+
+
+@contextlib.asynccontextmanager
+async def kept_lease(store: CertStore, name: str, holder: str, ttl: float) -> AsyncIterator[bool]:
+    """Try to take a lease; while the body runs, refresh it every third of `ttl`.
+
+    Yields whether the lease is held. A holder that dies stops refreshing, so its lease
+    expires within `ttl` (and a restarted process on the same node frees it at once:
+    `CertStore.release_dead_leases`).
+    """
+    if not await store.try_acquire_lease(name, holder, ttl):
+        yield False
+        return
+    refresher = asyncio.ensure_future(_refresh_lease(store, name, holder, ttl))
+    try:
+        yield True
+    finally:
+        refresher.cancel()
+        await asyncio.gather(refresher, return_exceptions=True)
+        await store.release_lease(name, holder)
+
+
+async def _refresh_lease(store: CertStore, name: str, holder: str, ttl: float) -> None:
+    while True:
+        await asyncio.sleep(ttl / 3)
+        try:
+            if not await store.try_acquire_lease(name, holder, ttl):
+                log.warning("lease %s was taken over while %s still held it", name, holder)
+                return
+        except Exception:  # a store hiccup: the next refresh may succeed before expiry
+            log.exception("refreshing lease %s failed", name)
 
 
 class CertificateManager:
@@ -109,6 +149,8 @@ class CertificateManager:
         self._refusals = RefusalCache()
         self._inflight: dict[str, asyncio.Task[ssl.SSLContext]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._ca_refusal_logged: dict[str, float] = {}  # host -> when its refusal was logged
+        self.on_stored: Callable[[str], None] | None = None  # e.g. wake the maintenance loop
         self.holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.orders_started = 0  # in this process, for logs and tests
         self.alpn_challenges_answered = 0  # TLS-ALPN-01 validation handshakes served
@@ -155,6 +197,10 @@ class CertificateManager:
         self.alpn_challenges_answered += 1
         return await asyncio.to_thread(_challenge_context, hostname, key_authorization)
 
+    async def check_ca(self) -> None:
+        """Raise CaUnavailable at once while no CA can take an order (breaker open)."""
+        await self._issuer.check_available()
+
     def forget(self, hostname: str) -> None:
         """Drop cached state for a host (after removal, suspension, renewal)."""
         self._contexts.discard(hostname)
@@ -185,6 +231,11 @@ class CertificateManager:
         """
         started = time.monotonic()
         what = "renewal" if renewal else "order"
+        try:
+            await self._issuer.check_available()  # an open breaker: no order, no event
+        except CaUnavailable as exc:
+            await self._ca_unavailable(hostname, what, exc)
+            raise
         self.orders_started += 1
         await self._store.record_event(
             hostname, "renewal_started" if renewal else "order_started", f"by {self.holder}"
@@ -202,6 +253,9 @@ class CertificateManager:
             await self._store.record_event(hostname, "order_deferred", str(exc))
             raise
         except AcmeError as exc:
+            if is_ca_failure(exc):  # the CA's failure: the breaker counts it, not the host
+                await self._ca_unavailable(hostname, what, exc)
+                raise
             backoff = await self._limits.record_failure(
                 hostname, str(exc), exc.failed_authorizations
             )
@@ -258,8 +312,23 @@ class CertificateManager:
             extra={"event": done, "host": hostname, "duration": elapsed},
         )
         self._refusals.discard(hostname)
+        self._ca_refusal_logged.pop(hostname, None)
         await self._remember(stored)
+        if self.on_stored is not None:
+            self.on_stored(hostname)
         return stored
+
+    async def _ca_unavailable(self, hostname: str, what: str, exc: AcmeError) -> None:
+        """Log (and record) a CA-level refusal once per host per `refusal_seconds`."""
+        now = self._clock()
+        last = self._ca_refusal_logged.get(hostname)
+        if last is not None and now - last < self._settings.refusal_seconds:
+            return
+        if len(self._ca_refusal_logged) > 10_000:
+            self._ca_refusal_logged.clear()
+        self._ca_refusal_logged[hostname] = now
+        log.warning("%s: %s not placed, the CA is unavailable: %s", hostname, what, exc)
+        await self._store.record_event(hostname, "order_deferred", f"CA unavailable: {exc}")
 
     # -- the miss path -----------------------------------------------------------
 
@@ -301,13 +370,11 @@ class CertificateManager:
         await self._refuse_if_backing_off(hostname)
         lease = lease_name(hostname)
         while True:
-            if await self._store.try_acquire_lease(
-                lease, self.holder, self._settings.lease_seconds
-            ):
-                try:
+            async with kept_lease(
+                self._store, lease, self.holder, self._settings.lease_seconds
+            ) as held:
+                if held:
                     return await self._order_with_lease(hostname)
-                finally:
-                    await self._store.release_lease(lease, self.holder)
             # Another worker is ordering this name: its certificate lands in the store.
             await asyncio.sleep(self._settings.lease_poll_seconds)
             ctx = await self._stored_context(hostname)
@@ -323,11 +390,11 @@ class CertificateManager:
         they are (an `renewal_failed` event) and raises AcmeError.
         """
         lease = lease_name(hostname)
-        if not await self._store.try_acquire_lease(
-            lease, self.holder, self._settings.lease_seconds
-        ):
-            raise RenewalBusy(f"an order for {hostname} is already in progress")
-        try:
+        async with kept_lease(
+            self._store, lease, self.holder, self._settings.lease_seconds
+        ) as held:
+            if not held:
+                raise RenewalBusy(f"an order for {hostname} is already in progress")
             # The CA's limits bind operators too: no forced order while the host backs off.
             verdict = await self._limits.check_host(hostname)
             if not verdict.allowed:
@@ -335,8 +402,6 @@ class CertificateManager:
             return await self.issue_and_store(
                 hostname, authz_budget=verdict.authz_budget, renewal=True
             )
-        finally:
-            await self._store.release_lease(lease, self.holder)
 
     async def _order_with_lease(self, hostname: str) -> ssl.SSLContext:
         # The previous holder may have finished (or failed) between our miss and our lease.
@@ -346,11 +411,16 @@ class CertificateManager:
         verdict = await self._refuse_if_backing_off(hostname)
         try:
             stored = await self.issue_and_store(hostname, authz_budget=verdict.authz_budget)
-        except RateLimited as exc:
-            reason = f"issuance deferred: {exc}"
-            self._refuse_until(hostname, reason, exc.retry_at)
-            raise Refused(reason, INTERNAL_ERROR) from exc
         except AcmeError as exc:
+            if is_ca_failure(exc):
+                # Remembered only briefly: the host must be served soon after the CA returns.
+                reason = f"CA unavailable: {exc}"
+                self._refuse(hostname, reason, self._settings.ca_refusal_seconds, INTERNAL_ERROR)
+                raise Refused(reason, INTERNAL_ERROR) from exc
+            if isinstance(exc, RateLimited):
+                reason = f"issuance deferred: {exc}"
+                self._refuse_until(hostname, reason, exc.retry_at)
+                raise Refused(reason, INTERNAL_ERROR) from exc
             reason = f"issuance failed: {exc}"
             backoff = await self._store.get_backoff(hostname)
             self._refuse_until(hostname, reason, backoff.next_attempt_at if backoff else None)

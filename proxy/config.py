@@ -80,6 +80,11 @@ class AcmeConfig:
     profile: str = ""  # ACME profile (e.g. "tlsserver", "shortlived"); only sent if offered
     eab_kid: str = ""  # External Account Binding, for CAs that require it
     eab_hmac_key: str = ""  # base64url, as the CA hands it out
+    # per-CA circuit breaker: CA-level failures in a row (each already retried) that open it
+    breaker_failures: int = 1
+    breaker_probe_seconds: float = 2.0  # while open, one probe per CA this often (±25 %)
+    # issuance leases are refreshed by their holder; a dead holder's lapses after this
+    lease_seconds: float = 10.0
 
 
 @dataclass

@@ -27,6 +27,8 @@ from acme_client import (
     ACME_TLS_ALPN,
     AcmeIssuer,
     AcmeSettings,
+    BreakerSettings,
+    CaBreaker,
     FailoverIssuer,
     LimitSettings,
     OrderLimits,
@@ -115,11 +117,21 @@ def fallback_settings(config: Config) -> AcmeSettings | None:
     )
 
 
-def make_issuer(config: Config, store: CertStore) -> FailoverIssuer:
+def make_issuer(
+    config: Config, store: CertStore, clock: Callable[[], float] = time.time
+) -> FailoverIssuer:
+    breaker = BreakerSettings(
+        failure_threshold=max(config.acme.breaker_failures, 1),
+        probe_seconds=config.acme.breaker_probe_seconds,
+    )
+
+    def issuer(settings: AcmeSettings) -> AcmeIssuer:
+        ca = CaBreaker(store, settings.directory_url, breaker, clock)
+        return AcmeIssuer(settings, store, ca)
+
     fallback = fallback_settings(config)
     return FailoverIssuer(
-        AcmeIssuer(acme_settings(config), store),
-        AcmeIssuer(fallback, store) if fallback is not None else None,
+        issuer(acme_settings(config)), issuer(fallback) if fallback is not None else None
     )
 
 
@@ -218,9 +230,24 @@ class EdgeWorker:
         store = await open_store(config, self._clock)
         self._closers.append(store.close)
         self._closers.append(self._cancel_tasks)
-        issuer = make_issuer(config, store)
+        released = await store.release_dead_leases()
+        if released:
+            log.info(
+                "released %d lease(s) of earlier processes: %s",
+                len(released),
+                ", ".join(sorted(released)[:10]),
+            )
+        issuer = make_issuer(config, store, self._clock)
         self._closers.append(issuer.close)
-        await issuer.start()
+        # The CA is reached lazily, through its circuit breaker: a CA that is down now must
+        # not keep this edge from serving the certificates and challenges it has.
+        ca_task = asyncio.ensure_future(self._connect_ca(issuer))
+
+        async def stop_ca_task() -> None:  # before the issuer's thread pool goes away
+            ca_task.cancel()
+            await asyncio.gather(ca_task, return_exceptions=True)
+
+        self._closers.append(stop_ca_task)
         account = await store.get_account(config.acme.directory)
         checker = HostChecker(CheckSettings.from_config(config), self._clock)
         lifecycle = Lifecycle(store, Schedule.from_config(config), self._clock)
@@ -234,7 +261,7 @@ class EdgeWorker:
             ManagerSettings(
                 refusal_seconds=config.tls.refusal_cache_seconds,
                 failure_backoff_seconds=config.tls.failure_backoff_seconds,
-                lease_seconds=config.acme.order_timeout + 60,
+                lease_seconds=config.acme.lease_seconds,
                 cache_size=config.tls.cache_size,
                 revalidate_seconds=config.tls.revalidate_seconds,
             ),
@@ -254,12 +281,15 @@ class EdgeWorker:
                 batch_size=config.renewal.batch_size,
                 concurrency=config.renewal.concurrency,
                 skip_recheck_seconds=config.renewal.skip_recheck_seconds,
-                lease_seconds=config.acme.order_timeout + 60,
+                lease_seconds=config.acme.lease_seconds,
             ),
             clock=self._clock,
         )
+        self.manager.on_stored = self.maintainer.wake
         self.state_sync = StateSync(store, self.manager.forget, config.lifecycle.sync_seconds)
         await self.state_sync.start()
+        # a certificate stored by another worker changes when this one's loop must wake
+        self.state_sync.follow({"issued", "renewed"}, self.maintainer.wake)
         self.host_views = HostViews(store)
         self.state_sync.follow(CHANGE_EVENTS, self.host_views.forget)
         self.verifier = Verifier(
@@ -410,6 +440,10 @@ class EdgeWorker:
         await self.webhooks.start()
         self._closers.append(self.webhooks.close)
         self._spawn(self.webhooks.run_forever())
+
+    async def _connect_ca(self, issuer: FailoverIssuer) -> None:
+        await issuer.connect()
+        await issuer.run_prober()
 
     async def _issue_now(self, hostname: str) -> None:
         """Proactive issuance: a host that has just verified gets its certificate now."""

@@ -25,16 +25,18 @@ from typing import Protocol
 
 from cryptography import x509
 
-from acme_client import AcmeError, AriAnswer, RateLimited
+from acme_client import AcmeError, AriAnswer, CaUnavailable, RateLimited, is_ca_failure
 from acme_client.renewal import RenewalWindow, ari_certificate_id, next_ari_poll, ratio_window
 from certstore import CertStore, DomainState, RenewalPlan, StoredCertificate
 
-from .certificates import CertificateManager, lease_name
+from .certificates import CertificateManager, kept_lease, lease_name
 from .dnscheck import CnameChecker, CnameStatus
 
 log = logging.getLogger(__name__)
 ARI_ERROR_RETRY = 3600.0  # a CA whose renewalInfo fails is asked again in an hour
 PRUNE_EVERY = 3600.0
+MIN_SLEEP = 0.25  # between passes when something is due (a lease held elsewhere: 1 s)
+CA_RETRY_SPREAD = 10.0  # renewals refused by a CA outage come back spread over this many s
 
 
 class RenewalInfoSource(Protocol):
@@ -43,11 +45,11 @@ class RenewalInfoSource(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class MaintenanceSettings:
-    interval_seconds: float = 60.0  # between passes (jittered ±50 % per worker)
+    interval_seconds: float = 60.0  # safety net: longest sleep between passes (jittered)
     batch_size: int = 200  # hosts visited per pass at most
     concurrency: int = 4  # visits in flight at once
     skip_recheck_seconds: float = 3600.0  # a skipped renewal is looked at again after this
-    lease_seconds: float = 150.0
+    lease_seconds: float = 10.0  # kept alive while a visit runs (see certificates.kept_lease)
 
 
 class Maintainer:
@@ -72,6 +74,8 @@ class Maintainer:
         self._uniform = uniform
         self._task: asyncio.Task[None] | None = None
         self._last_prune = 0.0
+        self._wake = asyncio.Event()
+        self.passes = 0  # for tests and logs
         # its own lease holder: a first-click order in this very process must exclude it too
         self._holder = f"{manager.holder}:maintenance"
 
@@ -84,19 +88,46 @@ class Maintainer:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
+    def wake(self, _hostname: str | None = None) -> None:
+        """Something changed the schedule (a new certificate here or in another worker):
+        look again now instead of at the planned moment."""
+        self._wake.set()
+
     async def run_forever(self) -> None:
+        """Sleep until the earliest moment the store says a host needs a visit (a renewal
+        due, an ARI poll, a backoff ending), woken early by `wake`; the interval is only
+        the longest sleep, a safety net."""
         interval = self._settings.interval_seconds
-        await asyncio.sleep(interval * self._uniform())  # workers start out of step
+        await asyncio.sleep(min(interval, 1.0) * self._uniform())  # workers out of step
         while True:
+            self._wake.clear()  # a wake during the pass below means: pass again at once
             try:
-                await self.run_once()
+                visited = await self.run_once()
+                delay = await self._sleep_for(visited)
             except Exception:  # the loop must outlive a store or DNS hiccup
                 log.exception("maintenance pass failed")
-            await asyncio.sleep(interval * (0.5 + self._uniform()))
+                delay = interval * (0.5 + self._uniform())
+            if self._wake.is_set():
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def _sleep_for(self, visited: int) -> float:
+        safety = self._settings.interval_seconds * (0.5 + self._uniform())
+        earliest = await self._store.next_maintenance_at()
+        if earliest is None:
+            return safety
+        # a little jitter so N workers do not all reach for the same lease at once
+        wait = earliest - self._clock() + 0.05 * self._uniform()
+        floor = MIN_SLEEP if visited else 1.0  # due but not ours (another worker's lease)
+        return min(max(wait, floor), safety)
 
     async def run_once(self) -> int:
         """One pass over the hosts whose plan wants a visit now; returns how many."""
         now = self._clock()
+        self.passes += 1
         hosts = await self._store.hosts_needing_maintenance(now, self._settings.batch_size)
         slots = asyncio.Semaphore(max(self._settings.concurrency, 1))
 
@@ -115,10 +146,10 @@ class Maintainer:
 
     async def visit(self, hostname: str) -> None:
         lease = lease_name(hostname)
-        holder = self._holder
-        if not await self._store.try_acquire_lease(lease, holder, self._settings.lease_seconds):
-            return  # another worker is ordering or maintaining this name
-        try:
+        ttl = self._settings.lease_seconds
+        async with kept_lease(self._store, lease, self._holder, ttl) as held:
+            if not held:
+                return  # another worker is ordering or maintaining this name
             cert = await self._store.get_certificate(hostname)
             if cert is None:
                 return
@@ -126,8 +157,6 @@ class Maintainer:
             if plan.due_at <= self._clock():
                 plan = await self._renew(cert, plan)
             await self._store.put_renewal(plan)
-        finally:
-            await self._store.release_lease(lease, holder)
 
     # -- planning --------------------------------------------------------------
 
@@ -166,6 +195,10 @@ class Maintainer:
         result = await self._checker.check(hostname, self._target)
         if result.status is not CnameStatus.OK:
             return await self._skip(plan, f"CNAME check: {result.reason}")
+        try:
+            await self._manager.check_ca()  # an open breaker: not even the CNAME check
+        except CaUnavailable as exc:
+            return self._after_ca_outage(plan, exc)
         verdict = await self._manager.limits.check_host(hostname)
         if not verdict.allowed:
             return replace(
@@ -180,10 +213,12 @@ class Maintainer:
                 exempt=ari,
                 renewal=True,
             )
-        except RateLimited as exc:
-            retry = exc.retry_at if exc.retry_at is not None else now + 600.0
-            return replace(plan, next_check_at=retry, last_error=str(exc))
         except AcmeError as exc:
+            if is_ca_failure(exc):
+                return self._after_ca_outage(plan, exc)
+            if isinstance(exc, RateLimited):
+                retry = exc.retry_at if exc.retry_at is not None else now + 600.0
+                return replace(plan, next_check_at=retry, last_error=str(exc))
             backoff = await self._store.get_backoff(hostname)
             retry = backoff.next_attempt_at if backoff is not None else now + 600.0
             return replace(plan, next_check_at=retry, last_error=str(exc))
@@ -192,6 +227,14 @@ class Maintainer:
         assert renewed is not None
         due = ratio_window(renewed.not_before, renewed.not_after).pick(self._uniform)
         return RenewalPlan(hostname, due_at=due, next_check_at=self._clock(), source="ratio")
+
+    def _after_ca_outage(self, plan: RenewalPlan, exc: AcmeError) -> RenewalPlan:
+        """A CA outage is not the host's failure: no backoff step. Retry soon after the
+        breaker's next probe, spread, so due renewals go first when the CA is back."""
+        now = self._clock()
+        base = getattr(exc, "retry_at", None) or now + 5.0
+        retry = max(base, now + 1.0) + CA_RETRY_SPREAD * self._uniform()
+        return replace(plan, next_check_at=retry, last_error=f"CA unavailable: {exc}")
 
     async def _skip(self, plan: RenewalPlan, reason: str) -> RenewalPlan:
         await self._store.record_event(plan.hostname, "renewal_skipped", reason)

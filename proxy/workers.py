@@ -1,14 +1,17 @@
 """`linkedge serve`: a preflight, then one worker in-process or N supervised processes.
 
 The preflight runs once in the parent so that the usual mistakes (bad key, store
-unreadable, ACME server unreachable, port taken) produce one clear message and a
-non-zero exit before any worker starts, and so that the ACME account is
-registered once rather than raced by N workers.
+unreadable, an ACME server whose TLS certificate is not trusted, port taken) produce
+one clear message and a non-zero exit before any worker starts, and so that the ACME
+account is registered once rather than raced by N workers. An ACME server that is
+merely down does not stop the edge: it starts, serves the certificates it holds, and
+reaches the CA later through the CA's circuit breaker (acme_client/breaker.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.process
@@ -17,6 +20,10 @@ import signal
 import time
 from types import FrameType
 
+import requests
+
+from acme_client import AcmeError
+
 from . import logging_setup
 from .config import Config
 from .edge import listening_socket, make_issuer, open_store, run_worker
@@ -24,6 +31,7 @@ from .reload import ConfigSource, supervisor_reload
 
 log = logging.getLogger(__name__)
 _FAST_EXIT_SECONDS = 5.0  # a worker dying this soon after start is broken, not unlucky
+_PREFLIGHT_CA_SECONDS = 10.0  # how long start-up waits for the CA before starting anyway
 
 
 async def preflight(config: Config) -> None:
@@ -38,9 +46,18 @@ async def preflight(config: Config) -> None:
     try:
         issuer = make_issuer(config, store)
         try:
-            await issuer.start()
+            await asyncio.wait_for(issuer.start(), _PREFLIGHT_CA_SECONDS)
+        except (AcmeError, TimeoutError) as exc:
+            if isinstance(exc.__cause__, requests.exceptions.SSLError):
+                raise  # the CA's certificate is not trusted: a configuration error
+            log.warning(
+                "ACME server not reachable at start-up (%s); starting anyway: stored "
+                "certificates are served, orders wait until the CA answers",
+                exc or f"no answer within {_PREFLIGHT_CA_SECONDS:.0f} s",
+            )
         finally:
-            await issuer.close()
+            with contextlib.suppress(Exception):
+                await issuer.close()
     finally:
         await store.close()
 

@@ -4,6 +4,7 @@ CA with External Account Binding, and revocation from the command line."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -311,12 +312,27 @@ async def test_fallback_ca_with_eab_issues_when_the_primary_is_down(
     edge = await Edge(config, key_text, FakeClock(), ip).start()
     store = await edge.open_store()
     try:
+        # the CAs are connected lazily, in the background (issue 8): wait for the account
+        for _ in range(200):
+            if await store.get_account(fallback.directory_url) is not None:
+                break
+            await asyncio.sleep(0.05)
         assert await store.get_account(fallback.directory_url) is not None  # EAB accepted
         host = f"links.fallback-{ip.split('.')[-1]}.test"
         await _register(store, dns_server, host, target)
         primary.stop()
         try:
             serial = await served_serial(ip, edge.https_port, host, client_context(fallback))
+            # the primary's breaker is open now: the next order goes straight to the
+            # fallback, without the primary's seconds of retries first (issue 8)
+            quick = f"links.fallback-quick-{ip.split('.')[-1]}.test"
+            await _register(store, dns_server, quick, target)
+            started = time.monotonic()
+            await served_serial(ip, edge.https_port, quick, client_context(fallback))
+            assert time.monotonic() - started < 2.0
+            breaker = await store.get_ca_breaker(primary.directory_url)
+            assert breaker is not None and breaker.state != "closed"
+            assert await store.get_backoff(host) is None and await store.get_backoff(quick) is None
         finally:
             primary.start()
         cert = await store.get_certificate(host)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,11 +141,32 @@ def _serve_env(store_env: dict[str, str], directory: str, ca_bundle: str) -> dic
     }
 
 
-def test_serve_with_unreachable_acme_server(
-    store_env: dict[str, str], pebble: PebbleServer
+def test_serve_with_unreachable_acme_server_starts_anyway(
+    store_env: dict[str, str], pebble: PebbleServer, tmp_path: Path
 ) -> None:
+    """Issue 8: a CA that is down does not keep the edge from serving what it has."""
     env = _serve_env(store_env, f"https://127.0.0.1:{free_port()}/dir", str(pebble.ca_bundle))
-    assert_clean_error(run_cli("serve", env=env), 1, "ACME server", "unreachable")
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "circuit breaker open" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    text = log_path.read_text()
+    assert proc.returncode == 0, text
+    assert "ACME server not reachable at start-up" in text and "unreachable" in text
+    assert "edge worker ready" in text and "Traceback" not in text
 
 
 def test_serve_with_untrusted_acme_certificate(

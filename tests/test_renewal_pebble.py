@@ -135,20 +135,22 @@ async def test_ca_down_during_renewal_then_back(
             await edge.run_maintenance()
             plan = await store.get_renewal(host)
             assert plan is not None and plan.last_error and "unreachable" in plan.last_error
-            backoff = await store.get_backoff(host)
-            assert backoff is not None and backoff.failures == 1
-            assert plan.next_check_at == backoff.next_attempt_at
+            assert plan.last_error.startswith("CA unavailable")
+            # the CA's failure, not the host's (issue 8): no backoff step; retried as soon
+            # as the CA's breaker lets a probe through, spread over a few seconds
+            assert await store.get_backoff(host) is None
+            assert clock() < plan.next_check_at < clock() + 20
             kinds = [e.kind for e in await store.list_events(host)]
-            assert "renewal_failed" in kinds
+            assert "order_deferred" in kinds and "renewal_failed" not in kinds
             # the current certificate is still served, from cache and from a fresh worker
             assert await served_serial(edge.ip, edge.https_port, host, old_root) == serial
             edge.worker.manager.forget(host)  # type: ignore[union-attr]
             assert await served_serial(edge.ip, edge.https_port, host, old_root) == serial
-            assert await edge.run_maintenance() == 0  # backing off: not retried yet
+            assert await edge.run_maintenance() == 0  # not due again yet
         finally:
             short_pebble.start()  # same ports; Pebble forgot our account
 
-        clock.advance_to(backoff.next_attempt_at + 1)
+        clock.advance_to(plan.next_check_at + 1)
         assert await edge.run_maintenance() == 1
         renewed = await store.get_certificate(host)
         assert renewed is not None and renewed.serial != serial
