@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -33,6 +34,7 @@ from acme_client import (
 )
 from certstore import CertStore, SQLiteStore, load_key
 
+from . import metrics
 from .admin import AdminDeps, make_admin_app
 from .backends import BackendPool, HealthSettings
 from .certificates import CertificateManager, ManagerSettings
@@ -41,6 +43,7 @@ from .clienthello import HANDSHAKE_FAILURE, ClientHello
 from .config import Config, parse_address, read_secret
 from .forward import Forwarder
 from .gate import IssuanceGate
+from .health import OpsEndpoints
 from .host_policy import HostPolicy
 from .host_views import CHANGE_EVENTS, HostViews
 from .hostnames import InvalidHostname, normalize_hostname
@@ -113,8 +116,13 @@ def fallback_settings(config: Config) -> AcmeSettings | None:
     )
 
 
-def make_issuer(config: Config, store: CertStore) -> FailoverIssuer:
+def make_issuer(config: Config, store: CertStore, *, metered: bool = False) -> FailoverIssuer:
     fallback = fallback_settings(config)
+    if metered:  # orders counted and timed (proxy/metrics.py)
+        return FailoverIssuer(
+            metrics.MeteredAcmeIssuer(acme_settings(config), store, ca="primary"),
+            metrics.MeteredAcmeIssuer(fallback, store, ca="fallback") if fallback else None,
+        )
     return FailoverIssuer(
         AcmeIssuer(acme_settings(config), store),
         AcmeIssuer(fallback, store) if fallback is not None else None,
@@ -155,6 +163,11 @@ class EdgeWorker:
         self.http_address: tuple[str, int] | None = None
         self.https_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
+        self.metrics_address: tuple[str, int] | None = None  # metrics.listen
+        self.store: SQLiteStore | None = None
+        self.http_server: web.Server | None = None  # both listeners' HTTP server
+        self.listen_sockets: list[socket.socket] = []  # HTTPS and HTTP, for /readyz
+        self.worker_metrics: metrics.WorkerMetrics | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -164,9 +177,10 @@ class EdgeWorker:
                 config.admin.token_file, config.admin.token_env, "admin token", "admin.token"
             )
         store = await open_store(config, self._clock)
+        self.store = store
         self._closers.append(store.close)
         self._closers.append(self._cancel_tasks)
-        issuer = make_issuer(config, store)
+        issuer = make_issuer(config, store, metered=config.metrics.enabled)
         self._closers.append(issuer.close)
         await issuer.start()
         account = await store.get_account(config.acme.directory)
@@ -239,7 +253,8 @@ class EdgeWorker:
         forwarded_trusted = TrustedNetworks(
             config.listen.forwarded_trusted, "listen.forwarded_trusted"
         )
-        forwarder = Forwarder(
+        forwarder_class = metrics.MeteredForwarder if config.metrics.enabled else Forwarder
+        forwarder = forwarder_class(
             self.backends,
             connect_timeout=backend.connect_timeout,
             timeout=backend.timeout,
@@ -269,6 +284,7 @@ class EdgeWorker:
         await runner.setup()
         self._closers.append(runner.cleanup)
         assert runner.server is not None
+        self.http_server = runner.server
         proxy_protocol = ProxyProtocolSettings(
             trusted=TrustedNetworks(
                 config.listen.proxy_protocol_trusted, "listen.proxy_protocol_trusted"
@@ -277,6 +293,7 @@ class EdgeWorker:
         )
         http_sock = listening_socket(config.listen.http, "listen.http", reuse_port=True)
         self.http_address = http_sock.getsockname()[:2]
+        self.listen_sockets.append(http_sock)
         if config.listen.http_proxy_protocol:
             # aiohttp's site would read the header as a broken request: accept ourselves
             self.http_listener = PlainListener(
@@ -289,9 +306,15 @@ class EdgeWorker:
 
         https_sock = listening_socket(config.listen.https, "listen.https", reuse_port=True)
         self.https_address = https_sock.getsockname()[:2]
+        self.listen_sockets.append(https_sock)
+        select_context: metrics.Selector = self._select_context
+        if config.metrics.enabled:  # refusals by reason, certificate waits
+            select_context = metrics.instrument_selector(
+                select_context, self.manager.cached_context
+            )
         self.tls_listener = TLSListener(
             https_sock,
-            self._select_context,
+            select_context,
             runner.server,
             ListenerSettings(
                 hello_timeout=config.tls.hello_timeout,
@@ -308,11 +331,17 @@ class EdgeWorker:
             self._closers.append(self.maintainer.close)
 
         self._spawn(self.state_sync.run_forever())
+        if config.metrics.enabled:
+            self.worker_metrics = metrics.start_worker_metrics(self)
+            self._spawn(self.worker_metrics.run_forever())
         if config.verify.poll_seconds > 0:
             self._spawn(self.verifier.run_forever())
         if self.primary:
+            ops = self._ops_endpoints(store)
             if admin_token is not None:
-                await self._start_admin(store, lifecycle, admin_token)
+                await self._start_admin(store, lifecycle, admin_token, ops)
+            if config.metrics.listen:
+                await self._start_metrics_listener(ops)
             if config.webhooks.url:
                 await self._start_webhooks(store)
         log.info(
@@ -324,7 +353,29 @@ class EdgeWorker:
             ", ".join(config.backend.backend_urls()),
         )
 
-    async def _start_admin(self, store: SQLiteStore, lifecycle: Lifecycle, token: str) -> None:
+    def _ops_endpoints(self, store: SQLiteStore) -> OpsEndpoints:
+        """/healthz, /readyz and /metrics (proxy/health.py, proxy/metrics.py)."""
+        exporter = None
+        if self.config.metrics.enabled:
+            m = self.config.metrics
+            token = None
+            if m.token_file or os.environ.get(m.token_env or ""):
+                token = read_secret(m.token_file, m.token_env, "metrics token", "metrics.token")
+            exporter = metrics.Exporter(store, self.config, self.worker_metrics, token)
+        return OpsEndpoints(self, exporter)
+
+    async def _start_metrics_listener(self, ops: OpsEndpoints) -> None:
+        runner = web.AppRunner(ops.app(), access_log=None)
+        await runner.setup()
+        self._closers.append(runner.cleanup)
+        sock = listening_socket(self.config.metrics.listen, "metrics.listen", reuse_port=False)
+        await web.SockSite(runner, sock).start()
+        self.metrics_address = sock.getsockname()[:2]
+        log.info("metrics and health on http://%s/metrics", _fmt(self.metrics_address))
+
+    async def _start_admin(
+        self, store: SQLiteStore, lifecycle: Lifecycle, token: str, ops: OpsEndpoints
+    ) -> None:
         assert self.verifier is not None
         deps = AdminDeps(
             store=store,
@@ -337,7 +388,9 @@ class EdgeWorker:
             host_views=self.host_views,
             clock=self._clock,
         )
-        runner = web.AppRunner(make_admin_app(deps), access_log=None)
+        app = make_admin_app(deps)
+        ops.install(app)  # /healthz, /readyz, /metrics answer before the token check
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         self._closers.append(runner.cleanup)
         sock = listening_socket(self.config.admin.listen, "admin.listen", reuse_port=False)

@@ -16,6 +16,7 @@ import signal
 import time
 from types import FrameType
 
+from . import metrics
 from .config import Config
 from .edge import listening_socket, make_issuer, open_store, run_worker
 
@@ -71,6 +72,7 @@ def _supervise(config: Config) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
+    metrics_dir = metrics.prepare_multiprocess(config)  # before spawning: workers inherit it
     procs: dict[int, tuple[multiprocessing.process.BaseProcess, float]] = {}
 
     def spawn(slot: int) -> None:
@@ -97,6 +99,7 @@ def _supervise(config: Config) -> int:
                 stopping, exit_code = True, 1
                 break
             log.warning("worker %d exited with %s; restarting it", slot, proc.exitcode)
+            metrics.worker_exited(proc.pid)
             spawn(slot)
     for proc, _ in procs.values():
         if proc.is_alive():
@@ -106,6 +109,7 @@ def _supervise(config: Config) -> int:
         if proc.is_alive():
             proc.kill()
             proc.join()
+    metrics.finish_multiprocess(metrics_dir, config)
     return exit_code
 
 

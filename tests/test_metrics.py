@@ -1,0 +1,225 @@
+"""Issue 13: /metrics, /healthz and /readyz on a real edge (Pebble, DNS, backend)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import ADMIN_TOKEN, EdgeHandle, client_context, enable_admin, free_port, tls_handshake
+from helpers_edge import certify, edge_store, new_host
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.demo.dnsserver import DNSServer
+from proxy.demo.pebble import PebbleServer
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def scrape(base: str, path: str = "/metrics", **headers: str) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(base + path, headers=headers) as resp,
+    ):
+        return resp.status, await resp.text()
+
+
+async def metrics(base: str) -> Samples:
+    status, text = await scrape(base)
+    assert status == 200, text
+    return parse(text)
+
+
+async def test_first_click_shows_in_metrics(
+    edge_config: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer, tmp_path: Path
+) -> None:
+    admin = enable_admin(edge_config, tmp_path)
+    edge_config.config.metrics.store_cache_seconds = 0  # store gauges fresh at each scrape
+    await edge_config.start()
+    try:
+        before = await metrics(admin)
+        host = await certify(edge_config, pebble, dns_server)  # a real first click
+        # a name nobody registered is refused at the handshake
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await tls_handshake(
+                edge_config.ip,
+                edge_config.https_port,
+                new_host(edge_config),
+                client_context(pebble),
+            )
+        after = await metrics(admin)
+        async with edge_store(edge_config) as store:
+            cert = await store.get_certificate(host)
+        assert cert is not None
+    finally:
+        await edge_config.stop()
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("linkedge_acme_orders_total", ca="primary", outcome="issued") == 1
+    assert delta("linkedge_acme_order_duration_seconds_count", ca="primary") == 1
+    assert 0 < delta("linkedge_acme_order_duration_seconds_sum", ca="primary") < 30
+    # the first click waited for its certificate, once
+    assert delta("linkedge_tls_certificate_wait_seconds_count") >= 1
+    assert delta("linkedge_tls_certificate_wait_seconds_sum") >= 0.01
+    assert delta("linkedge_tls_handshakes_total", outcome="served", reason="") >= 1
+    assert delta("linkedge_tls_handshakes_total", outcome="refused", reason="not_registered") == 1
+    assert delta("linkedge_listener_accepted_connections_total", listener="https") >= 2
+    assert delta("linkedge_backend_requests_total", status_class="3xx") == 1  # the 302
+    assert delta("linkedge_backend_request_duration_seconds_count") == 1
+    # store-derived gauges: this edge's own store
+    assert value(after, "linkedge_hosts", state="active") == 1
+    assert value(after, "linkedge_hosts", state="pending") == 0
+    assert value(after, "linkedge_certificates", state="valid") == 1
+    assert value(after, "linkedge_certificates", state="expired") == 0
+    soonest = value(after, "linkedge_certificate_soonest_expiry_timestamp_seconds")
+    assert soonest == pytest.approx(cert.not_after)
+    assert value(after, "linkedge_renewals", state="overdue") == 0
+    budget = value(after, "linkedge_acme_order_budget_remaining")
+    assert budget == value(after, "linkedge_acme_order_budget_limit") - 1
+    assert value(after, "linkedge_backend_up", backend=edge_config.config.backend.url) == 1
+    assert value(after, "linkedge_acme_ca_breaker_state", ca="primary", state="open") == 0
+    assert value(after, "linkedge_tls_contexts_cached") >= 1
+
+
+async def test_metrics_need_no_admin_token_but_the_api_still_does(
+    edge_config: EdgeHandle, tmp_path: Path
+) -> None:
+    admin = enable_admin(edge_config, tmp_path)
+    await edge_config.start()
+    try:
+        status, text = await scrape(admin)
+        assert status == 200 and "# TYPE linkedge_tls_handshakes_total counter" in text
+        status, _ = await scrape(admin, "/v1/hosts")
+        assert status == 401
+        status, _ = await scrape(admin, "/v1/hosts", Authorization=f"Bearer {ADMIN_TOKEN}")
+        assert status == 200
+    finally:
+        await edge_config.stop()
+
+
+async def test_metrics_token_and_own_listener(edge_config: EdgeHandle, tmp_path: Path) -> None:
+    token = "metrics-token-0123456789abcdef"
+    (tmp_path / "metrics.token").write_text(token + "\n")
+    config = edge_config.config
+    config.metrics.token_file = str(tmp_path / "metrics.token")
+    config.metrics.token_env = ""
+    port = free_port(edge_config.ip)
+    config.metrics.listen = f"{edge_config.ip}:{port}"
+    base = f"http://{edge_config.ip}:{port}"
+    await edge_config.start()  # no admin listener at all: metrics.listen stands alone
+    try:
+        status, text = await scrape(base)
+        assert status == 401 and "bearer token" in text
+        status, _ = await scrape(base, Authorization="Bearer wrong-token-0123456789")
+        assert status == 401
+        status, text = await scrape(base, Authorization=f"Bearer {token}")
+        assert status == 200 and "linkedge_hosts{" in text
+        assert await scrape(base, "/healthz") == (200, "ok\n")  # probes need no token
+        status, _ = await scrape(base, "/readyz")
+        assert status == 200
+        status, _ = await scrape(base, "/v1/hosts")  # the API is not on this listener
+        assert status == 404
+    finally:
+        await edge_config.stop()
+
+
+async def test_metrics_off_means_no_endpoint(edge_config: EdgeHandle, tmp_path: Path) -> None:
+    admin = enable_admin(edge_config, tmp_path)
+    edge_config.config.metrics.enabled = False
+    await edge_config.start()
+    try:
+        status, _ = await scrape(admin)
+        assert status == 401  # an unknown admin path: the API's token check answers
+        assert (await scrape(admin, "/healthz"))[0] == 200
+    finally:
+        await edge_config.stop()
+
+
+async def test_readyz_ready_then_not_ready_when_the_backend_is_down(
+    edge_config: EdgeHandle, tmp_path: Path
+) -> None:
+    admin = enable_admin(edge_config, tmp_path)
+    await edge_config.start()
+    try:
+        status, text = await scrape(admin, "/readyz")
+        assert status == 200, text
+        assert '"ready": true' in text and '"store": "ok"' in text
+        assert await scrape(admin, "/healthz") == (200, "ok\n")
+    finally:
+        await edge_config.stop()
+
+    # the same edge with a backend nobody listens on
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = edge_config.config
+    config.backend.url = dead
+    config.backend.health_interval = 0.1
+    config.backend.unhealthy_after = 1
+    await edge_config.start()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            status, text = await scrape(admin, "/readyz")
+            if status == 503 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 503, text
+        assert "no healthy backend" in text and dead in text
+        assert '"listeners": "ok"' in text and '"store": "ok"' in text
+        assert (await scrape(admin, "/healthz"))[0] == 200  # alive, just not ready
+        assert value(await metrics(admin), "linkedge_backend_up", backend=dead) == 0
+    finally:
+        await edge_config.stop()
+
+
+METRIC_NAME = re.compile(r"\blinkedge_[a-z0-9_]+")
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def exported_names(text: str) -> set[str]:
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names |= {s.name for s in family.samples}
+    return names
+
+
+async def test_rules_and_dashboard_use_only_exported_metrics(
+    edge_config: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer, tmp_path: Path
+) -> None:
+    import json
+
+    admin = enable_admin(edge_config, tmp_path)
+    await edge_config.start()
+    try:
+        await certify(edge_config, pebble, dns_server)  # so every series has a sample
+        _, text = await scrape(admin)
+    finally:
+        await edge_config.stop()
+    exported = exported_names(text)
+    rules = (DEPLOY / "prometheus" / "linkedge-alerts.yml").read_text()
+    dashboard_text = (DEPLOY / "prometheus" / "linkedge-dashboard.json").read_text()
+    dashboard = json.loads(dashboard_text)
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 10
+    used_in_rules = set(METRIC_NAME.findall(rules))
+    used_in_dashboard = set(METRIC_NAME.findall(" ".join(exprs)))
+    assert len(used_in_rules) >= 5
+    assert used_in_rules - exported == set()
+    assert used_in_dashboard - exported == set()
