@@ -223,3 +223,68 @@ async def test_rules_and_dashboard_use_only_exported_metrics(
     assert len(used_in_rules) >= 5
     assert used_in_rules - exported == set()
     assert used_in_dashboard - exported == set()
+
+
+async def test_workers_are_aggregated_into_one_scrape(
+    tmp_path: Path, pebble: PebbleServer, dns_server: DNSServer, backend
+) -> None:
+    """`serve --workers 2`: slot 0's /metrics sums both workers (multiprocess mode)."""
+    from helpers_edge import python_hello, read_to_close
+    from test_workers import IP, TARGET, ServeProcess
+
+    from certstore import generate_key_text
+
+    dns_server.set_a(TARGET, [IP])
+    https_port = free_port(IP)
+    admin_port = free_port(IP)
+    multiproc = tmp_path / "metrics"
+    env = {
+        "LINKEDGE_LISTEN_HTTPS": f"{IP}:{https_port}",
+        "LINKEDGE_LISTEN_HTTP": f"{IP}:{pebble.http_port}",
+        "LINKEDGE_BACKEND_URL": backend[0],
+        "LINKEDGE_EDGE_CNAME_TARGET": TARGET,
+        "LINKEDGE_ACME_DIRECTORY": pebble.directory_url,
+        "LINKEDGE_ACME_CA_BUNDLE": str(pebble.ca_bundle),
+        "LINKEDGE_STORE_PATH": str(tmp_path / "store.db"),
+        "LINKEDGE_STORE_KEY": generate_key_text(),
+        "LINKEDGE_DNS_NAMESERVERS": dns_server.nameserver,
+        "LINKEDGE_ADMIN_LISTEN": f"{IP}:{admin_port}",
+        "LINKEDGE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "LINKEDGE_VERIFY_POLL_SECONDS": "0",
+        "LINKEDGE_METRICS_MULTIPROC_DIR": str(multiproc),
+    }
+    serve = ServeProcess(env, tmp_path / "serve.log")
+    admin = f"http://{IP}:{admin_port}"
+    connections = 24
+    try:
+        serve.wait_ready(2)
+        before = await metrics(admin)
+        hello = python_hello("nobody-registered-this.example")
+        for _ in range(connections):  # SO_REUSEPORT spreads these over both workers
+            reader, writer = await asyncio.open_connection(IP, https_port)
+            writer.write(hello)
+            await writer.drain()
+            await read_to_close(reader, 5)  # the unrecognized_name alert, then close
+            writer.close()
+        deadline = time.monotonic() + 10
+        while True:  # accepts are copied into the series every 2 s
+            after = await metrics(admin)
+            accepted = value(
+                after, "linkedge_listener_accepted_connections_total", listener="https"
+            ) - value(before, "linkedge_listener_accepted_connections_total", listener="https")
+            if accepted >= connections or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        pids = {p.stem.rsplit("_", 1)[-1] for p in multiproc.glob("counter_*.db")}
+    finally:
+        serve.stop()
+    assert serve.proc.returncode == 0, serve.log()
+    refused = value(
+        after, "linkedge_tls_handshakes_total", outcome="refused", reason="not_registered"
+    ) - value(before, "linkedge_tls_handshakes_total", outcome="refused", reason="not_registered")
+    assert refused == connections
+    assert accepted == connections
+    assert len(pids) == 2, pids  # both workers wrote values
+    # live gauges are not doubled: each worker reports the backend up, max() is 1
+    assert value(after, "linkedge_backend_up", backend=backend[0]) == 1
+    assert value(after, "linkedge_hosts", state="active") == 0
