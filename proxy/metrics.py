@@ -44,6 +44,7 @@ import shutil
 import ssl
 import tempfile
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -183,6 +184,48 @@ WEBHOOKS = Counter(
 )
 
 _STATUS_CLASSES = {c: BACKEND_REQUESTS.labels(f"{c}xx") for c in range(1, 6)}
+
+
+class _ClickTally:
+    """Per-click figures kept as plain numbers in this process, flushed by the sync task.
+
+    A multiprocess-mode Counter.inc or Histogram.observe writes memory-mapped files
+    under a lock (~1.5 µs each, ~4.5 µs per click for the three); a list slot and a
+    float cost ~0.3 µs. The flush adds the tallies to the real series (the histogram's
+    per-bucket values and sum, as `observe` would have), so a scrape sees them within
+    SYNC_SECONDS (slot 0 flushes right before its scrape).
+    """
+
+    __slots__ = ("_bounds", "buckets", "status", "total")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._bounds: list[float] = list(histogram._upper_bounds)
+        self.buckets = [0] * len(self._bounds)
+        self.total = 0.0
+        self.status = [0] * 6  # by status // 100
+
+    def record(self, status: int, seconds: float) -> None:
+        self.buckets[bisect_left(self._bounds, seconds)] += 1
+        self.total += seconds
+        klass = status // 100
+        if 0 < klass < 6:
+            self.status[klass] += 1
+
+    def flush(self) -> None:
+        buckets, self.buckets = self.buckets, [0] * len(self._bounds)
+        status, self.status = self.status, [0] * 6
+        total, self.total = self.total, 0.0
+        for i, count in enumerate(buckets):
+            if count:
+                BACKEND_DURATION._buckets[i].inc(count)
+        if total:
+            BACKEND_DURATION._sum.inc(total)
+        for klass, count in enumerate(status):
+            if count:
+                _STATUS_CLASSES[klass].inc(count)
+
+
+_CLICKS = _ClickTally(BACKEND_DURATION)
 _SERVED = HANDSHAKES.labels("served", "")
 _FAILED_HANDSHAKE = HANDSHAKES.labels("failed", "handshake")
 
@@ -314,10 +357,7 @@ class MeteredForwarder(Forwarder):
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         response = await super().handle(request)
-        BACKEND_DURATION.observe(time.monotonic() - started)
-        counter = _STATUS_CLASSES.get(response.status // 100)
-        if counter is not None:
-            counter.inc()
+        _CLICKS.record(response.status, time.monotonic() - started)
         return response
 
 
@@ -348,6 +388,7 @@ class WorkerMetrics:
     def sync(self) -> None:
         w = self._worker
         d = self._deltas
+        _CLICKS.flush()
         tls = w.tls_listener
         if tls is not None:
             s = tls.stats
