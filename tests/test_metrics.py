@@ -288,3 +288,65 @@ async def test_workers_are_aggregated_into_one_scrape(
     # live gauges are not doubled: each worker reports the backend up, max() is 1
     assert value(after, "linkedge_backend_up", backend=backend[0]) == 1
     assert value(after, "linkedge_hosts", state="active") == 0
+
+
+def test_refusal_reasons_are_a_bounded_set() -> None:
+    from proxy.clienthello import HANDSHAKE_FAILURE, INTERNAL_ERROR
+    from proxy.metrics import refusal_reason
+    from proxy.refusals import Refused
+
+    cases = {
+        Refused("not registered"): "not_registered",
+        Refused("suspended by operator"): "suspended",
+        Refused("moved, not renewed: cname gone"): "moved",
+        Refused("pending: CNAME points to elsewhere.example"): "not_verified",
+        Refused("failed: gave up after 7 days"): "failed",
+        Refused("no SNI in ClientHello", HANDSHAKE_FAILURE): "no_sni",
+        Refused("issuance failed: urn:ietf:params:acme:error:dns", INTERNAL_ERROR): (
+            "issuance_failing"
+        ),
+        Refused("backing off after 2 failed order(s) until ...", INTERNAL_ERROR): (
+            "issuance_failing"
+        ),
+        Refused("issuance deferred: 300 new orders within 3 h", INTERNAL_ERROR): "rate_limited",
+        Refused("no TLS-ALPN-01 challenge pending for this name"): "no_challenge",
+        Refused("label 'x' * 64 is too long: links.shop.test"): "other",
+    }
+    for exc, label in cases.items():
+        assert refusal_reason(exc) == label, exc.reason
+
+
+def test_click_tally_flushes_what_observe_would_have_recorded() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from proxy import metrics
+
+    registry = CollectorRegistry()
+    reference = Histogram(
+        "ref_seconds", "", registry=registry, buckets=metrics.BACKEND_DURATION._upper_bounds[:-1]
+    )
+    tally = metrics._ClickTally(metrics.BACKEND_DURATION)
+    durations = [0.001, 0.005, 0.0051, 0.3, 2.0, 45.0, 0.01]
+    statuses = [302, 302, 200, 404, 502, 504, 302]
+    before = parse(generate_latest().decode())
+    for status, seconds in zip(statuses, durations, strict=True):
+        tally.record(status, seconds)
+        reference.observe(seconds)
+    tally.flush()
+    after = parse(generate_latest().decode())
+    mine = {
+        dict(labels)["le"]: after[(name, labels)] - before.get((name, labels), 0)
+        for (name, labels) in after
+        if name == "linkedge_backend_request_duration_seconds_bucket"
+    }
+    ref = parse(generate_latest(registry).decode())
+    theirs = {
+        dict(labels)["le"]: v for (name, labels), v in ref.items() if name == "ref_seconds_bucket"
+    }
+    assert mine == theirs
+    delta = {
+        cls: value(after, "linkedge_backend_requests_total", status_class=cls)
+        - value(before, "linkedge_backend_requests_total", status_class=cls)
+        for cls in ("2xx", "3xx", "4xx", "5xx")
+    }
+    assert delta == {"2xx": 1, "3xx": 3, "4xx": 1, "5xx": 2}

@@ -1,6 +1,6 @@
 """CPU per click with metrics on vs off: bench_edge.py with a second edge, metrics off.
 
-Run:  .venv/bin/python tests/benchmarks/bench_metrics.py [bench_edge options, e.g. --rounds 6]
+Run:  .venv/bin/python tests/benchmarks/bench_metrics.py [--aa] [bench_edge.py options]
 
 Two linkedge workers run side by side in their own processes, pinned to the same CPU,
 sharing the store and the certificate: `linkedge` with the default configuration
@@ -27,11 +27,14 @@ NOMETRICS = "linkedge-nometrics"
 NOMETRICS_IP = "127.0.0.204"
 
 
+SECOND_EDGE_METRICS = False  # --aa: the second edge has metrics on too (an A/A control run)
+
+
 class MetricsBench(be.Bench):
     def start_stack(self) -> None:
         super().start_stack()
         config = copy.deepcopy(self.config)
-        config.metrics.enabled = False
+        config.metrics.enabled = SECOND_EDGE_METRICS
         config.listen.https = f"{NOMETRICS_IP}:{be.free_port(NOMETRICS_IP)}"
         config.listen.http = f"{NOMETRICS_IP}:{be.free_port(NOMETRICS_IP)}"
         assert self.config.metrics.enabled
@@ -67,7 +70,12 @@ def compare(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    be.SERVERS[:] = ["linkedge", NOMETRICS, "aiohttp-fwd", "aiohttp-302"]
+    global SECOND_EDGE_METRICS
+    if "--aa" in argv:
+        argv = [a for a in argv if a != "--aa"]
+        SECOND_EDGE_METRICS = True
+        print("A/A control: both edges have metrics on; ratios show the run's bias and noise")
+    be.SERVERS[:] = ["linkedge", NOMETRICS, "aiohttp-fwd"]
     be.Bench = MetricsBench  # type: ignore[misc]
     out = Path(tempfile.mkdtemp(prefix="linkedge-bench-metrics-")) / "results.json"
     code = be.main([*argv, "--json", str(out)])
