@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import ssl
+import subprocess
 import time
 from pathlib import Path
 
@@ -223,6 +225,13 @@ async def test_rules_and_dashboard_use_only_exported_metrics(
     assert len(used_in_rules) >= 5
     assert used_in_rules - exported == set()
     assert used_in_dashboard - exported == set()
+    # Prometheus' own linter on the real scrape (names, units, _total suffixes, HELP)
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        lint = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+        )
+        assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout + lint.stderr
 
 
 async def test_workers_are_aggregated_into_one_scrape(
