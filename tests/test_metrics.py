@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
+import signal
 import ssl
 import subprocess
 import time
@@ -237,7 +239,8 @@ async def test_rules_and_dashboard_use_only_exported_metrics(
 async def test_workers_are_aggregated_into_one_scrape(
     tmp_path: Path, pebble: PebbleServer, dns_server: DNSServer, backend
 ) -> None:
-    """`serve --workers 2`: slot 0's /metrics sums both workers (multiprocess mode)."""
+    """`serve --workers 2`: slot 0's /metrics sums both workers (multiprocess mode), and
+    keeps the counts of a worker that died."""
     from helpers_edge import python_hello, read_to_close
     from test_workers import IP, TARGET, ServeProcess
 
@@ -263,6 +266,7 @@ async def test_workers_are_aggregated_into_one_scrape(
         "LINKEDGE_METRICS_MULTIPROC_DIR": str(multiproc),
     }
     serve = ServeProcess(env, tmp_path / "serve.log")
+    started = time.monotonic()
     admin = f"http://{IP}:{admin_port}"
     connections = 24
     try:
@@ -285,9 +289,30 @@ async def test_workers_are_aggregated_into_one_scrape(
                 break
             await asyncio.sleep(0.5)
         pids = {p.stem.rsplit("_", 1)[-1] for p in multiproc.glob("counter_*.db")}
+
+        # worker 1 dies: the supervisor restarts it; its counters stay in the sums, its
+        # live gauges leave them
+        dead = int(re.findall(r"started worker 1 \(pid (\d+)\)", serve.log())[-1])
+        await asyncio.sleep(max(0.0, started + 6 - time.monotonic()))  # past the fast-exit check
+        assert list(multiproc.glob(f"gauge_live*_{dead}.db"))
+        os.kill(dead, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while serve.log().count("edge worker ready") < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert "worker 1 exited with -9; restarting it" in serve.log(), serve.log()
+        after_restart = await metrics(admin)
+        dead_gauges = list(multiproc.glob(f"gauge_live*_{dead}.db"))
+        dead_counters = list(multiproc.glob(f"counter_{dead}.db"))
     finally:
         serve.stop()
     assert serve.proc.returncode == 0, serve.log()
+    assert dead_gauges == [] and len(dead_counters) == 1
+    for name, labels in (
+        ("linkedge_tls_handshakes_total", {"outcome": "refused", "reason": "not_registered"}),
+        ("linkedge_listener_accepted_connections_total", {"listener": "https"}),
+    ):
+        assert value(after_restart, name, **labels) == value(after, name, **labels), name
+    assert value(after_restart, "linkedge_backend_up", backend=backend[0]) == 1
     refused = value(
         after, "linkedge_tls_handshakes_total", outcome="refused", reason="not_registered"
     ) - value(before, "linkedge_tls_handshakes_total", outcome="refused", reason="not_registered")
