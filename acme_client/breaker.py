@@ -109,8 +109,10 @@ class CaBreaker:
         settings: BreakerSettings,
         clock: Callable[[], float] = time.time,
         uniform: Callable[[], float] = random.random,
+        on_change: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_change = on_change  # told "closed" or "open" as this process sees it change
         self.directory_url = directory_url
         self.settings = settings
         self._clock = clock
@@ -198,6 +200,8 @@ class CaBreaker:
         if shown == self._seen_state:
             return
         self._seen_state = shown
+        if self._on_change is not None:
+            self._on_change(shown)
         if shown == OPEN:
             log.warning(
                 "ACME CA %s unavailable (%s); circuit breaker open: orders fail fast, "

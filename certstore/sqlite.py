@@ -443,6 +443,24 @@ class SQLiteStore:
         rows = await self._all(f"SELECT {_CERT_COLS} FROM certificates ORDER BY not_after")
         return [self._certificate(r) for r in rows]
 
+    async def certificate_summary(self, now: float, horizon: float) -> dict[str, Any]:
+        """Counts for monitoring (one aggregate row, no keys opened): valid, expiring
+        within `horizon`, expired, and the soonest expiry (None without certificates)."""
+        row = await self._one(
+            "SELECT COUNT(*), COALESCE(SUM(not_after <= ?), 0),"
+            " COALESCE(SUM(not_after > ? AND not_after <= ?), 0), MIN(not_after)"
+            " FROM certificates",
+            (now, now, now + horizon),
+        )
+        assert row is not None
+        total, expired, expiring = int(row[0]), int(row[1]), int(row[2])
+        return {
+            "valid": total - expired - expiring,
+            "expiring": expiring,
+            "expired": expired,
+            "soonest_expiry": row[3],
+        }
+
     def _certificate(self, row: sqlite3.Row) -> StoredCertificate:
         hostname = row[0]
         return StoredCertificate(
@@ -641,6 +659,17 @@ class SQLiteStore:
             "SELECT hostname, due_at, next_check_at, source, last_error FROM renewals"
         )
         return [_renewal(r) for r in rows]
+
+    async def renewal_summary(self, now: float, overdue_after: float) -> dict[str, int]:
+        """Counts for monitoring: renewals due, due for more than `overdue_after`, and
+        plans whose last attempt left an error."""
+        row = await self._one(
+            "SELECT COALESCE(SUM(due_at <= ?), 0), COALESCE(SUM(due_at <= ?), 0),"
+            " COALESCE(SUM(last_error IS NOT NULL AND last_error != ''), 0) FROM renewals",
+            (now, now - overdue_after),
+        )
+        assert row is not None
+        return {"due": int(row[0]), "overdue": int(row[1]), "failing": int(row[2])}
 
     async def hosts_needing_maintenance(self, now: float, limit: int) -> list[str]:
         """Certificates without a plan yet, or whose plan wants a visit by `now`."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what linkedge needs on a Debian machine into ./.venv (idempotent).
 #   deploy/bootstrap.sh          runtime + demo (Debian: pebble, python3-venv)
-#   deploy/bootstrap.sh --test   also the test tools (curl, openssl, chromium, pytest, playwright)
+#   deploy/bootstrap.sh --test   also the test tools (curl, openssl, chromium, promtool, pytest, playwright)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +13,8 @@ sudo_if_needed() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 debs=(pebble ca-certificates)
 # chromium: the status page is tested in a real headless browser (Playwright drives
 # Debian's build; Playwright's own browser download is not used)
-((with_tests)) && debs+=(curl openssl chromium)
+# prometheus: its promtool checks and unit-tests deploy/prometheus/linkedge-alerts.yml
+((with_tests)) && debs+=(curl openssl chromium prometheus)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

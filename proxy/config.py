@@ -185,6 +185,16 @@ class WebhooksConfig:
 
 
 @dataclass
+class MetricsConfig:
+    enabled: bool = True  # /metrics on the admin listener (and metrics.listen); off: no recording
+    listen: str = ""  # an extra listener for /metrics, /healthz, /readyz only; "" for none
+    token_file: str = ""  # when a token is set, /metrics wants it as a bearer token
+    token_env: str = "LINKEDGE_METRICS_TOKEN"  # noqa: S105 (a variable name) wins when set
+    multiproc_dir: str = ""  # --workers N: where workers write their values; "" a private temp dir
+    store_cache_seconds: float = 15.0  # store-derived gauges are recomputed at most this often
+
+
+@dataclass
 class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
@@ -201,6 +211,7 @@ class Config:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     workers: int = 1
     log_level: str = "info"
     log_format: str = "text"  # "json": one JSON object per line (ts, level, event, host, ...)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -35,6 +36,7 @@ from acme_client import (
 )
 from certstore import CertStore, SQLiteStore, load_key
 
+from . import metrics
 from .admin import AdminDeps, make_admin_app
 from .backends import BackendPool, HealthSettings
 from .certificates import CertificateManager, ManagerSettings
@@ -43,6 +45,7 @@ from .clienthello import HANDSHAKE_FAILURE, ClientHello
 from .config import Config, parse_address, read_secret
 from .forward import Forwarder
 from .gate import IssuanceGate
+from .health import OpsEndpoints
 from .host_policy import HostPolicy
 from .host_views import CHANGE_EVENTS, HostViews
 from .hostnames import InvalidHostname, normalize_hostname
@@ -118,20 +121,35 @@ def fallback_settings(config: Config) -> AcmeSettings | None:
 
 
 def make_issuer(
-    config: Config, store: CertStore, clock: Callable[[], float] = time.time
+    config: Config,
+    store: CertStore,
+    clock: Callable[[], float] = time.time,
+    *,
+    metered: bool = False,
 ) -> FailoverIssuer:
     breaker = BreakerSettings(
         failure_threshold=max(config.acme.breaker_failures, 1),
         probe_seconds=config.acme.breaker_probe_seconds,
     )
 
-    def issuer(settings: AcmeSettings) -> AcmeIssuer:
-        ca = CaBreaker(store, settings.directory_url, breaker, clock)
-        return AcmeIssuer(settings, store, ca)
+    def issuer(settings: AcmeSettings, label: str) -> AcmeIssuer:
+        if not metered:
+            ca = CaBreaker(store, settings.directory_url, breaker, clock)
+            return AcmeIssuer(settings, store, ca)
+        # orders counted and timed, breaker state exported (proxy/metrics.py)
+        ca = CaBreaker(
+            store,
+            settings.directory_url,
+            breaker,
+            clock,
+            on_change=lambda state: metrics.set_ca_breaker_state(label, state),
+        )
+        return metrics.MeteredAcmeIssuer(settings, store, ca, ca_label=label)
 
     fallback = fallback_settings(config)
     return FailoverIssuer(
-        issuer(acme_settings(config)), issuer(fallback) if fallback is not None else None
+        issuer(acme_settings(config), "primary"),
+        issuer(fallback, "fallback") if fallback is not None else None,
     )
 
 
@@ -174,7 +192,9 @@ async def build_forwarder(config: Config) -> tuple[Forwarder, BackendPool]:
         ),
     )
     await backends.start()
-    forwarder = Forwarder(
+    # clicks counted by status class and timed (proxy/metrics.py)
+    forwarder_class = metrics.MeteredForwarder if config.metrics.enabled else Forwarder
+    forwarder = forwarder_class(
         backends,
         connect_timeout=backend.connect_timeout,
         timeout=backend.timeout,
@@ -216,6 +236,11 @@ class EdgeWorker:
         self.http_address: tuple[str, int] | None = None
         self.https_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
+        self.metrics_address: tuple[str, int] | None = None  # metrics.listen
+        self.store: SQLiteStore | None = None
+        self.http_server: web.Server | None = None  # both listeners' HTTP server
+        self.listen_sockets: list[socket.socket] = []  # HTTPS and HTTP, for /readyz
+        self.worker_metrics: metrics.WorkerMetrics | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -228,6 +253,7 @@ class EdgeWorker:
             if secret:
                 redact(secret)  # never in a log line (proxy/logging_setup.py)
         store = await open_store(config, self._clock)
+        self.store = store
         self._closers.append(store.close)
         self._closers.append(self._cancel_tasks)
         released = await store.release_dead_leases()
@@ -237,7 +263,7 @@ class EdgeWorker:
                 len(released),
                 ", ".join(sorted(released)[:10]),
             )
-        issuer = make_issuer(config, store, self._clock)
+        issuer = make_issuer(config, store, self._clock, metered=config.metrics.enabled)
         self._closers.append(issuer.close)
         # The CA is reached lazily, through its circuit breaker: a CA that is down now must
         # not keep this edge from serving the certificates and challenges it has.
@@ -335,6 +361,7 @@ class EdgeWorker:
         self._closers.append(runner.cleanup)
         assert runner.server is not None
         self._servers.append(runner.server)
+        self.http_server = runner.server
         proxy_protocol = ProxyProtocolSettings(
             trusted=TrustedNetworks(
                 config.listen.proxy_protocol_trusted, "listen.proxy_protocol_trusted"
@@ -343,6 +370,7 @@ class EdgeWorker:
         )
         http_sock = listening_socket(config.listen.http, "listen.http", reuse_port=True)
         self.http_address = http_sock.getsockname()[:2]
+        self.listen_sockets.append(http_sock)
         if config.listen.http_proxy_protocol:
             # aiohttp's site would read the header as a broken request: accept ourselves
             self.http_listener = PlainListener(
@@ -357,9 +385,15 @@ class EdgeWorker:
 
         https_sock = listening_socket(config.listen.https, "listen.https", reuse_port=True)
         self.https_address = https_sock.getsockname()[:2]
+        self.listen_sockets.append(https_sock)
+        select_context: metrics.Selector = self._select_context
+        if config.metrics.enabled:  # refusals by reason, certificate waits
+            select_context = metrics.instrument_selector(
+                select_context, self.manager.cached_context
+            )
         self.tls_listener = TLSListener(
             https_sock,
-            self._select_context,
+            select_context,
             runner.server,
             listener_settings(
                 config, proxy_protocol if config.listen.https_proxy_protocol else None
@@ -372,11 +406,17 @@ class EdgeWorker:
             self._closers.append(self.maintainer.close)
 
         self._spawn(self.state_sync.run_forever())
+        if config.metrics.enabled:
+            self.worker_metrics = metrics.start_worker_metrics(self)
+            self._spawn(self.worker_metrics.run_forever())
         if config.verify.poll_seconds > 0:
             self._spawn(self.verifier.run_forever())
         if self.primary:
+            ops = self._ops_endpoints(store)
             if admin_token is not None:
-                await self._start_admin(store, lifecycle, admin_token)
+                await self._start_admin(store, lifecycle, admin_token, ops)
+            if config.metrics.listen:
+                await self._start_metrics_listener(ops)
             if config.webhooks.url:
                 await self._start_webhooks(store)
         log.info(
@@ -388,7 +428,29 @@ class EdgeWorker:
             ", ".join(config.backend.backend_urls()),
         )
 
-    async def _start_admin(self, store: SQLiteStore, lifecycle: Lifecycle, token: str) -> None:
+    def _ops_endpoints(self, store: SQLiteStore) -> OpsEndpoints:
+        """/healthz, /readyz and /metrics (proxy/health.py, proxy/metrics.py)."""
+        exporter = None
+        if self.config.metrics.enabled:
+            m = self.config.metrics
+            token = None
+            if m.token_file or os.environ.get(m.token_env or ""):
+                token = read_secret(m.token_file, m.token_env, "metrics token", "metrics.token")
+            exporter = metrics.Exporter(store, self.config, self.worker_metrics, token)
+        return OpsEndpoints(self, exporter)
+
+    async def _start_metrics_listener(self, ops: OpsEndpoints) -> None:
+        runner = web.AppRunner(ops.app(), access_log=None)
+        await runner.setup()
+        self._closers.append(runner.cleanup)
+        sock = listening_socket(self.config.metrics.listen, "metrics.listen", reuse_port=False)
+        await web.SockSite(runner, sock).start()
+        self.metrics_address = sock.getsockname()[:2]
+        log.info("metrics and health on http://%s/metrics", _fmt(self.metrics_address))
+
+    async def _start_admin(
+        self, store: SQLiteStore, lifecycle: Lifecycle, token: str, ops: OpsEndpoints
+    ) -> None:
         assert self.verifier is not None
         deps = AdminDeps(
             store=store,
@@ -403,7 +465,9 @@ class EdgeWorker:
         )
         self.admin_deps = deps
         redact(token)
-        runner = web.AppRunner(make_admin_app(deps), access_log=None)
+        app = make_admin_app(deps)
+        ops.install(app)  # /healthz, /readyz, /metrics answer before the token check
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         self._closers.append(runner.cleanup)
         assert runner.server is not None

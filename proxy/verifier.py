@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from certstore import CertStore, Domain, DomainState
 
+from . import metrics
 from .checks import CheckReport, HostChecker
 from .lifecycle import Lifecycle
 
@@ -86,6 +87,7 @@ class Verifier:
             report = await self._checker.check_https(report)
             await self._store.update_check_report(hostname, report.to_json(), report.summary)
             domain = await self._store.get_domain(hostname) or domain
+        metrics.count_checks(report)
         return Outcome(domain, report)
 
     # -- background --------------------------------------------------------------

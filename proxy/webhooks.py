@@ -25,6 +25,7 @@ import aiohttp
 
 from certstore import CertStore, Event
 
+from . import metrics
 from .hostnames import display_hostname
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class WebhookSender:
         log.warning(
             "webhook for event %d dropped after %d attempts: %s", event.id, attempt, problem
         )
+        metrics.webhook_dropped()
         await self._store.record_event(
             event.hostname,
             "webhook_failed",

@@ -24,7 +24,7 @@ import requests
 
 from acme_client import AcmeError
 
-from . import logging_setup
+from . import logging_setup, metrics
 from .config import Config
 from .edge import listening_socket, make_issuer, open_store, run_worker
 from .reload import ConfigSource, supervisor_reload
@@ -103,6 +103,7 @@ def _supervise(config: Config, source: ConfigSource | None = None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGHUP, request_reload)
 
+    metrics_dir = metrics.prepare_multiprocess(config)  # before spawning: workers inherit it
     procs: dict[int, tuple[multiprocessing.process.BaseProcess, float]] = {}
 
     def spawn(slot: int) -> None:
@@ -152,6 +153,7 @@ def _supervise(config: Config, source: ConfigSource | None = None) -> int:
                 stopping, exit_code = True, 1
                 break
             log.warning("worker %d exited with %s; restarting it", slot, proc.exitcode)
+            metrics.worker_exited(proc.pid)
             spawn(slot)
     for proc, _ in procs.values():
         if proc.is_alive():
@@ -163,6 +165,7 @@ def _supervise(config: Config, source: ConfigSource | None = None) -> int:
         if proc.is_alive():
             proc.kill()
             proc.join()
+    metrics.finish_multiprocess(metrics_dir, config)
     return exit_code
 
 

@@ -161,6 +161,33 @@ async def _never_called() -> None:
     raise AssertionError("no probe expected")
 
 
+async def test_state_changes_reach_the_metrics_gauge(store: SQLiteStore) -> None:
+    from prometheus_client import REGISTRY
+
+    from proxy import metrics
+
+    def gauge(state: str) -> float | None:
+        return REGISTRY.get_sample_value(
+            "linkedge_acme_ca_breaker_state", {"ca": "test-ca", "state": state}
+        )
+
+    now = [10.0]
+    breaker = CaBreaker(
+        store,
+        URL,
+        BreakerSettings(probe_seconds=2.0),
+        lambda: now[0],
+        half,
+        on_change=lambda state: metrics.set_ca_breaker_state("test-ca", state),
+    )
+    await breaker.record_failure("down")
+    assert gauge("open") == 1 and gauge("closed") == 0
+    now[0] = 12.0
+    await breaker.check()  # the probe
+    await breaker.record_success()
+    assert gauge("open") == 0 and gauge("closed") == 1
+
+
 # -- part 6: leases and orders in flight -------------------------------------------
 
 
