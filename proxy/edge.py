@@ -44,11 +44,11 @@ from .gate import IssuanceGate
 from .host_policy import HostPolicy
 from .host_views import CHANGE_EVENTS, HostViews
 from .hostnames import InvalidHostname, normalize_hostname
-from .http_app import make_http_app
+from .http_app import hide_server_version, make_http_app, server_log
 from .lifecycle import Lifecycle
 from .listener import PlainListener, ProxyProtocolSettings
 from .maintenance import Maintainer, MaintenanceSettings
-from .peers import TrustedNetworks, client_address
+from .peers import TrustedNetworks, client_address, set_tls_host
 from .refusals import Refused
 from .schedule import Schedule
 from .state_sync import StateSync
@@ -263,8 +263,11 @@ class EdgeWorker:
             clock=self._clock,
             is_https=arrived_over_https,
         )
+        hide_server_version()
         runner = web.AppRunner(
-            make_http_app(store, forwarder, self.state_sync.is_suspended, policy), access_log=None
+            make_http_app(store, forwarder, self.state_sync.is_suspended, policy),
+            access_log=None,
+            logger=server_log(),
         )
         await runner.setup()
         self._closers.append(runner.cleanup)
@@ -337,7 +340,7 @@ class EdgeWorker:
             host_views=self.host_views,
             clock=self._clock,
         )
-        runner = web.AppRunner(make_admin_app(deps), access_log=None)
+        runner = web.AppRunner(make_admin_app(deps), access_log=None, logger=server_log())
         await runner.setup()
         self._closers.append(runner.cleanup)
         sock = listening_socket(self.config.admin.listen, "admin.listen", reuse_port=False)
@@ -405,6 +408,7 @@ class EdgeWorker:
             # Cache keys are normalised names, so a hit proves the SNI was one too.
             cached = self.manager.cached_context(name)
             if cached is not None:
+                set_tls_host(name)  # Host must name it (421 otherwise, proxy/http_app.py)
                 return cached
         if name is None:
             # Policy for clients without SNI (old tools, `openssl s_time`): serve the
@@ -419,7 +423,9 @@ class EdgeWorker:
         if ACME_TLS_ALPN in hello.alpn:
             # RFC 8737: the CA's TLS-ALPN-01 validation, never a recipient's click
             return await self.manager.challenge_context_for(hostname)
-        return await self.manager.context_for(hostname)
+        context = await self.manager.context_for(hostname)
+        set_tls_host(hostname)
+        return context
 
 
 def _fmt(address: tuple[str, int] | None) -> str:
