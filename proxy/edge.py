@@ -44,7 +44,7 @@ from .gate import IssuanceGate
 from .host_policy import HostPolicy
 from .host_views import CHANGE_EVENTS, HostViews
 from .hostnames import InvalidHostname, normalize_hostname
-from .http_app import hide_server_version, make_http_app, server_log
+from .http_app import MAX_HEADERS, hide_server_version, make_http_app, server_log
 from .lifecycle import Lifecycle
 from .listener import PlainListener, ProxyProtocolSettings
 from .maintenance import Maintainer, MaintenanceSettings
@@ -268,6 +268,7 @@ class EdgeWorker:
             make_http_app(store, forwarder, self.state_sync.is_suspended, policy),
             access_log=None,
             logger=server_log(),
+            max_headers=MAX_HEADERS,
         )
         await runner.setup()
         self._closers.append(runner.cleanup)

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web, web_response
+from aiohttp import HttpVersion10, HttpVersion11, web, web_response
 from aiohttp.http_exceptions import HttpProcessingError
 
 from certstore import CertStore
@@ -27,7 +27,12 @@ from .request_target import BadRequest, checked_host, origin_form
 
 log = logging.getLogger(__name__)
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+_HTTP1 = (HttpVersion10, HttpVersion11)
 SERVER = "linkedge"  # the edge's own Server header: no versions
+# header fields a request may have: aiohttp's default of 128 less room for the four
+# forwarding fields the edge adds, so a request the edge accepts also fits a backend
+# with that common limit (instead of becoming the backend's 400 and its log line)
+MAX_HEADERS = 120
 
 
 def make_http_app(
@@ -37,6 +42,8 @@ def make_http_app(
     policy: HostPolicy | None = None,
 ) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
+        if request.version not in _HTTP1:  # "GET / HTTP/2.0" is not HTTP/2
+            return bad_request(request, f"HTTP/{request.version[0]}.{request.version[1]}")
         try:
             host = checked_host(request)
             path = origin_form(request.raw_path).partition("?")[0]
