@@ -12,11 +12,16 @@ CertificateManager, and webhooks must go out once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import functools
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import ssl
+import stat
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -38,7 +43,7 @@ from .backends import BackendPool, HealthSettings
 from .certificates import CertificateManager, ManagerSettings
 from .checks import CheckSettings, HostChecker
 from .clienthello import HANDSHAKE_FAILURE, ClientHello
-from .config import Config, parse_address, read_secret
+from .config import UNIX_PREFIX, Config, ConfigError, parse_address, read_secret
 from .forward import Forwarder
 from .gate import IssuanceGate
 from .host_policy import HostPolicy
@@ -53,6 +58,7 @@ from .refusals import Refused
 from .schedule import Schedule
 from .state_sync import StateSync
 from .tls_listener import ListenerSettings, TLSListener
+from .tlscontexts import new_server_context
 from .verifier import Verifier, VerifierSettings
 from .webhooks import WebhookSender, WebhookSettings
 
@@ -74,6 +80,55 @@ def listening_socket(address: str, what: str, *, reuse_port: bool) -> socket.soc
         raise OSError(exc.errno, f"cannot listen on {address} ({what}): {exc.strerror}") from None
     sock.setblocking(False)
     return sock
+
+
+def admin_socket(address: str) -> socket.socket:
+    """The admin listener's socket: `host:port`, or `unix:/path` (mode 0660).
+
+    A leftover socket file nobody listens on (a killed edge) is replaced; one that
+    answers belongs to a running process and is an error, as is any other file there.
+    """
+    if not address.startswith(UNIX_PREFIX):
+        return listening_socket(address, "admin.listen", reuse_port=False)
+    path = address[len(UNIX_PREFIX) :]
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, f"admin.listen: {path} exists and is not a socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale
+            else:
+                raise OSError(errno.EADDRINUSE, f"admin.listen: {path} is in use")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)  # the umask leaves no write bit for others: nobody else can connect
+        os.chmod(path, 0o660)  # owner and group (e.g. an operators' group) may connect
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno, f"cannot listen on {address} (admin.listen): {exc.strerror}"
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def admin_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = new_server_context()
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"admin.tls_cert/admin.tls_key: cannot load {cert}, {key}: {exc}"
+        ) from None
+    return ctx
 
 
 async def open_store(config: Config, clock: Callable[[], float] = time.time) -> SQLiteStore:
@@ -154,7 +209,8 @@ class EdgeWorker:
         self.backends: BackendPool | None = None
         self.http_address: tuple[str, int] | None = None
         self.https_address: tuple[str, int] | None = None
-        self.admin_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | str | None = None  # a str: Unix socket
+        self.admin_app: web.Application | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -330,6 +386,8 @@ class EdgeWorker:
 
     async def _start_admin(self, store: SQLiteStore, lifecycle: Lifecycle, token: str) -> None:
         assert self.verifier is not None
+        admin = self.config.admin
+        tls = admin_tls_context(admin.tls_cert, admin.tls_key) if admin.tls_cert else None
         deps = AdminDeps(
             store=store,
             verifier=self.verifier,
@@ -340,18 +398,31 @@ class EdgeWorker:
             state_sync=self.state_sync,
             host_views=self.host_views,
             clock=self._clock,
+            secure_cookies=tls is not None,
+            auth_delay=admin.auth_delay_seconds,
+            auth_max_delay=admin.auth_max_delay_seconds,
         )
-        runner = web.AppRunner(make_admin_app(deps), access_log=None, logger=server_log())
+        self.admin_app = make_admin_app(deps)
+        runner = web.AppRunner(self.admin_app, access_log=None, logger=server_log())
         await runner.setup()
         self._closers.append(runner.cleanup)
-        sock = listening_socket(self.config.admin.listen, "admin.listen", reuse_port=False)
-        await web.SockSite(runner, sock).start()
-        self.admin_address = sock.getsockname()[:2]
-        log.info("admin API and status page on http://%s/status", _fmt(self.admin_address))
-        if not ipaddress.ip_address(self.admin_address[0]).is_loopback:
+        sock = admin_socket(admin.listen)
+        await web.SockSite(runner, sock, ssl_context=tls).start()
+        scheme = "https" if tls is not None else "http"
+        if sock.family == socket.AF_UNIX:
+            path: str = sock.getsockname()
+            self.admin_address = path
+            self._closers.append(functools.partial(_unlink, path))
+            log.info("admin API and status page on %s (%s, mode 0660)", admin.listen, scheme)
+            return
+        address: tuple[str, int] = sock.getsockname()[:2]
+        self.admin_address = address
+        log.info("admin API and status page on %s://%s/status", scheme, _fmt(address))
+        if tls is None and not ipaddress.ip_address(address[0]).is_loopback:
             log.warning(
-                "admin listener %s is not on loopback: it speaks plain HTTP, put TLS in front",
-                _fmt(self.admin_address),
+                "admin listener %s is not on loopback and speaks plain HTTP: set admin.tls_cert"
+                " and admin.tls_key, or put TLS in front",
+                _fmt(address),
             )
 
     async def _start_webhooks(self, store: SQLiteStore) -> None:

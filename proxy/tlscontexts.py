@@ -40,15 +40,21 @@ TLS12_CIPHERS = ":".join(
 GROUPS = "X25519:P-256:P-384"
 
 
-def build_server_context(
-    chain_pem: bytes, key_pem: bytes, alpn: Sequence[str] = ALPN
-) -> ssl.SSLContext:
+def new_server_context(alpn: Sequence[str] = ALPN) -> ssl.SSLContext:
+    """A server context with the profile above and no certificate yet."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_ciphers(TLS12_CIPHERS)
     set_groups(ctx, GROUPS)
     ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+def build_server_context(
+    chain_pem: bytes, key_pem: bytes, alpn: Sequence[str] = ALPN
+) -> ssl.SSLContext:
+    ctx = new_server_context(alpn)
     fd, path = tempfile.mkstemp(prefix="linkedge-", suffix=".pem", dir=_TMP_DIR)
     try:
         with os.fdopen(fd, "wb") as fh:

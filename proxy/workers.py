@@ -12,12 +12,21 @@ import asyncio
 import logging
 import multiprocessing
 import multiprocessing.process
+import os
 import signal
+import socket
 import time
 from types import FrameType
 
 from .config import Config
-from .edge import listening_socket, make_issuer, open_store, run_worker
+from .edge import (
+    admin_socket,
+    admin_tls_context,
+    listening_socket,
+    make_issuer,
+    open_store,
+    run_worker,
+)
 
 log = logging.getLogger(__name__)
 _FAST_EXIT_SECONDS = 5.0  # a worker dying this soon after start is broken, not unlucky
@@ -30,7 +39,12 @@ async def preflight(config: Config) -> None:
     ):
         listening_socket(address, what, reuse_port=True).close()
     if config.admin.listen:
-        listening_socket(config.admin.listen, "admin.listen", reuse_port=False).close()
+        sock = admin_socket(config.admin.listen)
+        if sock.family == socket.AF_UNIX:
+            os.unlink(sock.getsockname())
+        sock.close()
+        if config.admin.tls_cert:
+            admin_tls_context(config.admin.tls_cert, config.admin.tls_key)
     store = await open_store(config)
     try:
         issuer = make_issuer(config, store)
