@@ -46,6 +46,19 @@ class StoreError(Exception):
     """The store cannot be opened or used (clear message, no traceback needed)."""
 
 
+def _private_files(path: Path) -> None:
+    """The store and its -wal/-shm are 0600 whatever the umask: the file is created
+    0600 before SQLite opens it (SQLite gives -wal and -shm the database file's mode),
+    and files left by an older version are tightened."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            if name.stat().st_mode & 0o077:
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 class SQLiteStore:
     def __init__(self, db: aiosqlite.Connection, box: SecretBox, clock: Clock) -> None:
         self._db = db
@@ -57,6 +70,7 @@ class SQLiteStore:
         path = Path(path)
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
+            _private_files(path)
         try:
             db = await aiosqlite.connect(str(path), isolation_level=None)
         except sqlite3.Error as exc:
@@ -72,7 +86,7 @@ class SQLiteStore:
             await db.close()
             raise
         if str(path) != ":memory:":
-            os.chmod(path, 0o600)
+            _private_files(path)  # -wal and -shm exist now
         return store
 
     async def close(self) -> None:
