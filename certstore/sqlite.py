@@ -47,10 +47,18 @@ class StoreError(Exception):
 
 
 def _private_files(path: Path) -> None:
-    """The store and its -wal/-shm are 0600 whatever the umask: the file is created
-    0600 before SQLite opens it (SQLite gives -wal and -shm the database file's mode),
-    and files left by an older version are tightened."""
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    """The store and its -wal/-shm are 0600 whatever the umask: a new store file is
+    created 0600 before SQLite opens it (SQLite gives -wal and -shm the database file's
+    mode), and loose files left by an older version are tightened.
+
+    An existing store file is never opened here: closing any descriptor of a file drops
+    every POSIX lock this process holds on it, including SQLite's (other connections of
+    this process, e.g. a second store object in the same worker).
+    """
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
     for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         try:
             if name.stat().st_mode & 0o077:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -140,10 +141,41 @@ def hide_server_version() -> None:
 async def _challenge(store: CertStore, token: str) -> web.Response:
     answer = await store.get_challenge(token) if _is_token(token) else None
     if answer is None:
-        log.info("unknown ACME challenge token %r (worker %d)", token[:64], os.getpid())
+        # anyone can ask for made-up tokens: at most one INFO line per interval
+        if _UNKNOWN_TOKENS.due():
+            log.info(
+                "unknown ACME challenge token %r (worker %d; %d more since the last line)",
+                token[:64],
+                os.getpid(),
+                _UNKNOWN_TOKENS.take_suppressed(),
+            )
         return web.Response(status=404, text="no such challenge\n")
     log.info("served ACME challenge token %s (worker %d)", token, os.getpid())
     return web.Response(text=answer, content_type="application/octet-stream")
+
+
+class _RateLimited:
+    """At most one log line per `interval` seconds; counts the ones left out."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._last = -interval
+        self._suppressed = 0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            return True
+        self._suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        count, self._suppressed = self._suppressed, 0
+        return count
+
+
+_UNKNOWN_TOKENS = _RateLimited(10.0)
 
 
 def _is_token(token: str) -> bool:

@@ -118,8 +118,14 @@ def huge(rng: random.Random, host: str) -> bytes:
     return _request(headers=headers)
 
 
+def unknown_token(rng: random.Random, host: str) -> bytes:
+    """Well-formed, but anyone can ask for made-up tokens: must not flood the log."""
+    token = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789-_") for _ in range(43))
+    return _request(target=f"/.well-known/acme-challenge/{token}", headers=[f"Host: {host}"])
+
+
 MUTATIONS: list[Mutation] = [
-    bad_method, bad_target, bad_header, bad_framing, bad_version, raw_junk, huge,
+    bad_method, bad_target, bad_header, bad_framing, bad_version, raw_junk, huge, unknown_token,
 ]  # fmt: skip
 
 
