@@ -49,6 +49,27 @@ class StoreError(Exception):
     """The store cannot be opened or used (clear message, no traceback needed)."""
 
 
+def _private_files(path: Path) -> None:
+    """The store and its -wal/-shm are 0600 whatever the umask: a new store file is
+    created 0600 before SQLite opens it (SQLite gives -wal and -shm the database file's
+    mode), and loose files left by an older version are tightened.
+
+    An existing store file is never opened here: closing any descriptor of a file drops
+    every POSIX lock this process holds on it, including SQLite's (other connections of
+    this process, e.g. a second store object in the same worker).
+    """
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            if name.stat().st_mode & 0o077:
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 class SQLiteStore:
     def __init__(self, db: aiosqlite.Connection, box: SecretBox, clock: Clock) -> None:
         self._db = db
@@ -60,6 +81,7 @@ class SQLiteStore:
         path = Path(path)
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
+            _private_files(path)
         try:
             db = await aiosqlite.connect(str(path), isolation_level=None)
         except sqlite3.Error as exc:
@@ -75,7 +97,7 @@ class SQLiteStore:
             await db.close()
             raise
         if str(path) != ":memory:":
-            os.chmod(path, 0o600)
+            _private_files(path)  # -wal and -shm exist now
         return store
 
     async def close(self) -> None:

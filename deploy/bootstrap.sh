@@ -34,3 +34,11 @@ fi
 extra=""
 ((with_tests)) && extra="[test]"
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}"
+if ((with_tests)); then
+    # sslyze (the TLS profile test) pins cryptography<47 while acme needs >=47: it gets a
+    # virtualenv of its own, so neither constrains the project's dependencies
+    if [[ ! -x .venv-sslyze/bin/python ]]; then
+        python3 -m venv .venv-sslyze
+    fi
+    .venv-sslyze/bin/pip install -q --disable-pip-version-check "sslyze>=6.1,<7"
+fi

@@ -101,15 +101,34 @@ def _parse(content: bytes) -> Any:
     if not text.strip():
         raise NotJSON("$", "the file is empty")
     try:
-        doc = json.loads(text, object_pairs_hook=_object_pairs, parse_constant=_no_constants)
+        doc = json.loads(
+            text,
+            object_pairs_hook=_object_pairs,
+            parse_constant=_no_constants,
+            parse_int=_integer,
+        )
     except json.JSONDecodeError as exc:
         raise NotJSON(
             "$", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
     except RecursionError:
         raise NotJSON("$", f"nested deeper than {MAX_DEPTH} levels") from None
+    except InvalidFile:
+        raise
+    except ValueError as exc:  # anything else the parser or a hook raises: say what
+        raise NotJSON("$", f"not valid JSON: {exc}") from None
     _find_duplicate(doc, "$", 0)
     return doc
+
+
+MAX_DIGITS = 4300  # Python's int-string conversion limit (sys.get_int_max_str_digits)
+
+
+def _integer(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_DIGITS:
+        raise NotJSON("$", f"a number has {digits} digits; at most {MAX_DIGITS} are accepted")
+    return int(text)
 
 
 def _find_duplicate(value: Any, path: str, depth: int) -> None:

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Everything linkedge writes (the store and its -wal/-shm, keys, sockets before
+    # their chmod) is private unless made otherwise on purpose; workers inherit this.
+    os.umask(0o077)
     try:
         return _dispatch(args)
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ from .peers import TrustedNetworks
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 ENV_PREFIX = "LINKEDGE_"
+UNIX_PREFIX = "unix:"  # admin.listen on a Unix socket: "unix:/run/linkedge/admin.sock"
 
 
 class ConfigError(Exception):
@@ -148,6 +149,10 @@ class AdminConfig:
     listen: str = "127.0.0.1:8081"  # admin API + status page; "" disables them
     token_file: str = ""
     token_env: str = "LINKEDGE_ADMIN_TOKEN"  # noqa: S105 (a variable name) wins over token_file when set
+    tls_cert: str = ""  # PEM chain: the admin listener speaks TLS (set with tls_key)
+    tls_key: str = ""
+    auth_delay_seconds: float = 0.5  # wait after a wrong token, per source; doubles per failure
+    auth_max_delay_seconds: float = 30.0  # cap; attempts queued further out get 429
 
 
 @dataclass
@@ -261,7 +266,13 @@ def require_serving(config: Config) -> None:
     if config.workers < 1:
         raise ConfigError("workers must be at least 1")
     if config.admin.listen:
-        parse_address(config.admin.listen, "admin.listen")
+        if config.admin.listen.startswith(UNIX_PREFIX):
+            if not config.admin.listen[len(UNIX_PREFIX) :].startswith("/"):
+                raise ConfigError('admin.listen: a Unix socket is "unix:/absolute/path"')
+        else:
+            parse_address(config.admin.listen, "admin.listen")
+        if bool(config.admin.tls_cert) != bool(config.admin.tls_key):
+            raise ConfigError("admin.tls_cert and admin.tls_key go together: set both or neither")
         read_secret(config.admin.token_file, config.admin.token_env, "admin token", "admin.token")
     if config.webhooks.url:
         if not config.webhooks.url.startswith(("http://", "https://")):

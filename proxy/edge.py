@@ -12,12 +12,16 @@ CertificateManager, and webhooks must go out once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import functools
 import ipaddress
 import logging
 import os
 import signal
 import socket
 import ssl
+import stat
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -42,24 +46,25 @@ from .backends import BackendPool, HealthSettings
 from .certificates import CertificateManager, ManagerSettings
 from .checks import CheckSettings, HostChecker
 from .clienthello import HANDSHAKE_FAILURE, ClientHello
-from .config import Config, parse_address, read_secret
+from .config import UNIX_PREFIX, Config, ConfigError, parse_address, read_secret
 from .forward import Forwarder
 from .gate import IssuanceGate
 from .health import OpsEndpoints
 from .host_policy import HostPolicy
 from .host_views import CHANGE_EVENTS, HostViews
 from .hostnames import InvalidHostname, normalize_hostname
-from .http_app import make_http_app
+from .http_app import MAX_HEADERS, hide_server_version, make_http_app, server_log
 from .lifecycle import Lifecycle
 from .listener import PlainListener, ProxyProtocolSettings
 from .logging_setup import ACCESS_LOGGER, AccessLogger, redact
 from .maintenance import Maintainer, MaintenanceSettings
-from .peers import TrustedNetworks, client_address
+from .peers import TrustedNetworks, client_address, set_tls_host
 from .refusals import Refused
 from .reload import ConfigSource, ForwarderSlot, reload_worker
 from .schedule import Schedule
 from .state_sync import StateSync
 from .tls_listener import ListenerSettings, TLSListener
+from .tlscontexts import new_server_context
 from .verifier import Verifier, VerifierSettings
 from .webhooks import WebhookSender, WebhookSettings
 
@@ -81,6 +86,55 @@ def listening_socket(address: str, what: str, *, reuse_port: bool) -> socket.soc
         raise OSError(exc.errno, f"cannot listen on {address} ({what}): {exc.strerror}") from None
     sock.setblocking(False)
     return sock
+
+
+def admin_socket(address: str) -> socket.socket:
+    """The admin listener's socket: `host:port`, or `unix:/path` (mode 0660).
+
+    A leftover socket file nobody listens on (a killed edge) is replaced; one that
+    answers belongs to a running process and is an error, as is any other file there.
+    """
+    if not address.startswith(UNIX_PREFIX):
+        return listening_socket(address, "admin.listen", reuse_port=False)
+    path = address[len(UNIX_PREFIX) :]
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, f"admin.listen: {path} exists and is not a socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale
+            else:
+                raise OSError(errno.EADDRINUSE, f"admin.listen: {path} is in use")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)  # the umask leaves no write bit for others: nobody else can connect
+        os.chmod(path, 0o660)  # owner and group (e.g. an operators' group) may connect
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno, f"cannot listen on {address} (admin.listen): {exc.strerror}"
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def admin_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = new_server_context()
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"admin.tls_cert/admin.tls_key: cannot load {cert}, {key}: {exc}"
+        ) from None
+    return ctx
 
 
 async def open_store(config: Config, clock: Callable[[], float] = time.time) -> SQLiteStore:
@@ -235,7 +289,8 @@ class EdgeWorker:
         self._servers: list[web.Server] = []
         self.http_address: tuple[str, int] | None = None
         self.https_address: tuple[str, int] | None = None
-        self.admin_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | str | None = None  # a str: Unix socket
+        self.admin_app: web.Application | None = None
         self.metrics_address: tuple[str, int] | None = None  # metrics.listen
         self.store: SQLiteStore | None = None
         self.http_server: web.Server | None = None  # both listeners' HTTP server
@@ -352,10 +407,13 @@ class EdgeWorker:
             clock=self._clock,
             is_https=arrived_over_https,
         )
+        hide_server_version()
         runner = web.AppRunner(
             make_http_app(store, self.forwarding, self.state_sync.is_suspended, policy),
             access_log=logging.getLogger(ACCESS_LOGGER),  # off unless `access_log` is set
             access_log_class=AccessLogger,
+            logger=server_log(),
+            max_headers=MAX_HEADERS,
         )
         await runner.setup()
         self._closers.append(runner.cleanup)
@@ -452,6 +510,8 @@ class EdgeWorker:
         self, store: SQLiteStore, lifecycle: Lifecycle, token: str, ops: OpsEndpoints
     ) -> None:
         assert self.verifier is not None
+        admin = self.config.admin
+        tls = admin_tls_context(admin.tls_cert, admin.tls_key) if admin.tls_cert else None
         deps = AdminDeps(
             store=store,
             verifier=self.verifier,
@@ -462,26 +522,38 @@ class EdgeWorker:
             state_sync=self.state_sync,
             host_views=self.host_views,
             clock=self._clock,
+            secure_cookies=tls is not None,
+            auth_delay=admin.auth_delay_seconds,
+            auth_max_delay=admin.auth_max_delay_seconds,
         )
         self.admin_deps = deps
         redact(token)
-        app = make_admin_app(deps)
-        ops.install(app)  # /healthz, /readyz, /metrics answer before the token check
-        runner = web.AppRunner(app, access_log=None)
+        self.admin_app = make_admin_app(deps)
+        ops.install(self.admin_app)  # /healthz, /readyz, /metrics answer before the token check
+        runner = web.AppRunner(self.admin_app, access_log=None, logger=server_log())
         await runner.setup()
         self._closers.append(runner.cleanup)
         assert runner.server is not None
         self._servers.append(runner.server)
-        sock = listening_socket(self.config.admin.listen, "admin.listen", reuse_port=False)
-        site = web.SockSite(runner, sock)
+        sock = admin_socket(admin.listen)
+        site = web.SockSite(runner, sock, ssl_context=tls)
         await site.start()
         self._sites.append(site)
-        self.admin_address = sock.getsockname()[:2]
-        log.info("admin API and status page on http://%s/status", _fmt(self.admin_address))
-        if not ipaddress.ip_address(self.admin_address[0]).is_loopback:
+        scheme = "https" if tls is not None else "http"
+        if sock.family == socket.AF_UNIX:
+            path: str = sock.getsockname()
+            self.admin_address = path
+            self._closers.append(functools.partial(_unlink, path))
+            log.info("admin API and status page on %s (%s, mode 0660)", admin.listen, scheme)
+            return
+        address: tuple[str, int] = sock.getsockname()[:2]
+        self.admin_address = address
+        log.info("admin API and status page on %s://%s/status", scheme, _fmt(address))
+        if tls is None and not ipaddress.ip_address(address[0]).is_loopback:
             log.warning(
-                "admin listener %s is not on loopback: it speaks plain HTTP, put TLS in front",
-                _fmt(self.admin_address),
+                "admin listener %s is not on loopback and speaks plain HTTP: set admin.tls_cert"
+                " and admin.tls_key, or put TLS in front",
+                _fmt(address),
             )
 
     async def _start_webhooks(self, store: SQLiteStore) -> None:
@@ -572,6 +644,7 @@ class EdgeWorker:
             # Cache keys are normalised names, so a hit proves the SNI was one too.
             cached = self.manager.cached_context(name)
             if cached is not None:
+                set_tls_host(name)  # Host must name it (421 otherwise, proxy/http_app.py)
                 return cached
         if name is None:
             # Policy for clients without SNI (old tools, `openssl s_time`): serve the
@@ -586,7 +659,9 @@ class EdgeWorker:
         if ACME_TLS_ALPN in hello.alpn:
             # RFC 8737: the CA's TLS-ALPN-01 validation, never a recipient's click
             return await self.manager.challenge_context_for(hostname)
-        return await self.manager.context_for(hostname)
+        context = await self.manager.context_for(hostname)
+        set_tls_host(hostname)
+        return context
 
 
 def _fmt(address: tuple[str, int] | None) -> str:

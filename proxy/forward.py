@@ -15,6 +15,7 @@ backend only when connecting failed, i.e. nothing of it was sent.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from yarl import URL
 
 from .backends import BackendPool
 from .peers import TrustedNetworks, client_address
+from .request_target import checked_host, origin_form
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +90,9 @@ class Forwarder:
         assert self._session is not None, "Forwarder.start() not awaited"
         headers = forwarded_headers(request, self._trusted)
         body = _Body(request.content) if request.body_exists else None
+        path_qs = origin_form(request.raw_path)  # absolute-form: path and query only
         for backend in self._backends.candidates():
-            url = URL(backend.base + request.raw_path, encoded=True)
+            url = backend_url(backend.base, path_qs)
             try:
                 upstream = await self._session.request(
                     request.method,
@@ -120,6 +123,26 @@ class Forwarder:
             async with upstream:
                 return await _relay(request, upstream)
         return _error(502, "Bad Gateway: the tracking backend is unavailable")
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_base(base: str) -> URL:
+    return URL(base)
+
+
+def backend_url(base: str, path_qs: str) -> URL:
+    """The backend's scheme and authority, its path prefix, then the request's path and
+    query byte for byte (already percent-encoded as the client sent them), built from
+    parsed components: whatever the target holds cannot change where the request goes."""
+    parsed = _parsed_base(base)
+    path, sep, query = path_qs.partition("?")
+    return URL.build(
+        scheme=parsed.scheme,
+        authority=parsed.raw_authority,
+        path=parsed.raw_path.rstrip("/") + path,
+        query_string=query if sep else "",
+        encoded=True,
+    )
 
 
 class _Body:
@@ -160,9 +183,14 @@ def forwarded_headers(
     client = client_address(request) or "unknown"
     keep_chain = trusted is not None and bool(trusted) and client in trusted
     chain: dict[str, list[str]] = {}
+    checked = checked_host(request)
+    host = str(checked) if checked is not None else ""
     for name, value in request.headers.items():
         lname = name.lower()
         if lname in HOP_BY_HOP or lname == "content-length" or lname in listed:
+            continue
+        if lname == "host":  # the one normalised value every decision used
+            headers.add(name, host)
             continue
         if lname in UNTRUSTED_FORWARDING:
             if keep_chain:
@@ -172,7 +200,8 @@ def forwarded_headers(
     if request.body_exists and request.content_length is not None:
         headers["Content-Length"] = str(request.content_length)
     proto = "https" if request.secure else "http"
-    host = request.headers.get("Host", "")
+    if checked is not None and "Host" not in headers:
+        headers["Host"] = host  # absolute-form without a Host field
     headers["X-Forwarded-For"] = ", ".join([*chain.get("x-forwarded-for", ()), client])
     headers["X-Forwarded-Proto"] = chain.get("x-forwarded-proto", [proto])[0]
     if "x-forwarded-host" in chain:

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from .association_files import SERVED_AT
 from .host_views import HostView, HostViews
-from .hostnames import host_header_name
+from .request_target import BadRequest, checked_host, origin_form
 
 log = logging.getLogger(__name__)
 HSTS = "Strict-Transport-Security"
@@ -51,7 +51,7 @@ class HostPolicy:
 
     async def answer(self, request: web.Request, host: str) -> web.StreamResponse | None:
         """The edge's own response, or None to forward the request to the backend."""
-        kind = SERVED_AT.get(request.path)
+        kind = SERVED_AT.get(origin_form(request.raw_path).partition("?")[0])
         try:
             view = await self._views.get(host) if host else None
         except Exception:  # the store failing must not take clicks down with it
@@ -73,20 +73,20 @@ class HostPolicy:
     async def _association_file(
         self, request: web.Request, view: HostView | None, kind: str
     ) -> web.StreamResponse:
-        if view is None:
-            return _text(404, "Not a tracking host on this edge.")
         if request.method not in ("GET", "HEAD"):
             return _text(405, "Method Not Allowed", {"Allow": "GET, HEAD"})
-        found = await self._views.file(view.hostname, kind)
+        found = await self._views.file(view.hostname, kind) if view is not None else None
         if found is None:
-            return _text(404, f"{view.hostname} has no {kind}.")
+            # the same answer whether or not the host is registered: nobody can probe
+            # which names are customers' by asking for their files
+            return _text(404, f"No {kind} here.")
         headers = {"ETag": found.etag, "Cache-Control": "no-cache"}
         if _matches(request.headers.getall("If-None-Match", ()), found.etag):
             return web.Response(status=304, headers=headers)
         return web.Response(body=found.content, content_type="application/json", headers=headers)
 
     def _upgrade(self, request: web.Request, hostname: str) -> web.Response:
-        location = f"https://{hostname}{self._port_suffix}{_origin_form(request.raw_path)}"
+        location = f"https://{hostname}{self._port_suffix}{origin_form(request.raw_path)}"
         return web.Response(
             status=308,
             text=f"Moved to {location}\n",
@@ -98,21 +98,13 @@ class HostPolicy:
         if not self._is_https(request):  # RFC 6797 §7.2: meaningless over plain HTTP
             return
         # answer() has just loaded the view (or the host is not registered): memory only
-        view = self._views.peek(host_header_name(request.headers.get("Host", "")))
+        try:
+            host = checked_host(request)
+        except BadRequest:
+            return
+        view = self._views.peek(host.lookup) if host is not None else None
         if view is not None and view.hsts_max_age is not None and view.serves_https(self._clock()):
             response.headers[HSTS] = f"max-age={view.hsts_max_age}"
-
-
-def _origin_form(target: str) -> str:
-    """Path and query of the request target, as received (RFC 9112 §3.2)."""
-    if target.startswith("/"):
-        return target
-    # absolute-form (`GET http://host/path?q`): keep what follows the authority
-    _scheme, _sep, rest = target.partition("://")
-    slash, query = rest.find("/"), rest.find("?")
-    if slash >= 0 and (query < 0 or slash < query):
-        return rest[slash:]
-    return "/" + rest[query:] if query >= 0 else "/"
 
 
 def _matches(if_none_match: tuple[str, ...] | list[str], etag: str) -> bool:

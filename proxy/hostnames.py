@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass
 
 import idna
 
@@ -63,20 +64,79 @@ def normalize_hostname(text: str) -> str:
     return name
 
 
-_HOST_HEADER = re.compile(r"^[a-z0-9.-]{1,253}$")
+_REG_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?$")
+_PORT = re.compile(r"^[0-9]{1,5}$")
 
 
-def host_header_name(value: str) -> str:
-    """The name in a Host header in canonical form (lower case, no port, no trailing dot).
+class BadHostHeader(ValueError):
+    """A Host header (or request-target authority) that is not `host[:port]`."""
 
-    The cheap part of normalize_hostname, for every request: "" for anything that
-    cannot be a registered host (IP literals with brackets, non-ASCII, over-long
-    names), so nothing odd is looked up or cached.
+
+@dataclass(frozen=True, slots=True)
+class HostHeader:
+    """A request's Host, parsed and normalised: the one value every decision uses.
+
+    `name` is lower case without a trailing dot; an IPv6 literal keeps its brackets.
+    `lookup` is what per-host policy is keyed by: "" for IP literals, which can never
+    be registered hosts.
     """
-    if value.count(":") > 1:  # [v6]:port or garbage
-        return ""
-    name = value.rsplit(":", 1)[0].rstrip(".").lower()
-    return name if _HOST_HEADER.match(name) else ""
+
+    name: str
+    port: int | None = None
+    is_ip: bool = False
+
+    @property
+    def lookup(self) -> str:
+        return "" if self.is_ip else self.name
+
+    def __str__(self) -> str:
+        return self.name if self.port is None else f"{self.name}:{self.port}"
+
+
+def parse_host_header(value: str) -> HostHeader:
+    """RFC 9110 §7.2 / RFC 3986 §3.2.2: `host [ ":" port ]`, strictly.
+
+    host is a DNS-style name (letters, digits, `-`, `_`, dots; labels of 1-63,
+    at most 253 in all; one trailing dot allowed), a dotted IPv4 address or a
+    bracketed IPv6 address. Anything else (other bytes, spaces, userinfo, empty
+    labels, a port that is not 0-65535) raises BadHostHeader.
+    """
+    if not value or not value.isascii() or len(value) > MAX_NAME + 8:
+        raise BadHostHeader("Host must be host[:port] in ASCII")
+    port: int | None = None
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise BadHostHeader("unterminated IPv6 literal in Host")
+        literal, rest = value[1:end], value[end + 1 :]
+        try:
+            address = ipaddress.IPv6Address(literal)
+        except ValueError:
+            raise BadHostHeader("bad IPv6 literal in Host") from None
+        if rest:
+            if not rest.startswith(":"):
+                raise BadHostHeader("Host must be host[:port]")
+            port = _port(rest[1:])
+        return HostHeader(f"[{address.compressed}]", port, True)
+    name, colon, port_text = value.partition(":")
+    if colon:
+        port = _port(port_text)
+    if not _REG_NAME.match(name) or len(name.rstrip(".")) > MAX_NAME:
+        raise BadHostHeader("Host must be host[:port]")
+    name = name.rstrip(".").lower()
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        if name.replace(".", "").isdigit():
+            raise BadHostHeader("Host is neither a name nor an IPv4 address") from None
+        return HostHeader(name, port, False)
+    return HostHeader(name, port, True)
+
+
+def _port(text: str) -> int:
+    if not _PORT.match(text) or int(text) > 65535:
+        raise BadHostHeader("the port in Host must be a number from 0 to 65535")
+    return int(text)
 
 
 def display_hostname(name: str) -> str:

@@ -33,7 +33,9 @@ __all__ = [
     "TrustedNetworks",
     "client_address",
     "set_connection_info",
+    "set_tls_host",
     "source_key",
+    "tls_host",
 ]
 
 
@@ -49,6 +51,21 @@ _connection: ContextVar[ConnectionInfo | None] = ContextVar("linkedge_connection
 def set_connection_info(info: ConnectionInfo) -> None:
     """Record the real client for the current connection task (see the module doc)."""
     _connection.set(info)
+
+
+# The host whose certificate a TLS connection was given (its SNI, normalised, or
+# edge.no_sni_host for a client without SNI); None on plain HTTP. Travels like
+# ConnectionInfo: set in the connection's task while the context is chosen.
+_tls_host: ContextVar[str | None] = ContextVar("linkedge_tls_host", default=None)
+
+
+def set_tls_host(hostname: str) -> None:
+    _tls_host.set(hostname)
+
+
+def tls_host() -> str | None:
+    """The certificate's host for the current TLS connection (None: plain HTTP)."""
+    return _tls_host.get()
 
 
 def client_address(request: web.Request) -> str | None:

@@ -7,6 +7,9 @@ after loading; this runs in a thread so the event loop never waits on it.
 
 from __future__ import annotations
 
+import _ssl
+import ctypes
+import functools
 import os
 import ssl
 import tempfile
@@ -19,13 +22,39 @@ _TMP_DIR = _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else None
 ALPN = ["http/1.1"]
 
 
-def build_server_context(
-    chain_pem: bytes, key_pem: bytes, alpn: Sequence[str] = ALPN
-) -> ssl.SSLContext:
+# Mozilla's "intermediate" server profile (v5.7): TLS 1.2 with ECDHE and AEAD only
+# (AES-GCM, ChaCha20-Poly1305; no CBC, no static RSA, no DHE), and TLS 1.3 (whose
+# three suites are all AEAD, OpenSSL's default). Key exchange groups X25519, P-256,
+# P-384 (no X448, no P-521). Extended Master Secret and session tickets stay on
+# (OpenSSL's defaults).
+TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
+GROUPS = "X25519:P-256:P-384"
+
+
+def new_server_context(alpn: Sequence[str] = ALPN) -> ssl.SSLContext:
+    """A server context with the profile above and no certificate yet."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.set_ciphers(TLS12_CIPHERS)
+    set_groups(ctx, GROUPS)
     ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+def build_server_context(
+    chain_pem: bytes, key_pem: bytes, alpn: Sequence[str] = ALPN
+) -> ssl.SSLContext:
+    ctx = new_server_context(alpn)
     fd, path = tempfile.mkstemp(prefix="linkedge-", suffix=".pem", dir=_TMP_DIR)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -36,6 +65,47 @@ def build_server_context(
     finally:
         os.unlink(path)
     return ctx
+
+
+def set_groups(ctx: ssl.SSLContext, groups: str) -> None:
+    """Limit the key exchange groups of `ctx` (TLS 1.2 and 1.3) to `groups`.
+
+    Python 3.11's ssl has no `set_groups` (only `set_ecdh_curve`, for one curve and
+    not X25519), and an OpenSSL config file (`OPENSSL_CONF`) takes effect only if it
+    is in the environment before the interpreter first initialises OpenSSL, which
+    neither `linkedge serve` nor an in-process test edge can promise. So, unless the
+    interpreter has `set_groups`, this calls OpenSSL's `SSL_CTX_set1_groups_list` on
+    the context's own `SSL_CTX` (the first field after the object header of CPython's
+    context object), after checking that pointer: `SSL_CTX_get_options` must read back
+    exactly the options Python reports for the context. Any mismatch or failure
+    raises, so a context never silently keeps OpenSSL's default groups.
+    """
+    native = getattr(ctx, "set_groups", None)
+    if native is not None:  # Python 3.13+ (OpenSSL's group list syntax)
+        native(groups)
+        return
+    lib = _libssl()
+    address = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not address or lib.SSL_CTX_get_options(address) != int(ctx.options):
+        raise RuntimeError("cannot reach this Python's SSL_CTX to set the TLS groups")
+    if lib.SSL_CTX_ctrl(address, _SSL_CTRL_SET_GROUPS_LIST, 0, groups.encode("ascii")) != 1:
+        raise ssl.SSLError(f"OpenSSL refused the TLS groups {groups!r}")
+
+
+_SSL_CTRL_SET_GROUPS_LIST = 92  # ssl.h; SSL_CTX_set1_groups_list is a macro over SSL_CTX_ctrl
+
+
+@functools.cache
+def _libssl() -> ctypes.CDLL:
+    # the libssl that Python's own _ssl module is linked against (dlsym searches the
+    # module's dependencies), or the process's global symbols for a built-in _ssl
+    path = getattr(_ssl, "__file__", None)
+    lib = ctypes.CDLL(path) if path else ctypes.CDLL(None)
+    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    return lib
 
 
 class CachedContext:

@@ -17,6 +17,7 @@ import multiprocessing
 import multiprocessing.process
 import os
 import signal
+import socket
 import time
 from types import FrameType
 
@@ -26,7 +27,14 @@ from acme_client import AcmeError
 
 from . import logging_setup, metrics
 from .config import Config
-from .edge import listening_socket, make_issuer, open_store, run_worker
+from .edge import (
+    admin_socket,
+    admin_tls_context,
+    listening_socket,
+    make_issuer,
+    open_store,
+    run_worker,
+)
 from .reload import ConfigSource, supervisor_reload
 
 log = logging.getLogger(__name__)
@@ -41,7 +49,12 @@ async def preflight(config: Config) -> None:
     ):
         listening_socket(address, what, reuse_port=True).close()
     if config.admin.listen:
-        listening_socket(config.admin.listen, "admin.listen", reuse_port=False).close()
+        sock = admin_socket(config.admin.listen)
+        if sock.family == socket.AF_UNIX:
+            os.unlink(sock.getsockname())
+        sock.close()
+        if config.admin.tls_cert:
+            admin_tls_context(config.admin.tls_cert, config.admin.tls_key)
     store = await open_store(config)
     try:
         issuer = make_issuer(config, store)

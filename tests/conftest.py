@@ -122,6 +122,10 @@ def enable_admin(handle: EdgeHandle, tmp_path: Path) -> str:
     handle.config.admin.listen = f"{handle.ip}:{port}"
     handle.config.admin.token_file = str(token_file)
     handle.config.admin.token_env = ""
+    # wrong tokens are slowed down per source (tests/test_admin_hardening.py): keep the
+    # steps short for the tests that send many on purpose
+    handle.config.admin.auth_delay_seconds = 0.001
+    handle.config.admin.auth_max_delay_seconds = 0.05
     return f"http://{handle.ip}:{port}"
 
 

@@ -161,7 +161,9 @@ BAD_ADDS: list[tuple[Any, int, str]] = [
     ({"hostname": "links.x.test", "account": "a b"}, 422, "account must be"),
     (["links.x.test"], 422, "JSON object"),
     (b"{not json", 400, "not valid JSON"),
-    (b"\xff\xfe", 400, "not valid JSON"),
+    (b"\xff\xfe", 400, "not UTF-8 (byte 0)"),
+    (b'{"hostname": ' + b"1" * 5000 + b"}", 400, "(4300 digits)"),
+    (b"[" * 10_000 + b"]" * 10_000, 400, "nested too deeply"),
 ]
 
 

@@ -12,8 +12,10 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from certstore import SQLiteStore, StoredCertificate
-from proxy.host_policy import HostPolicy, _matches, _origin_form
+from proxy.host_policy import HostPolicy, _matches
 from proxy.host_views import HostViews
+from proxy.request_target import BadRequest
+from proxy.request_target import origin_form as _origin_form
 
 HOST = "links.policy.test"
 VALID = (1_000.0, 10_000.0)
@@ -95,6 +97,11 @@ def test_origin_form_and_if_none_match() -> None:
     assert _origin_form("/a?b") == "/a?b"
     assert _origin_form("http://h/a/b?c") == "/a/b?c"
     assert _origin_form("http://h") == "/"
+    assert _origin_form("http://h?q=1") == "/?q=1"
+    assert _origin_form("/a#frag") == "/a"
+    for bad in ("*", "links.test:443", "ftp://h/a", "h/a"):
+        with pytest.raises(BadRequest):
+            _origin_form(bad)
     etag = '"sha256-abc"'
     assert _matches(['"x", W/"sha256-abc"'], etag)
     assert _matches(['"x"', '"sha256-abc"'], etag)  # repeated header fields

@@ -108,3 +108,18 @@ def test_lengths_count_after_idna_encoding() -> None:
 def test_invalid_hostname_is_a_value_error() -> None:
     with pytest.raises(ValueError):
         normalize_hostname("*.example.com")
+
+
+def test_host_header_is_host_and_optional_port() -> None:
+    from proxy.hostnames import BadHostHeader, HostHeader, parse_host_header
+
+    assert parse_host_header("Links.Shop.COM.:8443") == HostHeader("links.shop.com", 8443)
+    assert parse_host_header("links.shop.com").lookup == "links.shop.com"
+    assert parse_host_header("[::0001]:80") == HostHeader("[::1]", 80, True)
+    assert parse_host_header("127.0.0.1").lookup == ""  # never a registered host
+    assert str(parse_host_header("A.test:0")) == "a.test:0"
+    for bad in ("", "a b", "a\xff.test", "a.test:", "a.test:65536", "a.test:+1", "a.test:1:2",
+                "u@a.test", "a..test", ".a.test", "a.test..", "[::1", "[::1]x", "[x]:1",
+                "1.2.3.999", "a/b", "a" * 64 + ".test", "*.a.test"):  # fmt: skip
+        with pytest.raises(BadHostHeader):
+            parse_host_header(bad)

@@ -269,7 +269,7 @@ async def test_missing_files_and_unknown_hosts_get_404_from_the_edge(
     setup.recorded.clear()
 
     missing = await https(edge, pebble, host, ASSETLINKS_PATH)
-    assert missing.status == 404 and missing.body == f"{host} has no assetlinks.json.\n".encode()
+    assert missing.status == 404 and missing.body == b"No assetlinks.json here.\n"
     assert missing.headers["cache-control"] == "no-store"
 
     # the Host header names the host, normalised: case, port and trailing dot
@@ -280,11 +280,11 @@ async def test_missing_files_and_unknown_hosts_get_404_from_the_edge(
     # unregistered names: 404 from the edge on both listeners, nothing forwarded
     for path in (*AASA_PATHS, ASSETLINKS_PATH):
         got = await raw_http(edge, plain_get("links.unregistered.test", path))
-        assert got.status == 404 and got.body == b"Not a tracking host on this edge.\n"
+        assert got.status == 404 and got.body == f"No {path.rsplit('/', 1)[1]} here.\n".encode()
         got = await raw_http(edge, plain_get("[::1]:80", path))
         assert got.status == 404
     ghost = await https(edge, pebble, host, AASA_PATHS[0], headers={"Host": "links.ghost.test"})
-    assert ghost.status == 404  # SNI names a certified host, Host an unregistered one
+    assert ghost.status == 421  # SNI names a certified host, Host another one
     assert association_requests(setup.recorded) == []
     # every other path of an unknown name is still the backend's business, as before
     click = await raw_http(edge, plain_get("links.unregistered.test", "/c/other"))

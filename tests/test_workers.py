@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -219,3 +220,18 @@ async def test_admin_checks_and_webhooks_once_across_workers(
         (h, to) for h in hosts for to in ("verified", "active")
     )
     await store.close()
+
+
+async def test_store_files_are_private_in_every_process(two_workers) -> None:
+    """Issue 9: a fresh store, its -wal and -shm are 0600 while `serve` runs, and every
+    linkedge process (supervisor and workers) runs with umask 077, whatever the umask
+    it was started with (pytest's, usually 022)."""
+    serve, env, _ = two_workers
+    store_path = Path(env["LINKEDGE_STORE_PATH"])
+    for path in (store_path, Path(f"{store_path}-wal"), Path(f"{store_path}-shm")):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    pids = {str(serve.proc.pid), *worker_pids(serve.log())}
+    assert len(pids) == 3
+    for pid in pids:
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert re.search(r"^Umask:\s+0077$", status, re.M), (pid, status[:300])

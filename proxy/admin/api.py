@@ -51,11 +51,24 @@ def _changed(deps: AdminDeps, hostname: str) -> None:
         deps.host_views.forget(hostname)
 
 
-async def _json_body(request: web.Request, allowed: set[str], required: set[str]) -> dict[str, Any]:
+async def _parse_json(request: web.Request) -> Any:
+    """The body as JSON, or a 400 that says what is wrong with it (never a 500)."""
+    raw = await request.read()
     try:
-        data = await request.json(loads=json.loads)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "malformed_json", "the body is not valid JSON") from None
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        message = f"the body is not UTF-8 (byte {exc.start})"
+    except json.JSONDecodeError as exc:
+        message = f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+    except RecursionError:
+        message = "the body is not valid JSON: nested too deeply"
+    except ValueError as exc:  # e.g. a number over Python's 4,300-digit limit
+        message = f"the body is not valid JSON: {exc}"
+    raise ApiError(400, "malformed_json", message)
+
+
+async def _json_body(request: web.Request, allowed: set[str], required: set[str]) -> dict[str, Any]:
+    data = await _parse_json(request)
     if not isinstance(data, dict):
         raise ApiError(422, "invalid", "the body must be a JSON object")
     unknown = sorted(set(data) - allowed)
@@ -283,10 +296,7 @@ async def get_options(request: web.Request) -> web.Response:
 
 async def put_options(request: web.Request) -> web.Response:
     deps, domain = await _domain(request)
-    try:
-        data = await request.json(loads=json.loads)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "malformed_json", "the body is not valid JSON") from None
+    data = await _parse_json(request)
     try:
         options = validate(data)
     except OptionsError as exc:

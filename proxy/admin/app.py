@@ -6,11 +6,15 @@ from aiohttp import web
 
 from . import status_page
 from .api import ROUTES
-from .auth import auth_middleware
+from .auth import SESSIONS, THROTTLE, AuthThrottle, Sessions, auth_middleware
 from .deps import DEPS, AdminDeps
 from .openapi import document
 
 MAX_BODY = 64 * 1024
+
+
+async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.setdefault("Server", "linkedge")  # no versions
 
 
 async def openapi_json(request: web.Request) -> web.Response:
@@ -19,9 +23,12 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 def make_admin_app(deps: AdminDeps) -> web.Application:
     app = web.Application(
-        middlewares=[auth_middleware(lambda: deps.token, deps.clock)], client_max_size=MAX_BODY
+        middlewares=[auth_middleware(lambda: deps.token)], client_max_size=MAX_BODY
     )
     app[DEPS] = deps
+    app[SESSIONS] = Sessions(lambda: deps.token, deps.clock)
+    app[THROTTLE] = AuthThrottle(deps.auth_delay, deps.auth_max_delay)
+    app.on_response_prepare.append(_server_header)
     for method, path, handler, _summary in ROUTES:
         app.router.add_route(method, path, handler)
     app.router.add_get("/v1/openapi.json", openapi_json)

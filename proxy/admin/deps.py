@@ -28,6 +28,9 @@ class AdminDeps:
     state_sync: StateSync | None = None
     host_views: HostViews | None = None  # this worker's cache: dropped at once on changes
     clock: Callable[[], float] = time.time
+    secure_cookies: bool = False  # the listener speaks TLS: the session cookie is Secure
+    auth_delay: float = 0.5  # after a wrong token, per source; doubles per failure
+    auth_max_delay: float = 30.0
 
 
 DEPS: web.AppKey[AdminDeps] = web.AppKey("linkedge_admin_deps", AdminDeps)

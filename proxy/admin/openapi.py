@@ -294,7 +294,7 @@ def document() -> dict[str, Any]:
                 "required": method != "POST" or request_schema != "Suspension",
                 "content": {"application/json": {"schema": _ref(request_schema)}},
             }
-        for status, schema_name in {**responses, 401: "Error"}.items():
+        for status, schema_name in {**responses, 401: "Error", 429: "Error"}.items():
             response: dict[str, Any] = {"description": _STATUS_TEXT[status]}
             if schema_name is not None:
                 response["content"] = {"application/json": {"schema": _ref(schema_name)}}
@@ -318,7 +318,8 @@ def document() -> dict[str, Any]:
             "title": "linkedge admin API",
             "version": "1",
             "description": "Manage tracking hosts. Every request needs `Authorization: Bearer"
-            " <admin token>`; without it the answer is 401 and nothing else.",
+            " <admin token>`; without it the answer is 401 and nothing else. Wrong tokens"
+            " are slowed down per source; too many in a row get 429.",
         },
         "components": {
             "schemas": SCHEMAS,
@@ -340,6 +341,7 @@ _STATUS_TEXT = {
     413: "File larger than 128 KiB",
     415: "Not sent as application/json",
     422: "Invalid input (the message says which field and why; for files, `path` where)",
+    429: "Too many wrong tokens from this source: wait (Retry-After) and try again",
     502: "The CA failed",
     503: "Not available in this process",
 }

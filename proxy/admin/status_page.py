@@ -20,7 +20,14 @@ from aiohttp import web
 from certstore import DomainState, Event, HostFile
 
 from ..host_options import defaults
-from .auth import LOGIN_PATH, SESSION_COOKIE, SESSION_SECONDS, new_session, token_ok
+from .auth import (
+    LOGIN_PATH,
+    SESSION_COOKIE,
+    SESSION_SECONDS,
+    SESSIONS,
+    THROTTLE,
+    token_ok,
+)
 from .deps import DEPS
 from .views import host_json
 
@@ -374,23 +381,36 @@ def _login_response(error: str, status: int) -> web.Response:
 
 async def login(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
-    form = await request.post()
+    throttle = request.app[THROTTLE]
+    try:
+        form = await request.post()
+    except ValueError:  # a body aiohttp cannot read as a form
+        return _login_response("Send the token from the form.", 400)
     presented = form.get("token")
-    if not isinstance(presented, str) or not token_ok(presented, deps.token):
+    accepted = await throttle.check(
+        request, lambda: isinstance(presented, str) and token_ok(presented, deps.token)
+    )
+    if accepted is None:
+        response = _login_response("Too many failed attempts; try again later.", 429)
+        response.headers["Retry-After"] = str(max(1, int(throttle.max_delay)))
+        return response
+    if not accepted:
         return _login_response("Wrong token.", 401)
     response = web.HTTPSeeOther("/status")
     response.set_cookie(
         SESSION_COOKIE,
-        new_session(deps.token, deps.clock()),
+        request.app[SESSIONS].new(),
         max_age=SESSION_SECONDS,
         path="/status",
         httponly=True,
         samesite="Strict",
+        secure=deps.secure_cookies,
     )
     raise response
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
+    request.app[SESSIONS].end(request.cookies.get(SESSION_COOKIE))  # over for good
     response = web.HTTPSeeOther(LOGIN_PATH)
     response.del_cookie(SESSION_COOKIE, path="/status")
     raise response
