@@ -43,7 +43,7 @@ SCHEMAS: dict[str, Any] = {
                 "type": "string",
                 "description": "cname: ok, via_address, elsewhere, proxied, nxdomain, dns_error;"
                 " caa: permitted, no_records, forbidden, dns_error; https: valid, expiring,"
-                " expired, wrong_certificate, unreachable, skipped, dns_error",
+                " expired, wrong_certificate, unreachable, skipped, dns_error, no_edge_address",
             },
             "reason": {"type": "string"},
             "details": {"type": "object"},
