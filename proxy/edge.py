@@ -155,6 +155,7 @@ class EdgeWorker:
         self.http_address: tuple[str, int] | None = None
         self.https_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
+        self._issuer: FailoverIssuer | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -168,6 +169,7 @@ class EdgeWorker:
         self._closers.append(self._cancel_tasks)
         issuer = make_issuer(config, store)
         self._closers.append(issuer.close)
+        self._issuer = issuer
         await issuer.start()
         account = await store.get_account(config.acme.directory)
         checker = HostChecker(CheckSettings.from_config(config), self._clock)
@@ -336,6 +338,7 @@ class EdgeWorker:
             state_sync=self.state_sync,
             host_views=self.host_views,
             clock=self._clock,
+            issuer=self._issuer,
         )
         runner = web.AppRunner(make_admin_app(deps), access_log=None)
         await runner.setup()

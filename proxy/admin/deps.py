@@ -13,6 +13,7 @@ from certstore import CertStore
 from ..certificates import CertificateManager
 from ..host_views import HostViews
 from ..lifecycle import Lifecycle
+from ..revocation import Revoker
 from ..state_sync import StateSync
 from ..verifier import Verifier
 
@@ -28,6 +29,7 @@ class AdminDeps:
     state_sync: StateSync | None = None
     host_views: HostViews | None = None  # this worker's cache: dropped at once on changes
     clock: Callable[[], float] = time.time
+    issuer: Revoker | None = None  # revokes on DELETE /v1/hosts/{host}
 
 
 DEPS: web.AppKey[AdminDeps] = web.AppKey("linkedge_admin_deps", AdminDeps)

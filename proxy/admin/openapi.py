@@ -218,7 +218,10 @@ _IO: dict[tuple[str, str], tuple[str | None, dict[int, str | None]]] = {
         {200: "Host", 201: "Host", 400: "Error", 409: "Error", 422: "Error"},
     ),
     ("GET", "/v1/hosts/{host}"): (None, {200: "Host", 404: "Error"}),
-    ("DELETE", "/v1/hosts/{host}"): (None, {204: None, 404: "Error"}),
+    ("DELETE", "/v1/hosts/{host}"): (
+        None,
+        {204: None, 404: "Error", 409: "Error", 422: "Error", 502: "Error"},
+    ),
     ("POST", "/v1/hosts/{host}/checks"): (None, {200: "Host", 404: "Error"}),
     ("GET", "/v1/hosts/{host}/certificate"): (None, {200: "Certificate", 404: "Error"}),
     ("POST", "/v1/hosts/{host}/renew"): (
@@ -267,6 +270,16 @@ _QUERY: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {
     ],
     ("GET", "/v1/hosts/{host}/events"): [
         ("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}),
+    ],
+    ("DELETE", "/v1/hosts/{host}"): [
+        (
+            "force",
+            {
+                "type": "boolean",
+                "default": False,
+                "description": "remove even when the CA cannot revoke the certificate",
+            },
+        ),
     ],
 }
 
