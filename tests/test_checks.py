@@ -81,6 +81,41 @@ async def test_cname_follows_the_dns_as_it_changes(dns_server: DNSServer) -> Non
     dns_server.set_servfail(host, on=False)
 
 
+async def test_cname_without_cname_compares_a_and_aaaa_with_the_edge(
+    dns_server: DNSServer,
+) -> None:
+    target, host = "edge-c6.linkedge.test", "links.cname6.test"
+    dns_server.set_a(target, ["127.0.0.63"])
+    dns_server.set_aaaa(target, ["2001:db8::63"])
+    checker = checker_for(dns_server, target)
+
+    async def cname():
+        result = (await checker.check_dns(host)).get("cname")
+        assert result is not None
+        return result
+
+    dns_server.set_a(host, ["127.0.0.63"])
+    dns_server.set_aaaa(host, ["2001:db8::63"])
+    both = await cname()
+    assert (both.state, both.code) == (CheckState.WARN, "via_address"), both
+    assert both.details["addresses"] == ["127.0.0.63", "2001:db8::63"]
+
+    dns_server.set_aaaa(host, ["2001:db8::99"])  # one IPv6 address that is not the edge's
+    foreign = await cname()
+    assert (foreign.state, foreign.code) == (CheckState.FAIL, "proxied"), foreign
+    assert "2001:db8::99" in foreign.reason
+
+    dns_server.set_a(host, [])  # IPv6 only, the edge's: still fine
+    dns_server.set_aaaa(host, ["2001:db8::63"])
+    v6_only = await cname()
+    assert (v6_only.state, v6_only.code) == (CheckState.WARN, "via_address"), v6_only
+
+    strict = checker_for(dns_server, target, issue_via_address=False)
+    refused = (await strict.check_dns(host)).get("cname")
+    assert refused is not None and (refused.state, refused.code) == (CheckState.FAIL, "via_address")
+    assert not (await strict.check_dns(host)).may_issue
+
+
 async def test_cname_timeout_is_unknown() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as blackhole:  # never answers
         blackhole.bind(("127.0.0.1", 0))
