@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from acme_client import AcmeError
+from acme_client import AcmeError, FailoverIssuer
 from acme_client.renewal import ratio_window
 from certstore import DomainExists, SQLiteStore, StoreError, StoreKeyError
 from certstore.crypto import generate_key_text
@@ -31,7 +32,7 @@ from .host_files import FileError
 from .hostnames import InvalidHostname, display_hostname, normalize_hostname
 from .lifecycle import Lifecycle
 from .reload import ConfigSource
-from .revocation import revoke_and_purge
+from .revocation import HostBusy, RevocationFailed, remove_host, revoke_certificate
 from .schedule import Schedule
 from .verifier import Verifier, VerifierSettings
 from .workers import serve
@@ -204,21 +205,20 @@ async def _domains_remove(store: SQLiteStore, config: Config, args: argparse.Nam
     if await store.get_domain(hostname) is None:
         print(f"linkedge: error: {hostname} is not registered", file=sys.stderr)
         return EXIT_FAILURE
-    # Revoke first: once the key is gone the certificate could no longer be revoked.
     try:
-        outcome = await _revoke(store, config, hostname)
-    except AcmeError as exc:
-        if not args.force:
-            print(
-                f"linkedge: error: cannot revoke the certificate of {hostname}: {exc}; "
-                "nothing removed (retry, or use --force to remove without revoking)",
-                file=sys.stderr,
-            )
-            return EXIT_FAILURE
-        outcome = f"NOT revoked ({exc}); certificate deleted anyway (--force)"
-        await store.record_event(hostname, "removed_unrevoked", str(exc))
-    await store.remove_domain(hostname)
-    print(f"removed {hostname}: {outcome}")
+        async with _issuer(config, store) as issuer:
+            removal = await remove_host(store, issuer, hostname, force=args.force)
+    except RevocationFailed as exc:
+        print(
+            f"linkedge: error: {exc}; nothing removed"
+            " (retry, or use --force to remove without revoking)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    except HostBusy as exc:
+        print(f"linkedge: error: {exc}; nothing removed", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"removed {hostname}: {removal.outcome}")
     return 0
 
 
@@ -227,15 +227,22 @@ async def _certs_revoke(store: SQLiteStore, config: Config, args: argparse.Names
     if await store.get_certificate(hostname) is None:
         print(f"linkedge: error: {hostname} has no certificate", file=sys.stderr)
         return EXIT_FAILURE
-    print(f"{hostname}: {await _revoke(store, config, hostname)}")
+    try:
+        async with _issuer(config, store) as issuer:
+            outcome = await revoke_certificate(store, issuer, hostname)
+    except HostBusy as exc:
+        print(f"linkedge: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{hostname}: {outcome}")
     return 0
 
 
-async def _revoke(store: SQLiteStore, config: Config, hostname: str) -> str:
+@contextlib.asynccontextmanager
+async def _issuer(config: Config, store: SQLiteStore) -> AsyncIterator[FailoverIssuer]:
     check_acme(config)
     issuer = make_issuer(config, store)
     try:
-        return await revoke_and_purge(store, issuer, hostname)
+        yield issuer
     finally:
         await issuer.close()
 

@@ -7,6 +7,7 @@ keys are errors, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -158,9 +159,13 @@ class AdminConfig:
 @dataclass
 class ChecksConfig:
     caa_issuer: str = "letsencrypt.org"  # the CA's CAA issuer domain (RFC 8659)
-    https_port: int = 443  # where the https check connects (the host is resolved via dns.*)
+    https_port: int = 443  # the https check dials the edge's addresses on this port
     ca_bundle: str = ""  # trust store for the https check; empty: system store
     https_timeout: float = 10.0
+    # IP literals the https check dials (any range); empty: what edge.cname_target resolves to,
+    # public addresses only
+    https_addresses: list[str] = field(default_factory=list)
+    issue_via_address: bool = True  # no CNAME, only the edge's A/AAAA records: may be issued
 
 
 @dataclass
@@ -285,6 +290,7 @@ def require_serving(config: Config) -> None:
         )
     if not 1 <= config.checks.https_port <= 65535:
         raise ConfigError("checks.https_port must be a TCP port")
+    parse_ip_list(config.checks.https_addresses, "checks.https_addresses")
     if not 1 <= config.edge.https_public_port <= 65535:
         raise ConfigError("edge.https_public_port must be a TCP port")
     check_acme(config)
@@ -383,6 +389,22 @@ def read_secret(file: str, env: str, what: str, key: str) -> str:
             f"the {what} from {origin} is shorter than {MIN_SECRET_LENGTH} characters"
         )
     return value
+
+
+def parse_ip_list(values: list[str], what: str) -> tuple[str, ...]:
+    """IP literals (v4 or v6, brackets allowed), normalised; anything else is an error."""
+    found: list[str] = []
+    for value in values:
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise ConfigError(f"{what}: {value!r} is not an IP address") from None
+        if str(address) not in found:
+            found.append(str(address))
+    return tuple(found)
 
 
 def parse_nameserver(value: str) -> tuple[str, int]:

@@ -1,11 +1,19 @@
 """Does a customer's hostname reach the edge through its CNAME chain?
 
 One A query is enough: the resolver returns the whole CNAME chain in the answer
-section, and dnspython hands it back as `chaining_result.cnames`. When the chain
-does not reach the edge target, the addresses are compared with the target's own:
-a name that answers with foreign A records and no CNAME is most often a CNAME
-flattened by a CDN proxy (Cloudflare's "proxied" records), and the customer is told
-so. Resolution failures (SERVFAIL, timeouts) are "unknown", never "wrong": a flaky
+section, and dnspython hands it back as `chaining_result.cnames`. The rule:
+
+- the chain reaches the edge target: ok;
+- the chain goes to any other name: elsewhere (a failure), whatever that name's
+  addresses are. Shared load-balancer and anycast addresses make "the other name
+  happens to resolve to our addresses" common, and it proves nothing about who
+  controls the name;
+- no CNAME at all: the host's own A and AAAA records are compared with the edge
+  target's. All of them the edge's: via_address (works, with a warning; whether it
+  may be issued is `checks.issue_via_address`). Others: most often a CNAME flattened
+  by a CDN proxy (Cloudflare's "proxied" records), and the customer is told so.
+
+Resolution failures (SERVFAIL, timeouts) are "unknown", never "wrong": a flaky
 resolver must not make a working customer look broken.
 """
 
@@ -87,7 +95,7 @@ class CnameChecker:
                 return CnameResult(
                     CnameStatus.ELSEWHERE,
                     chain,
-                    f"CNAME points to {chain[-1]} (which does not exist), not {target}",
+                    f"{hostname} points at {chain[-1]} (which does not exist), not {target}",
                 )
             return CnameResult(
                 CnameStatus.NXDOMAIN,
@@ -98,18 +106,37 @@ class CnameChecker:
             return CnameResult(CnameStatus.UNKNOWN, (), f"DNS lookup failed, will retry: {exc}")
         except dns.exception.DNSException as exc:
             return CnameResult(CnameStatus.UNKNOWN, (), f"DNS error, will retry: {exc}")
-        chain = tuple(
-            str(rrset[0].target).rstrip(".").lower() for rrset in answer.chaining_result.cnames
-        )
+        chain = _chain(answer)
         addresses = tuple(sorted(str(r) for r in answer.rrset)) if answer.rrset else ()
         if target in chain:
             return CnameResult(CnameStatus.OK, chain, f"CNAME reaches {target}", addresses)
+        if chain:  # another name: its addresses do not matter (shared LB / anycast)
+            return CnameResult(
+                CnameStatus.ELSEWHERE,
+                chain,
+                f"{hostname} points at {chain[0]}, not {target}; change the CNAME to {target}",
+                addresses,
+            )
+        # No CNAME: the host's own A and AAAA records must all be the edge's.
+        v6 = await self._aaaa(hostname)
+        if isinstance(v6, CnameResult):
+            return v6
+        v6_chain, v6_addresses = v6
+        if v6_chain:  # the AAAA answer has a CNAME the A answer did not: not ours either
+            return CnameResult(
+                CnameStatus.ELSEWHERE,
+                v6_chain,
+                f"{hostname} points at {v6_chain[0]} (for IPv6), not {target};"
+                f" use one CNAME to {target}",
+                addresses,
+            )
+        addresses = tuple(sorted((*addresses, *v6_addresses)))
         if not addresses:
-            if chain:
-                reason = f"CNAME points to {chain[0]}, not {target}"
-            else:
-                reason = f"no CNAME record for {hostname}; add one pointing to {target}"
-            return CnameResult(CnameStatus.ELSEWHERE, chain, reason)
+            return CnameResult(
+                CnameStatus.ELSEWHERE,
+                chain,
+                f"no CNAME record for {hostname}; add one pointing to {target}",
+            )
         edge = await self._edge_addresses(target)
         if edge is None:
             return CnameResult(
@@ -127,13 +154,6 @@ class CnameChecker:
                 " when the edge's addresses change",
                 addresses,
             )
-        if chain:
-            return CnameResult(
-                CnameStatus.ELSEWHERE,
-                chain,
-                f"CNAME points to {chain[0]}, not {target}",
-                addresses,
-            )
         return CnameResult(
             CnameStatus.PROXIED,
             chain,
@@ -142,6 +162,17 @@ class CnameChecker:
             " cloud), switch it to DNS only; otherwise replace the A records with that CNAME",
             addresses,
         )
+
+    async def _aaaa(self, hostname: str) -> tuple[tuple[str, ...], tuple[str, ...]] | CnameResult:
+        """The host's CNAME chain and IPv6 addresses as the AAAA answer has them."""
+        try:
+            answer = await self._resolver.resolve(hostname, "AAAA", raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return (), ()  # the A query just said it exists: an inconsistent server
+        except dns.exception.DNSException as exc:
+            return CnameResult(CnameStatus.UNKNOWN, (), f"DNS lookup failed, will retry: {exc}")
+        addresses = tuple(str(r) for r in answer.rrset) if answer.rrset else ()
+        return _chain(answer), addresses
 
     async def _edge_addresses(self, target: str) -> set[str] | None:
         found: set[str] = set()
@@ -155,6 +186,12 @@ class CnameChecker:
             if answer.rrset:
                 found.update(str(r) for r in answer.rrset)
         return found
+
+
+def _chain(answer: dns.resolver.Answer) -> tuple[str, ...]:
+    return tuple(
+        str(rrset[0].target).rstrip(".").lower() for rrset in answer.chaining_result.cnames
+    )
 
 
 def _chain_from_nxdomain(exc: dns.resolver.NXDOMAIN, hostname: str) -> tuple[str, ...]:

@@ -296,6 +296,7 @@ class EdgeWorker:
         self.http_server: web.Server | None = None  # both listeners' HTTP server
         self.listen_sockets: list[socket.socket] = []  # HTTPS and HTTP, for /readyz
         self.worker_metrics: metrics.WorkerMetrics | None = None
+        self._issuer: FailoverIssuer | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -320,6 +321,7 @@ class EdgeWorker:
             )
         issuer = make_issuer(config, store, self._clock, metered=config.metrics.enabled)
         self._closers.append(issuer.close)
+        self._issuer = issuer
         # The CA is reached lazily, through its circuit breaker: a CA that is down now must
         # not keep this edge from serving the certificates and challenges it has.
         ca_task = asyncio.ensure_future(self._connect_ca(issuer))
@@ -525,6 +527,7 @@ class EdgeWorker:
             secure_cookies=tls is not None,
             auth_delay=admin.auth_delay_seconds,
             auth_max_delay=admin.auth_max_delay_seconds,
+            issuer=self._issuer,
         )
         self.admin_deps = deps
         redact(token)

@@ -22,23 +22,11 @@ from dataclasses import dataclass, field
 from certstore import CertStore, DomainState, HostFile
 
 from .host_options import defaults
+from .state_sync import HANDSHAKE_EVENTS
 
-# event kinds after which a host's entry must be read again
-CHANGE_EVENTS = frozenset(
-    {
-        "registered",
-        "removed",
-        "state",
-        "issued",
-        "renewed",
-        "revoked",
-        "purged",
-        "certificate_deleted",
-        "options_changed",
-        "file_updated",
-        "file_deleted",
-    }
-)
+# event kinds after which a host's entry must be read again: whatever changes its
+# handshake (state, certificate) plus its options and files
+CHANGE_EVENTS = HANDSHAKE_EVENTS | {"options_changed", "file_updated", "file_deleted"}
 MAX_HOSTS = 100_000  # a few hundred bytes each, plus their files
 MAX_UNKNOWN = 10_000
 MAX_FILE_BYTES = 64 * 1024 * 1024  # association files kept in memory per worker

@@ -16,7 +16,21 @@ from collections.abc import Callable, Collection
 from certstore import CertStore, DomainState, Event
 
 log = logging.getLogger(__name__)
-_INVALIDATING = {"state", "removed", "issued", "certificate_deleted"}
+
+# Event kinds after which a host's handshake may get something else: every worker drops
+# its cached TLS context and refusal for the host (the next handshake reads the store).
+# Each of these is emitted (tests/test_state_sync.py checks the emitters against it).
+HANDSHAKE_EVENTS = frozenset(
+    {
+        "registered",  # certstore add_domain: a remembered "not registered" must go
+        "removed",  # certstore remove_domain (domains remove, DELETE /v1/hosts/{host})
+        "state",  # the domains trigger: suspended, resumed, verified, moved, retired
+        "issued",  # proxy.certificates: a new certificate
+        "renewed",  # proxy.certificates: a newer certificate
+        "revoked",  # proxy.revocation: certs revoke, domains remove
+        "purged",  # proxy.revocation: an expired certificate deleted
+    }
+)
 
 
 class StateSync:
@@ -70,7 +84,7 @@ class StateSync:
         for kinds, forget in self._followers:
             if event.kind in kinds:
                 forget(event.hostname)
-        if event.kind not in _INVALIDATING:
+        if event.kind not in HANDSHAKE_EVENTS:
             return
         self._forget(event.hostname)
         if event.kind == "removed" or (event.kind == "state" and event.to_state != "suspended"):

@@ -152,6 +152,7 @@ def make_config(
     config.admin.listen = ""  # tests that need the admin API turn it on
     config.verify.poll_seconds = 0  # tests drive the verifier themselves (no timing)
     config.checks.https_port = int(config.listen.https.rsplit(":", 1)[1])
+    config.checks.https_addresses = [ip]  # loopback: dialled only because it is listed
     config.checks.ca_bundle = str(pebble.root_path)
     config.checks.https_timeout = 10
     return config

@@ -51,7 +51,13 @@ async def test_cname_follows_the_dns_as_it_changes(dns_server: DNSServer) -> Non
     elsewhere = await cname()
     assert (elsewhere.state, elsewhere.code) == (CheckState.FAIL, "elsewhere")
     assert elsewhere.details["points_to"] == "shop.cdn-other.test"
-    assert "points to shop.cdn-other.test, not edge-c1.linkedge.test" in elsewhere.reason
+    assert "points at shop.cdn-other.test, not edge-c1.linkedge.test" in elsewhere.reason
+
+    # the other name resolving to the edge's own addresses (a shared LB, anycast) changes nothing
+    dns_server.set_a("shop.cdn-other.test", ["127.0.0.61"])
+    shared = await cname()
+    assert (shared.state, shared.code) == (CheckState.FAIL, "elsewhere"), shared
+    assert "points at shop.cdn-other.test, not edge-c1.linkedge.test" in shared.reason
 
     dns_server.set_a(host, ["198.51.100.8", "198.51.100.9"])  # a CDN proxy answers instead
     proxied = await cname()
@@ -73,6 +79,41 @@ async def test_cname_follows_the_dns_as_it_changes(dns_server: DNSServer) -> Non
     assert (broken.state, broken.code) == (CheckState.UNKNOWN, "dns_error")
     assert "will retry" in broken.reason
     dns_server.set_servfail(host, on=False)
+
+
+async def test_cname_without_cname_compares_a_and_aaaa_with_the_edge(
+    dns_server: DNSServer,
+) -> None:
+    target, host = "edge-c6.linkedge.test", "links.cname6.test"
+    dns_server.set_a(target, ["127.0.0.63"])
+    dns_server.set_aaaa(target, ["2001:db8::63"])
+    checker = checker_for(dns_server, target)
+
+    async def cname():
+        result = (await checker.check_dns(host)).get("cname")
+        assert result is not None
+        return result
+
+    dns_server.set_a(host, ["127.0.0.63"])
+    dns_server.set_aaaa(host, ["2001:db8::63"])
+    both = await cname()
+    assert (both.state, both.code) == (CheckState.WARN, "via_address"), both
+    assert both.details["addresses"] == ["127.0.0.63", "2001:db8::63"]
+
+    dns_server.set_aaaa(host, ["2001:db8::99"])  # one IPv6 address that is not the edge's
+    foreign = await cname()
+    assert (foreign.state, foreign.code) == (CheckState.FAIL, "proxied"), foreign
+    assert "2001:db8::99" in foreign.reason
+
+    dns_server.set_a(host, [])  # IPv6 only, the edge's: still fine
+    dns_server.set_aaaa(host, ["2001:db8::63"])
+    v6_only = await cname()
+    assert (v6_only.state, v6_only.code) == (CheckState.WARN, "via_address"), v6_only
+
+    strict = checker_for(dns_server, target, issue_via_address=False)
+    refused = (await strict.check_dns(host)).get("cname")
+    assert refused is not None and (refused.state, refused.code) == (CheckState.FAIL, "via_address")
+    assert not (await strict.check_dns(host)).may_issue
 
 
 async def test_cname_timeout_is_unknown() -> None:
@@ -239,7 +280,9 @@ async def test_https_validity(
     ca, chain, key = _write_pki(tmp_path, host, days_before=days_before, days_after=days_after)
     server, port = await _tls_server(ip, chain, key)
     try:
-        checker = checker_for(dns_server, target, https_port=port, ca_bundle=str(ca))
+        checker = checker_for(
+            dns_server, target, https_port=port, ca_bundle=str(ca), https_addresses=(ip,)
+        )
         result = (await checker.check_all(host)).get("https")
     finally:
         server.close()
@@ -259,7 +302,13 @@ async def test_https_untrusted_and_unreachable(
     _ca, chain, key = _write_pki(tmp_path, host, days_before=1, days_after=60)
     server, port = await _tls_server(ip, chain, key)
     try:  # trusting only Pebble's root, as the edge's check does in these tests
-        checker = checker_for(dns_server, target, https_port=port, ca_bundle=str(pebble.root_path))
+        checker = checker_for(
+            dns_server,
+            target,
+            https_port=port,
+            ca_bundle=str(pebble.root_path),
+            https_addresses=(ip,),
+        )
         untrusted = (await checker.check_all(host)).get("https")
     finally:
         server.close()
@@ -268,7 +317,13 @@ async def test_https_untrusted_and_unreachable(
     assert "not trusted" in untrusted.reason and "checks test CA" in untrusted.reason
 
     closed = free_port(ip)  # nothing listens there
-    checker = checker_for(dns_server, target, https_port=closed, ca_bundle=str(pebble.root_path))
+    checker = checker_for(
+        dns_server,
+        target,
+        https_port=closed,
+        ca_bundle=str(pebble.root_path),
+        https_addresses=(ip,),
+    )
     unreachable = (await checker.check_all(host)).get("https")
     assert unreachable is not None and (unreachable.state, unreachable.code) == (
         CheckState.FAIL,
@@ -289,7 +344,11 @@ async def test_https_against_the_edge_with_pebble_certificates(
     store = await edge.open_store()
     await register(store, dns_server, good, edge.target)
     checker = checker_for(
-        dns_server, edge.target, https_port=edge.https_port, ca_bundle=str(pebble.root_path)
+        dns_server,
+        edge.target,
+        https_port=edge.https_port,
+        ca_bundle=str(pebble.root_path),
+        https_addresses=(edge.ip,),
     )
     # the handshake is a first click: the edge gets the certificate, the check sees it
     valid = (await checker.check_all(good)).get("https")
@@ -316,6 +375,7 @@ async def test_https_against_the_edge_with_pebble_certificates(
             f"impostor-{n}.linkedge.test",
             https_port=port,
             ca_bundle=str(pebble.root_path),
+            https_addresses=(ip,),
         )
         wrong = (await impostor.check_all(other)).get("https")
     finally:

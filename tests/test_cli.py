@@ -194,20 +194,27 @@ def test_domains_verify_reports_cname(store_env: dict[str, str], dns_server: DNS
     assert "\033[" not in failing.stdout  # piped: no colours
     dns_server.set_cname("links.verify-cli.test", "edge.linkedge.test")
     dns_server.set_a("edge.linkedge.test", ["127.0.0.1"])
-    # the CNAME passes, but no edge serves HTTPS for it here: the https check says so
+    # the CNAME passes; the edge's only address is loopback, which the https check never
+    # dials unless the operator lists it
     passing = run_cli("domains", "verify", "links.verify-cli.test", env=env)
     lines = passing.stdout.splitlines()
     assert passing.returncode == 1, passing.stdout
     assert any(
         ln.split()[:2] == ["cname", "[pass]"] and "reaches edge.linkedge.test" in ln for ln in lines
     ), lines
+    assert any(
+        ln.split()[:2] == ["https", "[unknown]"] and "checks.https_addresses" in ln for ln in lines
+    ), lines
+    # listed, it is dialled; no edge serves HTTPS for it here: the https check says so
+    listed = {**env, "LINKEDGE_CHECKS_HTTPS_ADDRESSES": "127.0.0.1"}
+    lines = run_cli("domains", "verify", "links.verify-cli.test", env=listed).stdout.splitlines()
     assert any(ln.split()[:2] == ["https", "[fail]"] and "cannot connect" in ln for ln in lines), (
         lines
     )
     rows = json.loads(run_cli("domains", "list", "--json", env=env).stdout)
     assert rows[0]["state"] == "verified"
     as_json = json.loads(
-        run_cli("domains", "verify", "--json", "links.verify-cli.test", env=env).stdout
+        run_cli("domains", "verify", "--json", "links.verify-cli.test", env=listed).stdout
     )
     assert [(c["name"], c["state"]) for c in as_json["checks"]] == [
         ("cname", "pass"),
@@ -250,7 +257,7 @@ def test_domains_verify_colours_on_a_terminal(
     text = out.decode()
     assert proc.returncode == 1
     assert "\033[31m[fail]" in text and "\033[32m[pass]" in text  # red cname, green caa
-    assert "points to elsewhere.tty.test" in text
+    assert "points at elsewhere.tty.test" in text
 
 
 def test_serve_refuses_admin_listener_without_token(

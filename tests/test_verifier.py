@@ -145,7 +145,7 @@ async def test_cname_pointed_elsewhere_then_back(
     await run_pass(edge)
     moved = await store.get_domain(host)
     assert moved is not None and moved.state is S.MOVED
-    assert "points to other-esp.example.test" in moved.state_reason
+    assert "points at other-esp.example.test" in moved.state_reason
 
     dns_server.set_cname(host, edge.target)
     clock.advance(3600 + 1)

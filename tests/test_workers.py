@@ -120,6 +120,7 @@ def two_workers(
         "LINKEDGE_VERIFY_POLL_SECONDS": "0.2",
         "LINKEDGE_LIFECYCLE_SYNC_SECONDS": "0.2",
         "LINKEDGE_CHECKS_HTTPS_PORT": str(https_port),
+        "LINKEDGE_CHECKS_HTTPS_ADDRESSES": IP,
         "LINKEDGE_CHECKS_CA_BUNDLE": str(pebble.root_path),
         "LINKEDGE_WEBHOOKS_URL": hooks.url,
         "LINKEDGE_WEBHOOK_SECRET": "webhook-secret-0123456789",

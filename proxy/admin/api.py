@@ -23,6 +23,7 @@ from ..host_files import FileError
 from ..host_options import OptionsError, defaults, validate
 from ..hostnames import InvalidHostname, normalize_hostname
 from ..lifecycle import InvalidTransition
+from ..revocation import HostBusy, RevocationFailed, remove_host
 from .deps import DEPS, AdminDeps
 from .views import certificate_json, event_json, host_file_json, host_json
 
@@ -179,11 +180,31 @@ async def get_host(request: web.Request) -> web.Response:
 
 
 async def delete_host(request: web.Request) -> web.Response:
+    """Revoke the certificate, then unregister and purge (the same as `domains remove`)."""
+    unknown = sorted(set(request.query) - {"force"})
+    if unknown:
+        raise ApiError(422, "unknown_parameter", f"unknown query parameter {unknown[0]!r}")
+    force_text = request.query.get("force", "false")
+    if force_text not in ("true", "false"):
+        raise ApiError(422, "invalid_force", "force must be true or false")
     deps, domain = await _domain(request)
-    await deps.store.remove_domain(domain.hostname)
-    if deps.manager is not None:
-        deps.manager.forget(domain.hostname)
-    _changed(deps, domain.hostname)
+    try:
+        await remove_host(
+            deps.store, deps.issuer, domain.hostname, force=force_text == "true", clock=deps.clock
+        )
+    except RevocationFailed as exc:
+        raise ApiError(
+            502,
+            "revocation_failed",
+            f"{exc}; nothing removed (retry, or DELETE with ?force=true to remove without"
+            " revoking)",
+        ) from None
+    except HostBusy as exc:
+        raise ApiError(409, "order_in_progress", f"{exc}; nothing removed") from None
+    finally:  # this worker at once (also after a partial failure); the others by events
+        if deps.manager is not None:
+            deps.manager.forget(domain.hostname)
+        _changed(deps, domain.hostname)
     return web.Response(status=204)
 
 
@@ -393,7 +414,7 @@ ROUTES: list[tuple[str, str, Any, str]] = [
     ("GET", "/v1/hosts", list_hosts, "List hosts (keyset pagination)"),
     ("POST", "/v1/hosts", add_host, "Register a host for an account"),
     ("GET", "/v1/hosts/{host}", get_host, "One host: state, checks, certificate, events"),
-    ("DELETE", "/v1/hosts/{host}", delete_host, "Unregister a host and delete its certificate"),
+    ("DELETE", "/v1/hosts/{host}", delete_host, "Revoke the certificate, then unregister the host"),
     ("POST", "/v1/hosts/{host}/checks", run_checks, "Run the checks now"),
     ("GET", "/v1/hosts/{host}/certificate", get_certificate, "The current certificate"),
     ("POST", "/v1/hosts/{host}/renew", renew, "Re-check, then order a new certificate now"),

@@ -13,6 +13,7 @@ from certstore import CertStore
 from ..certificates import CertificateManager
 from ..host_views import HostViews
 from ..lifecycle import Lifecycle
+from ..revocation import Revoker
 from ..state_sync import StateSync
 from ..verifier import Verifier
 
@@ -31,6 +32,7 @@ class AdminDeps:
     secure_cookies: bool = False  # the listener speaks TLS: the session cookie is Secure
     auth_delay: float = 0.5  # after a wrong token, per source; doubles per failure
     auth_max_delay: float = 30.0
+    issuer: Revoker | None = None  # revokes on DELETE /v1/hosts/{host}
 
 
 DEPS: web.AppKey[AdminDeps] = web.AppKey("linkedge_admin_deps", AdminDeps)

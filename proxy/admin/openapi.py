@@ -43,7 +43,7 @@ SCHEMAS: dict[str, Any] = {
                 "type": "string",
                 "description": "cname: ok, via_address, elsewhere, proxied, nxdomain, dns_error;"
                 " caa: permitted, no_records, forbidden, dns_error; https: valid, expiring,"
-                " expired, wrong_certificate, unreachable, skipped, dns_error",
+                " expired, wrong_certificate, unreachable, skipped, dns_error, no_edge_address",
             },
             "reason": {"type": "string"},
             "details": {"type": "object"},
@@ -219,7 +219,10 @@ _IO: dict[tuple[str, str], tuple[str | None, dict[int, str | None]]] = {
         {200: "Host", 201: "Host", 400: "Error", 409: "Error", 422: "Error"},
     ),
     ("GET", "/v1/hosts/{host}"): (None, {200: "Host", 404: "Error"}),
-    ("DELETE", "/v1/hosts/{host}"): (None, {204: None, 404: "Error"}),
+    ("DELETE", "/v1/hosts/{host}"): (
+        None,
+        {204: None, 404: "Error", 409: "Error", 422: "Error", 502: "Error"},
+    ),
     ("POST", "/v1/hosts/{host}/checks"): (None, {200: "Host", 404: "Error"}),
     ("GET", "/v1/hosts/{host}/certificate"): (None, {200: "Certificate", 404: "Error"}),
     ("POST", "/v1/hosts/{host}/renew"): (
@@ -268,6 +271,16 @@ _QUERY: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {
     ],
     ("GET", "/v1/hosts/{host}/events"): [
         ("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}),
+    ],
+    ("DELETE", "/v1/hosts/{host}"): [
+        (
+            "force",
+            {
+                "type": "boolean",
+                "default": False,
+                "description": "remove even when the CA cannot revoke the certificate",
+            },
+        ),
     ],
 }
 

@@ -15,13 +15,22 @@ _STATES = {
 }
 
 
-def cname_result(result: CnameResult, target: str) -> CheckResult:
+def cname_result(result: CnameResult, target: str, issue_via_address: bool = True) -> CheckResult:
+    """`issue_via_address` False: A/AAAA records at the edge without a CNAME fail
+    (`checks.issue_via_address`), so such a host is never verified nor issued."""
     code = "dns_error" if result.status is CnameStatus.UNKNOWN else result.status.value
+    state, reason = _STATES[result.status], result.reason
+    if result.status is CnameStatus.VIA_ADDRESS and not issue_via_address:
+        state = CheckState.FAIL
+        reason = (
+            f"resolves to the edge's addresses ({', '.join(result.addresses)}) without a CNAME;"
+            f" this edge issues certificates only to hosts with a CNAME to {target}: add one"
+        )
     return CheckResult(
         name="cname",
-        state=_STATES[result.status],
+        state=state,
         code=code,
-        reason=result.reason,
+        reason=reason,
         details={
             "expected": target,
             "chain": list(result.chain),
@@ -31,5 +40,7 @@ def cname_result(result: CnameResult, target: str) -> CheckResult:
     )
 
 
-async def check_cname(checker: CnameChecker, hostname: str, target: str) -> CheckResult:
-    return cname_result(await checker.check(hostname, target), target)
+async def check_cname(
+    checker: CnameChecker, hostname: str, target: str, issue_via_address: bool = True
+) -> CheckResult:
+    return cname_result(await checker.check(hostname, target), target, issue_via_address)

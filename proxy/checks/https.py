@@ -1,7 +1,18 @@
-"""Check 3, `https`: a real TLS connection to the host, as a recipient's phone makes it.
+"""Check 3, `https`: a real TLS connection to the edge for the host, as a phone makes it.
 
-The host is resolved with the configured DNS servers and reached on `checks.https_port`;
-the chain is verified against `checks.ca_bundle` (the system store by default), with
+It verifies the certificate *we* serve for the host, so it dials the edge's own
+addresses, never what the customer's name resolves to: those are `checks.https_addresses`
+when the operator lists them, else what `edge.cname_target` resolves to (A and AAAA).
+The customer's host is only the SNI. Resolved addresses that are not public
+(loopback, private, link-local, CGNAT 100.64/10, multicast, reserved, ...) are never
+dialled: a customer cannot turn the check into a probe of internal networks, and
+operator-listed addresses are the only way to check an edge on such addresses.
+
+Every address is dialled (up to MAX_ADDRESSES, IPv6 and IPv4 alike); the worst
+answer decides (a wrong certificate on one node is a wrong certificate for the
+recipients it serves). Addresses that cannot be connected to from here (no IPv6
+route, say) are listed in the details; only when none answers is the host unreachable.
+The chain is verified against `checks.ca_bundle` (the system store by default), with
 the name and the dates. On a verification failure a second, non-verifying handshake
 fetches the certificate that was served, so the reason can say what is wrong with it.
 "Expiring" means less than a third of the certificate's lifetime is left: the point
@@ -12,9 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dns.asyncresolver
@@ -30,6 +42,38 @@ _EXPIRED = 10
 _NOT_YET_VALID = 9
 _HOSTNAME_MISMATCH = 62
 _DAY = 86400.0
+MAX_ADDRESSES = 8  # edge addresses dialled per check
+_RANK = {CheckState.FAIL: 0, CheckState.UNKNOWN: 1, CheckState.WARN: 2, CheckState.PASS: 3}
+
+
+def is_public(address: str) -> bool:
+    """May the check dial this resolved address? Only globally routed unicast.
+
+    Loopback, private (RFC 1918, ULA), link-local, CGNAT (100.64/10), multicast,
+    reserved, unspecified and documentation ranges are not; neither is an IPv4-mapped
+    IPv6 address of such an IPv4 address.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped
+        if embedded is not None and not is_public(str(embedded)):
+            return False
+    return (
+        ip.is_global
+        and not ip.is_multicast
+        and not ip.is_reserved
+        and not ip.is_loopback
+        and not ip.is_link_local
+        and not ip.is_private
+        and not ip.is_unspecified
+    )
+
+
+def _where(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 class HttpsProber:
@@ -40,12 +84,17 @@ class HttpsProber:
         ca_bundle: str | None,
         timeout: float,
         clock: Callable[[], float] = time.time,
+        *,
+        edge_target: str,
+        addresses: Sequence[str] = (),
     ) -> None:
         self._resolver = resolver
         self._port = port
         self._ca_bundle = ca_bundle
         self._timeout = timeout
         self._clock = clock
+        self._edge_target = edge_target.rstrip(".").lower()
+        self._listed = tuple(addresses)  # the operator's: dialled whatever their range
         self._verify_ctx: ssl.SSLContext | None = None
 
     async def _contexts(self) -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -59,24 +108,71 @@ class HttpsProber:
         return self._verify_ctx, raw
 
     async def check(self, hostname: str) -> CheckResult:
-        address = await self._address(hostname)
-        if isinstance(address, CheckResult):
-            return address
-        where = f"{address}:{self._port}"
+        """Handshakes with `hostname` as SNI to each of the edge's addresses."""
+        addresses = await self.edge_addresses()
+        if isinstance(addresses, CheckResult):
+            return addresses
+        probes = await asyncio.gather(*(self._probe(a, hostname) for a in addresses))
+        answered = [result for result, connected in probes if connected]
+        tried = [_where(a, self._port) for a in addresses]
+        unreachable = [r.details["address"] for r, connected in probes if not connected]
+        if not answered:
+            reasons = "; ".join(r.reason for r, _ in probes)
+            return _unreachable(reasons, {"address": tried[0], "addresses": tried})
+        worst = min(answered, key=lambda r: _RANK.get(r.state, 0))
+        details = {**worst.details, "addresses": tried, "unreachable": unreachable}
+        return CheckResult(worst.name, worst.state, worst.code, worst.reason, details)
+
+    async def edge_addresses(self) -> tuple[str, ...] | CheckResult:
+        """What to dial: the listed addresses, or the edge target's public ones."""
+        if self._listed:
+            return self._listed[:MAX_ADDRESSES]
+        found: list[str] = []
+        for rdtype in ("AAAA", "A"):
+            try:
+                answer = await self._resolver.resolve(
+                    self._edge_target, rdtype, raise_on_no_answer=False
+                )
+            except dns.resolver.NXDOMAIN:
+                break
+            except dns.exception.DNSException as exc:
+                return CheckResult(
+                    "https",
+                    CheckState.UNKNOWN,
+                    "dns_error",
+                    f"cannot resolve the edge ({self._edge_target}), will retry: {exc}",
+                )
+            if answer.rrset:
+                found.extend(sorted(str(r) for r in answer.rrset))
+        public = [a for a in found if is_public(a)]
+        if not public:
+            shown = ", ".join(found) or "no address"
+            return CheckResult(
+                "https",
+                CheckState.UNKNOWN,
+                "no_edge_address",
+                f"the edge {self._edge_target} has no public address to check ({shown});"
+                " the operator can list the edge's addresses in checks.https_addresses",
+                {"edge_addresses": found},
+            )
+        return tuple(public[:MAX_ADDRESSES])
+
+    async def _probe(self, address: str, hostname: str) -> tuple[CheckResult, bool]:
+        """One address: (result, whether a TLS server answered there)."""
+        where = _where(address, self._port)
         details: dict[str, Any] = {"address": where}
         verify_ctx, raw_ctx = await self._contexts()
         try:
             der = await self._handshake(address, hostname, verify_ctx)
         except ssl.SSLCertVerificationError as exc:
             served = await self._served_certificate(address, hostname, raw_ctx)
-            return self._verification_failure(hostname, exc, served, details)
+            return self._verification_failure(hostname, exc, served, details), True
         except ssl.SSLError as exc:
-            return _unreachable(
-                f"{where} refused the TLS handshake for {hostname} ({_ssl_reason(exc)})", details
-            )
+            reason = f"{where} refused the TLS handshake for {hostname} ({_ssl_reason(exc)})"
+            return _unreachable(reason, details), True
         except (OSError, TimeoutError) as exc:
             text = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
-            return _unreachable(f"cannot connect to {where}: {text}", details)
+            return _unreachable(f"cannot connect to {where}: {text}", details), False
         cert = x509.load_der_x509_certificate(der)
         details.update(_describe(cert))
         now = self._clock()
@@ -92,27 +188,14 @@ class HttpsProber:
                 f"valid certificate, but it expires in {days_left:.1f} days"
                 " and has not been renewed",
                 details,
-            )
+            ), True
         return CheckResult(
             "https",
             CheckState.PASS,
             "valid",
             f"valid certificate from {details['issuer']}, expires in {days_left:.0f} days",
             details,
-        )
-
-    async def _address(self, hostname: str) -> str | CheckResult:
-        try:
-            answer = await self._resolver.resolve(hostname, "A", raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN:
-            return _unreachable(f"{hostname} does not resolve", {})
-        except dns.exception.DNSException as exc:
-            return CheckResult(
-                "https", CheckState.UNKNOWN, "dns_error", f"DNS lookup failed, will retry: {exc}"
-            )
-        if not answer.rrset:
-            return _unreachable(f"{hostname} has no address record", {})
-        return str(sorted(str(r) for r in answer.rrset)[0])
+        ), True
 
     async def _handshake(self, address: str, hostname: str, ctx: ssl.SSLContext) -> bytes:
         _reader, writer = await asyncio.wait_for(

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..config import Config
+from ..config import Config, parse_ip_list
 from ..dnscheck import CnameChecker, make_resolver
 from .caa import check_caa
 from .cname import check_cname
@@ -24,6 +24,8 @@ class CheckSettings:
     https_port: int = 443
     ca_bundle: str | None = None
     https_timeout: float = 10.0
+    https_addresses: tuple[str, ...] = ()  # the edge's, dialled by the https check
+    issue_via_address: bool = True  # no CNAME, the edge's A/AAAA records: warn (else fail)
 
     @classmethod
     def from_config(cls, config: Config) -> CheckSettings:
@@ -35,6 +37,8 @@ class CheckSettings:
             https_port=config.checks.https_port,
             ca_bundle=config.checks.ca_bundle or None,
             https_timeout=config.checks.https_timeout,
+            https_addresses=parse_ip_list(config.checks.https_addresses, "checks.https_addresses"),
+            issue_via_address=config.checks.issue_via_address,
         )
 
 
@@ -46,20 +50,32 @@ class HostChecker:
         self._resolver = resolver
         self.cname_checker = CnameChecker([], resolver=resolver)
         self._https = HttpsProber(
-            resolver, settings.https_port, settings.ca_bundle, settings.https_timeout, clock
+            resolver,
+            settings.https_port,
+            settings.ca_bundle,
+            settings.https_timeout,
+            clock,
+            edge_target=settings.edge_target,
+            addresses=settings.https_addresses,
         )
 
     async def check_dns(self, hostname: str, account_uri: str | None = None) -> CheckReport:
         """cname and caa, concurrently: what decides whether we may issue."""
         cname, caa = await asyncio.gather(
-            check_cname(self.cname_checker, hostname, self.settings.edge_target),
+            check_cname(
+                self.cname_checker,
+                hostname,
+                self.settings.edge_target,
+                self.settings.issue_via_address,
+            ),
             check_caa(self._resolver, hostname, self.settings.caa_issuer, account_uri),
         )
         return CheckReport(hostname, self._clock(), (cname, caa))
 
     async def check_https(self, report: CheckReport) -> CheckReport:
-        """Adds the https check; skipped while the CNAME does not reach us (it would probe
-        someone else's server)."""
+        """Adds the https check; skipped while the CNAME does not reach us. It dials the
+        edge's addresses with the host as SNI and never resolves the host again, so a
+        DNS answer that changes after the cname check (rebinding) cannot redirect it."""
         if not report.reaches_edge:
             result = CheckResult(
                 "https",

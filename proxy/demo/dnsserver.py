@@ -131,6 +131,7 @@ class DNSServer:
         self._lock = threading.Lock()
         self._records: dict[str, dict[int, list[dns.rdata.Rdata]]] = {}
         self._servfail: set[str] = set()
+        self._rebinds: dict[str, tuple[int, list[dns.rdata.Rdata]]] = {}
         self._counts: Counter[tuple[str, str, str]] = Counter()
         self._udp: _UDPServer | None = None
         self._tcp: _TCPServer | None = None
@@ -251,6 +252,14 @@ class DNSServer:
             rdatas.append(TXT(_IN, _RT.TXT, chunks))
         self._set(name, _RT.TXT, rdatas)
 
+    def rebind_a(self, name: str, addresses: list[str], after: int = 1) -> None:
+        """DNS rebinding, for tests: after `after` more A queries for `name` have been
+        answered as now, its A records become `addresses` (the first answer passes a
+        check, the next one points somewhere else)."""
+        rdatas = [dns.rdata.from_text(_IN, _RT.A, a) for a in addresses]
+        with self._lock:
+            self._rebinds[_norm(name)] = (after, rdatas)
+
     def set_servfail(self, name: str, on: bool = True) -> None:
         with self._lock:
             if on:
@@ -322,6 +331,8 @@ class DNSServer:
                     rcode, answer = dns.rcode.REFUSED, []
                 else:
                     rcode, answer = self._resolve(question.name, question.rdtype)
+                    if question.rdtype == _RT.A and key in self._rebinds:
+                        self._count_down_rebind(key)
             response.set_rcode(rcode)
             response.answer = answer
         if transport == "tcp":
@@ -332,6 +343,17 @@ class DNSServer:
             return response.to_wire(max_size=max_size, prefer_truncation=True)
         except dns.exception.DNSException:
             return None
+
+    def _count_down_rebind(self, key: str) -> None:
+        """Lock held."""
+        left, rdatas = self._rebinds[key]
+        if left > 1:
+            self._rebinds[key] = (left - 1, rdatas)
+            return
+        del self._rebinds[key]
+        node = self._records.setdefault(key, {})
+        node.pop(_RT.CNAME, None)
+        node[_RT.A] = rdatas
 
     def _resolve(
         self, qname: dns.name.Name, rdtype: int

@@ -194,6 +194,7 @@ token_file = "{tmp / "admin.token"}"
 
 [checks]
 https_port = {https_port}
+https_addresses = ["{EDGE_IP}"]
 ca_bundle = "{pebble.root_path}"
 """
 
