@@ -281,14 +281,15 @@ Selector = Callable[[ClientHello], Awaitable[ssl.SSLContext]]
 def instrument_selector(
     select: Selector, cached_context: Callable[[str], ssl.SSLContext | None]
 ) -> Selector:
-    """Count refusals by reason and time certificate waits; a cache hit costs one lookup."""
+    """Count refusals by reason and time certificate waits; a cache hit costs one lookup.
+
+    The edge's own selector always runs (it also records the connection's TLS host for
+    the 421 rule); the lookup here only decides whether this handshake waited."""
 
     async def selector(hello: ClientHello) -> ssl.SSLContext:
         name = hello.server_name
-        if name is not None and ACME_TLS_ALPN not in hello.alpn:
-            hit = cached_context(name)  # the same first step as the edge's own selector
-            if hit is not None:
-                return hit
+        if name is not None and ACME_TLS_ALPN not in hello.alpn and cached_context(name):
+            return await select(hello)  # served from memory: nothing to time
         started = time.monotonic()
         try:
             ctx = await select(hello)
