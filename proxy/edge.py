@@ -39,6 +39,7 @@ from .certificates import CertificateManager, ManagerSettings
 from .checks import CheckSettings, HostChecker
 from .clienthello import HANDSHAKE_FAILURE, ClientHello
 from .config import Config, parse_address, read_secret
+from .connections import ConnectionLimits, ConnectionSettings, MemoryTrimmer
 from .forward import Forwarder
 from .gate import IssuanceGate
 from .host_policy import HostPolicy
@@ -46,7 +47,13 @@ from .host_views import CHANGE_EVENTS, HostViews
 from .hostnames import InvalidHostname, normalize_hostname
 from .http_app import make_http_app
 from .lifecycle import Lifecycle
-from .listener import PlainListener, ProxyProtocolSettings
+from .listener import (
+    DescriptorBudget,
+    PlainListener,
+    ProxyProtocolSettings,
+    descriptor_budget,
+    raise_descriptor_limit,
+)
 from .maintenance import Maintainer, MaintenanceSettings
 from .peers import TrustedNetworks, client_address
 from .refusals import Refused
@@ -151,6 +158,9 @@ class EdgeWorker:
         self.webhooks: WebhookSender | None = None
         self.tls_listener: TLSListener | None = None
         self.http_listener: PlainListener | None = None  # only with listen.http_proxy_protocol
+        self.connections: ConnectionLimits | None = None
+        self.forwarder: Forwarder | None = None
+        self.descriptors: DescriptorBudget | None = None
         self.backends: BackendPool | None = None
         self.http_address: tuple[str, int] | None = None
         self.https_address: tuple[str, int] | None = None
@@ -245,7 +255,11 @@ class EdgeWorker:
             timeout=backend.timeout,
             pool_size=backend.pool_size,
             forwarded_trusted=forwarded_trusted,
+            body_timeout=backend.body_timeout,
+            deadline=backend.deadline,
+            max_per_source=backend.max_per_source,
         )
+        self.forwarder = forwarder
         await forwarder.start()
         self._closers.append(forwarder.close)
 
@@ -275,25 +289,53 @@ class EdgeWorker:
             ),
             timeout=config.listen.proxy_protocol_timeout,
         )
+        # Descriptors: raise the soft limit to the hard one, keep room for everything
+        # that is not a client connection, and size the connection caps to the rest.
+        self.descriptors = budget = descriptor_budget(
+            raise_descriptor_limit(),
+            reserve=backend.pool_size + len(backend.backend_urls()) + 128,
+            accept_loops=2 if config.listen.http_proxy_protocol else 1,
+            max_connections=config.listen.max_connections,
+        )
+        self.connections = ConnectionLimits(
+            ConnectionSettings(
+                idle_timeout=config.listen.idle_timeout,
+                header_timeout=config.listen.header_timeout,
+                max_total=budget.max_connections,
+                max_per_source=config.listen.max_connections_per_source,
+            ),
+            exempt=forwarded_trusted,
+        )
+        protocol_factory = self.connections.protocol_factory(runner.server, access_log=None)
+        trimmer = MemoryTrimmer(self.connections.stats)
+        trimmer.start()
+        self._closers.append(trimmer.close)
         http_sock = listening_socket(config.listen.http, "listen.http", reuse_port=True)
         self.http_address = http_sock.getsockname()[:2]
         if config.listen.http_proxy_protocol:
             # aiohttp's site would read the header as a broken request: accept ourselves
             self.http_listener = PlainListener(
-                http_sock, runner.server, proxy_protocol=proxy_protocol
+                http_sock,
+                protocol_factory,
+                proxy_protocol=proxy_protocol,
+                max_pending=budget.max_pending,
             )
             self.http_listener.start()
             self._closers.append(self.http_listener.close)
         else:
-            await web.SockSite(runner, http_sock).start()
+            http_server = await asyncio.get_running_loop().create_server(
+                protocol_factory, sock=http_sock
+            )
+            self._closers.append(http_server.close)
 
         https_sock = listening_socket(config.listen.https, "listen.https", reuse_port=True)
         self.https_address = https_sock.getsockname()[:2]
         self.tls_listener = TLSListener(
             https_sock,
             self._select_context,
-            runner.server,
+            protocol_factory,
             ListenerSettings(
+                max_pending=budget.max_pending,
                 hello_timeout=config.tls.hello_timeout,
                 selection_timeout=config.tls.issuance_wait,
                 handshake_timeout=config.tls.handshake_timeout,
@@ -315,6 +357,15 @@ class EdgeWorker:
                 await self._start_admin(store, lifecycle, admin_token)
             if config.webhooks.url:
                 await self._start_webhooks(store)
+        log.info(
+            "descriptors: limit %d, %d reserved, %d established connections (%d per source), "
+            "%d pending per accept loop",
+            budget.limit,
+            budget.reserve,
+            budget.max_connections,
+            config.listen.max_connections_per_source,
+            budget.max_pending,
+        )
         log.info(
             "edge worker ready: https on %s%s, http on %s%s, backends %s",
             _fmt(self.https_address),

@@ -309,12 +309,15 @@ async def test_per_source_limit_counts_the_real_client_not_the_balancer(lb: LBEd
         await wait_for(lambda: lb.https.awaiting_hello == 3)
         fourth = connect_from(BALANCER, target)
         fourth.sendall(v2_header(("198.51.100.1", 2000), target))
-        reader, writer = await asyncio.open_connection(sock=fourth)
-        data, how, _ = await read_to_close(reader, 5)  # closed well before the hello timeout
+        socks.append(fourth)
+        # the client's oldest waiting connection is closed, well before the hello timeout
+        reader, writer = await asyncio.open_connection(sock=socks[0])
+        data, how, _ = await read_to_close(reader, 5)
         writer.close()
         assert data == b""
         assert lb.https.per_source_limited == 1
         assert lb.https.hello_timeouts == 0
+        await wait_for(lambda: lb.https.awaiting_hello == 3)  # the newest one waits instead
         # other clients of the same balancer are served meanwhile
         status, _ = await https_request(lb, v2_header(("198.51.100.2", 1), target), "/c/other")
         assert status.startswith(b"HTTP/1.1 302")
