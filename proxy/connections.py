@@ -17,6 +17,7 @@ on plain HTTP):
   the source's *oldest idle* connection is closed (then its oldest one still
   sending headers); over the total cap the same happens to the source holding
   the most connections, so a client from another source is never refused.
+  "Oldest" is least recently used: opened or sent its last request longest ago.
 
 Sources in `exempt` (trusted proxies in front of the edge, which carry many
 clients) are not capped per source; they still count towards the total.
@@ -121,7 +122,9 @@ class BoundedHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self._messages or self._request_in_progress or self._upgraded:
-            self._cancel_header_timer()  # a complete request head (or body bytes)
+            self._cancel_header_timer()  # a request head is complete (or body bytes came)
+            if self._messages:  # a new request
+                self._limits.touched(self)
         elif data and self._header_timer is None and not (self._force_close or self._close):
             self._header_timer = self._loop.call_later(
                 self._limits.settings.header_timeout, self._header_deadline
@@ -148,7 +151,7 @@ class ConnectionLimits:
         self.settings = settings
         self.stats = ConnectionStats()
         self._exempt = exempt or TrustedNetworks(())
-        # source -> its connections, oldest first
+        # source -> its connections, least recently used (opened or sent a request) first
         self._by_source: dict[str, dict[BoundedHandler, None]] = {}
         # size -> sources with that many connections (finds the largest in O(1))
         self._sizes: dict[int, dict[str, None]] = {}
@@ -194,6 +197,13 @@ class ConnectionLimits:
             if victim is not None:
                 self.stats.evicted_total += 1
                 victim.abort()
+
+    def touched(self, conn: BoundedHandler) -> None:
+        """A request arrived: the connection becomes its source's most recently used."""
+        conns = self._by_source.get(conn.source)
+        if conns is not None and conn in conns:
+            del conns[conn]
+            conns[conn] = None
 
     def closed(self, conn: BoundedHandler) -> None:
         source = conn.source
