@@ -31,7 +31,9 @@ def forwarder(edge: EdgeHandle) -> Forwarder:
     return edge.worker.forwarder
 
 
-async def connect(edge: EdgeHandle, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def connect(
+    edge: EdgeHandle, source: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection(edge.ip, edge.http_port, local_addr=(source, 0))
 
 
@@ -105,9 +107,7 @@ class StubbornBackend:
                 if b"\r\nexpect:" in head.lower():
                     self.waiting_for_body += 1
                 body = await reader.readexactly(length)
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-                )
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
