@@ -3,10 +3,12 @@
 Both listeners share this when they need to see a connection's first bytes before
 asyncio and aiohttp take it over: the HTTPS listener always (it chooses the
 certificate from the ClientHello, see `proxy/tls_listener.py`), the HTTP listener
-only when it expects a PROXY protocol header (otherwise aiohttp's own site serves
-it). Everything here is non-blocking; a slow or hostile client costs one task and
-one socket, bounded in time by the listener's timeouts and in number by
-`max_pending`.
+only when it expects a PROXY protocol header (otherwise `loop.create_server`
+serves it). Everything here is non-blocking; a slow or hostile client costs one
+task and one socket, bounded in time by the listener's timeouts and in number by
+`max_pending`. Once handed off, connections are bounded by
+`proxy/connections.py`; `descriptor_budget` sizes both bounds from the
+descriptor limit.
 """
 
 from __future__ import annotations
