@@ -324,7 +324,7 @@ class EdgeWorker:
             self._closers.append(self.http_listener.close)
         else:
             http_server = await asyncio.get_running_loop().create_server(
-                protocol_factory, sock=http_sock
+                protocol_factory, sock=http_sock, backlog=1024
             )
             self._closers.append(http_server.close)
 

@@ -14,9 +14,11 @@ import pytest
 from conftest import EdgeHandle, client_context
 from helpers_edge import certify, get_status, read_to_close
 
+from proxy.config import Config, ConfigError, check_backends, check_listen, load_config
 from proxy.connections import ConnectionStats
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.listener import DescriptorBudget, descriptor_budget
 
 IDLE = 1.5
 HEADERS = 1.0
@@ -220,3 +222,37 @@ async def test_tls_connections_of_one_source_are_capped_after_the_handshake(
     finally:
         for _, writer in held:
             writer.close()
+
+
+# -- the descriptor budget and the configuration -------------------------------------------
+
+
+def test_descriptor_budget_keeps_the_reserve_free() -> None:
+    budget = descriptor_budget(1024, reserve=385, accept_loops=1)
+    assert budget.max_pending + budget.max_connections + budget.reserve <= 1024
+    assert budget.max_connections >= 400
+    two = descriptor_budget(65536, reserve=385, accept_loops=2)
+    assert two.max_pending == 4096  # the default per accept loop, when there is room
+    assert 2 * two.max_pending + two.max_connections + two.reserve <= 65536
+    assert descriptor_budget(65536, reserve=385, accept_loops=1, max_connections=5000) == (
+        DescriptorBudget(65536, 385, 4096, 5000)
+    )
+
+
+def test_connection_limits_are_validated() -> None:
+    config = Config()
+    config.listen.header_timeout = 0
+    with pytest.raises(ConfigError, match="header_timeout"):
+        check_listen(config)
+    config = Config()
+    config.listen.max_connections_per_source = 0
+    with pytest.raises(ConfigError, match="max_connections_per_source"):
+        check_listen(config)
+    config = Config()
+    config.backend.url = "http://127.0.0.1:1"
+    config.backend.max_per_source = 0
+    with pytest.raises(ConfigError, match="max_per_source"):
+        check_backends(config)
+    env = {"LINKEDGE_LISTEN_IDLE_TIMEOUT": "7.5", "LINKEDGE_BACKEND_DEADLINE": "12"}
+    loaded = load_config(None, environ=env)
+    assert (loaded.listen.idle_timeout, loaded.backend.deadline) == (7.5, 12.0)
