@@ -103,6 +103,23 @@ def holder_main(
     conn.send(alive)
 
 
+def rss_split_mib(pid: int) -> dict[str, float]:
+    """RSS by kind from /proc/<pid>/smaps: glibc's [heap], other anonymous memory
+    (mmapped chunks, Python's arenas, thread stacks), file-backed (code, libraries)."""
+    split = {"heap": 0, "anon": 0, "file": 0}
+    kind = "anon"
+    with open(f"/proc/{pid}/smaps") as fh:
+        for line in fh:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                parts = line.split()
+                path = parts[5] if len(parts) > 5 else ""
+                kind = "heap" if path == "[heap]" else "file" if path.startswith("/") else "anon"
+            elif first == "Rss:":
+                split[kind] += int(line.split()[1])
+    return {k: round(v / 1024, 1) for k, v in split.items()}
+
+
 async def register(config: Any, key_text: str, dns: Any) -> None:
     from certstore import SQLiteStore
     from certstore.crypto import parse_key_text
@@ -155,6 +172,7 @@ def run_variant(
         assert be.one_click(ctx, EDGE_IP, port, HOST, 60)["status"] == 302
     time.sleep(1)
     baseline = be.rss_kib(pid)
+    split = {"baseline": rss_split_mib(pid)}
 
     holders = []
     per = [args.n // args.holders + (i < args.n % args.holders) for i in range(args.holders)]
@@ -178,6 +196,7 @@ def run_variant(
     open_s = time.monotonic() - started
     time.sleep(2)
     with_open = be.rss_kib(pid)
+    split["open"] = rss_split_mib(pid)
     for _, parent in holders:
         parent.send("close")
     alive = sum(parent.recv() for _, parent in holders)
@@ -188,6 +207,7 @@ def run_variant(
         if delay > 0:
             time.sleep(delay)
         after[f"{mark}s"] = be.rss_kib(pid)
+    split["settled"] = rss_split_mib(pid)
     for proc, _ in holders:
         proc.join(10)
     children.stop_all()
@@ -201,6 +221,7 @@ def run_variant(
         "open_mib": with_open / 1024,
         "kib_per_conn": (with_open - baseline) / max(opened, 1),
         "after_close_mib": {k: v / 1024 for k, v in after.items()},
+        "rss_split_mib": split,
         "settled_vs_baseline_pct": 100.0 * (after[f"{args.settle}s"] - baseline) / baseline,
     }
 
