@@ -84,6 +84,7 @@ async def lb(
     listen.proxy_protocol_trusted = [f"{BALANCER}/32"]
     listen.proxy_protocol_timeout = HEADER_TIMEOUT
     edge_config.config.tls.max_pending_per_source = 3
+    edge_config.config.listen.max_connections_per_source = 4
     await edge_config.start()
     try:
         yield LBEdge(edge_config, pebble, host, backend[1])
@@ -327,6 +328,35 @@ async def test_per_source_limit_counts_the_real_client_not_the_balancer(lb: LBEd
 
 
 # -- the HTTP listener -------------------------------------------------------------------
+
+
+async def test_connection_cap_counts_the_client_in_the_header(lb: LBEdge) -> None:
+    """listen.max_connections_per_source is 4 here: every connection comes from the one
+    balancer, but the cap applies to the client each PROXY header names."""
+    assert lb.edge.worker is not None and lb.edge.worker.connections is not None
+    limits = lb.edge.worker.connections
+    dst = lb.http_target
+    held = []
+    try:
+        for i in range(4):
+            reader, writer = await asyncio.open_connection(sock=connect_from(BALANCER, dst))
+            writer.write(v2_header(("198.51.100.7", 3000 + i), dst))  # then idle
+            held.append((reader, writer))
+            await wait_for(lambda n=i + 1: limits.source_count("198.51.100.7") == n)
+        # another client of the same balancer: not affected by the first one's cap
+        data = await http_request(lb, v2_header(("198.51.100.8", 1), dst), "/c/neighbour")
+        assert data.startswith(b"HTTP/1.1 302")
+        reader, writer = await asyncio.open_connection(sock=connect_from(BALANCER, dst))
+        writer.write(v2_header(("198.51.100.7", 4000), dst))
+        held.append((reader, writer))
+        data, _, elapsed = await read_to_close(held[0][0], 5)  # the client's oldest idle one
+        assert data == b"" and elapsed < 1.0
+        assert limits.stats.evicted_source == 1
+        assert limits.source_count("198.51.100.7") == 4
+        assert limits.source_count(BALANCER) == 0
+    finally:
+        for _, writer in held:
+            writer.close()
 
 
 async def test_http_listener_with_proxy_headers(lb: LBEdge) -> None:
