@@ -75,7 +75,7 @@ class _CompactSSLProtocol(sslproto.SSLProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         try:
-            buffer = mmap.mmap(-1, self.max_size)
+            buffer = mmap.mmap(-1, self.max_size, flags=mmap.MAP_PRIVATE)
         except OSError:  # e.g. vm.max_map_count reached: keep the heap buffer
             return
         self._ssl_buffer = buffer

@@ -58,6 +58,19 @@ def edge_variant_main(
         from proxy import connections
 
         connections.MemoryTrimmer.start = lambda self: None  # type: ignore[method-assign]
+    if os.environ.get("BENCH_MALLOC_STATS"):  # SIGUSR1: Python allocator stats to a file
+
+        def dump(_sig: int, _frame: Any) -> None:
+            with open(f"{log_path}.mallocstats", "w") as fh:
+                saved = os.dup(2)
+                os.dup2(fh.fileno(), 2)
+                try:
+                    sys._debugmallocstats()
+                finally:
+                    os.dup2(saved, 2)
+                    os.close(saved)
+
+        signal.signal(signal.SIGUSR1, dump)
     be.edge_main(config, log_path, ready, lifeline)
 
 
@@ -132,6 +145,47 @@ async def register(config: Any, key_text: str, dns: Any) -> None:
         await store.close()
 
 
+def _burst(args: argparse.Namespace, port: int, pid: int) -> tuple[Any, ...]:
+    """Open N connections from the holder processes, measure, close them all, watch."""
+    holders = []
+    per = [args.n // args.holders + (i < args.n % args.holders) for i in range(args.holders)]
+    started = time.monotonic()
+    for i, count in enumerate(per):
+        parent, child = be.MP.Pipe()
+        sources = SOURCES[i :: args.holders]
+        proc = be.MP.Process(
+            target=holder_main,
+            args=(str(PEBBLE.root_path), port, sources, count, args.click, child),
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        holders.append((proc, parent))
+    opened = errors = 0
+    for _, parent in holders:
+        n_open, n_err = parent.recv()
+        opened += n_open
+        errors += n_err
+    open_s = time.monotonic() - started
+    time.sleep(2)
+    with_open = be.rss_kib(pid)
+    split_open = rss_split_mib(pid)
+    for _, parent in holders:
+        parent.send("close")
+    alive = sum(parent.recv() for _, parent in holders)
+    closed_at = time.monotonic()
+    after: dict[str, int] = {}
+    for mark in (1, 10, 30, args.settle):
+        delay = closed_at + mark - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        after[f"{mark}s"] = be.rss_kib(pid)
+    split_settled = rss_split_mib(pid)
+    for proc, _ in holders:
+        proc.join(10)
+    return opened, errors, open_s, with_open, alive, after, split_open, split_settled
+
+
 def run_variant(
     variant: str, args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
 ) -> dict[str, Any]:
@@ -174,42 +228,14 @@ def run_variant(
     baseline = be.rss_kib(pid)
     split = {"baseline": rss_split_mib(pid)}
 
-    holders = []
-    per = [args.n // args.holders + (i < args.n % args.holders) for i in range(args.holders)]
-    started = time.monotonic()
-    for i, count in enumerate(per):
-        parent, child = be.MP.Pipe()
-        sources = SOURCES[i :: args.holders]
-        proc = be.MP.Process(
-            target=holder_main,
-            args=(str(PEBBLE.root_path), port, sources, count, args.click, child),
-            daemon=True,
-        )
-        proc.start()
-        child.close()
-        holders.append((proc, parent))
-    opened = errors = 0
-    for _, parent in holders:
-        n_open, n_err = parent.recv()
-        opened += n_open
-        errors += n_err
-    open_s = time.monotonic() - started
-    time.sleep(2)
-    with_open = be.rss_kib(pid)
-    split["open"] = rss_split_mib(pid)
-    for _, parent in holders:
-        parent.send("close")
-    alive = sum(parent.recv() for _, parent in holders)
-    closed_at = time.monotonic()
-    after: dict[str, int] = {}
-    for mark in (1, 10, 30, args.settle):
-        delay = closed_at + mark - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        after[f"{mark}s"] = be.rss_kib(pid)
-    split["settled"] = rss_split_mib(pid)
-    for proc, _ in holders:
-        proc.join(10)
+    bursts = [_burst(args, port, pid) for _ in range(args.bursts)]
+    opened, errors, open_s, with_open, alive, after, split_open, split_settled = bursts[0]
+    split["open"], split["settled"] = split_open, split_settled
+    if os.environ.get("BENCH_MALLOC_STATS"):
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(1)
+        stats = Path(f"{vdir / 'edge.log'}.mallocstats").read_text()
+        print("\n".join(line for line in stats.splitlines() if line.startswith("#")), flush=True)
     children.stop_all()
     return {
         "variant": variant,
@@ -223,6 +249,7 @@ def run_variant(
         "after_close_mib": {k: v / 1024 for k, v in after.items()},
         "rss_split_mib": split,
         "settled_vs_baseline_pct": 100.0 * (after[f"{args.settle}s"] - baseline) / baseline,
+        "later_bursts_settled_mib": [b[5][f"{args.settle}s"] / 1024 for b in bursts[1:]],
     }
 
 
@@ -234,6 +261,7 @@ def main() -> int:
     parser.add_argument("--variants", default="linkedge,stock-buffer")
     parser.add_argument("--click", action="store_true", help="one request per connection first")
     parser.add_argument("--settle", type=int, default=60, help="seconds watched after close")
+    parser.add_argument("--bursts", type=int, default=1, help="open/close rounds per variant")
     args = parser.parse_args()
     from proxy.demo.dnsserver import DNSServer
     from proxy.demo.pebble import PebbleServer
@@ -271,6 +299,9 @@ def main() -> int:
             f"| {r['kib_per_conn']:.0f} | {a['1s']:.0f} | {a['10s']:.0f} | {a['30s']:.0f} "
             f"| {a[f'{args.settle}s']:.0f} | {r['settled_vs_baseline_pct']:+.1f} % |"
         )
+        if r["later_bursts_settled_mib"]:
+            later = ", ".join(f"{v:.0f}" for v in r["later_bursts_settled_mib"])
+            print(f"  {r['variant']}: settled after later bursts of {args.n}: {later} MiB")
     return 0
 
 
