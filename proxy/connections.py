@@ -280,9 +280,9 @@ class MemoryTrimmer:
     process allocates too little to trigger a full collection. And glibc keeps
     freed heap memory (fragmented between live objects) rather than returning it.
     So after `min_closed` connections closed since the last look (checked every
-    `interval` seconds) this runs `gc.collect()` and then `malloc_trim(0)`, which
-    releases free pages in every arena. Both cost milliseconds on a large heap,
-    hence only after bursts.
+    `interval` seconds) this runs `gc.collect()` and then `malloc_trim(0)` (in a
+    thread), which releases free pages in every arena. Both take a while on a
+    large heap, hence only after bursts.
     """
 
     def __init__(self, stats: ConnectionStats, interval: float = 10.0, min_closed: int = 500):
@@ -308,20 +308,24 @@ class MemoryTrimmer:
             await asyncio.sleep(self._interval)
             now = self._stats.open
             if peak - now >= self._min_closed:
-                self.release()
+                await self.release()
                 peak = now
             else:
                 peak = max(peak, now)
 
-    def release(self) -> None:
+    async def release(self) -> None:
         started = time.perf_counter()
-        gc.collect()
+        gc.collect()  # holds the GIL: on the event loop
+        collected = time.perf_counter()
         if self._trim is not None:
-            self._trim(0)
+            # ctypes releases the GIL: the loop runs on meanwhile (objects come from
+            # Python's own allocator, so it seldom waits for glibc's arena lock)
+            await asyncio.to_thread(self._trim, 0)
         self.trims += 1
         log.info(
-            "released memory after a burst of closed connections (%.0f ms)",
-            (time.perf_counter() - started) * 1000,
+            "released memory after a burst of closed connections: gc %.0f ms, malloc_trim %.0f ms",
+            (collected - started) * 1000,
+            (time.perf_counter() - collected) * 1000,
         )
 
 

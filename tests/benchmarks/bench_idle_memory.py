@@ -250,6 +250,11 @@ def run_variant(
         "rss_split_mib": split,
         "settled_vs_baseline_pct": 100.0 * (after[f"{args.settle}s"] - baseline) / baseline,
         "later_bursts_settled_mib": [b[5][f"{args.settle}s"] / 1024 for b in bursts[1:]],
+        "releases": [  # the edge's gc.collect + malloc_trim runs, with how long each took
+            line.split(": ", 1)[-1]
+            for line in (vdir / "edge.log").read_text(errors="replace").splitlines()
+            if "released memory" in line
+        ],
     }
 
 
