@@ -39,6 +39,7 @@ from .clienthello import (
     alert_record,
     parse_client_hello,
 )
+from .connections import break_transport_cycle
 from .listener import (
     Backoff,
     Listener,
@@ -80,6 +81,11 @@ class _CompactSSLProtocol(sslproto.SSLProtocol):
             return
         self._ssl_buffer = buffer
         self._ssl_buffer_view = memoryview(buffer)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        transport = self._transport
+        super().connection_lost(exc)
+        break_transport_cycle(transport)
 
 
 ContextSelector = Callable[[ClientHello], Awaitable[ssl.SSLContext]]
