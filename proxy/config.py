@@ -41,6 +41,11 @@ class ListenConfig:
     # Clients (after PROXY) whose X-Forwarded-For/Forwarded chains are kept and appended
     # to, e.g. a CDN in front of the edge; everyone else's are dropped
     forwarded_trusted: list[str] = field(default_factory=list)
+    # Established connections (both listeners; HTTPS after the handshake)
+    idle_timeout: float = 20.0  # waiting for a first or next request, then closed
+    header_timeout: float = 10.0  # first byte of a request -> end of its headers
+    max_connections: int = 0  # per worker; 0: derived from the descriptor limit
+    max_connections_per_source: int = 256  # per worker; over it the oldest idle one is closed
 
 
 @dataclass
@@ -55,6 +60,9 @@ class BackendConfig:
     health_timeout: float = 2.0
     healthy_after: int = 2  # consecutive passed checks to take a backend back
     unhealthy_after: int = 3  # consecutive failed checks to take it out (one refused connect does)
+    body_timeout: float = 10.0  # per read of a client's request body while forwarding, then 408
+    deadline: float = 60.0  # a whole forward (body, backend, response), then 504 or cut
+    max_per_source: int = 64  # forwards in flight per source and worker, then 429
 
     def backend_urls(self) -> list[str]:
         return list(self.urls) if self.urls else [self.url] if self.url else []
@@ -326,6 +334,10 @@ def check_backends(config: Config) -> None:
         raise ConfigError("backend.health_interval and backend.health_timeout must be positive")
     if backend.healthy_after < 1 or backend.unhealthy_after < 1:
         raise ConfigError("backend.healthy_after and backend.unhealthy_after must be at least 1")
+    if backend.body_timeout <= 0 or backend.deadline <= 0:
+        raise ConfigError("backend.body_timeout and backend.deadline must be positive")
+    if backend.max_per_source < 1:
+        raise ConfigError("backend.max_per_source must be at least 1")
 
 
 def check_listen(config: Config) -> None:
@@ -346,6 +358,10 @@ def check_listen(config: Config) -> None:
         raise ConfigError("listen.proxy_protocol_timeout must be positive")
     if config.tls.max_pending_per_source < 1:
         raise ConfigError("tls.max_pending_per_source must be at least 1")
+    if listen.idle_timeout <= 0 or listen.header_timeout <= 0:
+        raise ConfigError("listen.idle_timeout and listen.header_timeout must be positive")
+    if listen.max_connections_per_source < 1:
+        raise ConfigError("listen.max_connections_per_source must be at least 1")
 
 
 def check_acme(config: Config) -> None:

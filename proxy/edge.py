@@ -47,6 +47,7 @@ from .certificates import CertificateManager, ManagerSettings
 from .checks import CheckSettings, HostChecker
 from .clienthello import HANDSHAKE_FAILURE, ClientHello
 from .config import UNIX_PREFIX, Config, ConfigError, parse_address, read_secret
+from .connections import ConnectionLimits, ConnectionSettings, MemoryTrimmer
 from .forward import Forwarder
 from .gate import IssuanceGate
 from .health import OpsEndpoints
@@ -55,7 +56,13 @@ from .host_views import CHANGE_EVENTS, HostViews
 from .hostnames import InvalidHostname, normalize_hostname
 from .http_app import MAX_HEADERS, hide_server_version, make_http_app, server_log
 from .lifecycle import Lifecycle
-from .listener import PlainListener, ProxyProtocolSettings
+from .listener import (
+    DescriptorBudget,
+    PlainListener,
+    ProxyProtocolSettings,
+    descriptor_budget,
+    raise_descriptor_limit,
+)
 from .logging_setup import ACCESS_LOGGER, AccessLogger, redact
 from .maintenance import Maintainer, MaintenanceSettings
 from .peers import TrustedNetworks, client_address, set_tls_host
@@ -221,9 +228,10 @@ def limit_settings(config: Config) -> LimitSettings:
 
 
 def listener_settings(
-    config: Config, proxy_protocol: ProxyProtocolSettings | None
+    config: Config, proxy_protocol: ProxyProtocolSettings | None, *, max_pending: int
 ) -> ListenerSettings:
     return ListenerSettings(
+        max_pending=max_pending,  # from the descriptor budget (listener.descriptor_budget)
         hello_timeout=config.tls.hello_timeout,
         selection_timeout=config.tls.issuance_wait,
         handshake_timeout=config.tls.handshake_timeout,
@@ -256,6 +264,9 @@ async def build_forwarder(config: Config) -> tuple[Forwarder, BackendPool]:
         forwarded_trusted=TrustedNetworks(
             config.listen.forwarded_trusted, "listen.forwarded_trusted"
         ),
+        body_timeout=backend.body_timeout,
+        deadline=backend.deadline,
+        max_per_source=backend.max_per_source,
     )
     try:
         await forwarder.start()
@@ -282,11 +293,14 @@ class EdgeWorker:
         self.webhooks: WebhookSender | None = None
         self.tls_listener: TLSListener | None = None
         self.http_listener: PlainListener | None = None  # only with listen.http_proxy_protocol
+        self.connections: ConnectionLimits | None = None
+        self.descriptors: DescriptorBudget | None = None
         self.backends: BackendPool | None = None
         self.forwarding: ForwarderSlot | None = None  # swapped on reload (proxy/reload.py)
         self.admin_deps: AdminDeps | None = None
         self._sites: list[web.BaseSite] = []  # stopped first on a graceful shutdown
         self._servers: list[web.Server] = []
+        self._accepting: list[asyncio.Server] = []  # plain-HTTP listeners: closed first too
         self.http_address: tuple[str, int] | None = None
         self.https_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | str | None = None  # a str: Unix socket
@@ -410,12 +424,17 @@ class EdgeWorker:
             is_https=arrived_over_https,
         )
         hide_server_version()
+        # How each HTTP connection is handled; the listeners build their handlers with
+        # these too (ConnectionLimits.protocol_factory), not through the runner's server.
+        handler_options: dict[str, Any] = {
+            "access_log": logging.getLogger(ACCESS_LOGGER),  # off unless `access_log` is set
+            "access_log_class": AccessLogger,
+            "logger": server_log(),
+            "max_headers": MAX_HEADERS,
+        }
         runner = web.AppRunner(
             make_http_app(store, self.forwarding, self.state_sync.is_suspended, policy),
-            access_log=logging.getLogger(ACCESS_LOGGER),  # off unless `access_log` is set
-            access_log_class=AccessLogger,
-            logger=server_log(),
-            max_headers=MAX_HEADERS,
+            **handler_options,
         )
         await runner.setup()
         self._closers.append(runner.cleanup)
@@ -428,20 +447,46 @@ class EdgeWorker:
             ),
             timeout=config.listen.proxy_protocol_timeout,
         )
+        # Descriptors: raise the soft limit to the hard one, keep room for everything
+        # that is not a client connection, and size the connection caps to the rest.
+        self.descriptors = budget = descriptor_budget(
+            raise_descriptor_limit(),
+            reserve=config.backend.pool_size + len(config.backend.backend_urls()) + 128,
+            accept_loops=2 if config.listen.http_proxy_protocol else 1,
+            max_connections=config.listen.max_connections,
+        )
+        self.connections = ConnectionLimits(
+            ConnectionSettings(
+                idle_timeout=config.listen.idle_timeout,
+                header_timeout=config.listen.header_timeout,
+                max_total=budget.max_connections,
+                max_per_source=config.listen.max_connections_per_source,
+            ),
+            exempt=forwarded_trusted,
+        )
+        protocol_factory = self.connections.protocol_factory(runner.server, **handler_options)
+        trimmer = MemoryTrimmer(self.connections.stats)
+        trimmer.start()
+        self._closers.append(trimmer.close)
         http_sock = listening_socket(config.listen.http, "listen.http", reuse_port=True)
         self.http_address = http_sock.getsockname()[:2]
         self.listen_sockets.append(http_sock)
         if config.listen.http_proxy_protocol:
             # aiohttp's site would read the header as a broken request: accept ourselves
             self.http_listener = PlainListener(
-                http_sock, runner.server, proxy_protocol=proxy_protocol
+                http_sock,
+                protocol_factory,
+                proxy_protocol=proxy_protocol,
+                max_pending=budget.max_pending,
             )
             self.http_listener.start()
             self._closers.append(self.http_listener.close)
         else:
-            site = web.SockSite(runner, http_sock)
-            await site.start()
-            self._sites.append(site)
+            http_server = await asyncio.get_running_loop().create_server(
+                protocol_factory, sock=http_sock, backlog=1024
+            )
+            self._accepting.append(http_server)
+            self._closers.append(http_server.close)
 
         https_sock = listening_socket(config.listen.https, "listen.https", reuse_port=True)
         self.https_address = https_sock.getsockname()[:2]
@@ -454,9 +499,11 @@ class EdgeWorker:
         self.tls_listener = TLSListener(
             https_sock,
             select_context,
-            runner.server,
+            protocol_factory,
             listener_settings(
-                config, proxy_protocol if config.listen.https_proxy_protocol else None
+                config,
+                proxy_protocol if config.listen.https_proxy_protocol else None,
+                max_pending=budget.max_pending,
             ),
         )
         self.tls_listener.start()
@@ -479,6 +526,15 @@ class EdgeWorker:
                 await self._start_metrics_listener(ops)
             if config.webhooks.url:
                 await self._start_webhooks(store)
+        log.info(
+            "descriptors: limit %d, %d reserved, %d established connections (%d per source), "
+            "%d pending per accept loop",
+            budget.limit,
+            budget.reserve,
+            budget.max_connections,
+            config.listen.max_connections_per_source,
+            budget.max_pending,
+        )
         log.info(
             "edge worker ready: https on %s%s, http on %s%s, backends %s",
             _fmt(self.https_address),
@@ -602,6 +658,11 @@ class EdgeWorker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
 
+    @property
+    def forwarder(self) -> Forwarder | None:
+        """The forwarder in service (a reload may swap it)."""
+        return self.forwarding.forwarder if self.forwarding is not None else None
+
     async def drain(self, seconds: float) -> None:
         """Graceful stop: accept nothing more, let requests in flight finish within `seconds`.
 
@@ -621,6 +682,9 @@ class EdgeWorker:
         for site in self._sites:
             await site.stop()
         self._sites.clear()
+        for plain in self._accepting:
+            plain.close()
+        self._accepting.clear()
         for listener in listeners:
             await listener.wait_idle(max(0.0, deadline - loop.time()))
         for server in self._servers:

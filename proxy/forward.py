@@ -11,14 +11,23 @@ can send them, unless the client is itself a trusted proxy
 
 Which backend: `proxy/backends.py`. A request moves on to the next healthy
 backend only when connecting failed, i.e. nothing of it was sent.
+
+Pooled backend connections are the scarce resource, so no client may hold one
+for long: each read of a request body must arrive within `body_timeout` (else
+408), a whole forward ends at `deadline` (504, or the response is cut), a
+forward is cancelled as soon as its client goes away, and one source may have
+at most `max_per_source` forwards in flight (then 429). `Expect: 100-continue`
+is answered by the edge's HTTP server and never passed on: a backend that does
+not answer `100` would otherwise hold the connection until it times out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -26,7 +35,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .backends import BackendPool
-from .peers import TrustedNetworks, client_address
+from .peers import TrustedNetworks, client_address, source_key
 from .request_target import checked_host, origin_form
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,8 @@ HOP_BY_HOP = frozenset(
         "Upgrade",
     )
 )
+# answered by the edge itself (aiohttp's expect handler), never relayed
+EDGE_ANSWERED = frozenset({"expect"})
 UNTRUSTED_FORWARDING = frozenset(
     h.lower()
     for h in ("Forwarded", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
@@ -61,6 +72,9 @@ class Forwarder:
         timeout: float = 30.0,
         pool_size: int = 256,
         forwarded_trusted: TrustedNetworks | None = None,
+        body_timeout: float = 10.0,
+        deadline: float = 60.0,
+        max_per_source: int = 64,
     ) -> None:
         self._backends = backends
         self._timeout = aiohttp.ClientTimeout(
@@ -69,6 +83,11 @@ class Forwarder:
         self._pool_size = pool_size
         self._trusted = forwarded_trusted or TrustedNetworks(())
         self._session: aiohttp.ClientSession | None = None
+        self._body_timeout = body_timeout
+        self._deadline = deadline
+        self._max_per_source = max_per_source
+        self._in_flight: dict[str, int] = {}  # source -> forwards
+        self.stats = ForwardStats()
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -86,10 +105,66 @@ class Forwarder:
         if self._session is not None:
             await self._session.close()
 
+    def in_flight(self, source: str | None = None) -> int:
+        if source is None:
+            return sum(self._in_flight.values())
+        return self._in_flight.get(source, 0)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None, "Forwarder.start() not awaited"
+        source = self._source(request)
+        count = self._in_flight.get(source, 0)
+        if count >= self._max_per_source:
+            self.stats.per_source_limited += 1
+            return _error(429, "Too Many Requests: too many clicks in flight from your address")
+        self._in_flight[source] = count + 1
+        # the client going away cancels the forward, which frees the backend connection
+        task = asyncio.current_task()
+        when_lost = getattr(request.protocol, "call_when_lost", None)
+        unwatch: Callable[[], None] | None = None
+        if task is not None and when_lost is not None:
+            unwatch = when_lost(lambda: self._client_left(task))
+        progress = _Progress()
+        try:
+            async with asyncio.timeout(self._deadline):
+                return await self._forward(request, progress)
+        except TimeoutError:
+            self.stats.deadlines += 1
+            log.warning("forward deadline reached for %s %s", request.method, request.raw_path)
+            if progress.response is None:
+                return _error(504, "Gateway Timeout: the tracking backend did not answer in time")
+            # headers are gone already: cut the connection (a truncated response)
+            if request.transport is not None:
+                request.transport.close()
+            return progress.response
+        finally:
+            if unwatch is not None:
+                unwatch()
+            remaining = self._in_flight[source] - 1
+            if remaining:
+                self._in_flight[source] = remaining
+            else:
+                del self._in_flight[source]
+
+    def _client_left(self, task: asyncio.Task[object]) -> None:
+        if not task.done():
+            self.stats.cancelled += 1
+            task.cancel()
+
+    def _source(self, request: web.Request) -> str:
+        """Whose forwards these are: the client; behind a trusted proxy, the client it names."""
+        client = client_address(request) or ""
+        if client and client in self._trusted:
+            chain = request.headers.getall("X-Forwarded-For", ())
+            named = chain[-1].split(",")[-1].strip() if chain else ""
+            if named:
+                return "via " + source_key(named)
+        return source_key(client)
+
+    async def _forward(self, request: web.Request, progress: _Progress) -> web.StreamResponse:
+        assert self._session is not None
         headers = forwarded_headers(request, self._trusted)
-        body = _Body(request.content) if request.body_exists else None
+        body = _Body(request.content, self._body_timeout) if request.body_exists else None
         path_qs = origin_form(request.raw_path)  # absolute-form: path and query only
         for backend in self._backends.candidates():
             url = backend_url(backend.base, path_qs)
@@ -114,14 +189,19 @@ class Forwarder:
                 if body is not None and body.started:
                     break
                 continue
-            except TimeoutError:
-                log.warning("backend timeout for %s %s", request.method, request.raw_path)
-                return _error(504, "Gateway Timeout: the tracking backend did not answer in time")
-            except aiohttp.ClientError as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                if body is not None and body.timed_out:
+                    self.stats.body_timeouts += 1
+                    return _error(408, "Request Timeout: the request body stopped arriving")
+                if isinstance(exc, TimeoutError):
+                    log.warning("backend timeout for %s %s", request.method, request.raw_path)
+                    return _error(
+                        504, "Gateway Timeout: the tracking backend did not answer in time"
+                    )
                 log.warning("backend error for %s %s: %s", request.method, request.raw_path, exc)
                 return _error(502, "Bad Gateway: the tracking backend is unavailable")
             async with upstream:
-                return await _relay(request, upstream)
+                return await _relay(request, upstream, progress)
         return _error(502, "Bad Gateway: the tracking backend is unavailable")
 
 
@@ -145,18 +225,45 @@ def backend_url(base: str, path_qs: str) -> URL:
     )
 
 
+class ForwardStats:
+    __slots__ = ("per_source_limited", "body_timeouts", "deadlines", "cancelled")
+
+    def __init__(self) -> None:
+        self.per_source_limited = 0  # answered 429: the source had max_per_source in flight
+        self.body_timeouts = 0  # answered 408: a body read took longer than body_timeout
+        self.deadlines = 0  # the forward reached its deadline
+        self.cancelled = 0  # the client went away mid-forward
+
+
+class _Progress:
+    __slots__ = ("response",)
+
+    def __init__(self) -> None:
+        self.response: web.StreamResponse | None = None  # once its headers were sent
+
+
 class _Body:
-    """The request body, streamed to a backend at most once."""
+    """The request body, streamed to a backend at most once, each read bounded in time."""
 
-    __slots__ = ("_content", "started")
+    __slots__ = ("_content", "_timeout", "started", "timed_out")
 
-    def __init__(self, content: aiohttp.StreamReader) -> None:
+    def __init__(self, content: aiohttp.StreamReader, timeout: float) -> None:
         self._content = content
+        self._timeout = timeout
         self.started = False
+        self.timed_out = False
 
     async def stream(self) -> AsyncIterator[bytes]:
         self.started = True
-        async for chunk in self._content.iter_any():
+        while True:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                self.timed_out = True
+                raise
+            if not chunk:
+                return
             yield chunk
 
 
@@ -192,6 +299,8 @@ def forwarded_headers(
         if lname == "host":  # the one normalised value every decision used
             headers.add(name, host)
             continue
+        if lname in EDGE_ANSWERED:
+            continue
         if lname in UNTRUSTED_FORWARDING:
             if keep_chain:
                 chain.setdefault(lname, []).append(value)
@@ -217,7 +326,9 @@ def forwarded_headers(
     return headers
 
 
-async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _relay(
+    request: web.Request, upstream: aiohttp.ClientResponse, progress: _Progress
+) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     listed = connection_listed(upstream.headers)
     for name, value in upstream.headers.items():
@@ -227,6 +338,7 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
     if "Content-Length" not in upstream.headers and request.method != "HEAD":
         response.enable_chunked_encoding()
     await response.prepare(request)
+    progress.response = response
     if request.method != "HEAD":
         try:
             async for chunk in upstream.content.iter_any():

@@ -3,10 +3,12 @@
 Both listeners share this when they need to see a connection's first bytes before
 asyncio and aiohttp take it over: the HTTPS listener always (it chooses the
 certificate from the ClientHello, see `proxy/tls_listener.py`), the HTTP listener
-only when it expects a PROXY protocol header (otherwise aiohttp's own site serves
-it). Everything here is non-blocking; a slow or hostile client costs one task and
-one socket, bounded in time by the listener's timeouts and in number by
-`max_pending`.
+only when it expects a PROXY protocol header (otherwise `loop.create_server`
+serves it). Everything here is non-blocking; a slow or hostile client costs one
+task and one socket, bounded in time by the listener's timeouts and in number by
+`max_pending`. Once handed off, connections are bounded by
+`proxy/connections.py`; `descriptor_budget` sizes both bounds from the
+descriptor limit.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import select
 import socket
 from collections.abc import Callable
@@ -47,7 +50,7 @@ class ListenerStats:
     proxy_timeouts: int = 0
     # TLS (the HTTPS listener)
     awaiting_hello: int = 0  # right now
-    per_source_limited: int = 0  # closed: the source had too many connections awaiting a hello
+    per_source_limited: int = 0  # over max_pending_per_source: its oldest waiting one closed
     handshakes_started: int = 0
     refused: int = 0
     bad_hello: int = 0
@@ -302,13 +305,75 @@ def close_cleanly(conn: socket.socket, max_reads: int = 8) -> None:
     conn.close()
 
 
+@dataclass(frozen=True, slots=True)
+class DescriptorBudget:
+    """How the worker's file descriptors are shared out (see `descriptor_budget`)."""
+
+    limit: int  # RLIMIT_NOFILE (soft) after raising it
+    reserve: int  # store, backend pool, health checks, the CA, logs, ...
+    max_pending: int  # per listener with its own accept loop: accept -> handshake done
+    max_connections: int  # established connections (both listeners)
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as fh:
+                target = int(fh.read())
+        except (OSError, ValueError):
+            target = max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, exc)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def descriptor_budget(
+    limit: int,
+    *,
+    reserve: int,
+    accept_loops: int,
+    max_connections: int = 0,
+    max_pending: int = 4096,
+) -> DescriptorBudget:
+    """Share `limit` descriptors so that connections alone never exhaust it.
+
+    `reserve` stays free for everything that is not a client connection. Of the
+    rest, a quarter (at most `max_pending` each) goes to connections still in
+    an accept loop (PROXY header, ClientHello, handshake), the remainder to
+    established connections (`max_connections` lowers it; 0: all of it).
+    """
+    available = max(limit - reserve, 32)
+    if limit - reserve < 32:
+        log.warning(
+            "descriptor limit %d leaves almost nothing for connections (%d reserved): "
+            "raise LimitNOFILE",
+            limit,
+            reserve,
+        )
+    pending = max(8, min(max_pending, available // 4 // max(accept_loops, 1)))
+    connections = max(16, available - pending * max(accept_loops, 1))
+    if max_connections:
+        connections = min(connections, max_connections)
+    return DescriptorBudget(limit, reserve, pending, connections)
+
+
 __all__ = [
     "Backoff",
+    "DescriptorBudget",
     "Listener",
     "ListenerStats",
     "PlainListener",
     "ProxyProtocolSettings",
     "close_cleanly",
+    "descriptor_budget",
     "peer_has_finished",
+    "raise_descriptor_limit",
     "readable",
 ]

@@ -32,6 +32,7 @@ __all__ = [
     "ConnectionInfo",
     "TrustedNetworks",
     "client_address",
+    "connection_client",
     "set_connection_info",
     "set_tls_host",
     "source_key",
@@ -74,6 +75,21 @@ def client_address(request: web.Request) -> str | None:
     if info is not None:
         return info.client[0]
     peer = request.transport.get_extra_info("peername") if request.transport else None
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return None
+
+
+def connection_client(transport: object) -> str | None:
+    """The client's IP for a connection being made (the same answer as `client_address`).
+
+    For protocols' `connection_made`, which runs in the connection's context.
+    """
+    info = _connection.get()
+    if info is not None:
+        return info.client[0]
+    get_extra_info = getattr(transport, "get_extra_info", None)
+    peer = get_extra_info("peername") if get_extra_info is not None else None
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
     return None

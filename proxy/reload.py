@@ -218,8 +218,9 @@ async def _apply(worker: EdgeWorker, new: Config, token: str | None) -> bool:
         worker.backends = backends
     if worker.tls_listener is not None:
         # the listener reads its settings per connection: new connections get the new ones
+        current = worker.tls_listener._settings
         worker.tls_listener._settings = listener_settings(
-            config, worker.tls_listener._settings.proxy_protocol
+            config, current.proxy_protocol, max_pending=current.max_pending
         )
     if worker.manager is not None:
         worker.manager.limits._settings = limit_settings(config)

@@ -84,6 +84,7 @@ async def lb(
     listen.proxy_protocol_trusted = [f"{BALANCER}/32"]
     listen.proxy_protocol_timeout = HEADER_TIMEOUT
     edge_config.config.tls.max_pending_per_source = 3
+    edge_config.config.listen.max_connections_per_source = 4
     await edge_config.start()
     try:
         yield LBEdge(edge_config, pebble, host, backend[1])
@@ -309,12 +310,15 @@ async def test_per_source_limit_counts_the_real_client_not_the_balancer(lb: LBEd
         await wait_for(lambda: lb.https.awaiting_hello == 3)
         fourth = connect_from(BALANCER, target)
         fourth.sendall(v2_header(("198.51.100.1", 2000), target))
-        reader, writer = await asyncio.open_connection(sock=fourth)
-        data, how, _ = await read_to_close(reader, 5)  # closed well before the hello timeout
+        socks.append(fourth)
+        # the client's oldest waiting connection is closed, well before the hello timeout
+        reader, writer = await asyncio.open_connection(sock=socks[0])
+        data, how, _ = await read_to_close(reader, 5)
         writer.close()
         assert data == b""
         assert lb.https.per_source_limited == 1
         assert lb.https.hello_timeouts == 0
+        await wait_for(lambda: lb.https.awaiting_hello == 3)  # the newest one waits instead
         # other clients of the same balancer are served meanwhile
         status, _ = await https_request(lb, v2_header(("198.51.100.2", 1), target), "/c/other")
         assert status.startswith(b"HTTP/1.1 302")
@@ -324,6 +328,35 @@ async def test_per_source_limit_counts_the_real_client_not_the_balancer(lb: LBEd
 
 
 # -- the HTTP listener -------------------------------------------------------------------
+
+
+async def test_connection_cap_counts_the_client_in_the_header(lb: LBEdge) -> None:
+    """listen.max_connections_per_source is 4 here: every connection comes from the one
+    balancer, but the cap applies to the client each PROXY header names."""
+    assert lb.edge.worker is not None and lb.edge.worker.connections is not None
+    limits = lb.edge.worker.connections
+    dst = lb.http_target
+    held = []
+    try:
+        for i in range(4):
+            reader, writer = await asyncio.open_connection(sock=connect_from(BALANCER, dst))
+            writer.write(v2_header(("198.51.100.7", 3000 + i), dst))  # then idle
+            held.append((reader, writer))
+            await wait_for(lambda n=i + 1: limits.source_count("198.51.100.7") == n)
+        # another client of the same balancer: not affected by the first one's cap
+        data = await http_request(lb, v2_header(("198.51.100.8", 1), dst), "/c/neighbour")
+        assert data.startswith(b"HTTP/1.1 302")
+        reader, writer = await asyncio.open_connection(sock=connect_from(BALANCER, dst))
+        writer.write(v2_header(("198.51.100.7", 4000), dst))
+        held.append((reader, writer))
+        data, _, elapsed = await read_to_close(held[0][0], 5)  # the client's oldest idle one
+        assert data == b"" and elapsed < 1.0
+        assert limits.stats.evicted_source == 1
+        assert limits.source_count("198.51.100.7") == 4
+        assert limits.source_count(BALANCER) == 0
+    finally:
+        for _, writer in held:
+            writer.close()
 
 
 async def test_http_listener_with_proxy_headers(lb: LBEdge) -> None:
