@@ -96,14 +96,7 @@ class Lifecycle:
             domain.hostname, [domain.state], to, reason, next_check_at=next_check_at
         )
         if changed:
-            log.info(
-                "%s: %s -> %s (%s)",
-                domain.hostname,
-                domain.state,
-                to,
-                reason,
-                extra={"event": "transition", "host": domain.hostname, "reason": reason},
-            )
+            _log_transition(domain, to, reason)
         return changed
 
     async def issued(self, hostname: str, reason: str) -> None:
@@ -162,14 +155,8 @@ class Lifecycle:
             moved = await self._store.transition_domain(
                 domain.hostname, [domain.state], step.to, step.reason, next_check_at=next_at
             )
-            log.info(
-                "%s: %s -> %s (%s)",
-                domain.hostname,
-                domain.state,
-                step.to,
-                step.reason,
-                extra={"event": "transition", "host": domain.hostname, "reason": step.reason},
-            )
+            if moved:  # another worker may have made the same step first: it logged it
+                _log_transition(domain, step.to, step.reason)
         problem = report.first_problem
         await self._store.save_check_report(
             domain.hostname,
@@ -182,6 +169,17 @@ class Lifecycle:
         )
         updated = await self._store.get_domain(domain.hostname)
         return updated or domain
+
+
+def _log_transition(domain: Domain, to: DomainState, reason: str) -> None:
+    log.info(
+        "%s: %s -> %s (%s)",
+        domain.hostname,
+        domain.state,
+        to,
+        reason,
+        extra={"event": "transition", "host": domain.hostname, "reason": reason},
+    )
 
 
 def _points_to(report: CheckReport) -> str | None:

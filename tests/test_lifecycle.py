@@ -136,3 +136,21 @@ async def test_migration_from_schema_1_keeps_hosts_and_schedules_them(tmp_path: 
         assert await store.due_for_check(10.0, 10) == ["links.old.test"]
     finally:
         await store.close()
+
+
+async def test_a_step_another_worker_made_first_is_logged_once(
+    store: SQLiteStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two workers applying the same passing report to the same pending host: one moves it
+    and logs the transition; the other's compare-and-set fails and it logs nothing."""
+    life = Lifecycle(store, Schedule())
+    seen = await store.add_domain("links.c.test", "acct")  # both read it as pending
+    passing = report(CheckState.PASS)
+    with caplog.at_level("INFO", logger="proxy.lifecycle"):
+        first = await life.apply(seen, passing, has_valid_cert=False)
+        second = await life.apply(seen, passing, has_valid_cert=False)
+    assert first.state is S.VERIFIED and second.state is S.VERIFIED
+    lines = [r.getMessage() for r in caplog.records if "pending -> verified" in r.getMessage()]
+    assert len(lines) == 1, lines
+    events = [e for e in await store.list_events("links.c.test") if e.kind == "state"]
+    assert len(events) == 1
