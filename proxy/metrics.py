@@ -70,7 +70,6 @@ from acme_client import (
     AuthorizationFailed,
     IssuanceTimeout,
     IssuedCertificate,
-    OrderBudget,
     OrderLimitReached,
     RateLimited,
 )
@@ -331,26 +330,10 @@ class MeteredAcmeIssuer(AcmeIssuer):
         self.ca_label = ca_label
         self._duration = ACME_ORDER_DURATION.labels(ca_label)
 
-    async def issue(
-        self,
-        hostname: str,
-        sink: ChallengeSink,
-        *,
-        budget: OrderBudget | None = None,
-        replaces: str | None = None,
-        exempt: bool = False,
-        authz_budget: int | None = None,
-    ) -> IssuedCertificate:
+    async def issue(self, hostname: str, sink: ChallengeSink, **options: Any) -> IssuedCertificate:
         started = time.monotonic()
         try:
-            issued = await super().issue(
-                hostname,
-                sink,
-                budget=budget,
-                replaces=replaces,
-                exempt=exempt,
-                authz_budget=authz_budget,
-            )
+            issued = await super().issue(hostname, sink, **options)
         except AcmeError as exc:
             outcome = _order_outcome(exc)
             ACME_ORDERS.labels(self.ca_label, outcome).inc()
