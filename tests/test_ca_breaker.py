@@ -29,12 +29,13 @@ from acme_client.breaker import transition_success as closed_again
 from certstore import (
     CaBreakerState,
     PendingOrder,
-    SQLiteStore,
+    Store,
     StoredCertificate,
     generate_key_text,
+    open_store,
+    process_alive,
 )
 from certstore.crypto import parse_key_text
-from certstore.sqlite import process_alive
 from proxy.certificates import kept_lease
 
 URL = "https://ca.test/dir"
@@ -106,13 +107,13 @@ KEY_TEXT = generate_key_text()
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = await SQLiteStore.open(tmp_path / "s.db", parse_key_text(KEY_TEXT, "t"))
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = await open_store(tmp_path / "s.db", parse_key_text(KEY_TEXT, "t"))
     yield s
     await s.close()
 
 
-async def test_breaker_is_shared_and_one_worker_claims_each_probe(store: SQLiteStore) -> None:
+async def test_breaker_is_shared_and_one_worker_claims_each_probe(store: Store) -> None:
     now = [1000.0]
     a = CaBreaker(store, URL, BreakerSettings(probe_seconds=2.0), lambda: now[0], half)
     b = CaBreaker(store, URL, BreakerSettings(probe_seconds=2.0), lambda: now[0], half)
@@ -133,7 +134,7 @@ async def test_breaker_is_shared_and_one_worker_claims_each_probe(store: SQLiteS
     assert state is not None and state.state == CLOSED and state.failures == 0
 
 
-async def test_background_probe_closes_the_breaker(store: SQLiteStore) -> None:
+async def test_background_probe_closes_the_breaker(store: Store) -> None:
     now = [50.0]
     breaker = CaBreaker(store, URL, BreakerSettings(probe_seconds=2.0), lambda: now[0], half)
     assert await breaker.probe_if_due(_never_called) is None  # closed: nothing to do
@@ -161,7 +162,7 @@ async def _never_called() -> None:
     raise AssertionError("no probe expected")
 
 
-async def test_state_changes_reach_the_metrics_gauge(store: SQLiteStore) -> None:
+async def test_state_changes_reach_the_metrics_gauge(store: Store) -> None:
     from prometheus_client import REGISTRY
 
     from proxy import metrics
@@ -192,7 +193,7 @@ async def test_state_changes_reach_the_metrics_gauge(store: SQLiteStore) -> None
 
 
 async def test_kept_lease_is_refreshed_while_held_and_released_after(
-    store: SQLiteStore,
+    store: Store,
 ) -> None:
     async with kept_lease(store, "issue:a.test", "me", 0.3) as held:
         assert held
@@ -203,18 +204,16 @@ async def test_kept_lease_is_refreshed_while_held_and_released_after(
         assert not held
 
 
-async def test_a_dead_process_leases_are_released_at_start(
-    store: SQLiteStore, tmp_path: Path
-) -> None:
+async def test_a_dead_process_leases_are_released_at_start(store: Store, tmp_path: Path) -> None:
     db = tmp_path / "s.db"
     key = KEY_TEXT
     # a child process takes a lease and dies (SIGKILL) holding it
     code = (
         "import asyncio, os, signal, sys\n"
-        "from certstore import SQLiteStore\n"
+        "from certstore import open_store\n"
         "from certstore.crypto import parse_key_text\n"
         "async def main():\n"
-        f"    s = await SQLiteStore.open({str(db)!r}, parse_key_text({key!r}, 't'))\n"
+        f"    s = await open_store({str(db)!r}, parse_key_text({key!r}, 't'))\n"
         "    assert await s.try_acquire_lease('issue:dead.test', 'child', 600)\n"
         "    print(os.getpid(), flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -235,7 +234,7 @@ async def test_a_dead_process_leases_are_released_at_start(
 
 
 async def test_pending_order_is_sealed_and_ended_by_the_certificate(
-    store: SQLiteStore, tmp_path: Path
+    store: Store, tmp_path: Path
 ) -> None:
     order = PendingOrder(
         hostname="a.test",
