@@ -551,6 +551,7 @@ async def test_storing_the_certificate_ends_the_pending_order(store: Store) -> N
     )
     await store.put_pending_order(order)
     assert await store.get_pending_order("a.test") == order
+    assert "b'k'" not in repr(order)  # never the key
     await store.delete_pending_order("a.test", "https://ca/o/other")  # not this order
     assert await store.get_pending_order("a.test") == order
     await store.put_certificate(cert("a.test"))
