@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from certstore import CaBreakerState, CertStore
+from certstore import BreakerStore, CaBreakerState
 
 from .errors import CaUnavailable
 
@@ -104,7 +104,7 @@ class CaBreaker:
 
     def __init__(
         self,
-        store: CertStore,
+        store: BreakerStore,
         directory_url: str,
         settings: BreakerSettings,
         clock: Callable[[], float] = time.time,

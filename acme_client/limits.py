@@ -22,7 +22,7 @@ from functools import lru_cache
 
 from publicsuffixlist import PublicSuffixList
 
-from certstore import CertStore, HostBackoff
+from certstore import Coordination, HostBackoff
 
 from .errors import OrderLimitReached
 
@@ -67,7 +67,7 @@ def backoff_delay(failures: int, first: float, maximum: float) -> float:
 
 class OrderLimits:
     def __init__(
-        self, store: CertStore, settings: LimitSettings, clock: Callable[[], float] = time.time
+        self, store: Coordination, settings: LimitSettings, clock: Callable[[], float] = time.time
     ) -> None:
         self._store = store
         self._settings = settings

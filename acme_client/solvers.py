@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from certstore import ChallengeStore
+
 HTTP_01 = "http-01"
 TLS_ALPN_01 = "tls-alpn-01"
 CHALLENGE_TYPES = (HTTP_01, TLS_ALPN_01)
@@ -45,13 +47,8 @@ class TLSALPN01(challenges.KeyAuthorizationChallenge):
         return self.key_authorization(account_key)
 
 
-class ChallengeSink(Protocol):
-    """Where answers are published (the store: every worker reads it)."""
-
-    async def put_challenge(self, token: str, key_authorization: str, hostname: str) -> None: ...
-    async def delete_challenge(self, token: str) -> None: ...
-    async def put_alpn_challenge(self, hostname: str, key_authorization: str) -> None: ...
-    async def delete_alpn_challenge(self, hostname: str) -> None: ...
+# Where answers are published: the store's challenge role (every worker reads it).
+ChallengeSink = ChallengeStore
 
 
 class Solver(Protocol):

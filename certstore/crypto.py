@@ -66,13 +66,27 @@ def load_key(key_file: str | None, key_env: str | None) -> bytes:
     raise StoreKeyError(f"no store key: {where} (set store.key_file or the environment variable)")
 
 
-class SecretBox:
-    """Seals and opens secrets with AES-GCM; the context string is authenticated."""
+class Sealer:
+    """Seals and opens secrets with AES-256-GCM; every backend seals through this.
+
+    The associated data names the row a secret belongs to (:meth:`row`: kind and key,
+    e.g. ``cert:links.shop.com``), so a sealed value copied onto another row fails to
+    open. A backend stores only what :meth:`seal` returns, and :meth:`key_check` lets it
+    refuse, at open, a key that is not the store's.
+    """
+
+    KEY_CHECK_ROW = "meta:key_check"
+    _KEY_CHECK = b"linkedge-store-key-check"
 
     def __init__(self, key: bytes) -> None:
         if len(key) != KEY_BYTES:
             raise StoreKeyError(f"store key must be {KEY_BYTES} bytes")
         self._aead = AESGCM(key)
+
+    @staticmethod
+    def row(kind: str, key: str) -> str:
+        """The associated data for row `key` of `kind` (``cert``, ``account``, ``order``)."""
+        return f"{kind}:{key}"
 
     def seal(self, plaintext: bytes, context: str) -> bytes:
         nonce = os.urandom(_NONCE_BYTES)
@@ -88,3 +102,16 @@ class SecretBox:
             raise StoreKeyError(
                 f"cannot decrypt {context!r}: wrong store key or tampered data"
             ) from None
+
+    def key_check(self) -> bytes:
+        """A sealed marker a backend keeps with a new store, for :meth:`verify_key_check`."""
+        return self.seal(self._KEY_CHECK, self.KEY_CHECK_ROW)
+
+    def verify_key_check(self, sealed: bytes) -> None:
+        """Raise StoreKeyError unless `sealed` came from :meth:`key_check` with this key."""
+        try:
+            ok = self.open(sealed, self.KEY_CHECK_ROW) == self._KEY_CHECK
+        except StoreKeyError:
+            ok = False
+        if not ok:
+            raise StoreKeyError("the store key does not match this store (wrong key?)")

@@ -194,6 +194,29 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     );
     """,
+    # 6: the storage contract (issue 10): registering and removing a host emit their
+    # events in the same statement as the change, and removal takes everything of the
+    # host with it, so no reader sees one without the other
+    """
+    CREATE TRIGGER domain_registered_event AFTER INSERT ON domains
+    BEGIN
+        INSERT INTO events (at, hostname, kind, detail)
+        VALUES (new.created_at, new.hostname, 'registered', 'account ' || new.account);
+    END;
+    CREATE TRIGGER domain_removed AFTER DELETE ON domains
+    BEGIN
+        DELETE FROM certificates WHERE hostname = old.hostname;
+        DELETE FROM challenges WHERE hostname = old.hostname;
+        DELETE FROM renewals WHERE hostname = old.hostname;
+        DELETE FROM host_backoff WHERE hostname = old.hostname;
+        DELETE FROM alpn_challenges WHERE hostname = old.hostname;
+        DELETE FROM host_options WHERE hostname = old.hostname;
+        DELETE FROM host_files WHERE hostname = old.hostname;
+        INSERT INTO events (at, hostname, kind, detail)
+        VALUES ((julianday('now') - 2440587.5) * 86400.0, old.hostname, 'removed',
+                'domain and its certificate deleted');
+    END;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,4 +1,7 @@
-"""SQLite implementation of :class:`certstore.base.CertStore` (aiosqlite, WAL).
+"""SQLite backend of the store roles in :mod:`certstore.ports` (aiosqlite, WAL).
+
+Opened through :func:`certstore.open_store` (``sqlite:///path`` or a bare path); nothing
+outside `certstore` names this class.
 
 Several worker processes open the same file: WAL lets readers run beside the one
 writer, `busy_timeout` absorbs short write contention, and every statement runs in
@@ -17,8 +20,8 @@ from typing import Any
 
 import aiosqlite
 
-from .base import DomainExists
-from .crypto import SecretBox, StoreKeyError
+from .crypto import Sealer
+from .errors import StoreError
 from .models import (
     AcmeAccount,
     CaBreakerState,
@@ -31,22 +34,12 @@ from .models import (
     RenewalPlan,
     StoredCertificate,
 )
+from .nodes import NODE as _NODE
+from .nodes import process_alive
+from .ports import KEEP, DomainExists, Keep
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
-_KEY_CHECK = b"linkedge-store-key-check"
-_NODE = os.uname().nodename
 Clock = Callable[[], float]
-
-
-class _Keep:
-    """Sentinel: leave a column as it is."""
-
-
-KEEP = _Keep()
-
-
-class StoreError(Exception):
-    """The store cannot be opened or used (clear message, no traceback needed)."""
 
 
 def _private_files(path: Path) -> None:
@@ -71,9 +64,9 @@ def _private_files(path: Path) -> None:
 
 
 class SQLiteStore:
-    def __init__(self, db: aiosqlite.Connection, box: SecretBox, clock: Clock) -> None:
+    def __init__(self, db: aiosqlite.Connection, sealer: Sealer, clock: Clock) -> None:
         self._db = db
-        self._box = box
+        self._sealer = sealer
         self._clock = clock
 
     @classmethod
@@ -91,7 +84,7 @@ class SQLiteStore:
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = NORMAL")
             await _migrate(db, path)
-            store = cls(db, SecretBox(key), clock)
+            store = cls(db, Sealer(key), clock)
             await store._check_key()
         except BaseException:
             await db.close()
@@ -107,18 +100,13 @@ class SQLiteStore:
         """Fail at start-up, not at the first handshake, when the key is wrong."""
         row = await self._one("SELECT value FROM meta WHERE key = 'key_check'")
         if row is None:
-            sealed = self._box.seal(_KEY_CHECK, "meta:key_check")
             await self._db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('key_check', ?)", (sealed,)
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('key_check', ?)",
+                (self._sealer.key_check(),),
             )
             row = await self._one("SELECT value FROM meta WHERE key = 'key_check'")
             assert row is not None
-        try:
-            ok = self._box.open(row[0], "meta:key_check") == _KEY_CHECK
-        except StoreKeyError:
-            ok = False
-        if not ok:
-            raise StoreKeyError("the store key does not match this store (wrong key?)")
+        self._sealer.verify_key_check(row[0])
 
     # Every read runs to completion in one call on the connection's thread: a cursor left
     # half-read across an await keeps a read transaction open, and another task's write
@@ -150,22 +138,25 @@ class SQLiteStore:
                     now,
                 ),
             )
-        except sqlite3.IntegrityError:
+        except sqlite3.IntegrityError as exc:
+            if "UNIQUE" not in str(exc):
+                raise  # e.g. the event log refused the `registered` event: nothing stored
             raise DomainExists(hostname) from None
-        await self.record_event(hostname, "registered", f"account {account}")
+        # the `registered` event: trigger domain_registered_event, same statement
         domain = await self.get_domain(hostname)
         assert domain is not None
         return domain
 
     async def remove_domain(self, hostname: str) -> bool:
+        """One statement: the trigger `domain_removed` deletes everything of the host and
+        records the `removed` event with it."""
         cur = await self._db.execute("DELETE FROM domains WHERE hostname = ?", (hostname,))
         removed = cur.rowcount > 0
-        await self._db.execute("DELETE FROM certificates WHERE hostname = ?", (hostname,))
-        await self._db.execute("DELETE FROM challenges WHERE hostname = ?", (hostname,))
-        for table in ("renewals", "host_backoff", "alpn_challenges", "host_options", "host_files"):
-            await self._db.execute(f"DELETE FROM {table} WHERE hostname = ?", (hostname,))
-        if removed:
-            await self.record_event(hostname, "removed", "domain and its certificate deleted")
+        if not removed:  # leftovers of a host registered by nobody (never normally)
+            for table in ("certificates", "challenges", "renewals", "host_backoff"):
+                await self._db.execute(f"DELETE FROM {table} WHERE hostname = ?", (hostname,))
+            for table in ("alpn_challenges", "host_options", "host_files"):
+                await self._db.execute(f"DELETE FROM {table} WHERE hostname = ?", (hostname,))
         return removed
 
     async def get_domain(self, hostname: str) -> Domain | None:
@@ -210,7 +201,7 @@ class SQLiteStore:
         to: DomainState,
         reason: str,
         *,
-        next_check_at: float | None | _Keep = KEEP,
+        next_check_at: float | None | Keep = KEEP,
     ) -> bool:
         """Compare-and-set the state; False when the host is gone or in another state.
 
@@ -222,7 +213,7 @@ class SQLiteStore:
         marks = ",".join("?" * len(expected))
         sets = "state = ?, state_reason = ?, state_changed_at = ?, failed_checks = 0"
         args: list[Any] = [to.value, reason, self._clock()]
-        if not isinstance(next_check_at, _Keep):
+        if not isinstance(next_check_at, Keep):
             sets += ", next_check_at = ?"
             args.append(next_check_at)
         cur = await self._db.execute(
@@ -231,48 +222,42 @@ class SQLiteStore:
         )
         return cur.rowcount > 0
 
-    async def save_check_report(
+    async def update_checks(
         self,
         hostname: str,
         *,
-        report: dict[str, Any],
-        cname_target_seen: str | None,
-        reason: str,
-        passed: bool,
-        next_check_at: float | None,
+        report: dict[str, Any] | Keep = KEEP,
+        reason: str | Keep = KEEP,
+        passed: bool | None = None,
+        cname_target_seen: str | None | Keep = KEEP,
+        next_check_at: float | None | Keep = KEEP,
         reset_failures: bool = False,
     ) -> None:
-        """Store the last check report and the schedule; the state is not touched here."""
-        now = self._clock()
+        """Check results and schedule in one UPDATE; the state is not touched here."""
+        sets: list[str] = []
+        args: list[Any] = []
+        if not isinstance(report, Keep):
+            sets.append("last_report = ?")
+            args.append(json.dumps(report, sort_keys=True))
+        if not isinstance(reason, Keep):
+            sets.append("last_check_reason = ?")
+            args.append(reason)
+        if not isinstance(cname_target_seen, Keep):
+            sets.append("cname_target_seen = ?")
+            args.append(cname_target_seen)
+        if not isinstance(next_check_at, Keep):
+            sets.append("next_check_at = ?")
+            args.append(next_check_at)
+        if passed is not None:
+            now = self._clock()
+            sets.append("last_check_at = ?")
+            sets.append("failed_checks = CASE WHEN ? THEN 0 ELSE failed_checks + 1 END")
+            sets.append("verified_at = CASE WHEN ? THEN ? ELSE verified_at END")
+            args.extend([now, passed or reset_failures, passed, now])
+        if not sets:
+            return
         await self._db.execute(
-            "UPDATE domains SET last_report = ?, cname_target_seen = ?, last_check_at = ?,"
-            " last_check_reason = ?, next_check_at = ?,"
-            " failed_checks = CASE WHEN ? THEN 0 ELSE failed_checks + 1 END,"
-            " verified_at = CASE WHEN ? THEN ? ELSE verified_at END"
-            " WHERE hostname = ?",
-            (
-                json.dumps(report, sort_keys=True),
-                cname_target_seen,
-                now,
-                reason,
-                next_check_at,
-                passed or reset_failures,
-                passed,
-                now,
-                hostname,
-            ),
-        )
-
-    async def update_check_report(self, hostname: str, report: dict[str, Any], reason: str) -> None:
-        """Replace the stored report (a check added later), leaving schedule and counters."""
-        await self._db.execute(
-            "UPDATE domains SET last_report = ?, last_check_reason = ? WHERE hostname = ?",
-            (json.dumps(report, sort_keys=True), reason, hostname),
-        )
-
-    async def set_next_check(self, hostname: str, at: float | None) -> None:
-        await self._db.execute(
-            "UPDATE domains SET next_check_at = ? WHERE hostname = ?", (at, hostname)
+            f"UPDATE domains SET {', '.join(sets)} WHERE hostname = ?", (*args, hostname)
         )
 
     async def due_for_check(self, now: float, limit: int) -> list[str]:
@@ -282,47 +267,6 @@ class SQLiteStore:
             (now, limit),
         )
         return [r[0] for r in rows]
-
-    async def record_check(
-        self,
-        hostname: str,
-        *,
-        state: DomainState,
-        cname_target_seen: str | None,
-        reason: str,
-        verified: bool,
-    ) -> None:
-        now = self._clock()
-        await self._db.execute(
-            "UPDATE domains SET state_reason = CASE WHEN state != ? THEN ? ELSE state_reason END,"
-            " state_changed_at = CASE WHEN state != ? THEN ? ELSE state_changed_at END,"
-            " state = ?, cname_target_seen = ?, last_check_at = ?,"
-            " last_check_reason = ?,"
-            " verified_at = CASE WHEN ? THEN ? ELSE verified_at END"
-            " WHERE hostname = ?",
-            (
-                state.value,
-                reason,
-                state.value,
-                now,
-                state.value,
-                cname_target_seen,
-                now,
-                reason,
-                verified,
-                now,
-                hostname,
-            ),
-        )
-
-    async def set_domain_state(self, hostname: str, state: DomainState, reason: str = "") -> None:
-        """Unconditional state change (prefer transition_domain); logged by the trigger."""
-        await self._db.execute(
-            "UPDATE domains SET state_reason = CASE WHEN state != ? THEN ? ELSE state_reason END,"
-            " state_changed_at = CASE WHEN state != ? THEN ? ELSE state_changed_at END,"
-            " state = ? WHERE hostname = ?",
-            (state.value, reason, state.value, self._clock(), state.value, hostname),
-        )
 
     # -- per-host options --------------------------------------------------------
 
@@ -378,11 +322,11 @@ class SQLiteStore:
         )
         if row is None:
             return None
-        key = self._box.open(row[1], f"account:{directory_url}")
+        key = self._sealer.open(row[1], Sealer.row("account", directory_url))
         return AcmeAccount(directory_url=directory_url, uri=row[0], key_pem=key)
 
     async def save_account(self, account: AcmeAccount) -> None:
-        sealed = self._box.seal(account.key_pem, f"account:{account.directory_url}")
+        sealed = self._sealer.seal(account.key_pem, Sealer.row("account", account.directory_url))
         await self._db.execute(
             "INSERT INTO acme_accounts (directory_url, uri, key_sealed, created_at)"
             " VALUES (?, ?, ?, ?) ON CONFLICT (directory_url) DO UPDATE SET"
@@ -400,7 +344,7 @@ class SQLiteStore:
 
     async def put_certificate(self, cert: StoredCertificate) -> None:
         """Store (or replace) a host's certificate; a new certificate starts a new renewal plan."""
-        sealed = self._box.seal(cert.key_pem, f"cert:{cert.hostname}")
+        sealed = self._sealer.seal(cert.key_pem, Sealer.row("cert", cert.hostname))
         await self._db.execute(
             "INSERT INTO certificates (hostname, chain_pem, key_sealed, names, not_before,"
             " not_after, issuer, created_at, serial, directory_url)"
@@ -488,7 +432,7 @@ class SQLiteStore:
         return StoredCertificate(
             hostname=hostname,
             chain_pem=bytes(row[1]),
-            key_pem=self._box.open(row[2], f"cert:{hostname}"),
+            key_pem=self._sealer.open(row[2], Sealer.row("cert", hostname)),
             names=tuple(n for n in row[3].split(",") if n),
             not_before=row[4],
             not_after=row[5],
@@ -551,7 +495,7 @@ class SQLiteStore:
     # -- orders in flight --------------------------------------------------------
 
     async def put_pending_order(self, order: PendingOrder) -> None:
-        sealed = self._box.seal(order.key_pem, f"order:{order.hostname}")
+        sealed = self._sealer.seal(order.key_pem, Sealer.row("order", order.hostname))
         await self._db.execute(
             "INSERT OR REPLACE INTO pending_orders (hostname, directory_url, order_url,"
             " account_uri, key_sealed, names, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -579,7 +523,7 @@ class SQLiteStore:
             directory_url=row[1],
             order_url=row[2],
             account_uri=row[3],
-            key_pem=self._box.open(row[4], f"order:{row[0]}"),
+            key_pem=self._sealer.open(row[4], Sealer.row("order", row[0])),
             names=tuple(n for n in row[5].split(",") if n),
             created_at=row[6],
         )
@@ -911,21 +855,3 @@ def _statements(script: str) -> list[str]:
     if pending.strip(" \n;"):
         statements.append(pending.strip())
     return statements
-
-
-def process_alive(pid: int) -> bool:
-    """Is a process with this pid running on this machine (a zombie is not)?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return True  # no /proc: trust kill()
-    # "pid (comm) S ...": the state follows the last ')'
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-    return state not in (b"Z", b"X")

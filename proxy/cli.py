@@ -19,7 +19,7 @@ from typing import Any
 
 from acme_client import AcmeError, FailoverIssuer
 from acme_client.renewal import ratio_window
-from certstore import DomainExists, SQLiteStore, StoreError, StoreKeyError
+from certstore import DomainExists, Store, StoreError, StoreKeyError
 from certstore.crypto import generate_key_text
 
 from . import host_files
@@ -143,7 +143,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             config.workers = args.workers
         require_serving(config)
         return serve(config, ConfigSource(args.config, args.workers))
-    handlers: dict[tuple[str, str], Callable[[SQLiteStore, Config, argparse.Namespace], Any]] = {
+    handlers: dict[tuple[str, str], Callable[[Store, Config, argparse.Namespace], Any]] = {
         ("domains", "add"): _domains_add,
         ("domains", "remove"): _domains_remove,
         ("domains", "list"): _domains_list,
@@ -161,7 +161,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 async def _with_store(
     config: Config,
     args: argparse.Namespace,
-    handler: Callable[[SQLiteStore, Config, argparse.Namespace], Awaitable[int]],
+    handler: Callable[[Store, Config, argparse.Namespace], Awaitable[int]],
 ) -> int:
     store = await open_store(config)
     try:
@@ -181,7 +181,7 @@ def _keygen(path: Path) -> int:
     return 0
 
 
-async def _domains_add(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
+async def _domains_add(store: Store, config: Config, args: argparse.Namespace) -> int:
     hostname = normalize_hostname(args.hostname)
     target = config.edge.cname_target.rstrip(".").lower()
     if target and (hostname == target or hostname.endswith("." + target)):
@@ -200,7 +200,7 @@ async def _domains_add(store: SQLiteStore, config: Config, args: argparse.Namesp
     return 0
 
 
-async def _domains_remove(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
+async def _domains_remove(store: Store, config: Config, args: argparse.Namespace) -> int:
     hostname = normalize_hostname(args.hostname)
     if await store.get_domain(hostname) is None:
         print(f"linkedge: error: {hostname} is not registered", file=sys.stderr)
@@ -222,7 +222,7 @@ async def _domains_remove(store: SQLiteStore, config: Config, args: argparse.Nam
     return 0
 
 
-async def _certs_revoke(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
+async def _certs_revoke(store: Store, config: Config, args: argparse.Namespace) -> int:
     hostname = normalize_hostname(args.hostname)
     if await store.get_certificate(hostname) is None:
         print(f"linkedge: error: {hostname} has no certificate", file=sys.stderr)
@@ -238,7 +238,7 @@ async def _certs_revoke(store: SQLiteStore, config: Config, args: argparse.Names
 
 
 @contextlib.asynccontextmanager
-async def _issuer(config: Config, store: SQLiteStore) -> AsyncIterator[FailoverIssuer]:
+async def _issuer(config: Config, store: Store) -> AsyncIterator[FailoverIssuer]:
     check_acme(config)
     issuer = make_issuer(config, store)
     try:
@@ -247,7 +247,7 @@ async def _issuer(config: Config, store: SQLiteStore) -> AsyncIterator[FailoverI
         await issuer.close()
 
 
-async def _domains_list(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:
+async def _domains_list(store: Store, _config: Config, args: argparse.Namespace) -> int:
     domains = await store.list_domains()
     if args.json:
         rows = [
@@ -270,7 +270,7 @@ async def _domains_list(store: SQLiteStore, _config: Config, args: argparse.Name
     return 0
 
 
-async def _domains_verify(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
+async def _domains_verify(store: Store, config: Config, args: argparse.Namespace) -> int:
     hostname = normalize_hostname(args.hostname)
     if await store.get_domain(hostname) is None:
         print(f"linkedge: error: {hostname} is not registered", file=sys.stderr)
@@ -303,7 +303,7 @@ async def _domains_verify(store: SQLiteStore, config: Config, args: argparse.Nam
 # -- app association files: the rules are proxy/host_files.py, shared with the admin API
 
 
-async def _files_list(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:
+async def _files_list(store: Store, _config: Config, args: argparse.Namespace) -> int:
     hostname = normalize_hostname(args.hostname)
     try:
         found = await host_files.list_files(store, hostname)
@@ -319,7 +319,7 @@ async def _files_list(store: SQLiteStore, _config: Config, args: argparse.Namesp
     return 0
 
 
-async def _files_put(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:
+async def _files_put(store: Store, _config: Config, args: argparse.Namespace) -> int:
     hostname = normalize_hostname(args.hostname)
     content = _read_upload(args.file)
     try:
@@ -334,7 +334,7 @@ async def _files_put(store: SQLiteStore, _config: Config, args: argparse.Namespa
     return 0
 
 
-async def _files_get(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:
+async def _files_get(store: Store, _config: Config, args: argparse.Namespace) -> int:
     hostname = normalize_hostname(args.hostname)
     try:
         found = await host_files.get_file(store, hostname, args.kind)
@@ -344,7 +344,7 @@ async def _files_get(store: SQLiteStore, _config: Config, args: argparse.Namespa
     return 0
 
 
-async def _files_delete(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:
+async def _files_delete(store: Store, _config: Config, args: argparse.Namespace) -> int:
     hostname = normalize_hostname(args.hostname)
     try:
         await host_files.delete_file(store, hostname, args.kind)
@@ -397,7 +397,7 @@ def _print_report(state: str, state_reason: str, report: CheckReport) -> None:
         print(f"  {result.name:<6} {mark} {result.reason}")
 
 
-async def _certs_list(store: SQLiteStore, _config: Config, args: argparse.Namespace) -> int:
+async def _certs_list(store: Store, _config: Config, args: argparse.Namespace) -> int:
     certs = await store.list_certificates()  # soonest expiry first
     plans = {p.hostname: p for p in await store.list_renewals()}
     now = time.time()

@@ -132,6 +132,11 @@ class StoreConfig:
     path: str = "/var/lib/linkedge/linkedge.db"
     key_file: str = ""
     key_env: str = "LINKEDGE_STORE_KEY"
+    url: str = ""  # e.g. "sqlite:///var/lib/linkedge/linkedge.db"; when set it wins over path
+
+    def location(self) -> str:
+        """What certstore.open_store opens: `url` when set, else `path` (SQLite)."""
+        return self.url or self.path
 
 
 @dataclass

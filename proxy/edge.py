@@ -38,7 +38,8 @@ from acme_client import (
     LimitSettings,
     OrderLimits,
 )
-from certstore import CertStore, SQLiteStore, load_key
+from certstore import CertStore, Store, load_key
+from certstore import open_store as open_store_url
 
 from . import metrics
 from .admin import AdminDeps, make_admin_app
@@ -144,9 +145,9 @@ def admin_tls_context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
-async def open_store(config: Config, clock: Callable[[], float] = time.time) -> SQLiteStore:
+async def open_store(config: Config, clock: Callable[[], float] = time.time) -> Store:
     key = load_key(config.store.key_file or None, config.store.key_env or None)
-    return await SQLiteStore.open(config.store.path, key, clock=clock)
+    return await open_store_url(config.store.location(), key, clock=clock)
 
 
 def acme_settings(config: Config) -> AcmeSettings:
@@ -306,7 +307,7 @@ class EdgeWorker:
         self.admin_address: tuple[str, int] | str | None = None  # a str: Unix socket
         self.admin_app: web.Application | None = None
         self.metrics_address: tuple[str, int] | None = None  # metrics.listen
-        self.store: SQLiteStore | None = None
+        self.store: Store | None = None
         self.http_server: web.Server | None = None  # both listeners' HTTP server
         self.listen_sockets: list[socket.socket] = []  # HTTPS and HTTP, for /readyz
         self.worker_metrics: metrics.WorkerMetrics | None = None
@@ -544,7 +545,7 @@ class EdgeWorker:
             ", ".join(config.backend.backend_urls()),
         )
 
-    def _ops_endpoints(self, store: SQLiteStore) -> OpsEndpoints:
+    def _ops_endpoints(self, store: Store) -> OpsEndpoints:
         """/healthz, /readyz and /metrics (proxy/health.py, proxy/metrics.py)."""
         exporter = None
         if self.config.metrics.enabled:
@@ -565,7 +566,7 @@ class EdgeWorker:
         log.info("metrics and health on http://%s/metrics", _fmt(self.metrics_address))
 
     async def _start_admin(
-        self, store: SQLiteStore, lifecycle: Lifecycle, token: str, ops: OpsEndpoints
+        self, store: Store, lifecycle: Lifecycle, token: str, ops: OpsEndpoints
     ) -> None:
         assert self.verifier is not None
         admin = self.config.admin
@@ -615,7 +616,7 @@ class EdgeWorker:
                 _fmt(address),
             )
 
-    async def _start_webhooks(self, store: SQLiteStore) -> None:
+    async def _start_webhooks(self, store: Store) -> None:
         hooks = self.config.webhooks
         secret = read_secret(
             hooks.secret_file, hooks.secret_env, "webhook secret", "webhooks.secret"

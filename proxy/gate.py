@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from certstore import CertStore, Domain, DomainState
+from certstore import Domain, DomainState, HostStore
 
 from .checks import HostChecker
 from .lifecycle import Lifecycle
@@ -34,7 +34,7 @@ class Decision:
 class IssuanceGate:
     def __init__(
         self,
-        store: CertStore,
+        store: HostStore,
         checker: HostChecker,
         lifecycle: Lifecycle,
         recheck_interval: float,

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from aiohttp import HttpVersion10, HttpVersion11, web, web_response
 from aiohttp.http_exceptions import HttpProcessingError
 
-from certstore import CertStore
+from certstore import ChallengeStore
 
 from .forward import Forwarder
 from .host_policy import HostPolicy
@@ -41,7 +41,7 @@ class ClickForwarder(Protocol):
 
 
 def make_http_app(
-    store: CertStore,
+    store: ChallengeStore,
     forwarder: Forwarder | ClickForwarder,
     is_suspended: Callable[[str], bool] = lambda _host: False,
     policy: HostPolicy | None = None,
@@ -142,7 +142,7 @@ def hide_server_version() -> None:
     web_response.SERVER_SOFTWARE = SERVER
 
 
-async def _challenge(store: CertStore, token: str) -> web.Response:
+async def _challenge(store: ChallengeStore, token: str) -> web.Response:
     answer = await store.get_challenge(token) if _is_token(token) else None
     if answer is None:
         # anyone can ask for made-up tokens: at most one INFO line per interval

@@ -128,7 +128,7 @@ class Lifecycle:
         if domain.state is S.MOVED:
             await self._store.delete_certificate(domain.hostname)
         if domain.state is S.FAILED:
-            await self._store.set_next_check(domain.hostname, None)
+            await self._store.update_checks(domain.hostname, next_check_at=None)
             await self._store.record_event(domain.hostname, "checks_stopped", reason)
             return True
         return await self._store.transition_domain(
@@ -158,7 +158,7 @@ class Lifecycle:
             if moved:  # another worker may have made the same step first: it logged it
                 _log_transition(domain, step.to, step.reason)
         problem = report.first_problem
-        await self._store.save_check_report(
+        await self._store.update_checks(
             domain.hostname,
             report=report.to_json(),
             cname_target_seen=_points_to(report),

@@ -85,7 +85,9 @@ class Verifier:
             domain = await self._store.get_domain(hostname) or domain
         if https:
             report = await self._checker.check_https(report)
-            await self._store.update_check_report(hostname, report.to_json(), report.summary)
+            await self._store.update_checks(
+                hostname, report=report.to_json(), reason=report.summary
+            )
             domain = await self._store.get_domain(hostname) or domain
         metrics.count_checks(report)
         return Outcome(domain, report)

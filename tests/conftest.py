@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from certstore import SQLiteStore, generate_key_text
+from certstore import Store, generate_key_text, open_store
 from certstore.crypto import parse_key_text
 from proxy.config import Config
 from proxy.demo.backend import HEALTH_PATH, RecordedRequest, start_backend
@@ -94,8 +94,8 @@ class EdgeHandle:
             await self.worker.close()
             self.worker = None
 
-    async def open_store(self) -> SQLiteStore:
-        return await SQLiteStore.open(self.config.store.path, parse_key_text(self.key_text, "test"))
+    async def open_store(self) -> Store:
+        return await open_store(self.config.store.path, parse_key_text(self.key_text, "test"))
 
 
 class FakeClock:
@@ -193,7 +193,7 @@ def https_session(
     return edge_session(edge.ip, str(pebble.root_path), **kwargs)
 
 
-async def register(store: SQLiteStore, dns: DNSServer, host: str, target: str) -> None:
+async def register(store: Store, dns: DNSServer, host: str, target: str) -> None:
     await store.add_domain(host, "acct-test")
     dns.set_cname(host, target)
 

@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator
 
 from conftest import EdgeHandle, https_session, register
 
-from certstore import SQLiteStore
+from certstore import Store
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 
 
 @contextlib.asynccontextmanager
-async def edge_store(edge: EdgeHandle) -> AsyncIterator[SQLiteStore]:
+async def edge_store(edge: EdgeHandle) -> AsyncIterator[Store]:
     """The edge's store, always closed (an open aiosqlite thread keeps pytest from exiting)."""
     store = await edge.open_store()
     try:

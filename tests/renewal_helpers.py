@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import _addresses, client_context, make_config
 from cryptography import x509
 
-from certstore import SQLiteStore, generate_key_text
+from certstore import Store, generate_key_text, open_store
 from certstore.crypto import parse_key_text
 from proxy.config import Config
 from proxy.demo.dnsserver import DNSServer
@@ -60,8 +60,8 @@ class Edge:
         self.worker = EdgeWorker(self.config, clock=self.clock)
         await self.worker.start()
 
-    async def open_store(self) -> SQLiteStore:
-        return await SQLiteStore.open(
+    async def open_store(self) -> Store:
+        return await open_store(
             self.config.store.path, parse_key_text(self.key_text, "test"), clock=self.clock
         )
 

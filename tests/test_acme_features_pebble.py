@@ -24,7 +24,7 @@ from cryptography import x509
 from renewal_helpers import Edge, FakeClock, new_edge_config, served_serial
 
 from acme_client import AcmeError, AcmeIssuer, AcmeSettings
-from certstore import SQLiteStore, generate_key_text
+from certstore import Store, generate_key_text, open_store
 from certstore.crypto import parse_key_text
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
@@ -40,7 +40,7 @@ def jws_payloads(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 async def _start_edge(
     tmp_path: Path, pebble: PebbleServer, dns: DNSServer, backend_url: str, **overrides: object
-) -> tuple[Edge, SQLiteStore, str]:
+) -> tuple[Edge, Store, str]:
     config, key_text, ip, target = new_edge_config(tmp_path, pebble, dns, backend_url)
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
@@ -49,7 +49,7 @@ async def _start_edge(
     return edge, await edge.open_store(), target
 
 
-async def _register(store: SQLiteStore, dns: DNSServer, host: str, target: str) -> None:
+async def _register(store: Store, dns: DNSServer, host: str, target: str) -> None:
     await store.add_domain(host, "acct")
     dns.set_cname(host, target)
 
@@ -358,7 +358,7 @@ async def test_eab_required_but_not_configured_is_a_clear_error(
     tmp_path: Path, ca_pair: tuple[PebbleServer, PebbleServer]
 ) -> None:
     _, fallback = ca_pair
-    store = await SQLiteStore.open(tmp_path / "s.db", parse_key_text(generate_key_text(), "t"))
+    store = await open_store(tmp_path / "s.db", parse_key_text(generate_key_text(), "t"))
     issuer = AcmeIssuer(
         AcmeSettings(directory_url=fallback.directory_url, ca_bundle=str(fallback.ca_bundle)),
         store,

@@ -24,8 +24,8 @@ from acme_client import (
 )
 from acme_client.issuer import NewOrderRequest, choose_profile
 from acme_client.solvers import ACME_IDENTIFIER_OID, TLSALPN01
-from certstore import SQLiteStore, generate_key_text
-from certstore.crypto import SecretBox, parse_key_text
+from certstore import generate_key_text, open_store
+from certstore.crypto import Sealer, parse_key_text
 from certstore.schema import MIGRATIONS
 from proxy.config import ConfigError, load_config, require_serving
 
@@ -184,7 +184,7 @@ async def test_schema_v1_store_migrates_and_keeps_its_certificates(tmp_path: Pat
         (
             "a.test",
             b"chain",
-            SecretBox(key).seal(b"key", "cert:a.test"),
+            Sealer(key).seal(b"key", "cert:a.test"),
             "a.test",
             1.0,
             2.0,
@@ -196,7 +196,7 @@ async def test_schema_v1_store_migrates_and_keeps_its_certificates(tmp_path: Pat
     db.commit()
     db.close()
 
-    store = await SQLiteStore.open(path, key)
+    store = await open_store(path, key)
     try:
         cert = await store.get_certificate("a.test")
         assert cert is not None and cert.key_pem == b"key"

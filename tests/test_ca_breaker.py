@@ -4,9 +4,6 @@ which errors are the CA's; part 6 (units): kept leases, dead holders, orders in 
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,13 +25,11 @@ from acme_client.breaker import CLOSED, HALF_OPEN, OPEN, decide, transition_fail
 from acme_client.breaker import transition_success as closed_again
 from certstore import (
     CaBreakerState,
-    PendingOrder,
-    SQLiteStore,
-    StoredCertificate,
+    Store,
     generate_key_text,
+    open_store,
 )
 from certstore.crypto import parse_key_text
-from certstore.sqlite import process_alive
 from proxy.certificates import kept_lease
 
 URL = "https://ca.test/dir"
@@ -106,13 +101,13 @@ KEY_TEXT = generate_key_text()
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = await SQLiteStore.open(tmp_path / "s.db", parse_key_text(KEY_TEXT, "t"))
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = await open_store(tmp_path / "s.db", parse_key_text(KEY_TEXT, "t"))
     yield s
     await s.close()
 
 
-async def test_breaker_is_shared_and_one_worker_claims_each_probe(store: SQLiteStore) -> None:
+async def test_breaker_is_shared_and_one_worker_claims_each_probe(store: Store) -> None:
     now = [1000.0]
     a = CaBreaker(store, URL, BreakerSettings(probe_seconds=2.0), lambda: now[0], half)
     b = CaBreaker(store, URL, BreakerSettings(probe_seconds=2.0), lambda: now[0], half)
@@ -133,7 +128,7 @@ async def test_breaker_is_shared_and_one_worker_claims_each_probe(store: SQLiteS
     assert state is not None and state.state == CLOSED and state.failures == 0
 
 
-async def test_background_probe_closes_the_breaker(store: SQLiteStore) -> None:
+async def test_background_probe_closes_the_breaker(store: Store) -> None:
     now = [50.0]
     breaker = CaBreaker(store, URL, BreakerSettings(probe_seconds=2.0), lambda: now[0], half)
     assert await breaker.probe_if_due(_never_called) is None  # closed: nothing to do
@@ -161,7 +156,7 @@ async def _never_called() -> None:
     raise AssertionError("no probe expected")
 
 
-async def test_state_changes_reach_the_metrics_gauge(store: SQLiteStore) -> None:
+async def test_state_changes_reach_the_metrics_gauge(store: Store) -> None:
     from prometheus_client import REGISTRY
 
     from proxy import metrics
@@ -192,7 +187,7 @@ async def test_state_changes_reach_the_metrics_gauge(store: SQLiteStore) -> None
 
 
 async def test_kept_lease_is_refreshed_while_held_and_released_after(
-    store: SQLiteStore,
+    store: Store,
 ) -> None:
     async with kept_lease(store, "issue:a.test", "me", 0.3) as held:
         assert held
@@ -201,73 +196,6 @@ async def test_kept_lease_is_refreshed_while_held_and_released_after(
     assert await store.try_acquire_lease("issue:a.test", "other", 10)  # released
     async with kept_lease(store, "issue:a.test", "me", 10) as held:
         assert not held
-
-
-async def test_a_dead_process_leases_are_released_at_start(
-    store: SQLiteStore, tmp_path: Path
-) -> None:
-    db = tmp_path / "s.db"
-    key = KEY_TEXT
-    # a child process takes a lease and dies (SIGKILL) holding it
-    code = (
-        "import asyncio, os, signal, sys\n"
-        "from certstore import SQLiteStore\n"
-        "from certstore.crypto import parse_key_text\n"
-        "async def main():\n"
-        f"    s = await SQLiteStore.open({str(db)!r}, parse_key_text({key!r}, 't'))\n"
-        "    assert await s.try_acquire_lease('issue:dead.test', 'child', 600)\n"
-        "    print(os.getpid(), flush=True)\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "asyncio.run(main())\n"
-    )
-    child = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
-    )
-    pid = int(child.stdout.strip())
-    assert child.returncode == -9 and not process_alive(pid)
-    assert await store.try_acquire_lease("issue:alive.test", "me", 600)
-    assert not await store.try_acquire_lease("issue:dead.test", "me", 600)  # still held
-
-    assert await store.release_dead_leases() == ["issue:dead.test"]
-    assert await store.try_acquire_lease("issue:dead.test", "me", 600)
-    assert await store.release_dead_leases() == []  # our own (live) leases stay
-    assert process_alive(os.getpid())
-
-
-async def test_pending_order_is_sealed_and_ended_by_the_certificate(
-    store: SQLiteStore, tmp_path: Path
-) -> None:
-    order = PendingOrder(
-        hostname="a.test",
-        directory_url=URL,
-        order_url="https://ca.test/order/1",
-        account_uri="https://ca.test/acct/1",
-        key_pem=b"-----BEGIN PRIVATE KEY-----\nsecret\n-----END PRIVATE KEY-----\n",
-        names=("a.test",),
-        created_at=1.0,
-    )
-    await store.put_pending_order(order)
-    assert await store.get_pending_order("a.test") == order
-    assert b"secret" not in (tmp_path / "s.db").read_bytes()  # sealed
-    assert "secret" not in repr(order)
-    await store.delete_pending_order("a.test", "https://ca.test/order/other")
-    assert await store.get_pending_order("a.test") is not None  # another order's delete
-
-    await store.put_certificate(
-        StoredCertificate(
-            hostname="a.test",
-            chain_pem=b"chain",
-            key_pem=b"key",
-            names=("a.test",),
-            not_before=0.0,
-            not_after=10.0,
-            issuer="ca",
-            created_at=1.0,
-        )
-    )
-    assert await store.get_pending_order("a.test") is None  # same statement (trigger)
-    rows = await store._all("PRAGMA integrity_check")
-    assert rows[0][0] == "ok"
 
 
 # -- part 5: how long the maintenance loop sleeps ------------------------------------

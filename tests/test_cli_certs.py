@@ -8,13 +8,13 @@ import time
 
 from test_cli import assert_clean_error, run_cli, store_env  # noqa: F401  (fixture)
 
-from certstore import HostBackoff, RenewalPlan, SQLiteStore, StoredCertificate
+from certstore import HostBackoff, RenewalPlan, StoredCertificate, open_store
 from certstore.crypto import load_key
 
 
 async def _seed(env: dict[str, str]) -> float:
     key = load_key(env["LINKEDGE_STORE_KEY_FILE"], None)
-    store = await SQLiteStore.open(env["LINKEDGE_STORE_PATH"], key)
+    store = await open_store(env["LINKEDGE_STORE_PATH"], key)
     now = time.time()
     for host, days_left in (("later.shop.test", 40), ("soon.shop.test", 2)):
         await store.add_domain(host, "acct")

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from certstore import SQLiteStore, generate_key_text
+from certstore import generate_key_text, open_store
 from certstore.crypto import parse_key_text
 from proxy.association_files import ANDROID, APPLE, MAX_BYTES, etag
 from proxy.cli import main
@@ -68,7 +68,7 @@ def one_error_line(err: str, *fragments: str) -> None:
 
 def stored_events(tmp_path: Path, key: str) -> list[Any]:
     async def read() -> list[Any]:
-        store = await SQLiteStore.open(str(tmp_path / "store.db"), parse_key_text(key, "test"))
+        store = await open_store(str(tmp_path / "store.db"), parse_key_text(key, "test"))
         try:
             return await store.list_events(HOST, limit=100)
         finally:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import client_context, free_port, tls_handshake
 
-from certstore import SQLiteStore, generate_key_text
+from certstore import generate_key_text, open_store
 from certstore.crypto import parse_key_text
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
@@ -127,7 +127,7 @@ async def test_sigkill_during_first_clicks_loses_nothing(
         "LINKEDGE_TLS_ISSUANCE_WAIT": "30",
     }
     serve = Serve(env, tmp_path / "serve.log")
-    store = await SQLiteStore.open(db, parse_key_text(key_text, "test"))
+    store = await open_store(db, parse_key_text(key_text, "test"))
     finalized_before = own_pebble.log_text().count("POST /finalize-order/")
     hosts = [f"links.crash{i}-{os.getpid()}.test" for i in range(ROUNDS)]
     waits: list[float] = []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from certstore import SQLiteStore, generate_key_text
+from certstore import generate_key_text, open_store
 from certstore.crypto import parse_key_text
 
 
@@ -32,7 +32,7 @@ def mode(path: Path) -> int:
 async def test_fresh_store_wal_and_shm_are_0600(tmp_path: Path, loose_umask: None) -> None:
     path = tmp_path / "fresh" / "store.db"
     key = parse_key_text(generate_key_text(), "test")
-    store = await SQLiteStore.open(path, key)
+    store = await open_store(path, key)
     try:
         await store.add_domain("links.modes.test", "acct")
         for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
@@ -41,7 +41,7 @@ async def test_fresh_store_wal_and_shm_are_0600(tmp_path: Path, loose_umask: Non
         await store.close()
     # a store left with loose modes by an older version is tightened when opened
     os.chmod(path, 0o644)
-    store = await SQLiteStore.open(path, key)
+    store = await open_store(path, key)
     await store.close()
     assert mode(path) == 0o600
 

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from certstore import SQLiteStore, StoredCertificate
+from certstore import StoredCertificate, open_store
 from proxy.host_policy import HostPolicy, _matches
 from proxy.host_views import HostViews
 from proxy.request_target import BadRequest
@@ -23,7 +23,7 @@ VALID = (1_000.0, 10_000.0)
 
 @pytest.fixture
 async def views(tmp_path: Path):
-    store = await SQLiteStore.open(tmp_path / "s.db", os.urandom(32))
+    store = await open_store(tmp_path / "s.db", os.urandom(32))
     await store.add_domain(HOST, "acct")
     await store.put_options(HOST, {"hsts_max_age": 60, "https_upgrade": True})
     yield HostViews(store)

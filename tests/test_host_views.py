@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from certstore import DomainState, SQLiteStore
+from certstore import DomainState, Store, open_store
 from proxy.association_files import APPLE, etag
 from proxy.host_views import CHANGE_EVENTS, HostViews
 from proxy.state_sync import StateSync
@@ -19,7 +19,7 @@ HOST = "links.views.test"
 
 @pytest.fixture
 async def store(tmp_path: Path):
-    s = await SQLiteStore.open(tmp_path / "s.db", os.urandom(32))
+    s = await open_store(tmp_path / "s.db", os.urandom(32))
     yield s
     await s.close()
 
@@ -27,7 +27,7 @@ async def store(tmp_path: Path):
 class CountingStore:
     """The real store, with a count of reads and an optional gate on certificate_validity."""
 
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         self.reads: dict[str, int] = {}
         self.gate: asyncio.Event | None = None
@@ -44,11 +44,11 @@ class CountingStore:
         return counted
 
 
-async def kinds_after(store: SQLiteStore, cursor: int) -> list[tuple[str | None, str, str]]:
+async def kinds_after(store: Store, cursor: int) -> list[tuple[str | None, str, str]]:
     return [(e.hostname, e.kind, e.detail) for e in await store.events_after(cursor)]
 
 
-async def test_host_files_round_trip_and_every_write_is_an_event(store: SQLiteStore) -> None:
+async def test_host_files_round_trip_and_every_write_is_an_event(store: Store) -> None:
     await store.add_domain(HOST, "acct")
     cursor = await store.last_event_id()
     v1 = b'{"applinks": {"details": []}}'
@@ -77,7 +77,7 @@ async def test_host_files_round_trip_and_every_write_is_an_event(store: SQLiteSt
     assert [k for _h, k, _d in await kinds_after(store, cursor)] == ["file_deleted", "removed"]
 
 
-async def test_one_store_read_per_host_however_many_requests(store: SQLiteStore) -> None:
+async def test_one_store_read_per_host_however_many_requests(store: Store) -> None:
     await store.add_domain(HOST, "acct")
     counting = CountingStore(store)
     views = HostViews(counting)  # type: ignore[arg-type]
@@ -91,7 +91,7 @@ async def test_one_store_read_per_host_however_many_requests(store: SQLiteStore)
     assert views.store_reads == 2
 
 
-async def test_a_load_overtaken_by_a_change_is_not_kept(store: SQLiteStore) -> None:
+async def test_a_load_overtaken_by_a_change_is_not_kept(store: Store) -> None:
     await store.add_domain(HOST, "acct")
     counting = CountingStore(store)
     counting.gate = asyncio.Event()
@@ -110,7 +110,7 @@ async def test_a_load_overtaken_by_a_change_is_not_kept(store: SQLiteStore) -> N
 
 
 async def test_unknown_names_are_forgotten_when_registered_and_bounded(
-    store: SQLiteStore,
+    store: Store,
 ) -> None:
     views = HostViews(store, max_unknown=3)
     assert await views.get(HOST) is None
@@ -124,7 +124,7 @@ async def test_unknown_names_are_forgotten_when_registered_and_bounded(
     assert len(views._unknown) == 3
 
 
-async def test_hosts_and_file_bytes_are_bounded(store: SQLiteStore) -> None:
+async def test_hosts_and_file_bytes_are_bounded(store: Store) -> None:
     body = b'{"applinks": {"details": []}}' + b" " * 1000
     for i in range(4):
         await store.add_domain(f"links.h{i}.test", "acct")
@@ -143,8 +143,8 @@ async def test_state_sync_drops_changed_hosts_from_another_process(
     tmp_path: Path,
 ) -> None:
     key = os.urandom(32)
-    writer = await SQLiteStore.open(tmp_path / "s.db", key)  # the admin worker
-    reader = await SQLiteStore.open(tmp_path / "s.db", key)  # another worker
+    writer = await open_store(tmp_path / "s.db", key)  # the admin worker
+    reader = await open_store(tmp_path / "s.db", key)  # another worker
     try:
         await writer.add_domain(HOST, "acct")
         views = HostViews(reader)
@@ -160,7 +160,7 @@ async def test_state_sync_drops_changed_hosts_from_another_process(
         v2 = b'{"applinks": {"details": [ ]}}'
         await writer.put_host_file(HOST, APPLE, v2, etag(v2))
         await writer.put_options(HOST, {"hsts_max_age": 60, "https_upgrade": True})
-        await writer.set_domain_state(HOST, DomainState.SUSPENDED, "operator")
+        await writer.transition_domain(HOST, list(DomainState), DomainState.SUSPENDED, "operator")
         assert (await views.file(HOST, APPLE)).content == v1  # type: ignore[union-attr]
         assert views.store_reads == reads  # memory only until the feed says otherwise
         assert await sync.poll() == 4  # both uploads, the options, the suspension

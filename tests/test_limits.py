@@ -10,7 +10,7 @@ import pytest
 
 from acme_client import LimitSettings, OrderLimitReached, OrderLimits, registered_domain
 from acme_client.limits import backoff_delay
-from certstore import SQLiteStore, generate_key_text
+from certstore import Store, generate_key_text, open_store
 from certstore.crypto import parse_key_text
 
 KEY = parse_key_text(generate_key_text(), "test")
@@ -35,8 +35,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def store(store_path: Path, clock: Clock) -> AsyncIterator[SQLiteStore]:
-    s = await SQLiteStore.open(store_path, KEY, clock=clock)
+async def store(store_path: Path, clock: Clock) -> AsyncIterator[Store]:
+    s = await open_store(store_path, KEY, clock=clock)
     yield s
     await s.close()
 
@@ -53,9 +53,7 @@ def test_backoff_schedule_is_1_10_100_minutes_then_daily() -> None:
     assert steps == [0, 60, 600, 6000, 60000, 86400, 86400]
 
 
-async def test_per_domain_limit_counts_the_registered_domain(
-    store: SQLiteStore, clock: Clock
-) -> None:
+async def test_per_domain_limit_counts_the_registered_domain(store: Store, clock: Clock) -> None:
     limits = OrderLimits(store, LimitSettings(per_domain=2, per_domain_window_seconds=100), clock)
     await limits.before_new_order("a.shop.co.uk")
     await limits.before_new_order("b.c.shop.co.uk")
@@ -67,7 +65,7 @@ async def test_per_domain_limit_counts_the_registered_domain(
     await limits.before_new_order("links.shop.co.uk")  # the window slid
 
 
-async def test_global_limit_refunds_the_domain_token(store: SQLiteStore, clock: Clock) -> None:
+async def test_global_limit_refunds_the_domain_token(store: Store, clock: Clock) -> None:
     limits = OrderLimits(
         store, LimitSettings(orders_per_window=2, orders_window_seconds=50, per_domain=5), clock
     )
@@ -80,7 +78,7 @@ async def test_global_limit_refunds_the_domain_token(store: SQLiteStore, clock: 
     assert (await store.rate_usage("orders", 50))[0] == 2
 
 
-async def test_failed_authorizations_are_capped_per_hour(store: SQLiteStore, clock: Clock) -> None:
+async def test_failed_authorizations_are_capped_per_hour(store: Store, clock: Clock) -> None:
     limits = OrderLimits(store, LimitSettings(failed_authz_per_hour=5), clock)
     host = "links.broken.test"
     verdict = await limits.check_host(host)
@@ -99,14 +97,14 @@ async def test_failed_authorizations_are_capped_per_hour(store: SQLiteStore, clo
 
 async def test_limits_and_backoff_survive_a_restart(store_path: Path, clock: Clock) -> None:
     settings = LimitSettings(orders_per_window=1, orders_window_seconds=3600)
-    first = await SQLiteStore.open(store_path, KEY, clock=clock)
+    first = await open_store(store_path, KEY, clock=clock)
     limits = OrderLimits(first, settings, clock)
     await limits.before_new_order("a.shop.test")
     backoff = await limits.record_failure("a.shop.test", "http-01 failed", 1)
     assert backoff.failures == 1 and backoff.next_attempt_at == clock.now + 60
     await first.close()
 
-    second = await SQLiteStore.open(store_path, KEY, clock=clock)  # a new process
+    second = await open_store(store_path, KEY, clock=clock)  # a new process
     try:
         limits = OrderLimits(second, settings, clock)
         verdict = await limits.check_host("a.shop.test")
@@ -126,7 +124,7 @@ async def test_limits_and_backoff_survive_a_restart(store_path: Path, clock: Clo
 async def test_two_processes_cannot_both_take_the_last_token(
     store_path: Path, clock: Clock
 ) -> None:
-    stores = [await SQLiteStore.open(store_path, KEY, clock=clock) for _ in range(2)]
+    stores = [await open_store(store_path, KEY, clock=clock) for _ in range(2)]
     try:
         results = await asyncio.gather(
             *(s.take_rate_token("orders", 10, 100) for s in stores for _ in range(10))

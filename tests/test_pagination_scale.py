@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from conftest import ADMIN_TOKEN, EdgeHandle, enable_admin
 
-from certstore import DomainState, SQLiteStore
+from certstore import DomainState, open_store
 
 HOSTS = 100_000
 
@@ -57,7 +57,7 @@ PAGE_QUERIES = [
 async def test_100k_hosts_page_by_index(tmp_path: Path) -> None:
     key = os.urandom(32)
     path = tmp_path / "big.db"
-    await (await SQLiteStore.open(path, key)).close()  # creates and migrates the schema
+    await (await open_store(path, key)).close()  # creates and migrates the schema
     names = bulk_insert(path, HOSTS)
 
     db = sqlite3.connect(path)
@@ -68,7 +68,7 @@ async def test_100k_hosts_page_by_index(tmp_path: Path) -> None:
         assert not plan.startswith("SCAN domains"), plan
     db.close()
 
-    store = await SQLiteStore.open(path, key)
+    store = await open_store(path, key)
     try:
         seen: list[str] = []
         after = None

@@ -26,7 +26,7 @@ from aiohttp import web
 from conftest import EdgeHandle, client_context, free_port, register, tls_handshake
 from helpers_edge import edge_store, new_host
 
-from certstore import SQLiteStore, generate_key_text
+from certstore import generate_key_text, open_store
 from certstore.crypto import parse_key_text
 from proxy.certificates import lease_name
 from proxy.demo.client import edge_session
@@ -273,7 +273,7 @@ async def test_sigterm_lets_an_https_click_in_flight_finish(
         serve.write_config(backend.url)
         serve.start()
         await serve.wait_log("edge worker ready")
-        store = await SQLiteStore.open(
+        store = await open_store(
             str(tmp_path / "store.db"), parse_key_text(serve.store_key, "test")
         )
         try:

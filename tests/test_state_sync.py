@@ -11,7 +11,7 @@ import ast
 import re
 from pathlib import Path
 
-from certstore import SQLiteStore, generate_key_text
+from certstore import generate_key_text, open_store
 from certstore.crypto import parse_key_text
 from proxy.host_views import CHANGE_EVENTS
 from proxy.state_sync import HANDSHAKE_EVENTS, StateSync
@@ -78,7 +78,7 @@ def test_every_emitted_event_kind_is_classified_and_every_consumed_one_is_emitte
 
 
 async def test_state_sync_forgets_the_host_for_every_handshake_event(tmp_path: Path) -> None:
-    store = await SQLiteStore.open(tmp_path / "s.db", parse_key_text(generate_key_text(), "t"))
+    store = await open_store(tmp_path / "s.db", parse_key_text(generate_key_text(), "t"))
     forgotten: list[str] = []
     sync = StateSync(store, forgotten.append, interval=0.1)
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import EdgeHandle, FakeClock, client_context, https_session, tls_handshake
 
-from certstore import DomainState, SQLiteStore
+from certstore import DomainState, Store, open_store
 from proxy.checks import CheckSettings, HostChecker
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
@@ -49,7 +49,7 @@ async def run_pass(edge: EdgeHandle) -> int:
     return checked
 
 
-async def state_kinds(store: SQLiteStore, host: str) -> list[tuple[str | None, str | None]]:
+async def state_kinds(store: Store, host: str) -> list[tuple[str | None, str | None]]:
     return [
         (e.from_state, e.to_state)
         for e in reversed(await store.list_events(host))
@@ -250,7 +250,7 @@ async def test_each_due_check_runs_once_across_workers(
 ) -> None:
     key = os.urandom(32)
     path = tmp_path / "shared.db"
-    setup = await SQLiteStore.open(path, key)
+    setup = await open_store(path, key)
     hosts = [f"links.once{i}.test" for i in range(12)]
     for host in hosts:
         await setup.add_domain(host, "acct")
@@ -258,7 +258,7 @@ async def test_each_due_check_runs_once_across_workers(
     dns_server.reset_counts()
 
     async def worker() -> Verifier:
-        store = await SQLiteStore.open(path, key)  # one connection per "process"
+        store = await open_store(path, key)  # one connection per "process"
         checker = HostChecker(
             CheckSettings(
                 edge_target="edge-once.linkedge.test", nameservers=(dns_server.nameserver,)

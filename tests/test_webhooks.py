@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from certstore import DomainState, SQLiteStore
+from certstore import DomainState, Store, open_store
 from proxy.webhooks import SIGNATURE_HEADER, WebhookSender, WebhookSettings
 
 SECRET = "webhook-secret-0123456789"
@@ -34,8 +34,8 @@ class Receiver:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    st = await SQLiteStore.open(tmp_path / "s.db", os.urandom(32))
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    st = await open_store(tmp_path / "s.db", os.urandom(32))
     yield st
     await st.close()
 
@@ -51,9 +51,7 @@ async def serve(receiver: Receiver) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}/hook"
 
 
-async def sender_for(
-    store: SQLiteStore, url: str, attempts: int
-) -> tuple[WebhookSender, list[float]]:
+async def sender_for(store: Store, url: str, attempts: int) -> tuple[WebhookSender, list[float]]:
     delays: list[float] = []
 
     async def record_sleep(seconds: float) -> None:  # the backoff, without waiting for it
@@ -68,7 +66,7 @@ async def sender_for(
     return sender, delays
 
 
-async def test_signed_delivery_retried_until_accepted(store: SQLiteStore) -> None:
+async def test_signed_delivery_retried_until_accepted(store: Store) -> None:
     await store.add_domain("links.before.test", "shop")
     await store.transition_domain("links.before.test", [S.PENDING], S.VERIFIED, "old news")
     receiver = Receiver(failures=2)
@@ -100,7 +98,7 @@ async def test_signed_delivery_retried_until_accepted(store: SQLiteStore) -> Non
     assert headers["X-Linkedge-Delivery"] == str(payload["id"])
 
 
-async def test_delivery_gives_up_after_max_attempts(store: SQLiteStore) -> None:
+async def test_delivery_gives_up_after_max_attempts(store: Store) -> None:
     receiver = Receiver(failures=100)
     runner, url = await serve(receiver)
     sender, delays = await sender_for(store, url, attempts=3)
@@ -117,7 +115,7 @@ async def test_delivery_gives_up_after_max_attempts(store: SQLiteStore) -> None:
     assert len(failed) == 2 and "HTTP 500" in failed[0].detail
 
 
-async def test_unreachable_endpoint_is_bounded_too(store: SQLiteStore) -> None:
+async def test_unreachable_endpoint_is_bounded_too(store: Store) -> None:
     import socket
 
     with socket.socket() as s:

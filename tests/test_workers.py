@@ -17,7 +17,8 @@ import aiohttp
 import pytest
 from conftest import free_port
 
-from certstore import DomainState, SQLiteStore, generate_key_text
+from certstore import DomainState, Store, generate_key_text
+from certstore import open_store as open_store_url
 from certstore.crypto import parse_key_text
 from proxy.demo.client import edge_session
 from proxy.demo.dnsserver import DNSServer
@@ -134,8 +135,8 @@ def two_workers(
     assert serve.proc.returncode == 0, serve.log()
 
 
-async def open_store(env: dict[str, str]) -> SQLiteStore:
-    return await SQLiteStore.open(
+async def open_store(env: dict[str, str]) -> Store:
+    return await open_store_url(
         env["LINKEDGE_STORE_PATH"], parse_key_text(env["LINKEDGE_STORE_KEY"], "test")
     )
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from certstore import SQLiteStore, generate_key_text
+from certstore import generate_key_text, open_store
 from certstore.crypto import parse_key_text
 
 from .backend import start_backend
@@ -92,7 +92,7 @@ async def _demo(tmp: Path, keep: bool) -> int:
         )
 
         _step(f"registering tracking host {DEMO_HOST} and pointing its CNAME at {EDGE_TARGET}")
-        store = await SQLiteStore.open(tmp / "linkedge.db", parse_key_text(key_text, "demo"))
+        store = await open_store(tmp / "linkedge.db", parse_key_text(key_text, "demo"))
         await store.add_domain(DEMO_HOST, "demo-customer")
         await store.close()
         dns.set_cname(DEMO_HOST, EDGE_TARGET)

@@ -610,9 +610,9 @@ class Bench:
             self.ports[name] = int(port)
 
     async def _get_certificate(self, host: str, key: bytes) -> Any:
-        from certstore import SQLiteStore
+        from certstore import open_store
 
-        store = await SQLiteStore.open(self.config.store.path, key)
+        store = await open_store(self.config.store.path, key)
         try:
             cert = await store.get_certificate(host)
         finally:
@@ -631,12 +631,10 @@ class Bench:
     # -- first click -------------------------------------------------------------
 
     async def _register(self, hosts: list[str]) -> None:
-        from certstore import SQLiteStore
+        from certstore import open_store
         from certstore.crypto import parse_key_text
 
-        store = await SQLiteStore.open(
-            self.config.store.path, parse_key_text(self.key_text, "bench")
-        )
+        store = await open_store(self.config.store.path, parse_key_text(self.key_text, "bench"))
         try:
             for host in hosts:
                 await store.add_domain(host, "acct-bench")
@@ -645,12 +643,10 @@ class Bench:
             await store.close()
 
     async def _issuance_times(self, hosts: list[str]) -> dict[str, Any]:
-        from certstore import SQLiteStore
+        from certstore import open_store
         from certstore.crypto import parse_key_text
 
-        store = await SQLiteStore.open(
-            self.config.store.path, parse_key_text(self.key_text, "bench")
-        )
+        store = await open_store(self.config.store.path, parse_key_text(self.key_text, "bench"))
         took: list[float] = []
         orders = 0
         try:

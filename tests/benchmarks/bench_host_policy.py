@@ -26,7 +26,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from certstore import SQLiteStore, StoredCertificate
+from certstore import StoredCertificate, open_store
 from proxy.association_files import APPLE, etag
 from proxy.host_policy import HostPolicy
 from proxy.host_views import HostViews
@@ -52,7 +52,7 @@ async def per_call(calls: int, step: Callable[[int], Awaitable[object]]) -> floa
 
 async def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="linkedge-bench-policy-"))
-    store = await SQLiteStore.open(work / "store.db", os.urandom(32))
+    store = await open_store(work / "store.db", os.urandom(32))
     now = time.time()
     hosts = [f"links.h{i}.bench.test" for i in range(HOSTS)]
     for host in hosts:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from test_pagination_scale import bulk_insert  # noqa: E402
 
-from certstore import DomainState, SQLiteStore  # noqa: E402
+from certstore import DomainState, open_store  # noqa: E402
 
 HOSTS = 100_000
 RUNS = 50
@@ -33,9 +33,9 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.db"
         key = os.urandom(32)
-        await (await SQLiteStore.open(path, key)).close()
+        await (await open_store(path, key)).close()
         names = bulk_insert(path, HOSTS)
-        store = await SQLiteStore.open(path, key)
+        store = await open_store(path, key)
         cases = {
             "keyset first page (100)": dict(after=None, limit=100),
             "keyset page after host 99,000 (100)": dict(after=names[99_000], limit=100),

@@ -1,0 +1,7 @@
+"""Errors every backend raises the same way."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used (clear message, no traceback needed)."""

@@ -1,0 +1,72 @@
+"""Open a store from a URL: the one place that maps a URL to a backend.
+
+Supported (see :data:`SCHEMES`):
+
+- ``sqlite:///abs/path/linkedge.db`` (three slashes: an absolute path),
+- ``sqlite:relative/path.db`` (relative to the working directory),
+- ``sqlite::memory:`` (a private in-memory store, for tests),
+- a bare file path (no ``scheme:`` prefix), which is SQLite.
+
+Anything else is a :class:`StoreError` naming the supported schemes. A PostgreSQL
+backend (``postgresql://...``) will be one more entry here.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import unquote
+
+from .errors import StoreError
+from .ports import Store
+
+SCHEMES = ("sqlite",)
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+
+
+def sqlite_path(url_or_path: str | Path) -> str:
+    """The SQLite file a URL or path names (``:memory:`` for an in-memory store).
+    Raises StoreError for a scheme no backend supports."""
+    if isinstance(url_or_path, Path):
+        return str(url_or_path)
+    text = url_or_path.strip()
+    if not text:
+        raise StoreError("empty store URL (set store.url or store.path)")
+    match = _SCHEME.match(text)
+    if match is None:
+        return text  # a bare path
+    scheme = match.group(1).lower()
+    if scheme != "sqlite":
+        raise StoreError(
+            f"unsupported store URL scheme {scheme!r} in {text!r}; supported: "
+            + ", ".join(f"{s}:" for s in SCHEMES)
+            + " (e.g. sqlite:///var/lib/linkedge/linkedge.db), or a bare file path"
+        )
+    rest = text[match.end() :]
+    if rest.startswith("//"):
+        authority, _, path = rest[2:].partition("/")
+        if authority not in ("", "localhost"):
+            raise StoreError(f"store URL {text!r}: a SQLite store is a local file (no host)")
+        rest = "/" + path
+        if rest == "/":
+            raise StoreError(f"store URL {text!r} names no file")
+    if not rest:
+        raise StoreError(f"store URL {text!r} names no file")
+    return unquote(rest)
+
+
+async def open_store(
+    url_or_path: str | Path, key: bytes, *, clock: Callable[[], float] = time.time
+) -> Store:
+    """Open (creating and migrating when needed) the store `url_or_path` names.
+
+    `key` is the 32-byte store key (:func:`certstore.load_key`); a key that does not open
+    an existing store raises StoreKeyError. The store is shared: every worker process
+    opens its own.
+    """
+    path = sqlite_path(url_or_path)
+    from .sqlite import SQLiteStore
+
+    return await SQLiteStore.open(path, key, clock=clock)

@@ -1,0 +1,697 @@
+"""The storage contract (certstore.ports), run against every backend in store_backends.
+
+Every behaviour the edge relies on from its store is asserted here through the protocols
+only: a new backend is done when this file passes for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from store_backends import BACKENDS, Backend, make_backend, writer_process
+
+from certstore import (
+    AcmeAccount,
+    CaBreakerState,
+    DomainExists,
+    DomainState,
+    PendingOrder,
+    RenewalPlan,
+    Sealer,
+    Store,
+    StoredCertificate,
+    StoreError,
+    StoreKeyError,
+    generate_key_text,
+    open_store,
+    process_alive,
+)
+from certstore.crypto import parse_key_text
+from certstore.factory import sqlite_path
+
+S = DomainState
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return make_backend(request.param, tmp_path)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def store(backend: Backend, clock: Clock) -> AsyncIterator[Store]:
+    s = await backend.open(clock=clock)
+    yield s
+    await s.close()
+
+
+def cert(host: str, key: bytes = b"key-1", not_after: float = 2e9) -> StoredCertificate:
+    return StoredCertificate(host, b"chain", key, (host,), 0.0, not_after, "ca", 5.0, "0a", "d")
+
+
+async def kinds(store: Store, after: int) -> list[tuple[str | None, str]]:
+    return [(e.hostname, e.kind) for e in await store.events_after(after)]
+
+
+# -- hosts: a state change and its event are one step -----------------------------------
+
+
+async def test_transition_is_compare_and_set_with_its_event(store: Store, clock: Clock) -> None:
+    await store.add_domain("links.a.test", "acct")
+    clock.now += 1
+    assert await store.transition_domain("links.a.test", [S.PENDING], S.VERIFIED, "cname ok")
+    # compare-and-set: a stale writer changes nothing and logs nothing
+    assert not await store.transition_domain("links.a.test", [S.PENDING], S.FAILED, "stale")
+    assert not await store.transition_domain("links.gone.test", [S.PENDING], S.FAILED, "x")
+    assert await store.transition_domain("links.a.test", [S.VERIFIED], S.ACTIVE, "issued")
+    # the same state again: reason and schedule change, no event
+    assert await store.transition_domain(
+        "links.a.test", [S.ACTIVE], S.ACTIVE, "again", next_check_at=None
+    )
+    events = [e for e in await store.list_events("links.a.test") if e.kind == "state"]
+    assert [(e.from_state, e.to_state, e.detail) for e in reversed(events)] == [
+        ("pending", "verified", "cname ok"),
+        ("verified", "active", "issued"),
+    ]
+    assert events[0].at == clock.now
+    domain = await store.get_domain("links.a.test")
+    assert domain is not None and domain.state is S.ACTIVE and domain.state_reason == "again"
+    assert domain.next_check_at is None and domain.state_changed_at == clock.now
+
+
+async def test_a_change_and_its_event_land_together_or_not_at_all(
+    backend: Backend, store: Store
+) -> None:
+    await store.add_domain("links.a.test", "acct")
+    await store.put_host_file("links.a.test", "assetlinks.json", b"[]", '"e1"')
+    before = await store.last_event_id()
+    async with backend.failing_event_log():
+        with pytest.raises(Exception):  # noqa: B017 - whatever the backend raises
+            await store.transition_domain("links.a.test", [S.PENDING], S.SUSPENDED, "op")
+        with pytest.raises(Exception):  # noqa: B017
+            await store.add_domain("links.b.test", "acct")
+        with pytest.raises(Exception):  # noqa: B017
+            await store.put_options("links.a.test", {"hsts_max_age": 1})
+        with pytest.raises(Exception):  # noqa: B017
+            await store.put_host_file("links.a.test", "assetlinks.json", b"[1]", '"e2"')
+        with pytest.raises(Exception):  # noqa: B017
+            await store.delete_host_file("links.a.test", "assetlinks.json")
+        with pytest.raises(Exception):  # noqa: B017
+            await store.remove_domain("links.a.test")
+    # none of the changes happened, and no event was logged
+    assert await store.last_event_id() == before
+    domain = await store.get_domain("links.a.test")
+    assert domain is not None and domain.state is S.PENDING
+    assert await store.get_domain("links.b.test") is None
+    assert await store.get_options("links.a.test") is None
+    file = await store.get_host_file("links.a.test", "assetlinks.json")
+    assert file is not None and file.content == b"[]"
+    # and with a working log every one of them lands with its event
+    assert await store.transition_domain("links.a.test", [S.PENDING], S.SUSPENDED, "op")
+    assert await kinds(store, before) == [("links.a.test", "state")]
+
+
+async def test_every_event_the_store_emits_itself(store: Store) -> None:
+    """The table in certstore.ports.EventLog, kind by kind."""
+    start = await store.last_event_id()
+    await store.add_domain("links.a.test", "acct")
+    await store.put_options("links.a.test", {"https_upgrade": True})
+    await store.put_host_file("links.a.test", "assetlinks.json", b"[]", '"e1"')
+    assert await store.delete_host_file("links.a.test", "assetlinks.json")
+    assert not await store.delete_host_file("links.a.test", "assetlinks.json")  # no event
+    await store.transition_domain("links.a.test", [S.PENDING], S.VERIFIED, "ok")
+    await store.put_certificate(cert("links.a.test"))  # no event: the caller logs issued
+    await store.update_checks("links.a.test", reason="x", passed=True)  # no event
+    assert await store.remove_domain("links.a.test")
+    assert not await store.remove_domain("links.a.test")  # no event
+    events = await store.events_after(start)
+    assert [e.kind for e in events] == [
+        "registered",
+        "options_changed",
+        "file_updated",
+        "file_deleted",
+        "state",
+        "removed",
+    ]
+    assert events[0].detail == "account acct"
+    assert events[1].detail == '{"https_upgrade": true}'
+    assert "assetlinks.json" in events[2].detail and '"e1"' in events[2].detail
+    documented = (ROOT / "certstore" / "ports.py").read_text()
+    for event in events:
+        assert f"``{event.kind}``" in documented  # documented in the EventLog contract
+
+
+async def test_registration_removal_and_what_goes_with_it(store: Store, clock: Clock) -> None:
+    domain = await store.add_domain("a.shop.test", "acct1")
+    assert domain.state is S.PENDING and domain.created_at == clock.now
+    assert domain.next_check_at == clock.now  # checked at once
+    assert not domain.may_issue
+    with pytest.raises(DomainExists):
+        await store.add_domain("a.shop.test", "acct2")
+    assert (await store.get_domain("a.shop.test")).account == "acct1"  # type: ignore[union-attr]
+
+    await store.put_certificate(cert("a.shop.test"))
+    await store.put_challenge("t1", "ka", "a.shop.test")
+    await store.put_alpn_challenge("a.shop.test", "kb")
+    await store.put_options("a.shop.test", {"hsts_max_age": 5})
+    await store.put_host_file("a.shop.test", "assetlinks.json", b"[]", '"e"')
+    await store.put_renewal(RenewalPlan("a.shop.test", 1.0, 2.0, "ratio"))
+    assert [x.hostname for x in await store.list_domains()] == ["a.shop.test"]
+    assert await store.remove_domain("a.shop.test")
+    assert await store.get_domain("a.shop.test") is None
+    assert await store.get_certificate("a.shop.test") is None
+    assert await store.get_challenge("t1") is None
+    assert await store.get_alpn_challenge("a.shop.test") is None
+    assert await store.get_options("a.shop.test") is None
+    assert await store.list_host_files("a.shop.test") == []
+    assert await store.get_renewal("a.shop.test") is None
+    assert not await store.remove_domain("a.shop.test")
+
+
+async def test_check_results_and_schedule(store: Store, clock: Clock) -> None:
+    await store.add_domain("a.shop.test", "acct")
+    clock.now += 1
+    await store.update_checks(
+        "a.shop.test",
+        report={"cname": "pass"},
+        cname_target_seen="edge.test",
+        reason="ok",
+        passed=True,
+        next_check_at=clock.now + 60,
+    )
+    clock.now += 1
+    for _ in range(2):
+        await store.update_checks(
+            "a.shop.test", reason="gone", passed=False, cname_target_seen=None
+        )
+    d = await store.get_domain("a.shop.test")
+    assert d is not None and d.state is S.PENDING  # results never change the state
+    assert d.verified_at == clock.now - 1  # not overwritten by a failed check
+    assert d.last_check_at == clock.now and d.last_check_reason == "gone"
+    assert d.failed_checks == 2 and d.cname_target_seen is None
+    assert d.next_check_at == clock.now - 1 + 60  # kept
+    assert d.last_report == '{"cname": "pass"}'
+    # an amendment (passed=None) touches only what it names
+    await store.update_checks("a.shop.test", report={"https": "fail"}, reason="https: no")
+    await store.update_checks("a.shop.test", passed=False, reset_failures=True)
+    d = await store.get_domain("a.shop.test")
+    assert d is not None and d.last_report == '{"https": "fail"}' and d.failed_checks == 0
+    assert d.last_check_reason == "https: no" and d.verified_at == clock.now - 1
+    # the background schedule
+    await store.add_domain("b.shop.test", "acct")
+    await store.add_domain("c.shop.test", "acct")
+    await store.update_checks("c.shop.test", next_check_at=None)  # no background checks
+    assert await store.due_for_check(clock.now, 10) == ["b.shop.test"]
+    assert await store.due_for_check(clock.now + 100, 10) == ["b.shop.test", "a.shop.test"]
+    assert await store.due_for_check(clock.now + 100, 1) == ["b.shop.test"]
+
+
+async def test_keyset_pages_visit_every_host_once_in_order(store: Store) -> None:
+    names = [f"h{i:03d}-{c}.shop.test" for i in range(0, 60, 3) for c in "ab"]
+    names += ["xn--bcher-kva.test", "a.test", "z-9.test", "0.test", "a-b.test"]
+    for n, host in enumerate(names):
+        await store.add_domain(host, "acct-even" if n % 2 == 0 else "acct-odd")
+    assert await store.transition_domain("a.test", [S.PENDING], S.VERIFIED, "ok")
+
+    async def walk(limit: int, insert: bool = False, **filters: Any) -> list[str]:
+        seen: list[str] = []
+        after = None
+        while True:
+            page = await store.list_domains_page(after=after, limit=limit, **filters)
+            assert len(page) <= limit
+            if not page:
+                return seen
+            seen += [d.hostname for d in page]
+            after = page[-1].hostname
+            if insert and after.startswith("h"):
+                insert = False  # hosts registered meanwhile: those after the cursor show up
+                await store.add_domain("zz-added.test", "acct-odd")
+                await store.add_domain("added.test", "acct-odd")  # before the cursor: not
+
+    everything = await walk(7, insert=True)
+    assert everything == sorted(names + ["zz-added.test"])
+    assert len(set(everything)) == len(everything)
+    assert await walk(1000) == sorted(names + ["zz-added.test", "added.test"])
+    odd = await walk(4, account="acct-odd")
+    assert odd == sorted(
+        [h for n, h in enumerate(names) if n % 2] + ["zz-added.test", "added.test"]
+    )
+    assert await walk(3, state=S.VERIFIED) == ["a.test"]
+    assert await walk(3, account="nobody") == []
+
+
+async def test_counts_by_state(store: Store) -> None:
+    for host in ("a.test", "b.test", "c.test"):
+        await store.add_domain(host, "acct")
+    await store.transition_domain("a.test", [S.PENDING], S.VERIFIED, "ok")
+    assert await store.count_domains_by_state() == {S.PENDING: 2, S.VERIFIED: 1}
+
+
+# -- options and files -------------------------------------------------------------------
+
+
+async def test_options_and_files_round_trip(store: Store, clock: Clock) -> None:
+    await store.add_domain("a.test", "acct")
+    assert await store.get_options("a.test") is None
+    await store.put_options("a.test", {"hsts_max_age": 60, "https_upgrade": True})
+    assert await store.get_options("a.test") == {"hsts_max_age": 60, "https_upgrade": True}
+    content = bytes(range(256)) * 4  # bytes, not text
+    stored = await store.put_host_file("a.test", "b-kind", content, '"e1"')
+    await store.put_host_file("a.test", "a-kind", b"{}", '"e2"')
+    got = await store.get_host_file("a.test", "b-kind")
+    assert got == stored and got.content == content and got.updated_at == clock.now
+    assert [f.kind for f in await store.list_host_files("a.test")] == ["a-kind", "b-kind"]
+    assert await store.get_host_file("a.test", "c-kind") is None
+
+
+# -- certificates and sealed keys ------------------------------------------------------
+
+
+async def test_certificate_and_account_round_trip(store: Store) -> None:
+    first = StoredCertificate("c.test", b"chain", b"key-1", ("c.test",), 10, 20, "ca", 5)
+    await store.put_certificate(first)
+    got = await store.get_certificate("c.test")
+    assert got == first
+    assert "key-1" not in repr(got)
+    await store.put_renewal(RenewalPlan("c.test", 1.0, 2.0, "ratio"))
+    await store.put_certificate(
+        StoredCertificate("c.test", b"chain2", b"key-2", ("c.test",), 15, 25, "ca", 6, "ff", "d")
+    )
+    got = await store.get_certificate("c.test")
+    assert got is not None and got.key_pem == b"key-2" and got.not_after == 25
+    assert got.is_valid_at(15) and not got.is_valid_at(25)
+    assert await store.get_renewal("c.test") is None  # a new certificate, a new plan
+    assert await store.certificate_serial("c.test") == "ff"
+    assert await store.certificate_validity(["c.test", "x.test"]) == {"c.test": (15, 25, "ca")}
+    assert [c.hostname for c in await store.list_certificates()] == ["c.test"]
+    assert await store.delete_certificate("c.test")
+    assert not await store.delete_certificate("c.test")
+    assert await store.get_certificate("c.test") is None
+
+    await store.save_account(AcmeAccount("https://ca/dir", "https://ca/acct/1", b"acct-key"))
+    account = await store.get_account("https://ca/dir")
+    assert account == AcmeAccount("https://ca/dir", "https://ca/acct/1", b"acct-key")
+    await store.save_account(AcmeAccount("https://ca/dir", "https://ca/acct/2", b"acct-key2"))
+    assert (await store.get_account("https://ca/dir")).uri == "https://ca/acct/2"  # type: ignore[union-attr]
+    assert await store.get_account("https://other/dir") is None
+
+
+async def test_sealed_keys_are_never_readable_without_the_key(
+    backend: Backend, store: Store
+) -> None:
+    secret = b"-----BEGIN PRIVATE KEY-----\nTHE-CERT-KEY-0123456789abcdef\n-----END..."
+    account_secret = b"THE-ACCOUNT-KEY-0123456789abcdef"
+    order_secret = b"THE-ORDER-KEY-0123456789abcdef"
+    await store.put_certificate(cert("a.test", secret))
+    await store.save_account(AcmeAccount("https://ca/dir", "https://ca/acct/1", account_secret))
+    await store.put_pending_order(
+        PendingOrder("b.test", "https://ca/dir", "https://ca/o/1", "a", order_secret, ("b",), 1)
+    )
+    await store.close()
+    raw = backend.persisted_bytes()
+    assert b"chain" in raw  # looking at the right bytes: the public chain is in clear
+    for clear in (secret, account_secret, order_secret, b"THE-CERT-KEY", b"PRIVATE KEY"):
+        assert clear not in raw
+    with pytest.raises(StoreKeyError):  # a wrong key never opens the store
+        await backend.open(key=parse_key_text(generate_key_text(), "t"))
+    reopened = await backend.open()  # the right one does, and opens the keys
+    try:
+        got = await reopened.get_certificate("a.test")
+        assert got is not None and got.key_pem == secret
+        order = await reopened.get_pending_order("b.test")
+        assert order is not None and order.key_pem == order_secret
+    finally:
+        await reopened.close()
+
+
+def test_sealing_is_bound_to_the_key_and_the_row() -> None:
+    key = parse_key_text(generate_key_text(), "t")
+    sealer = Sealer(key)
+    sealed = sealer.seal(b"secret", Sealer.row("cert", "a.test"))
+    assert b"secret" not in sealed
+    assert sealer.open(sealed, Sealer.row("cert", "a.test")) == b"secret"
+    with pytest.raises(StoreKeyError):  # copied onto another row
+        sealer.open(sealed, Sealer.row("cert", "b.test"))
+    with pytest.raises(StoreKeyError):
+        Sealer(parse_key_text(generate_key_text(), "t")).open(sealed, Sealer.row("cert", "a.test"))
+    with pytest.raises(StoreKeyError):
+        sealer.open(sealed[:-1] + bytes([sealed[-1] ^ 1]), Sealer.row("cert", "a.test"))
+    sealer.verify_key_check(sealer.key_check())
+    with pytest.raises(StoreKeyError, match="does not match"):
+        Sealer(parse_key_text(generate_key_text(), "t")).verify_key_check(sealer.key_check())
+
+
+# -- challenges --------------------------------------------------------------------------
+
+
+async def test_challenges(store: Store) -> None:
+    assert await store.get_challenge("tok") is None
+    await store.put_challenge("tok", "tok.thumb", "a.test")
+    assert await store.get_challenge("tok") == "tok.thumb"
+    await store.put_challenge("tok", "tok.thumb2", "a.test")  # replace
+    assert await store.get_challenge("tok") == "tok.thumb2"
+    await store.delete_challenge("tok")
+    assert await store.get_challenge("tok") is None
+    await store.delete_challenge("tok")  # idempotent
+
+    assert await store.get_alpn_challenge("a.test") is None
+    await store.put_alpn_challenge("a.test", "ka1")
+    await store.put_alpn_challenge("a.test", "ka2")  # one per name
+    assert await store.get_alpn_challenge("a.test") == "ka2"
+    await store.delete_alpn_challenge("a.test")
+    await store.delete_alpn_challenge("a.test")
+    assert await store.get_alpn_challenge("a.test") is None
+
+
+async def test_challenges_are_shared_by_every_connection(backend: Backend, store: Store) -> None:
+    other = await backend.open()
+    try:
+        await store.put_challenge("tok", "tok.thumb", "a.test")
+        assert await other.get_challenge("tok") == "tok.thumb"
+        await other.delete_challenge("tok")
+        assert await store.get_challenge("tok") is None
+    finally:
+        await other.close()
+
+
+# -- coordination: leases -------------------------------------------------------------
+
+
+async def test_lease_acquire_expiry_takeover_refresh(store: Store, clock: Clock) -> None:
+    assert await store.try_acquire_lease("issue:a.test", "w1", ttl=10)
+    assert not await store.try_acquire_lease("issue:a.test", "w2", ttl=10)
+    assert await store.try_acquire_lease("issue:b.test", "w2", ttl=10)  # per name
+    clock.now += 5
+    assert await store.try_acquire_lease("issue:a.test", "w1", ttl=10)  # refresh: until +15
+    clock.now += 9  # past the first expiry, before the refreshed one
+    assert not await store.try_acquire_lease("issue:a.test", "w2", ttl=10)
+    await store.release_lease("issue:a.test", "w2")  # not the holder: no effect
+    assert not await store.try_acquire_lease("issue:a.test", "w2", ttl=10)
+    clock.now += 1  # exactly at expiry: lapsed
+    assert await store.try_acquire_lease("issue:a.test", "w2", ttl=10)  # takeover
+    assert not await store.try_acquire_lease("issue:a.test", "w1", ttl=10)
+    await store.release_lease("issue:a.test", "w1")  # the old holder cannot free it
+    assert not await store.try_acquire_lease("issue:a.test", "w1", ttl=10)
+    await store.release_lease("issue:a.test", "w2")
+    assert await store.try_acquire_lease("issue:a.test", "w1", ttl=10)
+
+
+async def test_one_of_many_concurrent_callers_gets_a_lease(backend: Backend) -> None:
+    stores = [await backend.open() for _ in range(3)]
+    try:
+        for round_ in range(5):
+            name = f"issue:race{round_}.test"
+            won = await asyncio.gather(
+                *(
+                    s.try_acquire_lease(name, f"w{i}-{j}", 30)
+                    for i, s in enumerate(stores)
+                    for j in range(4)
+                )
+            )
+            assert sum(won) == 1
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_leases_of_a_dead_process_are_released(backend: Backend, store: Store) -> None:
+    code = (
+        "import asyncio, os, signal, sys\n"
+        "from certstore import open_store\n"
+        "from certstore.crypto import parse_key_text\n"
+        "async def main():\n"
+        f"    s = await open_store({backend.url!r}, parse_key_text({backend.key_text!r}, 't'))\n"
+        "    assert await s.try_acquire_lease('issue:dead.test', 'child', 600)\n"
+        "    assert await s.try_acquire_lease('check:dead.test', 'child', 600)\n"
+        "    print(os.getpid(), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "asyncio.run(main())\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert not process_alive(int(child.stdout.split()[0]))
+    assert await store.try_acquire_lease("issue:mine.test", "me", 600)  # a live holder
+    assert not await store.try_acquire_lease("issue:dead.test", "me", 600)  # still held
+    assert sorted(await store.release_dead_leases()) == ["check:dead.test", "issue:dead.test"]
+    assert await store.try_acquire_lease("issue:dead.test", "me", 600)
+    assert await store.release_dead_leases() == []  # ours stay: we are alive
+    assert not await store.try_acquire_lease("issue:mine.test", "other", 600)
+    assert process_alive(os.getpid())
+
+
+# -- coordination: rate log, backoff, breaker, orders in flight --------------------------
+
+
+async def test_rate_log_sliding_windows(store: Store, clock: Clock) -> None:
+    first = await store.take_rate_token("orders", 3, 100)
+    assert first is not None
+    clock.now += 10
+    assert await store.take_rate_token("orders", 3, 100) is not None
+    assert await store.take_rate_token("other", 1, 100) is not None  # per bucket
+    clock.now += 10
+    await store.add_rate_event("orders")  # unconditional use counts too
+    assert await store.take_rate_token("orders", 3, 100) is None  # full
+    assert await store.rate_usage("orders", 100) == (3, clock.now - 20)
+    assert await store.rate_usage("orders", 15) == (2, clock.now - 10)
+    await store.refund_rate_token(first)
+    assert (await store.rate_usage("orders", 100))[0] == 2
+    assert await store.take_rate_token("orders", 3, 100) is not None
+    assert await store.take_rate_token("orders", 3, 100) is None
+    clock.now += 90  # the use at exactly now - window has left the window
+    assert (await store.rate_usage("orders", 100))[0] == 2
+    assert await store.take_rate_token("orders", 3, 100) is not None
+    assert await store.rate_usage("empty", 100) == (0, None)
+    await store.prune_rate_log(clock.now - 1)
+    assert await store.rate_usage("orders", 10_000) == (1, clock.now)
+
+
+async def test_two_callers_cannot_both_take_the_last_token(backend: Backend) -> None:
+    a, b = await backend.open(), await backend.open()
+    try:
+        for round_ in range(10):
+            bucket = f"last:{round_}"
+            for _ in range(4):
+                assert await a.take_rate_token(bucket, 5, 3600) is not None
+            got = await asyncio.gather(
+                *(s.take_rate_token(bucket, 5, 3600) for s in (a, b, a, b, b, a))
+            )
+            assert sum(t is not None for t in got) == 1
+            assert (await b.rate_usage(bucket, 3600))[0] == 5
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_backoff(store: Store) -> None:
+    from certstore import HostBackoff
+
+    assert await store.get_backoff("a.test") is None
+    await store.put_backoff(HostBackoff("a.test", 1, 60.0, "invalid"))
+    await store.put_backoff(HostBackoff("a.test", 2, 600.0, "invalid again"))
+    assert await store.get_backoff("a.test") == HostBackoff("a.test", 2, 600.0, "invalid again")
+    await store.clear_backoff("a.test")
+    assert await store.get_backoff("a.test") is None
+
+
+async def test_ca_breaker_probe_is_claimed_exactly_once(backend: Backend, clock: Clock) -> None:
+    url = "https://ca/dir"
+    stores = [await backend.open(clock=clock) for _ in range(3)]
+    a = stores[0]
+    try:
+        assert await a.get_ca_breaker(url) is None
+        assert not await a.claim_ca_probe(url, clock.now, clock.now + 5)  # no breaker
+        opened = CaBreakerState(url, "open", 1, clock.now, clock.now + 2, "down")
+        await a.put_ca_breaker(opened)
+        assert await stores[1].get_ca_breaker(url) == opened
+        assert not await a.claim_ca_probe(url, clock.now, clock.now + 5)  # not due yet
+        for round_ in range(3):
+            clock.now += 3
+            claims = await asyncio.gather(
+                *(s.claim_ca_probe(url, clock.now, clock.now + 2) for s in stores for _ in range(3))
+            )
+            assert sum(claims) == 1, round_
+            state = await a.get_ca_breaker(url)
+            assert state is not None and state.state == "half_open"
+            assert state.next_probe_at == clock.now + 2
+        await a.put_ca_breaker(CaBreakerState(url, "closed"))
+        clock.now += 100
+        assert not await a.claim_ca_probe(url, clock.now, clock.now + 2)  # closed: no probe
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_storing_the_certificate_ends_the_pending_order(store: Store) -> None:
+    order = PendingOrder(
+        "a.test", "https://ca/dir", "https://ca/o/1", "https://ca/acct/1", b"k", ("a.test",), 1.0
+    )
+    await store.put_pending_order(order)
+    assert await store.get_pending_order("a.test") == order
+    assert "b'k'" not in repr(order)  # never the key
+    await store.delete_pending_order("a.test", "https://ca/o/other")  # not this order
+    assert await store.get_pending_order("a.test") == order
+    await store.put_certificate(cert("a.test"))
+    assert await store.get_pending_order("a.test") is None
+    # replacing a certificate ends a newer order too; another host's order stays
+    await store.put_pending_order(order)
+    other = PendingOrder("b.test", "https://ca/dir", "https://ca/o/2", "a", b"k", ("b.test",), 2)
+    await store.put_pending_order(other)
+    await store.put_certificate(cert("a.test", b"key-2"))
+    assert await store.get_pending_order("a.test") is None
+    assert await store.get_pending_order("b.test") == other
+    await store.delete_pending_order("b.test", "https://ca/o/2")
+    assert await store.get_pending_order("b.test") is None
+
+
+# -- renewal plans and read models -------------------------------------------------------
+
+
+async def test_renewal_plans_and_maintenance_queue(store: Store, clock: Clock) -> None:
+    assert await store.next_maintenance_at() is None
+    await store.put_certificate(cert("a.test", not_after=clock.now + 100))
+    await store.put_certificate(cert("b.test", not_after=clock.now + 50))
+    assert await store.next_maintenance_at() == 0  # a certificate without a plan
+    await store.put_renewal(RenewalPlan("a.test", clock.now + 10, clock.now + 5, "ratio"))
+    assert await store.hosts_needing_maintenance(clock.now, 10) == ["b.test"]
+    await store.put_renewal(RenewalPlan("b.test", clock.now + 20, clock.now + 30, "ari", "x"))
+    assert await store.next_maintenance_at() == clock.now + 5
+    assert await store.hosts_needing_maintenance(clock.now + 40, 10) == ["a.test", "b.test"]
+    assert await store.get_renewal("b.test") == RenewalPlan(
+        "b.test", clock.now + 20, clock.now + 30, "ari", "x"
+    )
+    assert len(await store.list_renewals()) == 2
+    assert await store.renewal_summary(clock.now + 15, 1) == {
+        "due": 1,
+        "overdue": 1,
+        "failing": 1,
+    }
+    assert [h for h, *_ in await store.soonest_expiries(5)] == ["b.test", "a.test"]
+    summary = await store.certificate_summary(clock.now, 60)
+    assert summary == {"valid": 1, "expiring": 1, "expired": 0, "soonest_expiry": clock.now + 50}
+
+
+# -- event log ---------------------------------------------------------------------------
+
+
+async def test_events_newest_first_and_read_after_a_cursor(store: Store, clock: Clock) -> None:
+    start = await store.last_event_id()
+    for i, kind in enumerate(["one", "two", "three"]):
+        clock.now += 1
+        await store.record_event("e.test" if i != 1 else "f.test", kind, f"d{i}")
+    await store.record_event(None, "global", "-")
+    assert [e.kind for e in await store.list_events("e.test")] == ["three", "one"]
+    events = await store.list_events()
+    assert [e.kind for e in events] == ["global", "three", "two", "one"]
+    assert [e.id for e in events] == sorted((e.id for e in events), reverse=True)
+    assert [e.kind for e in await store.list_events(limit=2)] == ["global", "three"]
+    after = await store.events_after(start)
+    assert [e.kind for e in after] == ["one", "two", "three", "global"]
+    assert after[0].at == clock.now - 2 and after[3].hostname is None
+    assert [e.kind for e in await store.events_after(after[1].id, limit=1)] == ["three"]
+    assert await store.last_event_id() == after[-1].id
+    assert await store.events_after(after[-1].id) == []
+    assert await store.get_meta("cursor") is None
+    await store.put_meta("cursor", "12")
+    await store.put_meta("cursor", "13")
+    assert await store.get_meta("cursor") == "13"
+
+
+# -- several processes at once -------------------------------------------------------------
+
+
+async def test_concurrent_writers_in_two_processes(backend: Backend) -> None:
+    hosts, limit = 40, 50
+    setup = await backend.open()
+    await setup.close()  # created and migrated before the writers start
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=writer_process, args=(backend.url, backend.key_text, w, hosts, limit))
+        for w in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        await asyncio.to_thread(p.join, 120)
+    assert [p.exitcode for p in procs] == [0, 0]  # no "database is locked", no other error
+    store = await backend.open()
+    try:
+        domains = await store.list_domains()
+        assert len(domains) == 2 * hosts
+        events = await store.events_after(0, limit=10_000)
+        assert sum(e.kind == "registered" for e in events) == 2 * hosts
+        assert sum(e.kind == "options_changed" for e in events) == 2 * hosts
+        assert sum(e.kind == "contract_write" for e in events) == 2 * hosts
+        assert len({e.id for e in events}) == len(events)
+        assert (await store.rate_usage("contract:orders", 3600))[0] == limit  # not one more
+        assert await store.get_meta("contract:counter") == str(2 * hosts)  # nothing lost
+    finally:
+        await store.close()
+
+
+# -- opening a store ---------------------------------------------------------------------
+
+
+def test_store_urls() -> None:
+    assert sqlite_path("sqlite:///var/lib/linkedge/linkedge.db") == "/var/lib/linkedge/linkedge.db"
+    assert sqlite_path("sqlite://localhost/srv/a.db") == "/srv/a.db"
+    assert sqlite_path("sqlite:data/a.db") == "data/a.db"
+    assert sqlite_path("SQLITE:///x%20y.db") == "/x y.db"
+    assert sqlite_path("sqlite::memory:") == ":memory:"
+    assert sqlite_path("/var/lib/linkedge/linkedge.db") == "/var/lib/linkedge/linkedge.db"
+    assert sqlite_path(Path("rel/a.db")) == "rel/a.db"
+    for bad in ("sqlite://host/a.db", "sqlite:///", "sqlite:", ""):
+        with pytest.raises(StoreError):
+            sqlite_path(bad)
+
+
+async def test_unknown_scheme_names_the_supported_ones() -> None:
+    with pytest.raises(StoreError, match=r"'postgresql'.*supported: sqlite:"):
+        await open_store("postgresql://db/linkedge", parse_key_text(generate_key_text(), "t"))
+
+
+async def test_a_bare_path_and_its_url_open_the_same_store(tmp_path: Path) -> None:
+    key = parse_key_text(generate_key_text(), "t")
+    path = tmp_path / "same.db"
+    first = await open_store(str(path), key)
+    await first.add_domain("a.test", "acct")
+    await first.close()
+    second = await open_store(f"sqlite://{path}", key)
+    try:
+        assert await second.get_domain("a.test") is not None
+    finally:
+        await second.close()
+
+
+def test_nothing_outside_certstore_names_a_backend_class() -> None:
+    allowed = {ROOT / "tests" / "store_backends.py"}
+    backend_class = "SQLite" + "Store"  # spelt apart so this file does not name it
+    offenders = []
+    for package in ("proxy", "acme_client", "tests"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path not in allowed and backend_class in path.read_text():
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
