@@ -123,7 +123,7 @@ async def test_migration_from_schema_1_keeps_hosts_and_schedules_them(tmp_path: 
 
 
 async def test_a_step_another_worker_made_first_is_logged_once(
-    store: SQLiteStore, caplog: pytest.LogCaptureFixture
+    store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Two workers applying the same passing report to the same pending host: one moves it
     and logs the transition; the other's compare-and-set fails and it logs nothing."""

@@ -134,10 +134,10 @@ def rss_split_mib(pid: int) -> dict[str, float]:
 
 
 async def register(config: Any, key_text: str, dns: Any) -> None:
-    from certstore import SQLiteStore
+    from certstore import open_store
     from certstore.crypto import parse_key_text
 
-    store = await SQLiteStore.open(config.store.path, parse_key_text(key_text, "bench"))
+    store = await open_store(config.store.path, parse_key_text(key_text, "bench"))
     try:
         await store.add_domain(HOST, "acct-bench")
         dns.set_cname(HOST, TARGET)
