@@ -21,12 +21,12 @@ import pytest
 
 from certstore import SQLiteStore, generate_key_text
 from certstore.crypto import parse_key_text
-from proxy.config import Config
+from proxy.app.config import Config
+from proxy.app.wiring import EdgeWorker
 from proxy.demo.backend import HEALTH_PATH, RecordedRequest, start_backend
 from proxy.demo.client import edge_session, verifying_context
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.edge import EdgeWorker
 
 _addresses = itertools.count(10)
 

@@ -1,4 +1,4 @@
-"""PROXY protocol headers built by the tests (independently of proxy/proxy_protocol.py),
+"""PROXY protocol headers built by the tests (independently of proxy/wire/proxy_protocol.py),
 and a small L4 load balancer that puts one in front of each connection it relays."""
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ from cryptography import x509
 
 from certstore import SQLiteStore, generate_key_text
 from certstore.crypto import parse_key_text
-from proxy.config import Config
+from proxy.app.config import Config
+from proxy.app.wiring import EdgeWorker
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.edge import EdgeWorker
 
 
 class FakeClock:

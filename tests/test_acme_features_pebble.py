@@ -376,7 +376,7 @@ async def test_eab_required_but_not_configured_is_a_clear_error(
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "proxy.cli", *args],
+        [sys.executable, "-m", "proxy.app.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,

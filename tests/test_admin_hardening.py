@@ -19,8 +19,8 @@ import pytest
 from conftest import ADMIN_TOKEN, EdgeHandle, enable_admin
 
 from proxy.admin.auth import THROTTLE, AuthThrottle
+from proxy.app.wiring import admin_socket
 from proxy.demo.pki import write_tls_identity
-from proxy.edge import admin_socket
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

@@ -10,11 +10,11 @@ import pytest
 from conftest import EdgeHandle, free_port, https_session
 from helpers_edge import certify, url
 
-from proxy.backends import BackendPool, HealthSettings
-from proxy.config import Config, ConfigError, check_backends
+from proxy.app.config import Config, ConfigError, check_backends
 from proxy.demo.backend import RecordedRequest, start_backend
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.http.backends import BackendPool, HealthSettings
 
 # -- unit: selection and thresholds ------------------------------------------------------
 

@@ -19,9 +19,9 @@ from conftest import client_context, free_port, tls_handshake
 from renewal_helpers import Edge, FakeClock, new_edge_config, served_serial
 
 from certstore import DomainState
+from proxy.app.wiring import EdgeWorker
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.edge import EdgeWorker
 
 SERVED_WITHIN = 5.0  # after the CA's return
 

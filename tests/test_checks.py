@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from proxy.checks import CheckSettings, CheckState, HostChecker
-from proxy.checks.caa import CaaRecord, evaluate
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.hosts.checks import CheckSettings, CheckState, HostChecker
+from proxy.hosts.checks.caa import CaaRecord, evaluate
 
 
 def checker_for(dns: DNSServer, target: str, **kw: object) -> HostChecker:

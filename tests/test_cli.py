@@ -24,7 +24,7 @@ def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "proxy.cli", *args],
+        [sys.executable, "-m", "proxy.app.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -149,7 +149,7 @@ def test_serve_with_unreachable_acme_server_starts_anyway(
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve"],
+            [sys.executable, "-m", "proxy.app.cli", "serve"],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **env},
@@ -236,7 +236,7 @@ def test_domains_verify_colours_on_a_terminal(
     primary, secondary = pty.openpty()
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "proxy.cli", "domains", "verify", "links.tty-cli.test"],
+            [sys.executable, "-m", "proxy.app.cli", "domains", "verify", "links.tty-cli.test"],
             stdout=secondary,
             stderr=subprocess.PIPE,
             env=env,

@@ -17,7 +17,7 @@ from helpers_edge import edge_store, get_status, new_host, ssl_error_text
 from certstore import DomainState
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.lifecycle import load_report
+from proxy.hosts.lifecycle import load_report
 
 
 async def _orders_for(edge: EdgeHandle, host: str) -> int:

@@ -62,7 +62,7 @@ class Serve:
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "serve", "--workers", "1"],
+                [sys.executable, "-m", "proxy.app.cli", "serve", "--workers", "1"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env},

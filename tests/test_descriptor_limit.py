@@ -27,7 +27,7 @@ from proxy.demo.pebble import PebbleServer
 CHILD = """
 import asyncio, pickle, resource, sys
 resource.setrlimit(resource.RLIMIT_NOFILE, (512, 1024))
-from proxy.edge import run_worker
+from proxy.app.wiring import run_worker
 with open(sys.argv[1], "rb") as fh:
     config = pickle.load(fh)
 asyncio.run(run_worker(config, ready=lambda: print("ready", flush=True)))

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from test_checks import _write_pki, checker_for
 
-from proxy.checks import CheckSettings, CheckState
-from proxy.checks.https import is_public
-from proxy.config import ConfigError, load_config
+from proxy.app.config import ConfigError, load_config
 from proxy.demo.dnsserver import DNSServer
+from proxy.hosts.checks import CheckSettings, CheckState
+from proxy.hosts.checks.https import is_public
 
 
 class RecordingTLSServer:

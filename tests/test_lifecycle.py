@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from certstore import DomainState, SQLiteStore
-from proxy.checks import CheckReport, CheckResult, CheckState
-from proxy.lifecycle import ALLOWED, InvalidTransition, Lifecycle, decide
-from proxy.schedule import Schedule
+from proxy.hosts.checks import CheckReport, CheckResult, CheckState
+from proxy.hosts.lifecycle import ALLOWED, InvalidTransition, Lifecycle, decide
+from proxy.hosts.schedule import Schedule
 
 S = DomainState
 

@@ -325,9 +325,9 @@ async def test_workers_are_aggregated_into_one_scrape(
 
 
 def test_refusal_reasons_are_a_bounded_set() -> None:
-    from proxy.clienthello import HANDSHAKE_FAILURE, INTERNAL_ERROR
-    from proxy.metrics import refusal_reason
-    from proxy.refusals import Refused
+    from proxy.app.metrics import refusal_reason
+    from proxy.tls.refusals import Refused
+    from proxy.wire.clienthello import HANDSHAKE_FAILURE, INTERNAL_ERROR
 
     cases = {
         Refused("not registered"): "not_registered",
@@ -353,7 +353,7 @@ def test_refusal_reasons_are_a_bounded_set() -> None:
 def test_click_tally_flushes_what_observe_would_have_recorded() -> None:
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-    from proxy import metrics
+    from proxy.app import metrics
 
     registry = CollectorRegistry()
     reference = Histogram(

@@ -20,13 +20,13 @@ from conftest import EdgeHandle, client_context
 from helpers_edge import certify, read_to_close
 from helpers_proxy import ProxyBalancer, v1_header, v2_header
 
-from proxy.config import ConfigError, check_listen, load_config
+from proxy.app.config import ConfigError, check_listen, load_config
 from proxy.demo.backend import RecordedRequest
 from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.listener import ListenerStats
-from proxy.peers import TrustedNetworks
+from proxy.tls.accept import ListenerStats
+from proxy.wire.peers import TrustedNetworks
 
 BALANCER = "127.0.0.5"
 STRANGER = "127.0.0.6"

@@ -1,4 +1,4 @@
-"""proxy/reload.py in process: which keys apply live, and the forwarder swap itself."""
+"""proxy/app/reload.py in process: which keys apply live, and the forwarder swap itself."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from aiohttp import web
 from conftest import free_port
 from test_process_signals import Backend
 
-from proxy.config import Config
-from proxy.edge import build_forwarder
-from proxy.reload import ForwarderSlot, effective, split_changes
+from proxy.app.config import Config
+from proxy.app.reload import ForwarderSlot, effective, split_changes
+from proxy.app.wiring import build_forwarder
 
 
 def test_live_keys_and_restart_keys() -> None:

@@ -25,7 +25,7 @@ from helpers_edge import certify, get_status
 
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.http_app import MALFORMED
+from proxy.http.app import MALFORMED
 
 SEED = 9
 PER_LISTENER = 1200

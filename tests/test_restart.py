@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from helpers_edge import certify, edge_store, get_status
 
 from certstore import StoreKeyError, generate_key_text
+from proxy.app.wiring import EdgeWorker
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.edge import EdgeWorker
 
 
 async def served_leaf(edge: EdgeHandle, pebble: PebbleServer, host: str) -> bytes:

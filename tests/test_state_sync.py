@@ -13,8 +13,8 @@ from pathlib import Path
 
 from certstore import SQLiteStore, generate_key_text
 from certstore.crypto import parse_key_text
-from proxy.host_views import CHANGE_EVENTS
-from proxy.state_sync import HANDSHAKE_EVENTS, StateSync
+from proxy.hosts.state_sync import HANDSHAKE_EVENTS, StateSync
+from proxy.http.host_views import CHANGE_EVENTS
 
 ROOT = Path(__file__).resolve().parent.parent
 

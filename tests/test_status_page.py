@@ -18,9 +18,9 @@ import pytest
 from conftest import ADMIN_TOKEN, EdgeHandle, client_context, enable_admin, tls_handshake
 from playwright.async_api import async_playwright
 
-from proxy.association_files import ANDROID, APPLE
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.hosts.association_files import ANDROID, APPLE
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [

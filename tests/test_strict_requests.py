@@ -28,9 +28,9 @@ from test_tracked_links import (  # noqa: F401  (setup is a fixture)
     upload,
 )
 
-from proxy.association_files import APPLE
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.hosts.association_files import APPLE
 
 AASA_PATH = "/.well-known/apple-app-site-association"
 

@@ -29,12 +29,12 @@ from conftest import (
 from helpers_edge import certify, edge_store, new_host
 from test_admin_api import assert_schema
 
-from proxy.association_files import ANDROID, APPLE, etag
-from proxy.config import Config
+from proxy.app.config import Config
 from proxy.demo.backend import RecordedRequest
 from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.hosts.association_files import ANDROID, APPLE, etag
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 AASA_PATHS = ("/.well-known/apple-app-site-association", "/apple-app-site-association")

@@ -16,12 +16,12 @@ import pytest
 from conftest import EdgeHandle, FakeClock, client_context, https_session, tls_handshake
 
 from certstore import DomainState, SQLiteStore
-from proxy.checks import CheckSettings, HostChecker
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.lifecycle import Lifecycle
-from proxy.schedule import Schedule
-from proxy.verifier import Verifier, VerifierSettings
+from proxy.hosts.checks import CheckSettings, HostChecker
+from proxy.hosts.lifecycle import Lifecycle
+from proxy.hosts.schedule import Schedule
+from proxy.hosts.verifier import Verifier, VerifierSettings
 
 S = DomainState
 DAY = 86400.0

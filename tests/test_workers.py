@@ -32,7 +32,7 @@ class ServeProcess:
         self.log_path = log_path
         with log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "serve", "--workers", "2"],
+                [sys.executable, "-m", "proxy.app.cli", "serve", "--workers", "2"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **env},
@@ -141,7 +141,7 @@ async def open_store(env: dict[str, str]) -> SQLiteStore:
 
 
 def worker_pids(log: str) -> set[str]:
-    return set(re.findall(r"\[(\d+)\] proxy\.edge: edge worker ready", log))
+    return set(re.findall(r"\[(\d+)\] proxy\.app\.wiring: edge worker ready", log))
 
 
 async def test_challenge_token_answered_by_every_worker(two_workers, pebble: PebbleServer) -> None:

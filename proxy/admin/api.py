@@ -15,17 +15,16 @@ from aiohttp import web
 
 from acme_client import AcmeError
 from certstore import DomainExists, DomainState
-
-from .. import host_files
-from ..association_files import MAX_BYTES
-from ..certificates import RenewalBusy
-from ..host_files import FileError
-from ..host_options import OptionsError, defaults, validate
-from ..hostnames import InvalidHostname, normalize_hostname
-from ..lifecycle import InvalidTransition
-from ..revocation import HostBusy, RevocationFailed, remove_host
-from .deps import DEPS, AdminDeps
-from .views import certificate_json, event_json, host_file_json, host_json
+from proxy.admin.deps import DEPS, AdminDeps
+from proxy.admin.views import certificate_json, event_json, host_file_json, host_json
+from proxy.hosts.association_files import MAX_BYTES
+from proxy.hosts.lifecycle import InvalidTransition
+from proxy.hosts.options import OptionsError, defaults, validate
+from proxy.hosts.revocation import HostBusy, RevocationFailed, remove_host
+from proxy.ops import files as host_files
+from proxy.ops.files import FileError
+from proxy.tls.certificates import RenewalBusy
+from proxy.wire.hostnames import InvalidHostname, normalize_hostname
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
@@ -362,7 +361,7 @@ async def _file_body(request: web.Request) -> bytes:
     return b"".join(chunks)
 
 
-# The rules live in proxy/host_files.py, shared with `linkedge files`.
+# The rules live in proxy/ops/files.py, shared with `linkedge files`.
 
 
 async def list_files(request: web.Request) -> web.Response:

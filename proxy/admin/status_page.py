@@ -18,9 +18,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from certstore import DomainState, Event, HostFile
-
-from ..host_options import defaults
-from .auth import (
+from proxy.admin.auth import (
     LOGIN_PATH,
     SESSION_COOKIE,
     SESSION_SECONDS,
@@ -28,8 +26,9 @@ from .auth import (
     THROTTLE,
     token_ok,
 )
-from .deps import DEPS
-from .views import host_json
+from proxy.admin.deps import DEPS
+from proxy.admin.views import host_json
+from proxy.hosts.options import defaults
 
 PAGE_SIZE = 100
 REFRESH_SECONDS = 15  # the live view's default; ?refresh=N (2..3600) changes it
