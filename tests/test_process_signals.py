@@ -31,7 +31,7 @@ from certstore.crypto import parse_key_text
 from proxy.demo.client import edge_session
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.tls.certificates import lease_name
+from proxy.hosts.leases import lease_name
 
 IP = "127.0.0.78"
 TARGET = "edge-signals.linkedge.test"

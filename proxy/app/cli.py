@@ -22,15 +22,22 @@ from acme_client.renewal import ratio_window
 from certstore import DomainExists, SQLiteStore, StoreError, StoreKeyError
 from certstore.crypto import generate_key_text
 from proxy.admin.views import host_file_json, host_json
-from proxy.app.config import Config, ConfigError, check_acme, load_config, require_serving
+from proxy.app.config import (
+    Config,
+    ConfigError,
+    check_acme,
+    check_settings,
+    load_config,
+    require_serving,
+)
+from proxy.app.config import schedule as config_schedule
 from proxy.app.reload import ConfigSource
 from proxy.app.supervisor import serve
 from proxy.app.wiring import make_issuer, open_store
 from proxy.hosts.association_files import KINDS, MAX_BYTES
-from proxy.hosts.checks import CheckReport, CheckSettings, CheckState, HostChecker
+from proxy.hosts.checks import CheckReport, CheckState, HostChecker
 from proxy.hosts.lifecycle import Lifecycle
 from proxy.hosts.revocation import HostBusy, RevocationFailed, remove_host, revoke_certificate
-from proxy.hosts.schedule import Schedule
 from proxy.hosts.verifier import Verifier, VerifierSettings
 from proxy.ops import files as host_files
 from proxy.ops.files import FileError
@@ -279,8 +286,8 @@ async def _domains_verify(store: SQLiteStore, config: Config, args: argparse.Nam
     account = await store.get_account(config.acme.directory)
     verifier = Verifier(
         store,
-        HostChecker(CheckSettings.from_config(config)),
-        Lifecycle(store, Schedule.from_config(config)),
+        HostChecker(check_settings(config)),
+        Lifecycle(store, config_schedule(config)),
         VerifierSettings(),
         account_uri=account.uri if account else None,
     )

@@ -29,7 +29,6 @@ from typing import Any
 from aiohttp import web
 
 from acme_client import (
-    ACME_TLS_ALPN,
     AcmeIssuer,
     AcmeSettings,
     BreakerSettings,
@@ -41,13 +40,20 @@ from acme_client import (
 from certstore import CertStore, SQLiteStore, load_key
 from proxy.admin import AdminDeps, make_admin_app
 from proxy.app import metrics
-from proxy.app.config import UNIX_PREFIX, Config, ConfigError, parse_address, read_secret
+from proxy.app.config import (
+    UNIX_PREFIX,
+    Config,
+    ConfigError,
+    check_settings,
+    parse_address,
+    read_secret,
+)
+from proxy.app.config import schedule as config_schedule
 from proxy.app.health import OpsEndpoints
 from proxy.app.logging_setup import ACCESS_LOGGER, AccessLogger, redact
 from proxy.app.reload import ConfigSource, ForwarderSlot, reload_worker
-from proxy.hosts.checks import CheckSettings, HostChecker
+from proxy.hosts.checks import HostChecker
 from proxy.hosts.lifecycle import Lifecycle
-from proxy.hosts.schedule import Schedule
 from proxy.hosts.state_sync import StateSync
 from proxy.hosts.verifier import Verifier, VerifierSettings
 from proxy.hosts.webhooks import WebhookSender, WebhookSettings
@@ -67,12 +73,11 @@ from proxy.tls.certificates import CertificateManager, ManagerSettings
 from proxy.tls.connections import ConnectionLimits, ConnectionSettings, MemoryTrimmer
 from proxy.tls.contexts import new_server_context
 from proxy.tls.gate import IssuanceGate
+from proxy.tls.handshake import HandshakePolicy
 from proxy.tls.listener import ListenerSettings, TLSListener
 from proxy.tls.maintenance import Maintainer, MaintenanceSettings
 from proxy.tls.refusals import Refused
-from proxy.wire.clienthello import HANDSHAKE_FAILURE, ClientHello
-from proxy.wire.hostnames import InvalidHostname, normalize_hostname
-from proxy.wire.peers import TrustedNetworks, client_address, set_tls_host
+from proxy.wire.peers import TrustedNetworks, client_address
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +315,7 @@ class EdgeWorker:
         self.listen_sockets: list[socket.socket] = []  # HTTPS and HTTP, for /readyz
         self.worker_metrics: metrics.WorkerMetrics | None = None
         self._issuer: FailoverIssuer | None = None
+        self.handshake: HandshakePolicy | None = None  # SNI, no-SNI, ALPN (proxy/tls/handshake.py)
 
     async def start(self) -> None:
         config = self.config
@@ -345,8 +351,8 @@ class EdgeWorker:
 
         self._closers.append(stop_ca_task)
         account = await store.get_account(config.acme.directory)
-        checker = HostChecker(CheckSettings.from_config(config), self._clock)
-        lifecycle = Lifecycle(store, Schedule.from_config(config), self._clock)
+        checker = HostChecker(check_settings(config), self._clock)
+        lifecycle = Lifecycle(store, config_schedule(config), self._clock)
         gate = IssuanceGate(
             store, checker, lifecycle, config.tls.pending_recheck_seconds, clock=self._clock
         )
@@ -490,7 +496,8 @@ class EdgeWorker:
         https_sock = listening_socket(config.listen.https, "listen.https", reuse_port=True)
         self.https_address = https_sock.getsockname()[:2]
         self.listen_sockets.append(https_sock)
-        select_context: metrics.Selector = self._select_context
+        self.handshake = HandshakePolicy(self.manager, config.edge.no_sni_host)
+        select_context: metrics.Selector = self.handshake.select
         if config.metrics.enabled:  # refusals by reason, certificate waits
             select_context = metrics.instrument_selector(
                 select_context, self.manager.cached_context
@@ -702,32 +709,6 @@ class EdgeWorker:
                     await result
             except Exception:  # keep closing the rest
                 log.exception("error while shutting down")
-
-    async def _select_context(self, hello: ClientHello) -> ssl.SSLContext:
-        assert self.manager is not None
-        name = hello.server_name
-        if name is not None and ACME_TLS_ALPN not in hello.alpn:
-            # Cache keys are normalised names, so a hit proves the SNI was one too.
-            cached = self.manager.cached_context(name)
-            if cached is not None:
-                set_tls_host(name)  # Host must name it (421 otherwise, proxy/http/app.py)
-                return cached
-        if name is None:
-            # Policy for clients without SNI (old tools, `openssl s_time`): serve the
-            # configured host's certificate if there is one, otherwise refuse.
-            if not self.config.edge.no_sni_host:
-                raise Refused("no SNI in ClientHello", HANDSHAKE_FAILURE)
-            name = self.config.edge.no_sni_host
-        try:
-            hostname = normalize_hostname(name)
-        except InvalidHostname as exc:
-            raise Refused(str(exc)) from None
-        if ACME_TLS_ALPN in hello.alpn:
-            # RFC 8737: the CA's TLS-ALPN-01 validation, never a recipient's click
-            return await self.manager.challenge_context_for(hostname)
-        context = await self.manager.context_for(hostname)
-        set_tls_host(hostname)
-        return context
 
 
 def _fmt(address: tuple[str, int] | None) -> str:

@@ -27,7 +27,7 @@ import dns.exception
 import dns.nameserver
 import dns.resolver
 
-from proxy.app.config import parse_nameserver
+from proxy.wire.addresses import nameserver_address
 
 
 class CnameStatus(enum.StrEnum):
@@ -60,7 +60,7 @@ def make_resolver(nameservers: list[str], timeout: float) -> dns.asyncresolver.R
         resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.nameservers = [
             dns.nameserver.Do53Nameserver(host, port)
-            for host, port in map(parse_nameserver, nameservers)
+            for host, port in map(nameserver_address, nameservers)
         ]
     else:
         resolver = dns.asyncresolver.Resolver()

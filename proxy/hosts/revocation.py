@@ -25,7 +25,7 @@ from typing import Protocol
 
 from acme_client import CESSATION_OF_OPERATION, AcmeError
 from certstore import CertStore
-from proxy.tls.certificates import lease_name
+from proxy.hosts.leases import lease_name
 
 LEASE_SECONDS = 120.0  # > one revocation; a killed holder frees the host
 LEASE_WAIT_SECONDS = 10.0  # a renewal check holds the lease for a moment: wait that out

@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from certstore import DomainState
-from proxy.app.config import Config
 
-_DAY = 86400.0
+_DAY = 86400.0  # (proxy/app/config.py derives a Schedule from the config)
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,16 +19,6 @@ class Schedule:
     give_up: float = 7 * _DAY
     active_interval: float = 6 * 3600.0
     moved_grace: float = 7 * _DAY
-
-    @classmethod
-    def from_config(cls, config: Config) -> Schedule:
-        return cls(
-            pending_first=config.verify.pending_first_seconds,
-            pending_max=config.verify.pending_max_seconds,
-            give_up=config.verify.give_up_days * _DAY,
-            active_interval=config.verify.active_interval_seconds,
-            moved_grace=config.lifecycle.moved_grace_days * _DAY,
-        )
 
     def next_check(
         self, state: DomainState, failed_checks: int, now: float, state_since: float

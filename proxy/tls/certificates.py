@@ -43,6 +43,7 @@ from acme_client import (
 )
 from acme_client.solvers import ChallengeSink
 from certstore import CertStore, DomainState, StoredCertificate
+from proxy.hosts.leases import lease_name
 from proxy.hosts.lifecycle import Lifecycle
 from proxy.tls.contexts import CachedContext, ContextCache, build_server_context
 from proxy.tls.gate import IssuanceGate
@@ -81,11 +82,6 @@ class ManagerSettings:
     cache_size: int = 10_000
     revalidate_seconds: float = 30.0  # cached contexts are compared with the store this often
     ca_refusal_seconds: float = 1.0  # a click refused for a CA outage is remembered this long
-
-
-def lease_name(hostname: str) -> str:
-    """One lease per name for first issuance and renewal alike."""
-    return f"issue:{hostname}"
 
 
 class RenewalBusy(Exception):

@@ -29,7 +29,8 @@ from acme_client import AcmeError, AriAnswer, CaUnavailable, RateLimited, is_ca_
 from acme_client.renewal import RenewalWindow, ari_certificate_id, next_ari_poll, ratio_window
 from certstore import CertStore, DomainState, RenewalPlan, StoredCertificate
 from proxy.hosts.dnscheck import CnameChecker, CnameStatus
-from proxy.tls.certificates import CertificateManager, kept_lease, lease_name
+from proxy.hosts.leases import lease_name
+from proxy.tls.certificates import CertificateManager, kept_lease
 
 log = logging.getLogger(__name__)
 ARI_ERROR_RETRY = 3600.0  # a CA whose renewalInfo fails is asked again in an hour

@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proxy.app.config import Config, parse_ip_list
 from proxy.hosts.checks.caa import check_caa
 from proxy.hosts.checks.cname import check_cname
 from proxy.hosts.checks.https import HttpsProber
@@ -26,20 +25,6 @@ class CheckSettings:
     https_timeout: float = 10.0
     https_addresses: tuple[str, ...] = ()  # the edge's, dialled by the https check
     issue_via_address: bool = True  # no CNAME, the edge's A/AAAA records: warn (else fail)
-
-    @classmethod
-    def from_config(cls, config: Config) -> CheckSettings:
-        return cls(
-            edge_target=config.edge.cname_target.rstrip(".").lower(),
-            nameservers=tuple(config.dns.nameservers),
-            dns_timeout=config.dns.timeout,
-            caa_issuer=config.checks.caa_issuer,
-            https_port=config.checks.https_port,
-            ca_bundle=config.checks.ca_bundle or None,
-            https_timeout=config.checks.https_timeout,
-            https_addresses=parse_ip_list(config.checks.https_addresses, "checks.https_addresses"),
-            issue_via_address=config.checks.issue_via_address,
-        )
 
 
 class HostChecker:
