@@ -19,7 +19,7 @@ from typing import Any
 
 from acme_client import AcmeError, FailoverIssuer
 from acme_client.renewal import ratio_window
-from certstore import DomainExists, SQLiteStore, StoreError, StoreKeyError
+from certstore import SQLiteStore, StoreError, StoreKeyError
 from certstore.crypto import generate_key_text
 from proxy.admin.views import host_file_json, host_json
 from proxy.app.config import (
@@ -37,9 +37,10 @@ from proxy.app.wiring import make_issuer, open_store
 from proxy.hosts.association_files import KINDS, MAX_BYTES
 from proxy.hosts.checks import CheckReport, CheckState, HostChecker
 from proxy.hosts.lifecycle import Lifecycle
-from proxy.hosts.revocation import HostBusy, RevocationFailed, remove_host, revoke_certificate
 from proxy.hosts.verifier import Verifier, VerifierSettings
 from proxy.ops import files as host_files
+from proxy.ops import hosts as ops
+from proxy.ops.errors import OpError
 from proxy.ops.files import FileError
 from proxy.wire.hostnames import InvalidHostname, display_hostname, normalize_hostname
 
@@ -131,6 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except KeyboardInterrupt:
         return 130
+    except OpError as exc:  # refused by proxy/ops/ (the admin API answers the same)
+        hint = " (retry, or use --force to remove without revoking)"
+        print(
+            f"linkedge: error: {exc}{hint if exc.code == 'revocation_failed' else ''}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE if exc.code in ("invalid_hostname", "invalid_account") else EXIT_FAILURE
     except (ConfigError, InvalidHostname, StoreKeyError, StoreError, AcmeError, OSError) as exc:
         print(f"linkedge: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, ConfigError | InvalidHostname) else EXIT_FAILURE
@@ -187,58 +195,43 @@ def _keygen(path: Path) -> int:
     return 0
 
 
+# -- hosts: the operations are proxy/ops/hosts.py, shared with the admin API
+
+
 async def _domains_add(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
-    hostname = normalize_hostname(args.hostname)
-    target = config.edge.cname_target.rstrip(".").lower()
-    if target and (hostname == target or hostname.endswith("." + target)):
-        raise InvalidHostname(f"{hostname} is one of the edge's own names")
     try:
-        await store.add_domain(hostname, args.account)
-    except DomainExists:
-        existing = await store.get_domain(hostname)
-        owner = existing.account if existing else "?"
+        added = await ops.register(store, args.hostname, args.account, config.edge.cname_target)
+    except ops.OwnedByAnotherAccount as exc:  # the operator may see whose it is
+        hostname = ops.hostname(args.hostname)
         print(
-            f"linkedge: error: {hostname} is already registered (account {owner})", file=sys.stderr
+            f"linkedge: error: {hostname} is already registered (account {exc.owner})",
+            file=sys.stderr,
         )
         return EXIT_FAILURE
+    hostname = added.domain.hostname
     target = config.edge.cname_target or "<edge.cname_target>"
+    if not added.created:
+        print(f"{hostname} is already registered (account {added.domain.account}); unchanged")
+        return 0
     print(f"added {hostname} ({display_hostname(hostname)}); point a CNAME at {target}")
     return 0
 
 
 async def _domains_remove(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
-    hostname = normalize_hostname(args.hostname)
-    if await store.get_domain(hostname) is None:
-        print(f"linkedge: error: {hostname} is not registered", file=sys.stderr)
-        return EXIT_FAILURE
-    try:
-        async with _issuer(config, store) as issuer:
-            removal = await remove_host(store, issuer, hostname, force=args.force)
-    except RevocationFailed as exc:
-        print(
-            f"linkedge: error: {exc}; nothing removed"
-            " (retry, or use --force to remove without revoking)",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
-    except HostBusy as exc:
-        print(f"linkedge: error: {exc}; nothing removed", file=sys.stderr)
-        return EXIT_FAILURE
-    print(f"removed {hostname}: {removal.outcome}")
+    domain = await ops.registered(store, args.hostname)  # before the CA is set up
+    async with _issuer(config, store) as issuer:
+        removal = await ops.remove(store, issuer, domain.hostname, force=args.force)
+    print(f"removed {domain.hostname}: {removal.outcome}")
     return 0
 
 
 async def _certs_revoke(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
-    hostname = normalize_hostname(args.hostname)
-    if await store.get_certificate(hostname) is None:
+    hostname = ops.hostname(args.hostname)
+    if await store.get_certificate(hostname) is None:  # before the CA is set up
         print(f"linkedge: error: {hostname} has no certificate", file=sys.stderr)
         return EXIT_FAILURE
-    try:
-        async with _issuer(config, store) as issuer:
-            outcome = await revoke_certificate(store, issuer, hostname)
-    except HostBusy as exc:
-        print(f"linkedge: error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+    async with _issuer(config, store) as issuer:
+        outcome = await ops.revoke(store, issuer, hostname)
     print(f"{hostname}: {outcome}")
     return 0
 
@@ -277,10 +270,7 @@ async def _domains_list(store: SQLiteStore, _config: Config, args: argparse.Name
 
 
 async def _domains_verify(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
-    hostname = normalize_hostname(args.hostname)
-    if await store.get_domain(hostname) is None:
-        print(f"linkedge: error: {hostname} is not registered", file=sys.stderr)
-        return EXIT_FAILURE
+    hostname = (await ops.registered(store, args.hostname)).hostname
     if not config.edge.cname_target:
         raise ConfigError("edge.cname_target is required to verify a host")
     account = await store.get_account(config.acme.directory)
@@ -291,8 +281,7 @@ async def _domains_verify(store: SQLiteStore, config: Config, args: argparse.Nam
         VerifierSettings(),
         account_uri=account.uri if account else None,
     )
-    outcome = await verifier.verify(hostname)
-    assert outcome is not None
+    outcome = await ops.verify(store, verifier, hostname)
     report = outcome.report
     ok = all(r.passed for r in report.results)
     if args.json:

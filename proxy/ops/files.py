@@ -13,16 +13,11 @@ from __future__ import annotations
 
 from certstore import CertStore, HostFile
 from proxy.hosts.association_files import KINDS, MAX_BYTES, InvalidFile, NotJSON, etag, validate
+from proxy.ops.errors import OpError
 
 
-class FileError(Exception):
-    """An expected refusal: `status` and `code` are the API's, the message is for people."""
-
-    def __init__(self, status: int, code: str, message: str, path: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.path = path  # the JSON path of an invalid file's problem
+class FileError(OpError):
+    """A refused file operation (`status`, `code`, `path`: see OpError)."""
 
 
 def check_kind(kind: str) -> str:
