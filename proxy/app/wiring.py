@@ -53,6 +53,7 @@ from proxy.app.health import OpsEndpoints
 from proxy.app.logging_setup import ACCESS_LOGGER, AccessLogger, redact
 from proxy.app.reload import ConfigSource, ForwarderSlot, reload_worker
 from proxy.hosts.checks import HostChecker
+from proxy.hosts.events import EventKind
 from proxy.hosts.lifecycle import Lifecycle
 from proxy.hosts.state_sync import StateSync
 from proxy.hosts.verifier import Verifier, VerifierSettings
@@ -391,7 +392,7 @@ class EdgeWorker:
         self.state_sync = StateSync(store, self.manager.forget, config.lifecycle.sync_seconds)
         await self.state_sync.start()
         # a certificate stored by another worker changes when this one's loop must wake
-        self.state_sync.follow({"issued", "renewed"}, self.maintainer.wake)
+        self.state_sync.follow({EventKind.ISSUED, EventKind.RENEWED}, self.maintainer.wake)
         self.host_views = HostViews(store)
         self.state_sync.follow(CHANGE_EVENTS, self.host_views.forget)
         self.verifier = Verifier(

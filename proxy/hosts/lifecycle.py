@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from certstore import CertStore, Domain, DomainState
 from proxy.hosts.checks import CheckReport, CheckState
+from proxy.hosts.events import EventKind
 from proxy.hosts.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class Lifecycle:
         recent = [
             e
             for e in await self._store.list_events(hostname, limit=20)
-            if e.kind == "issuance_failed" and now - e.at < self.schedule.give_up
+            if e.kind == EventKind.ISSUANCE_FAILED and now - e.at < self.schedule.give_up
         ]
         delay = min(self.schedule.pending_first * 10 ** max(len(recent) - 1, 0), 86400.0)
         await self._store.transition_domain(
@@ -135,7 +136,7 @@ class Lifecycle:
             await self._store.delete_certificate(domain.hostname)
         if domain.state is S.FAILED:
             await self._store.set_next_check(domain.hostname, None)
-            await self._store.record_event(domain.hostname, "checks_stopped", reason)
+            await self._store.record_event(domain.hostname, EventKind.CHECKS_STOPPED, reason)
             return True
         return await self._store.transition_domain(
             domain.hostname, [domain.state], S.FAILED, reason, next_check_at=None

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from acme_client import CESSATION_OF_OPERATION, AcmeError
 from certstore import CertStore
+from proxy.hosts.events import EventKind
 from proxy.hosts.leases import lease_name
 
 LEASE_SECONDS = 120.0  # > one revocation; a killed holder frees the host
@@ -94,7 +95,9 @@ async def revoke_and_purge(
         return False, "no certificate"
     if cert.not_after <= clock():
         await store.delete_certificate(hostname)
-        await store.record_event(hostname, "purged", f"serial {cert.serial}: expired, not revoked")
+        await store.record_event(
+            hostname, EventKind.PURGED, f"serial {cert.serial}: expired, not revoked"
+        )
         return False, f"certificate {cert.serial} had expired; key purged"
     if issuer is None:
         raise AcmeError("no ACME client in this process to revoke with")
@@ -102,7 +105,9 @@ async def revoke_and_purge(
     await issuer.revoke(cert.chain_pem, cert.key_pem, directory, CESSATION_OF_OPERATION)
     await store.delete_certificate(hostname)
     await store.record_event(
-        hostname, "revoked", f"serial {cert.serial} at {directory}, reason cessationOfOperation"
+        hostname,
+        EventKind.REVOKED,
+        f"serial {cert.serial} at {directory}, reason cessationOfOperation",
     )
     return True, f"certificate {cert.serial} revoked at {directory}; key purged"
 
@@ -139,6 +144,6 @@ async def remove_host(
             if not force:
                 raise RevocationFailed(hostname, exc) from exc
             revoked, outcome = False, f"NOT revoked ({exc}); certificate deleted anyway (forced)"
-            await store.record_event(hostname, "removed_unrevoked", str(exc))
+            await store.record_event(hostname, EventKind.REMOVED_UNREVOKED, str(exc))
         await store.remove_domain(hostname)
     return Removal(hostname, revoked, outcome)

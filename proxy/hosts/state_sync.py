@@ -4,7 +4,8 @@ The events table is the change feed: every state transition, removal and new
 certificate is an event, so each worker follows it by id (an index range scan) and
 drops its cached TLS context and refusal for the host; the next handshake reads the
 store. The set of suspended hosts is kept here too, for the plain-HTTP answer. Other
-per-worker caches (`proxy/http/host_views.py`) subscribe to the event kinds they depend on.
+per-worker caches (`proxy/http/host_views.py`) subscribe to the event kinds that invalidate
+them (`proxy/hosts/events.py`).
 """
 
 from __future__ import annotations
@@ -14,24 +15,9 @@ import logging
 from collections.abc import Callable, Collection
 
 from certstore import CertStore, DomainState, Event
+from proxy.hosts.events import HANDSHAKE_EVENTS, EventKind
 
 log = logging.getLogger(__name__)
-
-# Event kinds after which a host's handshake may get something else: every worker drops
-# its cached TLS context and refusal for the host (the next handshake reads the store).
-# Each of these is emitted (tests/test_state_sync.py checks the emitters against it).
-HANDSHAKE_EVENTS = frozenset(
-    {
-        "registered",  # certstore add_domain: a remembered "not registered" must go
-        "removed",  # certstore remove_domain (domains remove, DELETE /v1/hosts/{host})
-        "state",  # the domains trigger: suspended, resumed, verified, moved, retired
-        "issued",  # proxy.tls.certificates: a new certificate
-        "renewed",  # proxy.tls.certificates: a newer certificate
-        "revoked",  # proxy.hosts.revocation: certs revoke, domains remove
-        "purged",  # proxy.hosts.revocation: an expired certificate deleted
-    }
-)
-
 
 class StateSync:
     def __init__(
@@ -87,7 +73,9 @@ class StateSync:
         if event.kind not in HANDSHAKE_EVENTS:
             return
         self._forget(event.hostname)
-        if event.kind == "removed" or (event.kind == "state" and event.to_state != "suspended"):
+        if event.kind == EventKind.REMOVED or (
+            event.kind == EventKind.STATE and event.to_state != DomainState.SUSPENDED
+        ):
             self.suspended.discard(event.hostname)
-        elif event.kind == "state":
+        elif event.kind == EventKind.STATE:
             self.suspended.add(event.hostname)

@@ -25,6 +25,7 @@ import aiohttp
 
 from certstore import CertStore, Event
 from proxy.app import metrics
+from proxy.hosts.events import EventKind
 from proxy.wire.hostnames import display_hostname
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class WebhookSender:
         cursor = int(await self._store.get_meta(CURSOR_KEY) or 0)
         sent = 0
         for event in await self._store.events_after(cursor, limit=100):
-            if event.kind == "state" and event.hostname:
+            if event.kind == EventKind.STATE and event.hostname:
                 await self._deliver(event)
                 sent += 1
             await self._store.put_meta(CURSOR_KEY, str(event.id))
@@ -137,7 +138,7 @@ class WebhookSender:
         metrics.webhook_dropped()
         await self._store.record_event(
             event.hostname,
-            "webhook_failed",
+            EventKind.WEBHOOK_FAILED,
             f"status change {event.from_state} -> {event.to_state} not delivered after"
             f" {self._settings.max_attempts} attempts: {problem}",
         )

@@ -20,12 +20,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from certstore import CertStore, DomainState, HostFile
+from proxy.hosts.events import HOST_VIEW_EVENTS
 from proxy.hosts.options import defaults
-from proxy.hosts.state_sync import HANDSHAKE_EVENTS
 
 # event kinds after which a host's entry must be read again: whatever changes its
-# handshake (state, certificate) plus its options and files
-CHANGE_EVENTS = HANDSHAKE_EVENTS | {"options_changed", "file_updated", "file_deleted"}
+# handshake (state, certificate) plus its options and files (proxy/hosts/events.py)
+CHANGE_EVENTS = HOST_VIEW_EVENTS
 MAX_HOSTS = 100_000  # a few hundred bytes each, plus their files
 MAX_UNKNOWN = 10_000
 MAX_FILE_BYTES = 64 * 1024 * 1024  # association files kept in memory per worker

@@ -43,6 +43,7 @@ from acme_client import (
 )
 from acme_client.solvers import ChallengeSink
 from certstore import CertStore, DomainState, StoredCertificate
+from proxy.hosts.events import EventKind
 from proxy.hosts.leases import lease_name
 from proxy.hosts.lifecycle import Lifecycle
 from proxy.tls.contexts import CachedContext, ContextCache, build_server_context
@@ -233,7 +234,9 @@ class CertificateManager:
             raise
         self.orders_started += 1
         await self._store.record_event(
-            hostname, "renewal_started" if renewal else "order_started", f"by {self.holder}"
+            hostname,
+            EventKind.RENEWAL_STARTED if renewal else EventKind.ORDER_STARTED,
+            f"by {self.holder}",
         )
         try:
             issued = await self._issuer.issue(
@@ -245,7 +248,7 @@ class CertificateManager:
                 authz_budget=authz_budget,
             )
         except OrderLimitReached as exc:
-            await self._store.record_event(hostname, "order_deferred", str(exc))
+            await self._store.record_event(hostname, EventKind.ORDER_DEFERRED, str(exc))
             raise
         except AcmeError as exc:
             if is_ca_failure(exc):  # the CA's failure: the breaker counts it, not the host
@@ -261,7 +264,7 @@ class CertificateManager:
                 backoff.failures,
                 exc,
                 extra={
-                    "event": "renewal_failed" if renewal else "issuance_failed",
+                    "event": EventKind.RENEWAL_FAILED if renewal else EventKind.ISSUANCE_FAILED,
                     "host": hostname,
                     "reason": str(exc),
                     "duration": time.monotonic() - started,
@@ -271,7 +274,7 @@ class CertificateManager:
                 await self._lifecycle.issuance_failed(hostname, f"issuance failed: {exc}")
             await self._store.record_event(
                 hostname,
-                "renewal_failed" if renewal else "issuance_failed",
+                EventKind.RENEWAL_FAILED if renewal else EventKind.ISSUANCE_FAILED,
                 f"{exc} (next attempt after {_iso(backoff.next_attempt_at)})",
             )
             raise
@@ -294,11 +297,11 @@ class CertificateManager:
         await self._lifecycle.issued(hostname, f"certificate issued, serial {issued.serial}")
         await self._store.record_event(
             hostname,
-            "renewed" if renewal else "issued",
+            EventKind.RENEWED if renewal else EventKind.ISSUED,
             f"by {issued.issuer} ({issued.directory_url}), serial {issued.serial}, valid until "
             f"{_iso(issued.not_after)}, took {elapsed * 1000:.0f} ms",
         )
-        done = "renewed" if renewal else "issued"
+        done = EventKind.RENEWED if renewal else EventKind.ISSUED
         log.info(
             "%s certificate for %s in %.0f ms",
             done,
@@ -323,7 +326,7 @@ class CertificateManager:
             self._ca_refusal_logged.clear()
         self._ca_refusal_logged[hostname] = now
         log.warning("%s: %s not placed, the CA is unavailable: %s", hostname, what, exc)
-        await self._store.record_event(hostname, "order_deferred", f"CA unavailable: {exc}")
+        await self._store.record_event(hostname, EventKind.ORDER_DEFERRED, f"CA unavailable: {exc}")
 
     # -- the miss path -----------------------------------------------------------
 
@@ -343,7 +346,7 @@ class CertificateManager:
         decision = await self._gate.decide(hostname)
         if not decision.allowed:
             if decision.registered:
-                await self._store.record_event(hostname, "refused", decision.reason)
+                await self._store.record_event(hostname, EventKind.REFUSED, decision.reason)
                 # once per refusal: the refusal cache answers the next handshakes
                 log.info(
                     "refused a certificate for %s: %s",

@@ -29,6 +29,7 @@ from acme_client import AcmeError, AriAnswer, CaUnavailable, RateLimited, is_ca_
 from acme_client.renewal import RenewalWindow, ari_certificate_id, next_ari_poll, ratio_window
 from certstore import CertStore, DomainState, RenewalPlan, StoredCertificate
 from proxy.hosts.dnscheck import CnameChecker, CnameStatus
+from proxy.hosts.events import EventKind
 from proxy.hosts.leases import lease_name
 from proxy.tls.certificates import CertificateManager, kept_lease
 
@@ -237,12 +238,12 @@ class Maintainer:
         return replace(plan, next_check_at=retry, last_error=f"CA unavailable: {exc}")
 
     async def _skip(self, plan: RenewalPlan, reason: str) -> RenewalPlan:
-        await self._store.record_event(plan.hostname, "renewal_skipped", reason)
+        await self._store.record_event(plan.hostname, EventKind.RENEWAL_SKIPPED, reason)
         log.warning(
             "%s: renewal skipped: %s",
             plan.hostname,
             reason,
-            extra={"event": "renewal_skipped", "host": plan.hostname, "reason": reason},
+            extra={"event": EventKind.RENEWAL_SKIPPED, "host": plan.hostname, "reason": reason},
         )
         return replace(
             plan,
