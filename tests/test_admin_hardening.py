@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ADMIN_TOKEN, EdgeHandle, enable_admin
+from support.edge import ADMIN_TOKEN, EdgeHandle, enable_admin
 
 from proxy.admin.auth import THROTTLE, AuthThrottle
 from proxy.app.wiring import admin_socket

@@ -7,8 +7,9 @@ import socket
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from conftest import EdgeHandle, free_port, https_session
-from helpers_edge import certify, url
+from support.clicks import certify, url
+from support.edge import EdgeHandle, https_session
+from support.net import free_port
 
 from proxy.app.config import Config, ConfigError, check_backends
 from proxy.demo.backend import RecordedRequest, start_backend

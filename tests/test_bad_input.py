@@ -14,8 +14,8 @@ import time
 
 import aiohttp
 import pytest
-from conftest import EdgeHandle, client_context
-from helpers_edge import certify, get_status, python_hello, read_to_close, url
+from support.clicks import certify, get_status, python_hello, read_to_close, url
+from support.edge import EdgeHandle, client_context
 
 from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer

@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import EdgeHandle, free_port, https_session, register
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from support.edge import EdgeHandle, https_session, register
+from support.net import free_port
 
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer

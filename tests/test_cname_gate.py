@@ -11,8 +11,8 @@ from __future__ import annotations
 import ssl
 
 import pytest
-from conftest import EdgeHandle, client_context, tls_handshake
-from helpers_edge import edge_store, get_status, new_host, ssl_error_text
+from support.clicks import edge_store, get_status, new_host, ssl_error_text
+from support.edge import EdgeHandle, client_context, tls_handshake
 
 from certstore import DomainState
 from proxy.demo.dnsserver import DNSServer

@@ -10,8 +10,8 @@ import urllib.parse
 
 import aiohttp
 import pytest
-from conftest import EdgeHandle, client_context, register
-from helpers_edge import certify, edge_store, get_status, new_host, url
+from support.clicks import certify, edge_store, get_status, new_host, url
+from support.edge import EdgeHandle, client_context, register
 
 from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer

@@ -11,8 +11,8 @@ import dataclasses
 import time
 
 import pytest
-from conftest import EdgeHandle, client_context
-from helpers_edge import certify, get_status, read_to_close
+from support.clicks import certify, get_status, read_to_close
+from support.edge import EdgeHandle, client_context
 
 from proxy.app.config import Config, ConfigError, check_backends, check_listen, load_config
 from proxy.demo.dnsserver import DNSServer

@@ -21,7 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import client_context, free_port, tls_handshake
+from support.edge import client_context, tls_handshake
+from support.net import free_port
+from support.pebble import running_pebble
 
 from certstore import SQLiteStore, generate_key_text
 from certstore.crypto import parse_key_text
@@ -38,15 +40,8 @@ SERVED_WITHIN = 15.0
 def own_pebble(
     dns_server: DNSServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PebbleServer]:
-    server = PebbleServer(
-        tmp_path_factory.mktemp("pebble-crash"),
-        dns_server.nameserver,
-        http_port=free_port(),
-        tls_port=free_port(),
-    )
-    server.start()
-    yield server
-    server.stop()
+    with running_pebble(tmp_path_factory.mktemp("pebble-crash"), dns_server) as server:
+        yield server
 
 
 class Serve:

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import aiohttp
-from conftest import EdgeHandle, client_context
-from helpers_edge import certify, url
+from support.clicks import certify, url
+from support.edge import EdgeHandle, client_context
 
 from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer

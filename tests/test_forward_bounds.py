@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import EdgeHandle
+from support.edge import EdgeHandle
 
 from proxy.demo.backend import HEALTH_PATH, RecordedRequest
 from proxy.http.forward import Forwarder

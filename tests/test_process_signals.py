@@ -23,8 +23,9 @@ from typing import NoReturn
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import EdgeHandle, client_context, free_port, register, tls_handshake
-from helpers_edge import edge_store, new_host
+from support.clicks import edge_store, new_host
+from support.edge import EdgeHandle, client_context, register, tls_handshake
+from support.net import free_port
 
 from certstore import SQLiteStore, generate_key_text
 from certstore.crypto import parse_key_text

@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
-from conftest import EdgeHandle, client_context
-from helpers_edge import certify, read_to_close
-from helpers_proxy import ProxyBalancer, v1_header, v2_header
+from support.clicks import certify, read_to_close
+from support.edge import EdgeHandle, client_context
+from support.proxy_protocol import ProxyBalancer, v1_header, v2_header
 
 from proxy.app.config import ConfigError, check_listen, load_config
 from proxy.demo.backend import RecordedRequest

@@ -6,9 +6,9 @@ import ipaddress
 import struct
 
 import pytest
-from helpers_proxy import v1_header, v2_header
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.proxy_protocol import v1_header, v2_header
 
 from proxy.wire.proxy_protocol import (
     MAX_V1_LENGTH,

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import free_port
+from support.net import free_port
 from test_process_signals import Backend
 
 from proxy.app.config import Config

@@ -6,10 +6,10 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import EdgeHandle, client_context, tls_handshake
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from helpers_edge import certify, edge_store, get_status
+from support.clicks import certify, edge_store, get_status
+from support.edge import EdgeHandle, client_context, tls_handshake
 
 from certstore import StoreKeyError, generate_key_text
 from proxy.app.wiring import EdgeWorker

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ADMIN_TOKEN, EdgeHandle, client_context, enable_admin, free_port
-from helpers_edge import certify, edge_store, ssl_error_text
-from renewal_helpers import served_serial
+from support.clicks import certify, edge_store, ssl_error_text
+from support.edge import ADMIN_TOKEN, EdgeHandle, client_context, enable_admin
+from support.net import free_port
+from support.renewal import served_serial
 
 from acme_client import AcmeError, FailoverIssuer
 from proxy.app.wiring import EdgeWorker

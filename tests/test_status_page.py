@@ -15,8 +15,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ADMIN_TOKEN, EdgeHandle, client_context, enable_admin, tls_handshake
 from playwright.async_api import async_playwright
+from support.edge import ADMIN_TOKEN, EdgeHandle, client_context, enable_admin, tls_handshake
 
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer

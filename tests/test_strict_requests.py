@@ -12,8 +12,9 @@ import asyncio
 
 import pytest
 from aiohttp import web
-from conftest import EdgeHandle, client_context, free_port
-from helpers_edge import certify, new_host
+from support.clicks import certify, new_host
+from support.edge import EdgeHandle, client_context
+from support.net import free_port
 from test_tracked_links import (  # noqa: F401  (setup is a fixture)
     AASA,
     ASSETLINKS_PATH,

@@ -18,15 +18,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import (
-    ADMIN_TOKEN,
-    EdgeHandle,
-    client_context,
-    enable_admin,
-    free_port,
-    https_session,
-)
-from helpers_edge import certify, edge_store, new_host
+from support.clicks import certify, edge_store, new_host
+from support.edge import ADMIN_TOKEN, EdgeHandle, client_context, enable_admin, https_session
+from support.net import free_port
 from test_admin_api import assert_schema
 
 from proxy.app.config import Config

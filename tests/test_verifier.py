@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import EdgeHandle, FakeClock, client_context, https_session, tls_handshake
+from support.edge import EdgeHandle, FakeClock, client_context, https_session, tls_handshake
 
 from certstore import DomainState, SQLiteStore
 from proxy.demo.dnsserver import DNSServer

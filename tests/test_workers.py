@@ -15,7 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import free_port
+from support.net import free_port
 
 from certstore import DomainState, SQLiteStore, generate_key_text
 from certstore.crypto import parse_key_text

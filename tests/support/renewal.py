@@ -1,13 +1,11 @@
-"""Shared pieces of the renewal tests: a controllable clock, edges on it, served serials."""
+"""Shared pieces of the renewal tests: edges on a controllable clock, served serials."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from pathlib import Path
 
-from conftest import _addresses, client_context, make_config
 from cryptography import x509
 
 from certstore import SQLiteStore, generate_key_text
@@ -16,22 +14,8 @@ from proxy.app.config import Config
 from proxy.app.wiring import EdgeWorker
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-
-
-class FakeClock:
-    """Wall-clock time plus an offset the test moves forward."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def advance_to(self, moment: float) -> None:
-        self.offset += max(moment - self(), 0.0)
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
+from support.edge import FakeClock, client_context, make_config
+from support.net import next_edge_address
 
 
 class Edge:
@@ -83,8 +67,7 @@ def new_edge_config(
     key_text: str | None = None,
 ) -> tuple[Config, str, str, str]:
     """Config for an edge on a fresh 127.0.0.N; returns (config, key_text, ip, target)."""
-    n = next(_addresses)
-    ip, target = f"127.0.0.{n}", f"edge-{n}.linkedge.test"
+    ip, target = next_edge_address()
     dns.set_a(target, [ip])
     store_dir = store_dir or tmp_path
     key_text = key_text or generate_key_text()
