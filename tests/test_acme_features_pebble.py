@@ -201,7 +201,7 @@ async def test_tls_alpn_01_validated_by_pebble(
         assert cert is not None and cert.serial == serial
         assert await store.get_alpn_challenge(host) is None  # cleaned up
         # Pebble's validation handshakes (ALPN acme-tls/1) reached our listener
-        assert edge.worker.manager.alpn_challenges_answered >= 1  # type: ignore[union-attr]
+        assert edge.worker.meter.value("certificates", "alpn_challenges_answered") >= 1
         payloads = jws_payloads(caplog)
         assert payloads and not any('"profile"' in p for p in payloads)
         failed_authz, _ = await store.rate_usage(f"authz-failed:{host}", 3600)

@@ -49,7 +49,7 @@ async def test_cname_to_another_name_on_the_edges_addresses_is_refused(
     assert pebble.order_count() == orders_before
     assert await _orders_for(edge, host) == 0
     assert edge.worker is not None and edge.worker.manager is not None
-    assert edge.worker.manager.orders_started == 0
+    assert edge.worker.meter.value("certificates", "orders_started") == 0
     async with edge_store(edge) as store:
         domain = await store.get_domain(host)
     assert domain is not None and domain.state is DomainState.PENDING

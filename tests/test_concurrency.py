@@ -66,7 +66,7 @@ async def test_burst_of_first_connections_makes_one_order(
         kinds = [e.kind for e in await store.list_events(host)]
     assert kinds.count("order_started") == 1
     assert kinds.count("issued") == 1
-    assert edge.worker.manager is not None and edge.worker.manager.orders_started == 1
+    assert edge.worker.meter.value("certificates", "orders_started") == 1
     # 50 separate connections, 50 handshakes, none refused or timed out
     assert stats.handshakes_started - started_before == BURST
     assert stats.refused == stats.selection_timeouts == stats.handshake_failures == 0

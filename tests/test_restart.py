@@ -45,7 +45,7 @@ async def test_certificate_comes_back_from_the_store_after_restart(
     assert await get_status(edge, pebble, host, "/c/after-restart") == 302
     assert await served_leaf(edge, pebble, host) == leaf_before
     assert pebble.order_count() == orders_before
-    assert edge.worker.manager.orders_started == 0
+    assert edge.worker.meter.value("certificates", "orders_started") == 0
     assert edge.worker.manager.cached_contexts == 1
 
     async with edge_store(edge) as store:

@@ -270,7 +270,7 @@ async def test_each_due_check_runs_once_across_workers(
 
     workers = [await worker() for _ in range(3)]
     done = await asyncio.gather(*(w.run_once() for w in workers))
-    assert sum(done) == len(hosts) == sum(w.checks_run for w in workers)
+    assert sum(done) == len(hosts) == sum(w.stats.runs for w in workers)
     for host in hosts:
         assert dns_server.query_count(host, "CAA") == 1, host
     await setup.close()

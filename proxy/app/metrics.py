@@ -84,7 +84,6 @@ from proxy.wire.clienthello import HANDSHAKE_FAILURE, ClientHello
 if TYPE_CHECKING:
     from proxy.app.config import Config
     from proxy.app.wiring import EdgeWorker
-    from proxy.hosts.checks.model import CheckReport
 
 log = logging.getLogger(__name__)
 
@@ -263,15 +262,6 @@ def set_ca_breaker_state(ca: str, state: str) -> None:
         CA_BREAKER.labels(ca, known).set(1 if known == state else 0)
 
 
-def count_checks(report: CheckReport) -> None:
-    for result in report.results:
-        CHECKS.labels(result.name, result.state.value).inc()
-
-
-def webhook_dropped() -> None:
-    WEBHOOKS.labels("dropped").inc()
-
-
 # -- instrumented parts ------------------------------------------------------------
 
 Selector = Callable[[ClientHello], Awaitable[ssl.SSLContext]]
@@ -389,7 +379,8 @@ class _Deltas:
 
 
 class WorkerMetrics:
-    """Copies one worker's in-memory counters into the Prometheus series."""
+    """The Prometheus adapter of the small metrics interface (proxy/counters.py): copies
+    one worker's counters, read through its Meter, into the Prometheus series."""
 
     def __init__(self, worker: EdgeWorker) -> None:
         self._worker = worker
@@ -397,25 +388,33 @@ class WorkerMetrics:
 
     def sync(self) -> None:
         w = self._worker
+        m = w.meter
         d = self._deltas
         _CLICKS.flush()
-        tls = w.tls_listener
-        if tls is not None:
-            s = tls.stats
-            d.add(LISTENER_ACCEPTED.labels("https"), s.accepted)
-            d.add(_SERVED, s.handshakes_started - s.handshake_failures)
-            d.add(_FAILED_HANDSHAKE, s.handshake_failures)
-            d.add(HANDSHAKES.labels("failed", "bad_hello"), s.bad_hello)
-            d.add(HANDSHAKES.labels("failed", "hello_abandoned"), s.hello_abandoned)
-            d.add(HANDSHAKES.labels("timed_out", "hello"), s.hello_timeouts)
-            d.add(HANDSHAKES.labels("timed_out", "certificate"), s.selection_timeouts)
-            d.add(LISTENER_CLOSED.labels("https", "per_source_limit"), s.per_source_limited)
+        s = m.read("https_listener")
+        if s:
+            d.add(LISTENER_ACCEPTED.labels("https"), s["accepted"])
+            d.add(_SERVED, s["handshakes_started"] - s["handshake_failures"])
+            d.add(_FAILED_HANDSHAKE, s["handshake_failures"])
+            d.add(HANDSHAKES.labels("failed", "bad_hello"), s["bad_hello"])
+            d.add(HANDSHAKES.labels("failed", "hello_abandoned"), s["hello_abandoned"])
+            d.add(HANDSHAKES.labels("timed_out", "hello"), s["hello_timeouts"])
+            d.add(HANDSHAKES.labels("timed_out", "certificate"), s["selection_timeouts"])
+            d.add(LISTENER_CLOSED.labels("https", "per_source_limit"), s["per_source_limited"])
             self._listener_common("https", s)
-            AWAITING_HELLO.set(s.awaiting_hello)
-        plain = w.http_listener
-        if plain is not None:
-            d.add(LISTENER_ACCEPTED.labels("http"), plain.stats.accepted)
-            self._listener_common("http", plain.stats)
+            AWAITING_HELLO.set(s["awaiting_hello"])
+        s = m.read("http_listener")
+        if s:
+            d.add(LISTENER_ACCEPTED.labels("http"), s["accepted"])
+            self._listener_common("http", s)
+        for key, count in m.read("checks").items():
+            if key.startswith("results."):
+                _, name, state = key.split(".", 2)
+                d.add(CHECKS.labels(name, state), count)
+        webhooks = m.read("webhooks")
+        if webhooks:
+            d.add(WEBHOOKS.labels("delivered"), webhooks["delivered"])
+            d.add(WEBHOOKS.labels("dropped"), webhooks["dropped"])
         if w.http_server is not None:
             CONNECTIONS_OPEN.set(len(w.http_server.connections))
         if w.manager is not None:
@@ -423,17 +422,15 @@ class WorkerMetrics:
         if w.backends is not None:
             for backend in w.backends.backends:
                 BACKEND_UP.labels(backend.base).set(1 if backend.healthy else 0)
-        if w.webhooks is not None:
-            d.add(WEBHOOKS.labels("delivered"), w.webhooks.delivered)
 
-    def _listener_common(self, name: str, s: Any) -> None:
+    def _listener_common(self, name: str, s: dict[str, float]) -> None:
         d = self._deltas
-        LISTENER_PENDING.labels(name).set(s.pending)
-        d.add(LISTENER_CLOSED.labels(name, "overloaded"), s.errors.get("overloaded", 0))
-        d.add(LISTENER_CLOSED.labels(name, "proxy_untrusted"), s.proxy_untrusted)
-        d.add(LISTENER_CLOSED.labels(name, "proxy_missing"), s.proxy_missing)
-        d.add(LISTENER_CLOSED.labels(name, "proxy_malformed"), s.proxy_malformed)
-        d.add(LISTENER_CLOSED.labels(name, "proxy_timeout"), s.proxy_timeouts)
+        LISTENER_PENDING.labels(name).set(s["pending"])
+        d.add(LISTENER_CLOSED.labels(name, "overloaded"), s.get("errors.overloaded", 0))
+        d.add(LISTENER_CLOSED.labels(name, "proxy_untrusted"), s["proxy_untrusted"])
+        d.add(LISTENER_CLOSED.labels(name, "proxy_missing"), s["proxy_missing"])
+        d.add(LISTENER_CLOSED.labels(name, "proxy_malformed"), s["proxy_malformed"])
+        d.add(LISTENER_CLOSED.labels(name, "proxy_timeout"), s["proxy_timeouts"])
 
     async def run_forever(self) -> None:
         while True:

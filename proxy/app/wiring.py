@@ -52,6 +52,7 @@ from proxy.app.config import schedule as config_schedule
 from proxy.app.health import OpsEndpoints
 from proxy.app.logging_setup import ACCESS_LOGGER, AccessLogger, redact
 from proxy.app.reload import ConfigSource, ForwarderSlot, reload_worker
+from proxy.counters import Counters, Meter
 from proxy.hosts.checks import HostChecker
 from proxy.hosts.events import EventKind
 from proxy.hosts.lifecycle import Lifecycle
@@ -316,7 +317,31 @@ class EdgeWorker:
         self.listen_sockets: list[socket.socket] = []  # HTTPS and HTTP, for /readyz
         self.worker_metrics: metrics.WorkerMetrics | None = None
         self._issuer: FailoverIssuer | None = None
+        self.meter = Meter()  # every component's counters (proxy/counters.py)
+        self._register_counters()
         self.handshake: HandshakePolicy | None = None  # SNI, no-SNI, ALPN (proxy/tls/handshake.py)
+
+    def _register_counters(self) -> None:
+        """Each component's counters by source name, read when asked (a component may not
+        be running yet, and a reload swaps the forwarder)."""
+
+        def stats_of(attribute: str) -> Callable[[], Counters | None]:
+            def read() -> Counters | None:
+                component = getattr(self, attribute)
+                return component.stats if component is not None else None
+
+            return read
+
+        for source, attribute in (
+            ("https_listener", "tls_listener"),
+            ("http_listener", "http_listener"),
+            ("connections", "connections"),
+            ("forward", "forwarder"),
+            ("certificates", "manager"),
+            ("checks", "verifier"),
+            ("webhooks", "webhooks"),
+        ):
+            self.meter.register(source, stats_of(attribute))
 
     async def start(self) -> None:
         config = self.config

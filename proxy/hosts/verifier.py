@@ -15,10 +15,10 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from certstore import CertStore, Domain, DomainState
-from proxy.app import metrics
+from proxy.counters import Counters
 from proxy.hosts.checks import CheckReport, HostChecker
 from proxy.hosts.lifecycle import Lifecycle
 
@@ -38,6 +38,17 @@ class VerifierSettings:
 class Outcome:
     domain: Domain
     report: CheckReport
+
+
+@dataclass
+class CheckStats(Counters):
+    runs: int = 0  # hosts checked by this process
+    results: dict[str, int] = field(default_factory=dict)  # "cname.pass" -> count
+
+    def count(self, report: CheckReport) -> None:
+        for result in report.results:
+            key = f"{result.name}.{result.state.value}"
+            self.results[key] = self.results.get(key, 0) + 1
 
 
 class Verifier:
@@ -61,7 +72,7 @@ class Verifier:
         self._clock = clock
         self._holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._slots = asyncio.Semaphore(max(1, settings.concurrency))
-        self.checks_run = 0  # in this process, for tests and logs
+        self.stats = CheckStats()  # results of the checks this worker ran
 
     async def verify(
         self, hostname: str, *, https: bool = True, issue: bool = True
@@ -74,7 +85,7 @@ class Verifier:
 
     async def _verify(self, domain: Domain, *, https: bool = True, issue: bool = True) -> Outcome:
         hostname = domain.hostname
-        self.checks_run += 1
+        self.stats.runs += 1
         report = await self._checker.check_dns(hostname, self.account_uri)
         cert = await self._store.get_certificate(hostname)
         has_valid_cert = cert is not None and cert.is_valid_at(self._clock())
@@ -86,7 +97,7 @@ class Verifier:
             report = await self._checker.check_https(report)
             await self._store.update_check_report(hostname, report.to_json(), report.summary)
             domain = await self._store.get_domain(hostname) or domain
-        metrics.count_checks(report)
+        self.stats.count(report)
         return Outcome(domain, report)
 
     # -- background --------------------------------------------------------------

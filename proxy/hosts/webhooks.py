@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from certstore import CertStore, Event
-from proxy.app import metrics
+from proxy.counters import Counters
 from proxy.hosts.events import EventKind
 from proxy.wire.hostnames import display_hostname
 
@@ -47,6 +47,12 @@ def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+@dataclass
+class WebhookStats(Counters):
+    delivered: int = 0
+    dropped: int = 0  # given up after max_attempts (a `webhook_failed` event)
+
+
 class WebhookSender:
     def __init__(
         self,
@@ -58,7 +64,7 @@ class WebhookSender:
         self._settings = settings
         self._sleep = sleep
         self._session: aiohttp.ClientSession | None = None
-        self.delivered = 0
+        self.stats = WebhookStats()
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -123,7 +129,7 @@ class WebhookSender:
                     self._settings.url, data=body, headers=headers, allow_redirects=False
                 ) as resp:
                     if 200 <= resp.status < 300:
-                        self.delivered += 1
+                        self.stats.delivered += 1
                         return True
                     problem = f"HTTP {resp.status}"
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -135,7 +141,7 @@ class WebhookSender:
         log.warning(
             "webhook for event %d dropped after %d attempts: %s", event.id, attempt, problem
         )
-        metrics.webhook_dropped()
+        self.stats.dropped += 1
         await self._store.record_event(
             event.hostname,
             EventKind.WEBHOOK_FAILED,

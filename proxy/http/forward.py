@@ -34,6 +34,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.counters import Counters
 from proxy.http.backends import BackendPool
 from proxy.http.request_target import checked_host, origin_form
 from proxy.wire.peers import TrustedNetworks, client_address, source_key
@@ -225,7 +226,7 @@ def backend_url(base: str, path_qs: str) -> URL:
     )
 
 
-class ForwardStats:
+class ForwardStats(Counters):
     __slots__ = ("per_source_limited", "body_timeouts", "deadlines", "cancelled")
 
     def __init__(self) -> None:

@@ -22,6 +22,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from proxy.counters import Counters
 from proxy.wire.peers import ConnectionInfo, TrustedNetworks, set_connection_info
 from proxy.wire.proxy_protocol import (
     MAX_HEADER,
@@ -40,7 +41,7 @@ _DISCARD_BYTES = 65536
 
 
 @dataclass
-class ListenerStats:
+class ListenerStats(Counters):
     accepted: int = 0
     pending: int = 0  # between accept and hand-off right now
     # PROXY protocol (listeners that expect it)

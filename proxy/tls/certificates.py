@@ -43,6 +43,7 @@ from acme_client import (
 )
 from acme_client.solvers import ChallengeSink
 from certstore import CertStore, DomainState, StoredCertificate
+from proxy.counters import Counters
 from proxy.hosts.events import EventKind
 from proxy.hosts.leases import lease_name
 from proxy.hosts.lifecycle import Lifecycle
@@ -120,6 +121,12 @@ async def _refresh_lease(store: CertStore, name: str, holder: str, ttl: float) -
             log.exception("refreshing lease %s failed", name)
 
 
+@dataclass
+class IssuanceStats(Counters):
+    orders_started: int = 0  # ACME orders placed by this process (first clicks, renewals)
+    alpn_challenges_answered: int = 0  # TLS-ALPN-01 validation handshakes served
+
+
 class CertificateManager:
     def __init__(
         self,
@@ -148,8 +155,7 @@ class CertificateManager:
         self._ca_refusal_logged: dict[str, float] = {}  # host -> when its refusal was logged
         self.on_stored: Callable[[str], None] | None = None  # e.g. wake the maintenance loop
         self.holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.orders_started = 0  # in this process, for logs and tests
-        self.alpn_challenges_answered = 0  # TLS-ALPN-01 validation handshakes served
+        self.stats = IssuanceStats()
 
     @property
     def cached_contexts(self) -> int:
@@ -190,7 +196,7 @@ class CertificateManager:
         key_authorization = await self._store.get_alpn_challenge(hostname)
         if key_authorization is None:
             raise Refused("no TLS-ALPN-01 challenge pending for this name")
-        self.alpn_challenges_answered += 1
+        self.stats.alpn_challenges_answered += 1
         return await asyncio.to_thread(_challenge_context, hostname, key_authorization)
 
     async def check_ca(self) -> None:
@@ -232,7 +238,7 @@ class CertificateManager:
         except CaUnavailable as exc:
             await self._ca_unavailable(hostname, what, exc)
             raise
-        self.orders_started += 1
+        self.stats.orders_started += 1
         await self._store.record_event(
             hostname,
             EventKind.RENEWAL_STARTED if renewal else EventKind.ORDER_STARTED,

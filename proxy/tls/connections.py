@@ -37,6 +37,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from proxy.counters import Counters
 from proxy.wire.peers import TrustedNetworks, connection_client, source_key
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class ConnectionSettings:
 
 
 @dataclass
-class ConnectionStats:
+class ConnectionStats(Counters):
     open: int = 0  # right now
     opened: int = 0
     header_timeouts: int = 0  # aborted: headers not complete within header_timeout
