@@ -12,8 +12,9 @@ from support.net import free_port
 from test_process_signals import Backend
 
 from proxy.app.config import Config
-from proxy.app.reload import ForwarderSlot, effective, split_changes
+from proxy.app.reload import effective, split_changes
 from proxy.app.wiring import build_forwarder
+from proxy.http.forward import ForwarderSlot
 
 
 def test_live_keys_and_restart_keys() -> None:

@@ -26,19 +26,13 @@ restarts, so nothing is dropped, and every worker applies the same file.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 from proxy.app.config import Config, ConfigError, load_config, read_secret, require_serving
-from proxy.http.backends import BackendPool
-from proxy.http.forward import Forwarder
 
 if TYPE_CHECKING:
     from proxy.app.wiring import EdgeWorker
@@ -124,62 +118,6 @@ def log_restart_needed(keys: list[str]) -> None:
             ", ".join(keys),
             extra={"event": "reload_restart_needed", "reason": ", ".join(keys)},
         )
-
-
-class ForwarderSlot:
-    """The forwarder in service. A reload swaps in a new one; the old one finishes its requests."""
-
-    def __init__(self, forwarder: Forwarder, backends: BackendPool) -> None:
-        self.forwarder = forwarder
-        self.backends = backends
-        self._active: dict[int, int] = {}  # id(forwarder) -> requests it is handling
-        self._idle: dict[int, asyncio.Event] = {}  # set when a retired one has none left
-        self._retiring: set[asyncio.Task[None]] = set()
-        self._retired: dict[int, tuple[Forwarder, BackendPool]] = {}  # not closed yet
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        forwarder = self.forwarder
-        key = id(forwarder)
-        self._active[key] = self._active.get(key, 0) + 1
-        try:
-            return await forwarder.handle(request)
-        finally:
-            left = self._active.get(key, 1) - 1
-            if key in self._active:
-                self._active[key] = left
-            if left == 0 and key in self._idle:
-                self._idle[key].set()
-
-    def replace(self, forwarder: Forwarder, backends: BackendPool, grace: float) -> None:
-        old = (self.forwarder, self.backends)
-        self._retired[id(old[0])] = old
-        self.forwarder, self.backends = forwarder, backends
-        task = asyncio.get_running_loop().create_task(self._retire(*old, grace))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
-
-    async def _retire(self, forwarder: Forwarder, backends: BackendPool, grace: float) -> None:
-        key = id(forwarder)
-        idle = self._idle.setdefault(key, asyncio.Event())
-        if self._active.get(key, 0) == 0:
-            idle.set()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace):
-                await idle.wait()
-        self._active.pop(key, None)
-        self._idle.pop(key, None)
-        if self._retired.pop(key, None) is not None:
-            await forwarder.close()
-            await backends.close()
-
-    async def close(self) -> None:
-        for task in list(self._retiring):
-            task.cancel()
-        await asyncio.gather(*self._retiring, return_exceptions=True)
-        for forwarder, backends in [*self._retired.values(), (self.forwarder, self.backends)]:
-            await forwarder.close()
-            await backends.close()
-        self._retired.clear()
 
 
 async def reload_worker(worker: EdgeWorker, source: ConfigSource) -> bool:

@@ -51,7 +51,7 @@ from proxy.app.config import (
 from proxy.app.config import schedule as config_schedule
 from proxy.app.health import OpsEndpoints
 from proxy.app.logging_setup import ACCESS_LOGGER, AccessLogger, redact
-from proxy.app.reload import ConfigSource, ForwarderSlot, reload_worker
+from proxy.app.reload import ConfigSource, reload_worker
 from proxy.counters import Counters, Meter
 from proxy.hosts.checks import HostChecker
 from proxy.hosts.events import EventKind
@@ -61,8 +61,8 @@ from proxy.hosts.verifier import Verifier, VerifierSettings
 from proxy.hosts.webhooks import WebhookSender, WebhookSettings
 from proxy.http.app import MAX_HEADERS, hide_server_version, make_http_app, server_log
 from proxy.http.backends import BackendPool, HealthSettings
-from proxy.http.forward import Forwarder
-from proxy.http.host_policy import HostPolicy
+from proxy.http.forward import Forwarder, ForwarderSlot
+from proxy.http.host_policy import HostPolicy, arrived_over_https
 from proxy.http.host_views import CHANGE_EVENTS, HostViews
 from proxy.tls.accept import (
     DescriptorBudget,
@@ -79,7 +79,7 @@ from proxy.tls.handshake import HandshakePolicy
 from proxy.tls.listener import ListenerSettings, TLSListener
 from proxy.tls.maintenance import Maintainer, MaintenanceSettings
 from proxy.tls.refusals import Refused
-from proxy.wire.peers import TrustedNetworks, client_address
+from proxy.wire.peers import TrustedNetworks
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ class EdgeWorker:
         self.connections: ConnectionLimits | None = None
         self.descriptors: DescriptorBudget | None = None
         self.backends: BackendPool | None = None
-        self.forwarding: ForwarderSlot | None = None  # swapped on reload (proxy/app/reload.py)
+        self.forwarding: ForwarderSlot | None = None  # swapped on reload (proxy/http/forward.py)
         self.admin_deps: AdminDeps | None = None
         self._sites: list[web.BaseSite] = []  # stopped first on a graceful shutdown
         self._servers: list[web.Server] = []
@@ -440,19 +440,11 @@ class EdgeWorker:
             config.listen.forwarded_trusted, "listen.forwarded_trusted"
         )
 
-        def arrived_over_https(request: web.Request) -> bool:
-            # A trusted TLS-terminating proxy in front may say the client used HTTPS
-            # (else an upgraded host would redirect forever); nobody else may.
-            if request.secure:
-                return True
-            proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
-            return proto == "https" and client_address(request) in forwarded_trusted
-
         policy = HostPolicy(
             self.host_views,
             https_public_port=config.edge.https_public_port,
             clock=self._clock,
-            is_https=arrived_over_https,
+            is_https=functools.partial(arrived_over_https, forwarded_trusted),
         )
         hide_server_version()
         # How each HTTP connection is handled; the listeners build their handlers with

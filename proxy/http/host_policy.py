@@ -25,10 +25,20 @@ from aiohttp import web
 from proxy.hosts.association_files import SERVED_AT
 from proxy.http.host_views import HostView, HostViews
 from proxy.http.request_target import BadRequest, checked_host, origin_form
+from proxy.wire.peers import TrustedNetworks, client_address
 
 log = logging.getLogger(__name__)
 HSTS = "Strict-Transport-Security"
 
+
+
+def arrived_over_https(forwarded_trusted: TrustedNetworks, request: web.Request) -> bool:
+    """Over TLS here, or a trusted TLS-terminating proxy in front says the client used HTTPS
+    (else an upgraded host would redirect forever); nobody else may say so."""
+    if request.secure:
+        return True
+    proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
+    return proto == "https" and client_address(request) in forwarded_trusted
 
 class HostPolicy:
     def __init__(
