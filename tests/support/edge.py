@@ -32,6 +32,7 @@ class EdgeHandle:
     key_text: str
     worker: EdgeWorker | None = None
     hosts: list[str] = field(default_factory=list)
+    clock: Callable[[], float] = time.time  # the worker's and the store's
 
     @property
     def https_port(self) -> int:
@@ -41,8 +42,10 @@ class EdgeHandle:
     def http_port(self) -> int:
         return int(self.config.listen.http.rsplit(":", 1)[1])
 
-    async def start(self, clock: Callable[[], float] = time.time) -> None:
-        self.worker = EdgeWorker(self.config, clock)
+    async def start(self, clock: Callable[[], float] | None = None) -> None:
+        if clock is not None:
+            self.clock = clock
+        self.worker = EdgeWorker(self.config, self.clock)
         await self.worker.start()
 
     async def stop(self) -> None:
@@ -50,8 +53,20 @@ class EdgeHandle:
             await self.worker.close()
             self.worker = None
 
+    async def restart(self) -> None:
+        """A new worker on the same config, store and clock."""
+        await self.stop()
+        await self.start()
+
     async def open_store(self) -> SQLiteStore:
-        return await SQLiteStore.open(self.config.store.path, parse_key_text(self.key_text, "test"))
+        return await SQLiteStore.open(
+            self.config.store.path, parse_key_text(self.key_text, "test"), clock=self.clock
+        )
+
+    async def run_maintenance(self) -> int:
+        """One pass of the renewal loop (tests that set renewal.interval_seconds = 0)."""
+        assert self.worker is not None and self.worker.maintainer is not None
+        return await self.worker.maintainer.run_once()
 
 
 class FakeClock:

@@ -4,54 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
 
-from certstore import SQLiteStore, generate_key_text
-from certstore.crypto import parse_key_text
+from certstore import generate_key_text
 from proxy.app.config import Config
 from proxy.app.wiring import EdgeWorker
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from support.edge import FakeClock, client_context, make_config
+from support.edge import EdgeHandle, FakeClock, client_context, make_config
 from support.net import next_edge_address
 
 
-class Edge:
-    """An EdgeWorker on a FakeClock, with no background loop: tests call run_once()."""
+class Edge(EdgeHandle):
+    """An EdgeHandle on a FakeClock, its worker built at once, with no background renewal
+    loop (`new_edge_config`): tests call run_maintenance()."""
 
     def __init__(self, config: Config, key_text: str, clock: FakeClock, ip: str) -> None:
-        self.config = config
-        self.key_text = key_text
-        self.clock = clock
-        self.ip = ip
+        super().__init__(
+            ip=ip, target=config.edge.cname_target, config=config, key_text=key_text, clock=clock
+        )
         self.worker = EdgeWorker(config, clock=clock)
 
-    @property
-    def https_port(self) -> int:
-        return int(self.config.listen.https.rsplit(":", 1)[1])
-
-    async def start(self) -> Edge:
-        await self.worker.start()
+    async def start(self, clock: Callable[[], float] | None = None) -> Edge:
+        if self.worker is None:
+            await super().start(clock)
+        else:
+            await self.worker.start()
         return self
 
-    async def stop(self) -> None:
-        await self.worker.close()
+    async def stop(self) -> None:  # the worker stays inspectable after it stopped
+        if self.worker is not None:
+            await self.worker.close()
 
     async def restart(self) -> None:
         await self.stop()
-        self.worker = EdgeWorker(self.config, clock=self.clock)
-        await self.worker.start()
-
-    async def open_store(self) -> SQLiteStore:
-        return await SQLiteStore.open(
-            self.config.store.path, parse_key_text(self.key_text, "test"), clock=self.clock
-        )
-
-    async def run_maintenance(self) -> int:
-        assert self.worker.maintainer is not None
-        return await self.worker.maintainer.run_once()
+        self.worker = None
+        await self.start()
 
     async def served_serial(self, host: str, pebble: PebbleServer) -> str:
         return await served_serial(self.ip, self.https_port, host, client_context(pebble))
