@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from test_checks import _write_pki, checker_for
 
-from proxy.app.config import ConfigError, check_settings, load_config
+from proxy.app.config import ConfigError, load_config
+from proxy.app.settings import checks as check_settings
 from proxy.demo.dnsserver import DNSServer
 from proxy.hosts.checks import CheckState
 from proxy.hosts.checks.https import is_public

@@ -22,15 +22,14 @@ from acme_client.renewal import ratio_window
 from certstore import SQLiteStore, StoreError, StoreKeyError
 from certstore.crypto import generate_key_text
 from proxy.admin.views import host_file_json, host_json
+from proxy.app import settings
 from proxy.app.config import (
     Config,
     ConfigError,
     check_acme,
-    check_settings,
     load_config,
     require_serving,
 )
-from proxy.app.config import schedule as config_schedule
 from proxy.app.reload import ConfigSource
 from proxy.app.supervisor import serve
 from proxy.app.wiring import make_issuer, open_store
@@ -276,8 +275,8 @@ async def _domains_verify(store: SQLiteStore, config: Config, args: argparse.Nam
     account = await store.get_account(config.acme.directory)
     verifier = Verifier(
         store,
-        HostChecker(check_settings(config)),
-        Lifecycle(store, config_schedule(config)),
+        HostChecker(settings.checks(config)),
+        Lifecycle(store, settings.schedule(config)),
         VerifierSettings(),
         account_uri=account.uri if account else None,
     )

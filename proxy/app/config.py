@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from acme_client.solvers import CHALLENGE_TYPES
-from proxy.hosts.checks import CheckSettings
-from proxy.hosts.schedule import Schedule
 from proxy.wire.addresses import nameserver_address
 from proxy.wire.peers import TrustedNetworks
 
@@ -430,34 +428,6 @@ def parse_nameserver(value: str) -> tuple[str, int]:
     if value.count(":") == 1 or value.startswith("["):
         return parse_address(value, "dns.nameservers")
     return nameserver_address(value)
-
-
-# The settings each component takes, derived from the one config (no second copy of a key).
-
-
-def check_settings(config: Config) -> CheckSettings:
-    return CheckSettings(
-        edge_target=config.edge.cname_target.rstrip(".").lower(),
-        nameservers=tuple(config.dns.nameservers),
-        dns_timeout=config.dns.timeout,
-        caa_issuer=config.checks.caa_issuer,
-        https_port=config.checks.https_port,
-        ca_bundle=config.checks.ca_bundle or None,
-        https_timeout=config.checks.https_timeout,
-        https_addresses=parse_ip_list(config.checks.https_addresses, "checks.https_addresses"),
-        issue_via_address=config.checks.issue_via_address,
-    )
-
-
-def schedule(config: Config) -> Schedule:
-    day = 86400.0
-    return Schedule(
-        pending_first=config.verify.pending_first_seconds,
-        pending_max=config.verify.pending_max_seconds,
-        give_up=config.verify.give_up_days * day,
-        active_interval=config.verify.active_interval_seconds,
-        moved_grace=config.lifecycle.moved_grace_days * day,
-    )
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:

@@ -32,6 +32,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from proxy.app import settings
 from proxy.app.config import Config, ConfigError, load_config, read_secret, require_serving
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ async def reload_worker(worker: EdgeWorker, source: ConfigSource) -> bool:
 
 async def _apply(worker: EdgeWorker, new: Config, token: str | None) -> bool:
     from proxy.app.logging_setup import configure, redact
-    from proxy.app.wiring import build_forwarder, limit_settings, listener_settings
+    from proxy.app.wiring import build_forwarder
 
     old = worker.config
     live, restart = split_changes(old, new)
@@ -157,11 +158,11 @@ async def _apply(worker: EdgeWorker, new: Config, token: str | None) -> bool:
     if worker.tls_listener is not None:
         # the listener reads its settings per connection: new connections get the new ones
         current = worker.tls_listener._settings
-        worker.tls_listener._settings = listener_settings(
+        worker.tls_listener._settings = settings.listener(
             config, current.proxy_protocol, max_pending=current.max_pending
         )
     if worker.manager is not None:
-        worker.manager.limits._settings = limit_settings(config)
+        worker.manager.limits._settings = settings.limits(config)
     token_changed = False
     if token is not None and worker.admin_deps is not None:
         redact(token)

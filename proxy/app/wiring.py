@@ -31,24 +31,20 @@ from aiohttp import web
 from acme_client import (
     AcmeIssuer,
     AcmeSettings,
-    BreakerSettings,
     CaBreaker,
     FailoverIssuer,
-    LimitSettings,
     OrderLimits,
 )
 from certstore import CertStore, SQLiteStore, load_key
 from proxy.admin import AdminDeps, make_admin_app
-from proxy.app import metrics
+from proxy.app import metrics, settings
 from proxy.app.config import (
     UNIX_PREFIX,
     Config,
     ConfigError,
-    check_settings,
     parse_address,
     read_secret,
 )
-from proxy.app.config import schedule as config_schedule
 from proxy.app.health import OpsEndpoints
 from proxy.app.logging_setup import ACCESS_LOGGER, AccessLogger, redact
 from proxy.app.reload import ConfigSource, reload_worker
@@ -57,10 +53,10 @@ from proxy.hosts.checks import HostChecker
 from proxy.hosts.events import EventKind
 from proxy.hosts.lifecycle import Lifecycle
 from proxy.hosts.state_sync import StateSync
-from proxy.hosts.verifier import Verifier, VerifierSettings
-from proxy.hosts.webhooks import WebhookSender, WebhookSettings
+from proxy.hosts.verifier import Verifier
+from proxy.hosts.webhooks import WebhookSender
 from proxy.http.app import MAX_HEADERS, hide_server_version, make_http_app, server_log
-from proxy.http.backends import BackendPool, HealthSettings
+from proxy.http.backends import BackendPool
 from proxy.http.forward import Forwarder, ForwarderSlot
 from proxy.http.host_policy import HostPolicy, arrived_over_https
 from proxy.http.host_views import CHANGE_EVENTS, HostViews
@@ -71,13 +67,13 @@ from proxy.tls.accept import (
     descriptor_budget,
     raise_descriptor_limit,
 )
-from proxy.tls.certificates import CertificateManager, ManagerSettings
-from proxy.tls.connections import ConnectionLimits, ConnectionSettings, MemoryTrimmer
+from proxy.tls.certificates import CertificateManager
+from proxy.tls.connections import ConnectionLimits, MemoryTrimmer
 from proxy.tls.contexts import new_server_context
 from proxy.tls.gate import IssuanceGate
 from proxy.tls.handshake import HandshakePolicy
-from proxy.tls.listener import ListenerSettings, TLSListener
-from proxy.tls.maintenance import Maintainer, MaintenanceSettings
+from proxy.tls.listener import TLSListener
+from proxy.tls.maintenance import Maintainer
 from proxy.tls.refusals import Refused
 from proxy.wire.peers import TrustedNetworks
 
@@ -155,38 +151,6 @@ async def open_store(config: Config, clock: Callable[[], float] = time.time) -> 
     return await SQLiteStore.open(config.store.path, key, clock=clock)
 
 
-def acme_settings(config: Config) -> AcmeSettings:
-    acme = config.acme
-    return AcmeSettings(
-        directory_url=acme.directory,
-        ca_bundle=acme.ca_bundle or None,
-        contact_email=acme.email or None,
-        threads=acme.threads,
-        order_timeout=acme.order_timeout,
-        challenges=tuple(acme.challenges),
-        profile=acme.profile or None,
-        eab_kid=acme.eab_kid or None,
-        eab_hmac_key=acme.eab_hmac_key or None,
-    )
-
-
-def fallback_settings(config: Config) -> AcmeSettings | None:
-    fallback = config.fallback
-    if not fallback.directory:
-        return None
-    return AcmeSettings(
-        directory_url=fallback.directory,
-        ca_bundle=fallback.ca_bundle or None,
-        contact_email=fallback.email or config.acme.email or None,
-        threads=config.acme.threads,
-        order_timeout=config.acme.order_timeout,
-        challenges=tuple(config.acme.challenges),
-        profile=fallback.profile or None,
-        eab_kid=fallback.eab_kid or None,
-        eab_hmac_key=fallback.eab_hmac_key or None,
-    )
-
-
 def make_issuer(
     config: Config,
     store: CertStore,
@@ -194,10 +158,7 @@ def make_issuer(
     *,
     metered: bool = False,
 ) -> FailoverIssuer:
-    breaker = BreakerSettings(
-        failure_threshold=max(config.acme.breaker_failures, 1),
-        probe_seconds=config.acme.breaker_probe_seconds,
-    )
+    breaker = settings.breaker(config)
 
     def issuer(settings: AcmeSettings, label: str) -> AcmeIssuer:
         if not metered:
@@ -213,52 +174,17 @@ def make_issuer(
         )
         return metrics.MeteredAcmeIssuer(settings, store, ca, ca_label=label)
 
-    fallback = fallback_settings(config)
+    fallback = settings.fallback(config)
     return FailoverIssuer(
-        issuer(acme_settings(config), "primary"),
+        issuer(settings.acme(config), "primary"),
         issuer(fallback, "fallback") if fallback is not None else None,
-    )
-
-
-def limit_settings(config: Config) -> LimitSettings:
-    limits = config.limits
-    return LimitSettings(
-        orders_per_window=limits.orders_per_window,
-        orders_window_seconds=limits.orders_window_seconds,
-        per_domain=limits.per_domain,
-        per_domain_window_seconds=limits.per_domain_window_seconds,
-        failed_authz_per_hour=limits.failed_authz_per_hour,
-        first_backoff_seconds=config.tls.failure_backoff_seconds,
-        max_backoff_seconds=limits.max_backoff_seconds,
-    )
-
-
-def listener_settings(
-    config: Config, proxy_protocol: ProxyProtocolSettings | None, *, max_pending: int
-) -> ListenerSettings:
-    return ListenerSettings(
-        max_pending=max_pending,  # from the descriptor budget (listener.descriptor_budget)
-        hello_timeout=config.tls.hello_timeout,
-        selection_timeout=config.tls.issuance_wait,
-        handshake_timeout=config.tls.handshake_timeout,
-        max_pending_per_source=config.tls.max_pending_per_source,
-        proxy_protocol=proxy_protocol,
     )
 
 
 async def build_forwarder(config: Config) -> tuple[Forwarder, BackendPool]:
     """The backends (health checks running) and a started forwarder to them."""
     backend = config.backend
-    backends = BackendPool(
-        backend.backend_urls(),
-        HealthSettings(
-            path=backend.health_path,
-            interval=backend.health_interval,
-            timeout=backend.health_timeout,
-            healthy_after=backend.healthy_after,
-            unhealthy_after=backend.unhealthy_after,
-        ),
-    )
+    backends = BackendPool(backend.backend_urls(), settings.health(config))
     await backends.start()
     # clicks counted by status class and timed (proxy/app/metrics.py)
     forwarder_class = metrics.MeteredForwarder if config.metrics.enabled else Forwarder
@@ -377,8 +303,8 @@ class EdgeWorker:
 
         self._closers.append(stop_ca_task)
         account = await store.get_account(config.acme.directory)
-        checker = HostChecker(check_settings(config), self._clock)
-        lifecycle = Lifecycle(store, config_schedule(config), self._clock)
+        checker = HostChecker(settings.checks(config), self._clock)
+        lifecycle = Lifecycle(store, settings.schedule(config), self._clock)
         gate = IssuanceGate(
             store, checker, lifecycle, config.tls.pending_recheck_seconds, clock=self._clock
         )
@@ -386,15 +312,9 @@ class EdgeWorker:
             store,
             issuer,
             gate,
-            ManagerSettings(
-                refusal_seconds=config.tls.refusal_cache_seconds,
-                failure_backoff_seconds=config.tls.failure_backoff_seconds,
-                lease_seconds=config.acme.lease_seconds,
-                cache_size=config.tls.cache_size,
-                revalidate_seconds=config.tls.revalidate_seconds,
-            ),
+            settings.manager(config),
             clock=self._clock,
-            limits=OrderLimits(store, limit_settings(config), clock=self._clock),
+            limits=OrderLimits(store, settings.limits(config), clock=self._clock),
             lifecycle=lifecycle,
         )
         self._closers.append(self.manager.close)
@@ -404,13 +324,7 @@ class EdgeWorker:
             issuer,
             checker.cname_checker,
             config.edge.cname_target,
-            MaintenanceSettings(
-                interval_seconds=config.renewal.interval_seconds,
-                batch_size=config.renewal.batch_size,
-                concurrency=config.renewal.concurrency,
-                skip_recheck_seconds=config.renewal.skip_recheck_seconds,
-                lease_seconds=config.acme.lease_seconds,
-            ),
+            settings.maintenance(config),
             clock=self._clock,
         )
         self.manager.on_stored = self.maintainer.wake
@@ -424,11 +338,7 @@ class EdgeWorker:
             store,
             checker,
             lifecycle,
-            VerifierSettings(
-                poll_seconds=config.verify.poll_seconds,
-                concurrency=config.verify.concurrency,
-                lease_seconds=config.acme.order_timeout + config.checks.https_timeout + 60,
-            ),
+            settings.verifier(config),
             issue_now=self._issue_now,
             account_uri=account.uri if account else None,
             clock=self._clock,
@@ -479,12 +389,7 @@ class EdgeWorker:
             max_connections=config.listen.max_connections,
         )
         self.connections = ConnectionLimits(
-            ConnectionSettings(
-                idle_timeout=config.listen.idle_timeout,
-                header_timeout=config.listen.header_timeout,
-                max_total=budget.max_connections,
-                max_per_source=config.listen.max_connections_per_source,
-            ),
+            settings.connections(config, max_total=budget.max_connections),
             exempt=forwarded_trusted,
         )
         protocol_factory = self.connections.protocol_factory(runner.server, **handler_options)
@@ -524,7 +429,7 @@ class EdgeWorker:
             https_sock,
             select_context,
             protocol_factory,
-            listener_settings(
+            settings.listener(
                 config,
                 proxy_protocol if config.listen.https_proxy_protocol else None,
                 max_pending=budget.max_pending,
@@ -647,14 +552,7 @@ class EdgeWorker:
         redact(secret)
         self.webhooks = WebhookSender(
             store,
-            WebhookSettings(
-                url=hooks.url,
-                secret=secret,
-                max_attempts=max(1, hooks.max_attempts),
-                backoff_seconds=hooks.backoff_seconds,
-                timeout=hooks.timeout,
-                poll_seconds=self.config.lifecycle.sync_seconds,
-            ),
+            settings.webhooks(self.config, secret),
         )
         await self.webhooks.start()
         self._closers.append(self.webhooks.close)
