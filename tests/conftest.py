@@ -1,40 +1,23 @@
-"""Fixtures: real Pebble, a real DNS server, a recording backend and edge workers.
+"""Fixtures only: real Pebble, a real DNS server, a recording backend and edge workers.
 
-Every edge gets its own loopback address 127.0.0.N and its own target name
+What they are built from is in tests/support/ (test modules import that, never this
+file). Every edge gets its own loopback address 127.0.0.N and its own target name
 `edge-N.linkedge.test` (A -> 127.0.0.N). Pebble validates HTTP-01 on one fixed
 port, so edges share that port number on distinct addresses.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import socket
-import ssl
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import aiohttp
 import pytest
+from support.edge import EdgeHandle, new_edge
+from support.pebble import running_pebble
 
-from certstore import Store, generate_key_text, open_store
-from certstore.crypto import parse_key_text
-from proxy.config import Config
-from proxy.demo.backend import HEALTH_PATH, RecordedRequest, start_backend
-from proxy.demo.client import edge_session, verifying_context
+from proxy.demo.backend import RecordedRequest, start_backend
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.edge import EdgeWorker
-
-_addresses = itertools.count(10)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -47,15 +30,8 @@ def dns_server() -> Iterator[DNSServer]:
 def pebble(
     dns_server: DNSServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PebbleServer]:
-    server = PebbleServer(
-        tmp_path_factory.mktemp("pebble"),
-        dns_server.nameserver,
-        http_port=free_port(),
-        tls_port=free_port(),
-    )
-    server.start()
-    yield server
-    server.stop()
+    with running_pebble(tmp_path_factory.mktemp("pebble"), dns_server) as server:
+        yield server
 
 
 @pytest.fixture
@@ -66,98 +42,6 @@ async def backend() -> AsyncIterator[tuple[str, list[RecordedRequest]]]:
     await runner.cleanup()
 
 
-@dataclass
-class EdgeHandle:
-    """A running edge worker plus what a test needs to talk to it."""
-
-    ip: str
-    target: str
-    config: Config
-    key_text: str
-    worker: EdgeWorker | None = None
-    hosts: list[str] = field(default_factory=list)
-
-    @property
-    def https_port(self) -> int:
-        return int(self.config.listen.https.rsplit(":", 1)[1])
-
-    @property
-    def http_port(self) -> int:
-        return int(self.config.listen.http.rsplit(":", 1)[1])
-
-    async def start(self, clock: Callable[[], float] = time.time) -> None:
-        self.worker = EdgeWorker(self.config, clock)
-        await self.worker.start()
-
-    async def stop(self) -> None:
-        if self.worker is not None:
-            await self.worker.close()
-            self.worker = None
-
-    async def open_store(self) -> Store:
-        return await open_store(self.config.store.path, parse_key_text(self.key_text, "test"))
-
-
-class FakeClock:
-    """Real time plus an offset the test moves forward (schedules, grace periods)."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
-
-
-ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
-
-
-def enable_admin(handle: EdgeHandle, tmp_path: Path) -> str:
-    """Turn the admin listener on (token in a file); returns its base URL."""
-    token_file = tmp_path / "admin.token"
-    token_file.write_text(ADMIN_TOKEN + "\n")
-    port = free_port(handle.ip)
-    handle.config.admin.listen = f"{handle.ip}:{port}"
-    handle.config.admin.token_file = str(token_file)
-    handle.config.admin.token_env = ""
-    # wrong tokens are slowed down per source (tests/test_admin_hardening.py): keep the
-    # steps short for the tests that send many on purpose
-    handle.config.admin.auth_delay_seconds = 0.001
-    handle.config.admin.auth_max_delay_seconds = 0.05
-    return f"http://{handle.ip}:{port}"
-
-
-def make_config(
-    tmp_path: Path, ip: str, target: str, pebble: PebbleServer, dns: DNSServer, backend_url: str
-) -> Config:
-    config = Config()
-    config.listen.https = f"{ip}:{free_port(ip)}"
-    config.listen.http = f"{ip}:{pebble.http_port}"
-    config.backend.url = backend_url
-    config.backend.timeout = 5
-    config.backend.health_path = HEALTH_PATH
-    config.edge.cname_target = target
-    config.acme.directory = pebble.directory_url
-    config.acme.ca_bundle = str(pebble.ca_bundle)
-    config.acme.order_timeout = 30
-    config.store.path = str(tmp_path / "store.db")
-    config.store.key_file = str(tmp_path / "store.key")
-    config.store.key_env = ""
-    config.dns.nameservers = [dns.nameserver]
-    config.dns.timeout = 2
-    config.tls.issuance_wait = 30
-    config.tls.hello_timeout = 2
-    config.admin.listen = ""  # tests that need the admin API turn it on
-    config.verify.poll_seconds = 0  # tests drive the verifier themselves (no timing)
-    config.checks.https_port = int(config.listen.https.rsplit(":", 1)[1])
-    config.checks.https_addresses = [ip]  # loopback: dialled only because it is listed
-    config.checks.ca_bundle = str(pebble.root_path)
-    config.checks.https_timeout = 10
-    return config
-
-
 @pytest.fixture
 def edge_config(
     tmp_path: Path,
@@ -165,14 +49,7 @@ def edge_config(
     dns_server: DNSServer,
     backend: tuple[str, list[RecordedRequest]],
 ) -> EdgeHandle:
-    n = next(_addresses)
-    ip = f"127.0.0.{n}"
-    target = f"edge-{n}.linkedge.test"
-    dns_server.set_a(target, [ip])
-    key_text = generate_key_text()
-    (tmp_path / "store.key").write_text(key_text)
-    config = make_config(tmp_path, ip, target, pebble, dns_server, backend[0])
-    return EdgeHandle(ip=ip, target=target, config=config, key_text=key_text)
+    return new_edge(tmp_path, pebble, dns_server, backend[0])
 
 
 @pytest.fixture
@@ -180,35 +57,3 @@ async def edge(edge_config: EdgeHandle) -> AsyncIterator[EdgeHandle]:
     await edge_config.start()
     yield edge_config
     await edge_config.stop()
-
-
-def client_context(pebble: PebbleServer) -> ssl.SSLContext:
-    """A strict TLS client context trusting only Pebble's issuing root."""
-    return verifying_context(str(pebble.root_path))
-
-
-def https_session(
-    edge: EdgeHandle, pebble: PebbleServer, **kwargs: object
-) -> aiohttp.ClientSession:
-    return edge_session(edge.ip, str(pebble.root_path), **kwargs)
-
-
-async def register(store: Store, dns: DNSServer, host: str, target: str) -> None:
-    await store.add_domain(host, "acct-test")
-    dns.set_cname(host, target)
-
-
-async def tls_handshake(
-    ip: str, port: int, server_name: str | None, ctx: ssl.SSLContext, timeout: float = 30
-) -> ssl.SSLObject | None:
-    """One raw TLS handshake; returns the peer certificate's SSL object info."""
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(ip, port, ssl=ctx, server_hostname=server_name), timeout
-    )
-    obj = writer.get_extra_info("ssl_object")
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except (ConnectionError, ssl.SSLError):
-        pass
-    return obj

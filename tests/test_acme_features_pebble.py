@@ -19,9 +19,11 @@ import aiohttp
 import pytest
 from acme import client as acme_lib_client
 from aiohttp import web
-from conftest import client_context, free_port
 from cryptography import x509
-from renewal_helpers import Edge, FakeClock, new_edge_config, served_serial
+from support.edge import FakeClock, client_context
+from support.net import free_port
+from support.pebble import running_pebble
+from support.renewal import Edge, new_edge_config, served_serial
 
 from acme_client import AcmeError, AcmeIssuer, AcmeSettings
 from certstore import Store, generate_key_text, open_store
@@ -199,7 +201,7 @@ async def test_tls_alpn_01_validated_by_pebble(
         assert cert is not None and cert.serial == serial
         assert await store.get_alpn_challenge(host) is None  # cleaned up
         # Pebble's validation handshakes (ALPN acme-tls/1) reached our listener
-        assert edge.worker.manager.alpn_challenges_answered >= 1  # type: ignore[union-attr]
+        assert edge.worker.meter.value("certificates", "alpn_challenges_answered") >= 1
         payloads = jws_payloads(caplog)
         assert payloads and not any('"profile"' in p for p in payloads)
         failed_authz, _ = await store.rate_usage(f"authz-failed:{host}", 3600)
@@ -280,23 +282,18 @@ def ca_pair(
 ) -> Iterator[tuple[PebbleServer, PebbleServer]]:
     """A primary Pebble and an EAB-requiring fallback Pebble validating on the same port."""
     http_port = free_port()
-    primary = PebbleServer(
-        tmp_path_factory.mktemp("primary"),
-        dns_server.nameserver,
-        http_port=http_port,
-        tls_port=free_port(),
-    )
-    fallback = PebbleServer(
-        tmp_path_factory.mktemp("fallback-eab"),
-        dns_server.nameserver,
-        http_port=http_port,
-        tls_port=free_port(),
-        extra_config={
-            "externalAccountBindingRequired": True,
-            "externalAccountMACKeys": {EAB_KID: EAB_KEY},
-        },
-    )
-    with primary, fallback:
+    eab = {"externalAccountBindingRequired": True, "externalAccountMACKeys": {EAB_KID: EAB_KEY}}
+    with (
+        running_pebble(
+            tmp_path_factory.mktemp("primary"), dns_server, http_port=http_port
+        ) as primary,
+        running_pebble(
+            tmp_path_factory.mktemp("fallback-eab"),
+            dns_server,
+            http_port=http_port,
+            extra_config=eab,
+        ) as fallback,
+    ):
         yield primary, fallback
 
 
@@ -376,7 +373,7 @@ async def test_eab_required_but_not_configured_is_a_clear_error(
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "proxy.cli", *args],
+        [sys.executable, "-m", "proxy.app.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -27,7 +27,7 @@ from acme_client.solvers import ACME_IDENTIFIER_OID, TLSALPN01
 from certstore import generate_key_text, open_store
 from certstore.crypto import Sealer, parse_key_text
 from certstore.schema import MIGRATIONS
-from proxy.config import ConfigError, load_config, require_serving
+from proxy.app.config import ConfigError, load_config, require_serving
 
 
 def test_tls_alpn01_certificate_follows_rfc_8737() -> None:

@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
-from conftest import (
+from support.edge import (
     ADMIN_TOKEN,
     EdgeHandle,
     client_context,

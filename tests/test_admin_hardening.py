@@ -16,11 +16,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ADMIN_TOKEN, EdgeHandle, enable_admin
+from support.edge import ADMIN_TOKEN, EdgeHandle, enable_admin
 
 from proxy.admin.auth import THROTTLE, AuthThrottle
+from proxy.app.wiring import admin_socket
 from proxy.demo.pki import write_tls_identity
-from proxy.edge import admin_socket
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from proxy.association_files import (
+from proxy.hosts.association_files import (
     ANDROID,
     APPLE,
     MAX_BYTES,

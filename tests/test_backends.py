@@ -7,14 +7,15 @@ import socket
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from conftest import EdgeHandle, free_port, https_session
-from helpers_edge import certify, url
+from support.clicks import certify, url
+from support.edge import EdgeHandle, https_session
+from support.net import free_port
 
-from proxy.backends import BackendPool, HealthSettings
-from proxy.config import Config, ConfigError, check_backends
+from proxy.app.config import Config, ConfigError, check_backends
 from proxy.demo.backend import RecordedRequest, start_backend
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.http.backends import BackendPool, HealthSettings
 
 # -- unit: selection and thresholds ------------------------------------------------------
 

@@ -14,13 +14,13 @@ import time
 
 import aiohttp
 import pytest
-from conftest import EdgeHandle, client_context
-from helpers_edge import certify, get_status, python_hello, read_to_close, url
+from support.clicks import certify, get_status, python_hello, read_to_close, url
+from support.edge import EdgeHandle, client_context
 
-from proxy.clienthello import DECODE_ERROR, UNRECOGNIZED_NAME, alert_record, parse_client_hello
 from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.wire.clienthello import DECODE_ERROR, UNRECOGNIZED_NAME, alert_record, parse_client_hello
 
 HELLO_TIMEOUT = 1.0
 

@@ -30,7 +30,7 @@ from certstore import (
     open_store,
 )
 from certstore.crypto import parse_key_text
-from proxy.certificates import kept_lease
+from proxy.tls.certificates import kept_lease
 
 URL = "https://ca.test/dir"
 SETTINGS = BreakerSettings(failure_threshold=2, probe_seconds=4.0)
@@ -159,7 +159,7 @@ async def _never_called() -> None:
 async def test_state_changes_reach_the_metrics_gauge(store: Store) -> None:
     from prometheus_client import REGISTRY
 
-    from proxy import metrics
+    from proxy.app import metrics
 
     def gauge(state: str) -> float | None:
         return REGISTRY.get_sample_value(
@@ -225,7 +225,7 @@ class _Manager:
 
 
 async def test_maintenance_sleeps_until_the_earliest_due_time_and_wakes_early() -> None:
-    from proxy.maintenance import Maintainer, MaintenanceSettings
+    from proxy.tls.maintenance import Maintainer, MaintenanceSettings
 
     store = _Earliest()
     now = 1000.0

@@ -15,13 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import client_context, free_port, tls_handshake
-from renewal_helpers import Edge, FakeClock, new_edge_config, served_serial
+from support.edge import FakeClock, client_context, tls_handshake
+from support.pebble import running_pebble
+from support.renewal import Edge, new_edge_config, served_serial
 
 from certstore import DomainState
+from proxy.app.wiring import EdgeWorker
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.edge import EdgeWorker
 
 SERVED_WITHIN = 5.0  # after the CA's return
 
@@ -30,15 +31,8 @@ SERVED_WITHIN = 5.0  # after the CA's return
 def own_pebble(
     dns_server: DNSServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PebbleServer]:
-    server = PebbleServer(
-        tmp_path_factory.mktemp("pebble-outage"),
-        dns_server.nameserver,
-        http_port=free_port(),
-        tls_port=free_port(),
-    )
-    server.start()
-    yield server
-    server.stop()
+    with running_pebble(tmp_path_factory.mktemp("pebble-outage"), dns_server) as server:
+        yield server
 
 
 async def _refused_fast(ip: str, port: int, host: str, pebble: PebbleServer) -> float:

@@ -10,16 +10,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import EdgeHandle, free_port, https_session, register
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from support.edge import EdgeHandle, https_session, register
+from support.net import free_port
 
-from proxy.checks import CheckSettings, CheckState, HostChecker
-from proxy.checks.caa import CaaRecord, evaluate
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.hosts.checks import CheckSettings, CheckState, HostChecker
+from proxy.hosts.checks.caa import CaaRecord, evaluate
 
 
 def checker_for(dns: DNSServer, target: str, **kw: object) -> HostChecker:

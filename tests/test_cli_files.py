@@ -1,8 +1,8 @@
 """`linkedge files put|get|delete|list`: the admin API's file rules, from the command line.
 
-In-process calls of `proxy.cli.main` against a real store: what a subprocess would
+In-process calls of `proxy.app.cli.main` against a real store: what a subprocess would
 add (an interpreter start) proves nothing here. The rules themselves are shared
-with the API (proxy/host_files.py), so the refusals below are the API's.
+with the API (proxy/ops/files.py), so the refusals below are the API's.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 
 from certstore import generate_key_text, open_store
 from certstore.crypto import parse_key_text
-from proxy.association_files import ANDROID, APPLE, MAX_BYTES, etag
-from proxy.cli import main
+from proxy.app.cli import main
+from proxy.hosts.association_files import ANDROID, APPLE, MAX_BYTES, etag
 
 HOST = "links.shop.test"
 FP = ":".join(f"{i:02X}" for i in range(32))

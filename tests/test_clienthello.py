@@ -1,4 +1,4 @@
-"""Tests for proxy.clienthello: real ClientHellos, framing edge cases, fuzzing."""
+"""Tests for proxy.wire.clienthello: real ClientHellos, framing edge cases, fuzzing."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.clienthello import (
+from proxy.wire.clienthello import (
     DECODE_ERROR,
     HANDSHAKE_FAILURE,
     INTERNAL_ERROR,

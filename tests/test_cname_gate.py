@@ -11,13 +11,13 @@ from __future__ import annotations
 import ssl
 
 import pytest
-from conftest import EdgeHandle, client_context, tls_handshake
-from helpers_edge import edge_store, get_status, new_host, ssl_error_text
+from support.clicks import edge_store, get_status, new_host, ssl_error_text
+from support.edge import EdgeHandle, client_context, tls_handshake
 
 from certstore import DomainState
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.lifecycle import load_report
+from proxy.hosts.lifecycle import load_report
 
 
 async def _orders_for(edge: EdgeHandle, host: str) -> int:
@@ -49,7 +49,7 @@ async def test_cname_to_another_name_on_the_edges_addresses_is_refused(
     assert pebble.order_count() == orders_before
     assert await _orders_for(edge, host) == 0
     assert edge.worker is not None and edge.worker.manager is not None
-    assert edge.worker.manager.orders_started == 0
+    assert edge.worker.meter.value("certificates", "orders_started") == 0
     async with edge_store(edge) as store:
         domain = await store.get_domain(host)
     assert domain is not None and domain.state is DomainState.PENDING

@@ -10,8 +10,8 @@ import urllib.parse
 
 import aiohttp
 import pytest
-from conftest import EdgeHandle, client_context, register
-from helpers_edge import certify, edge_store, get_status, new_host, url
+from support.clicks import certify, edge_store, get_status, new_host, url
+from support.edge import EdgeHandle, client_context, register
 
 from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer
@@ -66,7 +66,7 @@ async def test_burst_of_first_connections_makes_one_order(
         kinds = [e.kind for e in await store.list_events(host)]
     assert kinds.count("order_started") == 1
     assert kinds.count("issued") == 1
-    assert edge.worker.manager is not None and edge.worker.manager.orders_started == 1
+    assert edge.worker.meter.value("certificates", "orders_started") == 1
     # 50 separate connections, 50 handshakes, none refused or timed out
     assert stats.handshakes_started - started_before == BURST
     assert stats.refused == stats.selection_timeouts == stats.handshake_failures == 0

@@ -11,14 +11,14 @@ import dataclasses
 import time
 
 import pytest
-from conftest import EdgeHandle, client_context
-from helpers_edge import certify, get_status, read_to_close
+from support.clicks import certify, get_status, read_to_close
+from support.edge import EdgeHandle, client_context
 
-from proxy.config import Config, ConfigError, check_backends, check_listen, load_config
-from proxy.connections import ConnectionStats
+from proxy.app.config import Config, ConfigError, check_backends, check_listen, load_config
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.listener import DescriptorBudget, descriptor_budget
+from proxy.tls.accept import DescriptorBudget, descriptor_budget
+from proxy.tls.connections import ConnectionStats
 
 IDLE = 1.5
 HEADERS = 1.0

@@ -21,7 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import client_context, free_port, tls_handshake
+from support.edge import client_context, tls_handshake
+from support.net import free_port
+from support.pebble import running_pebble
 
 from certstore import generate_key_text, open_store
 from certstore.crypto import parse_key_text
@@ -38,15 +40,8 @@ SERVED_WITHIN = 15.0
 def own_pebble(
     dns_server: DNSServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PebbleServer]:
-    server = PebbleServer(
-        tmp_path_factory.mktemp("pebble-crash"),
-        dns_server.nameserver,
-        http_port=free_port(),
-        tls_port=free_port(),
-    )
-    server.start()
-    yield server
-    server.stop()
+    with running_pebble(tmp_path_factory.mktemp("pebble-crash"), dns_server) as server:
+        yield server
 
 
 class Serve:
@@ -62,7 +57,7 @@ class Serve:
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "serve", "--workers", "1"],
+                [sys.executable, "-m", "proxy.app.cli", "serve", "--workers", "1"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env},

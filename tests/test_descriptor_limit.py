@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import aiohttp
-from conftest import EdgeHandle, client_context
-from helpers_edge import certify, url
+from support.clicks import certify, url
+from support.edge import EdgeHandle, client_context
 
 from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer
@@ -27,7 +27,7 @@ from proxy.demo.pebble import PebbleServer
 CHILD = """
 import asyncio, pickle, resource, sys
 resource.setrlimit(resource.RLIMIT_NOFILE, (512, 1024))
-from proxy.edge import run_worker
+from proxy.app.wiring import run_worker
 with open(sys.argv[1], "rb") as fh:
     config = pickle.load(fh)
 asyncio.run(run_worker(config, ready=lambda: print("ready", flush=True)))

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from proxy.config import Config, load_config
+from proxy.app.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -54,7 +54,7 @@ def test_cli_creates_key_and_store_0600_under_a_loose_umask(tmp_path: Path) -> N
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "proxy.cli", *args],
+            [sys.executable, "-m", "proxy.app.cli", *args],
             capture_output=True, text=True, timeout=60, env=env,
             preexec_fn=lambda: os.umask(0o022),
         )  # fmt: skip

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import EdgeHandle, https_session, register
+from support.edge import EdgeHandle, https_session, register
 
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer

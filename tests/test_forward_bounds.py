@@ -15,10 +15,10 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import EdgeHandle
+from support.edge import EdgeHandle
 
 from proxy.demo.backend import HEALTH_PATH, RecordedRequest
-from proxy.forward import Forwarder
+from proxy.http.forward import Forwarder
 
 HOST = "links.bounds.test"
 ATTACKER, CLICKER = "127.0.0.2", "127.0.0.3"

@@ -9,8 +9,9 @@ import time
 
 import aiohttp
 import pytest
-from conftest import EdgeHandle, client_context, free_port, https_session
-from helpers_edge import certify, edge_store, url
+from support.clicks import certify, edge_store, url
+from support.edge import EdgeHandle, client_context, https_session
+from support.net import free_port
 
 from proxy.demo.backend import RecordedRequest
 from proxy.demo.client import StaticResolver

@@ -12,10 +12,10 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from certstore import StoredCertificate, open_store
-from proxy.host_policy import HostPolicy, _matches
-from proxy.host_views import HostViews
-from proxy.request_target import BadRequest
-from proxy.request_target import origin_form as _origin_form
+from proxy.http.host_policy import HostPolicy, _matches
+from proxy.http.host_views import HostViews
+from proxy.http.request_target import BadRequest
+from proxy.http.request_target import origin_form as _origin_form
 
 HOST = "links.policy.test"
 VALID = (1_000.0, 10_000.0)

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from certstore import DomainState, Store, open_store
-from proxy.association_files import APPLE, etag
-from proxy.host_views import CHANGE_EVENTS, HostViews
-from proxy.state_sync import StateSync
+from proxy.hosts.association_files import APPLE, etag
+from proxy.hosts.state_sync import StateSync
+from proxy.http.host_views import CHANGE_EVENTS, HostViews
 
 HOST = "links.views.test"
 

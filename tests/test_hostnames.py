@@ -1,10 +1,10 @@
-"""proxy.hostnames: one canonical form for every customer hostname, and what is refused."""
+"""proxy.wire.hostnames: one canonical form for every customer hostname, and what is refused."""
 
 from __future__ import annotations
 
 import pytest
 
-from proxy.hostnames import InvalidHostname, display_hostname, normalize_hostname
+from proxy.wire.hostnames import InvalidHostname, display_hostname, normalize_hostname
 
 
 @pytest.mark.parametrize(
@@ -111,7 +111,7 @@ def test_invalid_hostname_is_a_value_error() -> None:
 
 
 def test_host_header_is_host_and_optional_port() -> None:
-    from proxy.hostnames import BadHostHeader, HostHeader, parse_host_header
+    from proxy.wire.hostnames import BadHostHeader, HostHeader, parse_host_header
 
     assert parse_host_header("Links.Shop.COM.:8443") == HostHeader("links.shop.com", 8443)
     assert parse_host_header("links.shop.com").lookup == "links.shop.com"

@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 from test_checks import _write_pki, checker_for
 
-from proxy.checks import CheckSettings, CheckState
-from proxy.checks.https import is_public
-from proxy.config import ConfigError, load_config
+from proxy.app.config import ConfigError, load_config
+from proxy.app.settings import checks as check_settings
 from proxy.demo.dnsserver import DNSServer
+from proxy.hosts.checks import CheckState
+from proxy.hosts.checks.https import is_public
 
 
 class RecordingTLSServer:
@@ -209,7 +210,7 @@ async def test_every_edge_address_is_checked_ipv4_and_ipv6(
 
 def test_listed_addresses_must_be_ip_literals() -> None:
     config = load_config(None, environ={"LINKEDGE_CHECKS_HTTPS_ADDRESSES": "[::1], 127.0.0.9"})
-    assert CheckSettings.from_config(config).https_addresses == ("::1", "127.0.0.9")
+    assert check_settings(config).https_addresses == ("::1", "127.0.0.9")
     bad = load_config(None, environ={"LINKEDGE_CHECKS_HTTPS_ADDRESSES": "127.0.0.9,edge.test"})
     with pytest.raises(ConfigError, match=r"checks.https_addresses: 'edge.test' is not an IP"):
-        CheckSettings.from_config(bad)
+        check_settings(bad)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from certstore import DomainState, Store, open_store
-from proxy.checks import CheckReport, CheckResult, CheckState
-from proxy.lifecycle import ALLOWED, InvalidTransition, Lifecycle, decide
-from proxy.schedule import Schedule
+from proxy.hosts.checks import CheckReport, CheckResult, CheckState
+from proxy.hosts.lifecycle import ALLOWED, InvalidTransition, Lifecycle, decide
+from proxy.hosts.schedule import Schedule
 
 S = DomainState
 
@@ -130,7 +130,7 @@ async def test_a_step_another_worker_made_first_is_logged_once(
     life = Lifecycle(store, Schedule())
     seen = await store.add_domain("links.c.test", "acct")  # both read it as pending
     passing = report(CheckState.PASS)
-    with caplog.at_level("INFO", logger="proxy.lifecycle"):
+    with caplog.at_level("INFO", logger="proxy.hosts.lifecycle"):
         first = await life.apply(seen, passing, has_valid_cert=False)
         second = await life.apply(seen, passing, has_valid_cert=False)
     assert first.state is S.VERIFIED and second.state is S.VERIFIED

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EdgeHandle, client_context, tls_handshake
-from helpers_edge import certify, edge_store, new_host
-from helpers_proxy import v1_header
+from support.clicks import certify, edge_store, new_host
+from support.edge import EdgeHandle, client_context, tls_handshake
+from support.proxy_protocol import v1_header
 from test_proxy_listeners import LBEdge, http_request, lb  # noqa: F401 (the fixture)
 
-from proxy import logging_setup
+from proxy.app import logging_setup
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 
@@ -60,7 +60,7 @@ async def test_json_lines_for_an_issuance_and_a_refusal(
     assert len(issued) == 1
     assert issued[0]["host"] == host and issued[0]["level"] == "info"
     assert 0 < issued[0]["duration"] < 30
-    assert issued[0]["logger"] == "proxy.certificates"
+    assert issued[0]["logger"] == "proxy.tls.certificates"
     created = [x for x in lines if x.get("event") == "order_created" and x.get("host") == host]
     assert len(created) == 1 and created[0]["order_url"].startswith("https://")
     assert created[0]["order_url"] in created[0]["message"]
@@ -79,7 +79,7 @@ async def test_json_lines_for_an_issuance_and_a_refusal(
 
 
 async def certify_again(edge: EdgeHandle, pebble: PebbleServer, host: str) -> None:
-    from helpers_edge import get_status
+    from support.clicks import get_status
 
     assert await get_status(edge, pebble, host, "/c/again") == 302
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ADMIN_TOKEN, EdgeHandle, client_context, enable_admin, free_port, tls_handshake
-from helpers_edge import certify, edge_store, new_host
 from prometheus_client.parser import text_string_to_metric_families
+from support.clicks import certify, edge_store, new_host
+from support.edge import ADMIN_TOKEN, EdgeHandle, client_context, enable_admin, tls_handshake
+from support.net import free_port
 
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
@@ -241,7 +242,7 @@ async def test_workers_are_aggregated_into_one_scrape(
 ) -> None:
     """`serve --workers 2`: slot 0's /metrics sums both workers (multiprocess mode), and
     keeps the counts of a worker that died."""
-    from helpers_edge import python_hello, read_to_close
+    from support.clicks import python_hello, read_to_close
     from test_workers import IP, TARGET, ServeProcess
 
     from certstore import generate_key_text
@@ -325,9 +326,9 @@ async def test_workers_are_aggregated_into_one_scrape(
 
 
 def test_refusal_reasons_are_a_bounded_set() -> None:
-    from proxy.clienthello import HANDSHAKE_FAILURE, INTERNAL_ERROR
-    from proxy.metrics import refusal_reason
-    from proxy.refusals import Refused
+    from proxy.app.metrics import refusal_reason
+    from proxy.tls.refusals import Refused
+    from proxy.wire.clienthello import HANDSHAKE_FAILURE, INTERNAL_ERROR
 
     cases = {
         Refused("not registered"): "not_registered",
@@ -353,7 +354,7 @@ def test_refusal_reasons_are_a_bounded_set() -> None:
 def test_click_tally_flushes_what_observe_would_have_recorded() -> None:
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-    from proxy import metrics
+    from proxy.app import metrics
 
     registry = CollectorRegistry()
     reference = Histogram(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ADMIN_TOKEN, EdgeHandle, enable_admin
+from support.edge import ADMIN_TOKEN, EdgeHandle, enable_admin
 
 from certstore import DomainState, open_store
 

@@ -1,6 +1,6 @@
 """Issue 13: a `linkedge serve` process stops gracefully on SIGTERM and reloads on SIGHUP.
 
-Real processes (`python -m proxy.cli serve`), a real config file on disk that the
+Real processes (`python -m proxy.app.cli serve`), a real config file on disk that the
 test rewrites, real backends (aiohttp servers in the test's loop) and raw HTTP/1.1
 keep-alive connections, so "the connection was not dropped" means the same socket.
 """
@@ -23,15 +23,16 @@ from typing import NoReturn
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import EdgeHandle, client_context, free_port, register, tls_handshake
-from helpers_edge import edge_store, new_host
+from support.clicks import edge_store, new_host
+from support.edge import EdgeHandle, client_context, register, tls_handshake
+from support.net import free_port
 
 from certstore import generate_key_text, open_store
 from certstore.crypto import parse_key_text
-from proxy.certificates import lease_name
 from proxy.demo.client import edge_session
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.hosts.leases import lease_name
 
 IP = "127.0.0.78"
 TARGET = "edge-signals.linkedge.test"
@@ -127,7 +128,7 @@ interval_seconds = 0
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LINKEDGE_")}
         env["SIGNALS_TEST_STORE_KEY"] = self.store_key
-        args = [sys.executable, "-m", "proxy.cli", "-c", str(self.config_path), "serve"]
+        args = [sys.executable, "-m", "proxy.app.cli", "-c", str(self.config_path), "serve"]
         if self.workers > 1:
             args += ["--workers", str(self.workers)]
         with self.log_path.open("wb") as log:

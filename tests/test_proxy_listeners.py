@@ -16,17 +16,17 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
-from conftest import EdgeHandle, client_context
-from helpers_edge import certify, read_to_close
-from helpers_proxy import ProxyBalancer, v1_header, v2_header
+from support.clicks import certify, read_to_close
+from support.edge import EdgeHandle, client_context
+from support.proxy_protocol import ProxyBalancer, v1_header, v2_header
 
-from proxy.config import ConfigError, check_listen, load_config
+from proxy.app.config import ConfigError, check_listen, load_config
 from proxy.demo.backend import RecordedRequest
 from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.listener import ListenerStats
-from proxy.peers import TrustedNetworks
+from proxy.tls.accept import ListenerStats
+from proxy.wire.peers import TrustedNetworks
 
 BALANCER = "127.0.0.5"
 STRANGER = "127.0.0.6"

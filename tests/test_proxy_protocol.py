@@ -1,4 +1,4 @@
-"""Tests for proxy.proxy_protocol: v1 and v2 headers, framing edge cases, fuzzing."""
+"""Tests for proxy.wire.proxy_protocol: v1 and v2 headers, framing edge cases, fuzzing."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import ipaddress
 import struct
 
 import pytest
-from helpers_proxy import v1_header, v2_header
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.proxy_protocol import v1_header, v2_header
 
-from proxy.proxy_protocol import (
+from proxy.wire.proxy_protocol import (
     MAX_V1_LENGTH,
     MalformedProxyHeader,
     NotProxyProtocol,

@@ -6,8 +6,8 @@ import asyncio
 import ssl
 
 import pytest
-from conftest import EdgeHandle, client_context, register, tls_handshake
-from helpers_edge import certify, edge_store, get_status, new_host, ssl_error_text
+from support.clicks import certify, edge_store, get_status, new_host, ssl_error_text
+from support.edge import EdgeHandle, client_context, register, tls_handshake
 
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer

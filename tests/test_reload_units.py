@@ -1,4 +1,4 @@
-"""proxy/reload.py in process: which keys apply live, and the forwarder swap itself."""
+"""proxy/app/reload.py in process: which keys apply live, and the forwarder swap itself."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import free_port
+from support.net import free_port
 from test_process_signals import Backend
 
-from proxy.config import Config
-from proxy.edge import build_forwarder
-from proxy.reload import ForwarderSlot, effective, split_changes
+from proxy.app.config import Config
+from proxy.app.reload import effective, split_changes
+from proxy.app.wiring import build_forwarder
+from proxy.http.forward import ForwarderSlot
 
 
 def test_live_keys_and_restart_keys() -> None:

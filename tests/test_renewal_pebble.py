@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import client_context, free_port
-from renewal_helpers import Edge, FakeClock, new_edge_config, served_serial
+from support.edge import FakeClock, client_context
+from support.pebble import running_pebble
+from support.renewal import Edge, new_edge_config, served_serial
 
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
@@ -23,17 +24,13 @@ VALIDITY = 3600
 def short_pebble(
     dns_server: DNSServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PebbleServer]:
-    server = PebbleServer(
+    with running_pebble(
         tmp_path_factory.mktemp("pebble-short"),
-        dns_server.nameserver,
-        http_port=free_port(),
-        tls_port=free_port(),
+        dns_server,
         validity_seconds=VALIDITY,
         nonce_reject_percent=50,
-    )
-    server.start()
-    yield server
-    server.stop()
+    ) as server:
+        yield server
 
 
 async def _edge(

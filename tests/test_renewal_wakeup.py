@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import client_context, free_port
-from renewal_helpers import Edge, FakeClock, new_edge_config, served_serial
+from support.edge import FakeClock, client_context
+from support.pebble import running_pebble
+from support.renewal import Edge, new_edge_config, served_serial
 
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
@@ -28,16 +29,10 @@ LATE_AT_MOST = 3.0  # seconds after the planned moment
 def pebble_90s(
     dns_server: DNSServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PebbleServer]:
-    server = PebbleServer(
-        tmp_path_factory.mktemp("pebble-90s"),
-        dns_server.nameserver,
-        http_port=free_port(),
-        tls_port=free_port(),
-        validity_seconds=VALIDITY,
-    )
-    server.start()
-    yield server
-    server.stop()
+    with running_pebble(
+        tmp_path_factory.mktemp("pebble-90s"), dns_server, validity_seconds=VALIDITY
+    ) as server:
+        yield server
 
 
 async def test_renewal_happens_within_seconds_of_its_due_time(

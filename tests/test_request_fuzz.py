@@ -20,12 +20,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import EdgeHandle, client_context
-from helpers_edge import certify, get_status
+from support.clicks import certify, get_status
+from support.edge import EdgeHandle, client_context
 
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.http_app import MALFORMED
+from proxy.http.app import MALFORMED
 
 SEED = 9
 PER_LISTENER = 1200

@@ -6,15 +6,15 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import EdgeHandle, client_context, tls_handshake
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from helpers_edge import certify, edge_store, get_status
+from support.clicks import certify, edge_store, get_status
+from support.edge import EdgeHandle, client_context, tls_handshake
 
 from certstore import StoreKeyError, generate_key_text
+from proxy.app.wiring import EdgeWorker
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.edge import EdgeWorker
 
 
 async def served_leaf(edge: EdgeHandle, pebble: PebbleServer, host: str) -> bytes:
@@ -45,7 +45,7 @@ async def test_certificate_comes_back_from_the_store_after_restart(
     assert await get_status(edge, pebble, host, "/c/after-restart") == 302
     assert await served_leaf(edge, pebble, host) == leaf_before
     assert pebble.order_count() == orders_before
-    assert edge.worker.manager.orders_started == 0
+    assert edge.worker.meter.value("certificates", "orders_started") == 0
     assert edge.worker.manager.cached_contexts == 1
 
     async with edge_store(edge) as store:

@@ -21,14 +21,15 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ADMIN_TOKEN, EdgeHandle, client_context, enable_admin, free_port
-from helpers_edge import certify, edge_store, ssl_error_text
-from renewal_helpers import served_serial
+from support.clicks import certify, edge_store, ssl_error_text
+from support.edge import ADMIN_TOKEN, EdgeHandle, client_context, enable_admin
+from support.net import free_port
+from support.renewal import served_serial
 
 from acme_client import AcmeError, FailoverIssuer
+from proxy.app.wiring import EdgeWorker
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.edge import EdgeWorker
 
 SYNC = 0.5  # lifecycle.sync_seconds in these tests
 SLACK = 2.5  # a loaded 2-core machine: handshakes, a new order, the poll's own step
@@ -93,7 +94,7 @@ async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "proxy.cli",
+        "proxy.app.cli",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

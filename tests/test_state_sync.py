@@ -1,7 +1,8 @@
 """Issue 8, part 4: every event that changes a host's handshake reaches every worker.
 
-The event-kind sets are hand-kept; the first test reads the code for every kind that is
-emitted (record_event calls and the schema's triggers) so a new kind, or a consumed kind
+Event kinds are one enum (proxy/hosts/events.py) that says, per kind, which caches it
+invalidates. The first test reads the code for every kind that is emitted (record_event
+calls, literal or `EventKind.X`, and the schema's triggers) so a new kind, or a member
 nobody emits (the old `certificate_deleted`), fails here instead of drifting silently.
 """
 
@@ -13,33 +14,22 @@ from pathlib import Path
 
 from certstore import generate_key_text, open_store
 from certstore.crypto import parse_key_text
-from proxy.host_views import CHANGE_EVENTS
-from proxy.state_sync import HANDSHAKE_EVENTS, StateSync
+from proxy.hosts.events import HANDSHAKE_EVENTS, HOST_VIEW_EVENTS, Cache, EventKind, why
+from proxy.hosts.state_sync import StateSync
+from proxy.http.host_views import CHANGE_EVENTS
 
 ROOT = Path(__file__).resolve().parent.parent
-
-# Emitted kinds that do not change what a handshake gets, and why.
-NOT_FOR_HANDSHAKES = {
-    "acme_account_registered": "no host",
-    "order_started": "the certificate arrives with `issued`",
-    "renewal_started": "the certificate arrives with `renewed`",
-    "order_deferred": "nothing changed; this worker's refusal cache only",
-    "issuance_failed": "the state change to failed is a `state` event",
-    "renewal_failed": "the current certificate stays in service",
-    "renewal_skipped": "the current certificate stays in service",
-    "refused": "a decision, not a change",
-    "checks_stopped": "background checks only",
-    "removed_unrevoked": "followed by `removed`",
-    "webhook_failed": "delivery bookkeeping",
-    "options_changed": "HTTP answers only (host_views)",
-    "file_updated": "HTTP answers only (host_views)",
-    "file_deleted": "HTTP answers only (host_views)",
-}
 
 
 def _string_constants(node: ast.AST) -> set[str]:
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return {node.value}
+    if (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "EventKind"
+    ):
+        return {EventKind[node.attr].value}
     if isinstance(node, ast.IfExp):
         return _string_constants(node.body) | _string_constants(node.orelse)
     return set()
@@ -69,12 +59,14 @@ def emitted_event_kinds() -> set[str]:
 def test_every_emitted_event_kind_is_classified_and_every_consumed_one_is_emitted() -> None:
     emitted = emitted_event_kinds()
     assert {"state", "revoked", "purged", "removed", "file_updated"} <= emitted  # the scan works
-    assert HANDSHAKE_EVENTS <= emitted, HANDSHAKE_EVENTS - emitted
-    assert CHANGE_EVENTS <= emitted, CHANGE_EVENTS - emitted
-    unclassified = emitted - HANDSHAKE_EVENTS - set(NOT_FOR_HANDSHAKES)
-    assert not unclassified, f"decide whether these change a handshake: {unclassified}"
-    assert not HANDSHAKE_EVENTS & set(NOT_FOR_HANDSHAKES)
-    assert HANDSHAKE_EVENTS <= CHANGE_EVENTS  # the HTTP side shows certificates and states too
+    stored_strings = emitted - {k.value for k in EventKind}
+    assert not stored_strings, f"emitted kinds missing from EventKind: {stored_strings}"
+    never_emitted = {k.value for k in EventKind} - emitted
+    assert not never_emitted, f"EventKind members nobody emits: {never_emitted}"
+    assert all(why(k) for k in EventKind)  # each says why it invalidates what it does
+    assert HANDSHAKE_EVENTS <= HOST_VIEW_EVENTS  # the HTTP side shows certificates and states
+    assert CHANGE_EVENTS == HOST_VIEW_EVENTS
+    assert {k for k in EventKind if Cache.HANDSHAKE in k.invalidates} == HANDSHAKE_EVENTS
 
 
 async def test_state_sync_forgets_the_host_for_every_handshake_event(tmp_path: Path) -> None:
@@ -83,7 +75,7 @@ async def test_state_sync_forgets_the_host_for_every_handshake_event(tmp_path: P
     sync = StateSync(store, forgotten.append, interval=0.1)
     try:
         await sync.start()
-        for kind in sorted(HANDSHAKE_EVENTS | set(NOT_FOR_HANDSHAKES)):
+        for kind in sorted(EventKind):
             await store.record_event(f"{kind.replace('_', '-')}.shop.test", kind, "test")
         await sync.poll()
     finally:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ADMIN_TOKEN, EdgeHandle, client_context, enable_admin, tls_handshake
 from playwright.async_api import async_playwright
+from support.edge import ADMIN_TOKEN, EdgeHandle, client_context, enable_admin, tls_handshake
 
-from proxy.association_files import ANDROID, APPLE
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.hosts.association_files import ANDROID, APPLE
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [

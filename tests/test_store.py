@@ -9,11 +9,11 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import EdgeHandle
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from helpers_edge import certify, edge_store
+from support.clicks import certify, edge_store
+from support.edge import EdgeHandle
 
 from certstore import (
     DomainState,

@@ -1,4 +1,4 @@
-"""The storage contract (certstore.ports), run against every backend in store_backends.
+"""The storage contract (certstore.ports), run against every backend in support/store_backends.
 
 Every behaviour the edge relies on from its store is asserted here through the protocols
 only: a new backend is done when this file passes for it.
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from store_backends import BACKENDS, Backend, make_backend, writer_process
+from support.store_backends import BACKENDS, Backend, make_backend, writer_process
 
 from certstore import (
     AcmeAccount,
@@ -687,7 +687,7 @@ async def test_a_bare_path_and_its_url_open_the_same_store(tmp_path: Path) -> No
 
 
 def test_nothing_outside_certstore_names_a_backend_class() -> None:
-    allowed = {ROOT / "tests" / "store_backends.py"}
+    allowed = {ROOT / "tests" / "support" / "store_backends.py"}
     backend_class = "SQLite" + "Store"  # spelt apart so this file does not name it
     offenders = []
     for package in ("proxy", "acme_client", "tests"):

@@ -12,8 +12,9 @@ import asyncio
 
 import pytest
 from aiohttp import web
-from conftest import EdgeHandle, client_context, free_port
-from helpers_edge import certify, new_host
+from support.clicks import certify, new_host
+from support.edge import EdgeHandle, client_context
+from support.net import free_port
 from test_tracked_links import (  # noqa: F401  (setup is a fixture)
     AASA,
     ASSETLINKS_PATH,
@@ -28,9 +29,9 @@ from test_tracked_links import (  # noqa: F401  (setup is a fixture)
     upload,
 )
 
-from proxy.association_files import APPLE
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.hosts.association_files import APPLE
 
 AASA_PATH = "/.well-known/apple-app-site-association"
 

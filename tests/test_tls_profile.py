@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import EdgeHandle, free_port, make_config
-from helpers_edge import certify, new_host
+from support.clicks import certify, new_host
+from support.edge import EdgeHandle, make_config
+from support.pebble import running_pebble
 
 from certstore import generate_key_text
 from proxy.demo.backend import RecordedRequest
@@ -45,16 +46,10 @@ def sslyze_binary() -> str:
 def pebble90(
     dns_server: DNSServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PebbleServer]:
-    server = PebbleServer(
-        tmp_path_factory.mktemp("pebble90"),
-        dns_server.nameserver,
-        http_port=free_port(),
-        tls_port=free_port(),
-        validity_seconds=NINETY_DAYS,
-    )
-    server.start()
-    yield server
-    server.stop()
+    with running_pebble(
+        tmp_path_factory.mktemp("pebble90"), dns_server, validity_seconds=NINETY_DAYS
+    ) as server:
+        yield server
 
 
 @pytest.fixture

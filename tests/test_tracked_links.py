@@ -18,23 +18,17 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import (
-    ADMIN_TOKEN,
-    EdgeHandle,
-    client_context,
-    enable_admin,
-    free_port,
-    https_session,
-)
-from helpers_edge import certify, edge_store, new_host
+from support.clicks import certify, edge_store, new_host
+from support.edge import ADMIN_TOKEN, EdgeHandle, client_context, enable_admin, https_session
+from support.net import free_port
 from test_admin_api import assert_schema
 
-from proxy.association_files import ANDROID, APPLE, etag
-from proxy.config import Config
+from proxy.app.config import Config
 from proxy.demo.backend import RecordedRequest
 from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.hosts.association_files import ANDROID, APPLE, etag
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 AASA_PATHS = ("/.well-known/apple-app-site-association", "/apple-app-site-association")

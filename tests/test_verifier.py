@@ -13,15 +13,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import EdgeHandle, FakeClock, client_context, https_session, tls_handshake
+from support.edge import EdgeHandle, FakeClock, client_context, https_session, tls_handshake
 
 from certstore import DomainState, Store, open_store
-from proxy.checks import CheckSettings, HostChecker
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.lifecycle import Lifecycle
-from proxy.schedule import Schedule
-from proxy.verifier import Verifier, VerifierSettings
+from proxy.hosts.checks import CheckSettings, HostChecker
+from proxy.hosts.lifecycle import Lifecycle
+from proxy.hosts.schedule import Schedule
+from proxy.hosts.verifier import Verifier, VerifierSettings
 
 S = DomainState
 DAY = 86400.0
@@ -270,7 +270,7 @@ async def test_each_due_check_runs_once_across_workers(
 
     workers = [await worker() for _ in range(3)]
     done = await asyncio.gather(*(w.run_once() for w in workers))
-    assert sum(done) == len(hosts) == sum(w.checks_run for w in workers)
+    assert sum(done) == len(hosts) == sum(w.stats.runs for w in workers)
     for host in hosts:
         assert dns_server.query_count(host, "CAA") == 1, host
     await setup.close()

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from certstore import DomainState, Store, open_store
-from proxy.webhooks import SIGNATURE_HEADER, WebhookSender, WebhookSettings
+from proxy.hosts.webhooks import SIGNATURE_HEADER, WebhookSender, WebhookSettings
 
 SECRET = "webhook-secret-0123456789"
 S = DomainState

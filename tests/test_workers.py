@@ -15,7 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import free_port
+from support.net import free_port
 
 from certstore import DomainState, Store, generate_key_text
 from certstore import open_store as open_store_url
@@ -33,7 +33,7 @@ class ServeProcess:
         self.log_path = log_path
         with log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "serve", "--workers", "2"],
+                [sys.executable, "-m", "proxy.app.cli", "serve", "--workers", "2"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **env},
@@ -142,7 +142,7 @@ async def open_store(env: dict[str, str]) -> Store:
 
 
 def worker_pids(log: str) -> set[str]:
-    return set(re.findall(r"\[(\d+)\] proxy\.edge: edge worker ready", log))
+    return set(re.findall(r"\[(\d+)\] proxy\.app\.wiring: edge worker ready", log))
 
 
 async def test_challenge_token_answered_by_every_worker(two_workers, pebble: PebbleServer) -> None:

@@ -8,28 +8,21 @@ everywhere else (IDNA, lower case, no trailing dot).
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from aiohttp import web
 
-from acme_client import AcmeError
-from certstore import DomainExists, DomainState
-
-from .. import host_files
-from ..association_files import MAX_BYTES
-from ..certificates import RenewalBusy
-from ..host_files import FileError
-from ..host_options import OptionsError, defaults, validate
-from ..hostnames import InvalidHostname, normalize_hostname
-from ..lifecycle import InvalidTransition
-from ..revocation import HostBusy, RevocationFailed, remove_host
-from .deps import DEPS, AdminDeps
-from .views import certificate_json, event_json, host_file_json, host_json
+from certstore import DomainState
+from proxy.admin.deps import DEPS, AdminDeps
+from proxy.admin.views import certificate_json, event_json, host_file_json, host_json
+from proxy.hosts.association_files import MAX_BYTES
+from proxy.hosts.options import OptionsError, defaults, validate
+from proxy.ops import files as host_files
+from proxy.ops import hosts as ops
+from proxy.ops.errors import OpError
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
-_ACCOUNT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 S = DomainState
 
 
@@ -46,10 +39,18 @@ def _deps(request: web.Request) -> AdminDeps:
     return request.app[DEPS]
 
 
+def _caches(deps: AdminDeps) -> ops.WorkerCaches:
+    """This worker serves a change at once; the others follow the event feed."""
+    return ops.WorkerCaches(deps.manager, deps.state_sync, deps.host_views)
+
+
 def _changed(deps: AdminDeps, hostname: str) -> None:
-    """This worker serves the change at once; the others follow the event feed."""
-    if deps.host_views is not None:
-        deps.host_views.forget(hostname)
+    _caches(deps).changed(hostname, certificate=False)
+
+
+def _refused(exc: OpError, hint: str = "") -> ApiError:
+    extra = {"path": exc.path} if exc.path is not None else {}
+    return ApiError(exc.status, exc.code, str(exc) + hint, **extra)
 
 
 async def _parse_json(request: web.Request) -> Any:
@@ -81,29 +82,12 @@ async def _json_body(request: web.Request, allowed: set[str], required: set[str]
     return data
 
 
-def _hostname(text: Any, deps: AdminDeps) -> str:
-    if not isinstance(text, str):
-        raise ApiError(422, "invalid_hostname", "hostname must be a string")
-    try:
-        hostname = normalize_hostname(text)
-    except InvalidHostname as exc:
-        raise ApiError(422, "invalid_hostname", str(exc)) from None
-    target = deps.edge_target
-    if target and (hostname == target or hostname.endswith("." + target)):
-        raise ApiError(422, "invalid_hostname", f"{hostname} is one of the edge's own names")
-    return hostname
-
-
 async def _domain(request: web.Request) -> tuple[AdminDeps, Any]:
     deps = _deps(request)
     try:
-        hostname = normalize_hostname(request.match_info["host"])
-    except InvalidHostname as exc:
-        raise ApiError(422, "invalid_hostname", str(exc)) from None
-    domain = await deps.store.get_domain(hostname)
-    if domain is None:
-        raise ApiError(404, "not_found", f"{hostname} is not registered")
-    return deps, domain
+        return deps, await ops.registered(deps.store, request.match_info["host"])
+    except OpError as exc:
+        raise _refused(exc) from None
 
 
 async def _host_body(deps: AdminDeps, hostname: str) -> dict[str, Any]:
@@ -154,24 +138,12 @@ async def list_hosts(request: web.Request) -> web.Response:
 async def add_host(request: web.Request) -> web.Response:
     deps = _deps(request)
     data = await _json_body(request, {"hostname", "account"}, {"hostname", "account"})
-    hostname = _hostname(data["hostname"], deps)
-    account = data["account"]
-    if not isinstance(account, str) or not _ACCOUNT.match(account):
-        raise ApiError(
-            422,
-            "invalid_account",
-            "account must be 1-128 characters: letters, digits and . _ @ + -",
-        )
     try:
-        await deps.store.add_domain(hostname, account)
-    except DomainExists:
-        existing = await deps.store.get_domain(hostname)
-        if existing is not None and existing.account == account:
-            return web.json_response(await _host_body(deps, hostname), status=200)
-        raise ApiError(
-            409, "owned_by_another_account", f"{hostname} is registered to another account"
-        ) from None
-    return web.json_response(await _host_body(deps, hostname), status=201)
+        added = await ops.register(deps.store, data["hostname"], data["account"], deps.edge_target)
+    except OpError as exc:
+        raise _refused(exc) from None
+    body = await _host_body(deps, added.domain.hostname)
+    return web.json_response(body, status=201 if added.created else 200)
 
 
 async def get_host(request: web.Request) -> web.Response:
@@ -189,22 +161,17 @@ async def delete_host(request: web.Request) -> web.Response:
         raise ApiError(422, "invalid_force", "force must be true or false")
     deps, domain = await _domain(request)
     try:
-        await remove_host(
-            deps.store, deps.issuer, domain.hostname, force=force_text == "true", clock=deps.clock
+        await ops.remove(
+            deps.store,
+            deps.issuer,
+            domain.hostname,
+            force=force_text == "true",
+            caches=_caches(deps),
+            clock=deps.clock,
         )
-    except RevocationFailed as exc:
-        raise ApiError(
-            502,
-            "revocation_failed",
-            f"{exc}; nothing removed (retry, or DELETE with ?force=true to remove without"
-            " revoking)",
-        ) from None
-    except HostBusy as exc:
-        raise ApiError(409, "order_in_progress", f"{exc}; nothing removed") from None
-    finally:  # this worker at once (also after a partial failure); the others by events
-        if deps.manager is not None:
-            deps.manager.forget(domain.hostname)
-        _changed(deps, domain.hostname)
+    except OpError as exc:
+        hint = " (retry, or DELETE with ?force=true to remove without revoking)"
+        raise _refused(exc, hint if exc.code == "revocation_failed" else "") from None
     return web.Response(status=204)
 
 
@@ -213,9 +180,10 @@ async def delete_host(request: web.Request) -> web.Response:
 
 async def run_checks(request: web.Request) -> web.Response:
     deps, domain = await _domain(request)
-    outcome = await deps.verifier.verify(domain.hostname)
-    if outcome is None:
-        raise ApiError(404, "not_found", f"{domain.hostname} is not registered")
+    try:
+        outcome = await ops.verify(deps.store, deps.verifier, domain.hostname)
+    except OpError as exc:
+        raise _refused(exc) from None
     body = await _host_body(deps, domain.hostname)
     body["checks"] = [r.to_json() for r in outcome.report.results]
     return web.json_response(body)
@@ -231,70 +199,33 @@ async def get_certificate(request: web.Request) -> web.Response:
 
 async def renew(request: web.Request) -> web.Response:
     deps, domain = await _domain(request)
-    if deps.manager is None:
-        raise ApiError(503, "unavailable", "this process cannot order certificates")
-    if domain.state is S.SUSPENDED:
-        raise ApiError(409, "suspended", f"{domain.hostname} is suspended; resume it first")
-    outcome = await deps.verifier.verify(domain.hostname, https=False, issue=False)
-    assert outcome is not None
-    if outcome.domain.state not in (S.VERIFIED, S.ACTIVE):
-        raise ApiError(
-            409,
-            "not_verified",
-            f"{domain.hostname} is {outcome.domain.state.value}: {outcome.report.summary}",
-        )
     try:
-        cert = await deps.manager.renew_now(domain.hostname)
-    except RenewalBusy as exc:
-        raise ApiError(409, "order_in_progress", str(exc)) from None
-    except AcmeError as exc:
-        raise ApiError(502, "acme_error", f"the CA did not issue: {exc}") from None
+        cert = await ops.renew(deps.store, deps.verifier, deps.manager, domain.hostname)
+    except OpError as exc:
+        raise _refused(exc) from None
     return web.json_response(certificate_json(cert, deps.clock()))
 
 
 async def suspend(request: web.Request) -> web.Response:
     deps, domain = await _domain(request)
     data = await _json_body(request, {"reason"}, set()) if request.can_read_body else {}
-    note = data.get("reason", "")
-    if not isinstance(note, str) or len(note) > 500:
-        raise ApiError(422, "invalid_reason", "reason must be a string of at most 500 characters")
-    if domain.state is not S.SUSPENDED:
-        reason = "suspended by operator" + (f": {note}" if note else "")
-        await _transition(deps, domain, S.SUSPENDED, reason)
-    if deps.state_sync is not None:
-        deps.state_sync.suspended.add(domain.hostname)
-    if deps.manager is not None:
-        deps.manager.forget(domain.hostname)
-    _changed(deps, domain.hostname)
+    try:
+        note = data.get("reason", "")
+        await ops.suspend(deps.store, deps.lifecycle, domain.hostname, note, caches=_caches(deps))
+    except OpError as exc:
+        raise _refused(exc) from None
     return web.json_response(await _host_body(deps, domain.hostname))
 
 
 async def resume(request: web.Request) -> web.Response:
     deps, domain = await _domain(request)
-    if domain.state is not S.SUSPENDED:
-        raise ApiError(409, "not_suspended", f"{domain.hostname} is {domain.state.value}")
-    cert = await deps.store.get_certificate(domain.hostname)
-    has_cert = cert is not None and cert.is_valid_at(deps.clock())
-    target = S.ACTIVE if has_cert else S.PENDING
-    # check again at once: the host may have moved while it was suspended
-    await _transition(deps, domain, target, "resumed by operator", next_check_at=deps.clock())
-    if deps.state_sync is not None:
-        deps.state_sync.suspended.discard(domain.hostname)
-    if deps.manager is not None:
-        deps.manager.forget(domain.hostname)
-    _changed(deps, domain.hostname)
-    return web.json_response(await _host_body(deps, domain.hostname))
-
-
-async def _transition(
-    deps: AdminDeps, domain: Any, to: DomainState, reason: str, next_check_at: float | None = None
-) -> None:
     try:
-        changed = await deps.lifecycle.transition(domain, to, reason, next_check_at=next_check_at)
-    except InvalidTransition as exc:
-        raise ApiError(409, "invalid_transition", str(exc)) from None
-    if not changed:
-        raise ApiError(409, "conflict", f"{domain.hostname} changed meanwhile; try again")
+        await ops.resume(
+            deps.store, deps.lifecycle, domain.hostname, caches=_caches(deps), clock=deps.clock
+        )
+    except OpError as exc:
+        raise _refused(exc) from None
+    return web.json_response(await _host_body(deps, domain.hostname))
 
 
 async def list_host_events(request: web.Request) -> web.Response:
@@ -330,16 +261,11 @@ async def put_options(request: web.Request) -> web.Response:
 # -- app association files ---------------------------------------------------------
 
 
-def _file_error(exc: FileError) -> ApiError:
-    extra = {"path": exc.path} if exc.path is not None else {}
-    return ApiError(exc.status, exc.code, str(exc), **extra)
-
-
 def _file_host(request: web.Request) -> tuple[AdminDeps, str]:
     try:
-        return _deps(request), normalize_hostname(request.match_info["host"])
-    except InvalidHostname as exc:
-        raise ApiError(422, "invalid_hostname", str(exc)) from None
+        return _deps(request), ops.hostname(request.match_info["host"])
+    except OpError as exc:
+        raise _refused(exc) from None
 
 
 async def _file_body(request: web.Request) -> bytes:
@@ -352,25 +278,25 @@ async def _file_body(request: web.Request) -> bytes:
             f" (got {request.content_type})",
         )
     if (request.content_length or 0) > MAX_BYTES:
-        raise _file_error(host_files.too_large())
+        raise _refused(host_files.too_large())
     chunks, size = [], 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > MAX_BYTES:
-            raise _file_error(host_files.too_large())
+            raise _refused(host_files.too_large())
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-# The rules live in proxy/host_files.py, shared with `linkedge files`.
+# The rules live in proxy/ops/files.py, shared with `linkedge files`.
 
 
 async def list_files(request: web.Request) -> web.Response:
     deps, hostname = _file_host(request)
     try:
         files = await host_files.list_files(deps.store, hostname)
-    except FileError as exc:
-        raise _file_error(exc) from None
+    except OpError as exc:
+        raise _refused(exc) from None
     return web.json_response({"files": [host_file_json(f) for f in files]})
 
 
@@ -378,8 +304,8 @@ async def get_file(request: web.Request) -> web.Response:
     deps, hostname = _file_host(request)
     try:
         found = await host_files.get_file(deps.store, hostname, request.match_info["kind"])
-    except FileError as exc:
-        raise _file_error(exc) from None
+    except OpError as exc:
+        raise _refused(exc) from None
     return web.Response(
         body=found.content, content_type="application/json", headers={"ETag": found.etag}
     )
@@ -393,8 +319,8 @@ async def put_file(request: web.Request) -> web.Response:
         host_files.check_kind(kind)
         content = await _file_body(request)
         stored, existed = await host_files.put_file(deps.store, hostname, kind, content)
-    except FileError as exc:
-        raise _file_error(exc) from None
+    except OpError as exc:
+        raise _refused(exc) from None
     _changed(deps, hostname)  # logs file_updated
     return web.json_response(host_file_json(stored), status=200 if existed else 201)
 
@@ -403,8 +329,8 @@ async def delete_file(request: web.Request) -> web.Response:
     deps, hostname = _file_host(request)
     try:
         await host_files.delete_file(deps.store, hostname, request.match_info["kind"])
-    except FileError as exc:  # logs file_deleted when it deletes
-        raise _file_error(exc) from None
+    except OpError as exc:  # logs file_deleted when it deletes
+        raise _refused(exc) from None
     _changed(deps, hostname)
     return web.Response(status=204)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import status_page
-from .api import ROUTES
-from .auth import SESSIONS, THROTTLE, AuthThrottle, Sessions, auth_middleware
-from .deps import DEPS, AdminDeps
-from .openapi import document
+from proxy.admin import status_page
+from proxy.admin.api import ROUTES
+from proxy.admin.auth import SESSIONS, THROTTLE, AuthThrottle, Sessions, auth_middleware
+from proxy.admin.deps import DEPS, AdminDeps
+from proxy.admin.openapi import document
 
 MAX_BODY = 64 * 1024
 

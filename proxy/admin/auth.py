@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from ..peers import source_key
+from proxy.wire.peers import source_key
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ THROTTLE: web.AppKey[AuthThrottle] = web.AppKey("linkedge_admin_throttle", AuthT
 
 
 def auth_middleware(token: str | Callable[[], str]) -> Middleware:
-    """`token` may be a callable: the current token, re-read on SIGHUP (proxy/reload.py)."""
+    """`token` may be a callable: the current token, re-read on SIGHUP (proxy/app/reload.py)."""
     current = _current(token)
 
     @web.middleware

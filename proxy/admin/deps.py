@@ -9,13 +9,12 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from certstore import CertStore
-
-from ..certificates import CertificateManager
-from ..host_views import HostViews
-from ..lifecycle import Lifecycle
-from ..revocation import Revoker
-from ..state_sync import StateSync
-from ..verifier import Verifier
+from proxy.hosts.lifecycle import Lifecycle
+from proxy.hosts.revocation import Revoker
+from proxy.hosts.state_sync import StateSync
+from proxy.hosts.verifier import Verifier
+from proxy.http.host_views import HostViews
+from proxy.tls.certificates import CertificateManager
 
 
 @dataclass

@@ -9,11 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from certstore import DomainState
-
-from ..association_files import KINDS
-from ..checks import CHECK_NAMES, CheckState
-from ..host_options import json_schema as options_schema
-from .api import ROUTES
+from proxy.admin.api import ROUTES
+from proxy.hosts.association_files import KINDS
+from proxy.hosts.checks import CHECK_NAMES, CheckState
+from proxy.hosts.options import json_schema as options_schema
 
 _ISO = {"type": ["string", "null"], "format": "date-time"}
 

@@ -18,9 +18,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from certstore import DomainState, Event, HostFile
-
-from ..host_options import defaults
-from .auth import (
+from proxy.admin.auth import (
     LOGIN_PATH,
     SESSION_COOKIE,
     SESSION_SECONDS,
@@ -28,24 +26,15 @@ from .auth import (
     THROTTLE,
     token_ok,
 )
-from .deps import DEPS
-from .views import host_json
+from proxy.admin.deps import DEPS
+from proxy.admin.views import host_json
+from proxy.hosts.events import FAILURES, EventKind
+from proxy.hosts.options import defaults
 
 PAGE_SIZE = 100
 REFRESH_SECONDS = 15  # the live view's default; ?refresh=N (2..3600) changes it
 EXPIRIES_SHOWN = 8
 FAILURES_SHOWN = 10
-FAILURE_EVENTS = frozenset(
-    {
-        "issuance_failed",
-        "renewal_failed",
-        "refused",
-        "renewal_skipped",
-        "order_deferred",
-        "webhook_failed",
-        "removed_unrevoked",
-    }
-)
 _SHORT_KIND = {"apple-app-site-association": "AASA", "assetlinks.json": "assetlinks.json"}
 _E = html.escape
 
@@ -229,7 +218,7 @@ def _days_pill(not_after: float, now: float, not_before: float) -> str:
 
 
 def _failure_row(e: Event) -> str:
-    what = e.kind if e.kind != "state" else f"{e.from_state} → {e.to_state}"
+    what = e.kind if e.kind != EventKind.STATE else f"{e.from_state} → {e.to_state}"
     return (
         f'<tr data-event="{_E(e.kind)}"><td class=muted>{_E(_when(e.at))}</td>'
         f"<td>{_E(e.hostname or '–')}</td><td>{_E(what)}</td>"
@@ -238,7 +227,7 @@ def _failure_row(e: Event) -> str:
 
 
 def _is_failure(e: Event) -> bool:
-    return e.kind in FAILURE_EVENTS or (e.kind == "state" and e.to_state == "failed")
+    return e.kind in FAILURES or (e.kind == EventKind.STATE and e.to_state == "failed")
 
 
 def _row(
@@ -338,7 +327,8 @@ async def status_page(request: web.Request) -> web.Response:
     events = await deps.store.list_events(None, limit=20)
     event_rows = "".join(
         f"<tr><td class=muted>{_E(_when(e.at))}</td><td>{_E(e.hostname or '–')}</td>"
-        f"<td>{_E(e.kind)}{_E(f' {e.from_state} → {e.to_state}' if e.kind == 'state' else '')}"
+        f"<td>{_E(e.kind)}"
+        f"{_E(f' {e.from_state} → {e.to_state}' if e.kind == EventKind.STATE else '')}"
         f'</td><td class="reason">{_E(e.detail[:200])}</td></tr>'
         for e in events
     )

@@ -6,10 +6,9 @@ import time
 from typing import Any
 
 from certstore import Domain, Event, HostFile, StoredCertificate
-
-from ..association_files import SERVED_AT
-from ..hostnames import display_hostname
-from ..lifecycle import load_report
+from proxy.hosts.association_files import SERVED_AT
+from proxy.hosts.lifecycle import load_report
+from proxy.wire.hostnames import display_hostname
 
 _DAY = 86400.0
 

@@ -21,11 +21,10 @@ from pathlib import Path
 
 from certstore import generate_key_text, open_store
 from certstore.crypto import parse_key_text
-
-from .backend import start_backend
-from .client import click, edge_session
-from .dnsserver import DNSServer
-from .pebble import PebbleServer
+from proxy.demo.backend import start_backend
+from proxy.demo.client import click, edge_session
+from proxy.demo.dnsserver import DNSServer
+from proxy.demo.pebble import PebbleServer
 
 DEMO_HOST = "links.shop.demo.test"
 EDGE_TARGET = "edge.linkedge.test"
@@ -150,7 +149,7 @@ async def _demo(tmp: Path, keep: bool) -> int:
 def _start_edge(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "-c", str(config_path), "serve"],
+            [sys.executable, "-m", "proxy.app.cli", "-c", str(config_path), "serve"],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "LINKEDGE_STORE_KEY": ""},
@@ -216,7 +215,7 @@ async def _wait_listening(proc: subprocess.Popen[bytes], port: int, log_path: Pa
 
 
 def _report(result: object) -> None:
-    from .client import Click
+    from proxy.demo.client import Click
 
     assert isinstance(result, Click)
     print(f"    HTTP {result.status} in {result.seconds * 1000:.0f} ms -> {result.location}")

@@ -6,7 +6,7 @@ Everything runs on loopback, in one run, so that numbers are compared as ratios
 (the machine is small and noisy; absolute timings are not goals):
 
 * the real stack: DNSServer, Pebble, the sample backend (own process) and the
-  edge (own process, `proxy.edge.run_worker`), so the edge's CPU time can be
+  edge (own process, `proxy.app.wiring.run_worker`), so the edge's CPU time can be
   read from /proc/<pid>/stat;
 * first click: N new hosts, registered and CNAME'd, one HTTPS GET each,
   sequentially; time from TCP connect to the 302 (ACME order included);
@@ -16,7 +16,7 @@ Everything runs on loopback, in one run, so that numbers are compared as ratios
 * cached host, keep-alive: one connection per client, many GETs; server CPU
   per request;
 * baselines with the same clients, the same Pebble-issued ECDSA P-256
-  certificate and the same TLS settings (proxy.tlscontexts.build_server_context):
+  certificate and the same TLS settings (proxy.tls.contexts.build_server_context):
   - `aiohttp-fwd`: a plain aiohttp TLS site (web.TCPSite with ssl_context) serving
     linkedge's own HTTP app and Forwarder, proxying to the same backend. The only
     difference from linkedge is the TLS listener (ClientHello peek, context
@@ -188,7 +188,7 @@ def edge_main(
     _watch_parent(lifeline)
     import logging
 
-    from proxy.edge import run_worker
+    from proxy.app.wiring import run_worker
 
     logging.basicConfig(
         filename=log_path,
@@ -219,11 +219,11 @@ def baseline_main(
     _watch_parent(lifeline)
     from aiohttp import web
 
-    from proxy.backends import BackendPool
     from proxy.demo.backend import make_backend_app
-    from proxy.forward import Forwarder
-    from proxy.http_app import make_http_app
-    from proxy.tlscontexts import build_server_context
+    from proxy.http.app import make_http_app
+    from proxy.http.backends import BackendPool
+    from proxy.http.forward import Forwarder
+    from proxy.tls.contexts import build_server_context
 
     async def main() -> None:
         ctx = build_server_context(chain_pem, key_pem)  # same TLS settings as linkedge
@@ -513,7 +513,7 @@ class Bench:
 
     def start_stack(self) -> None:
         from certstore import generate_key_text
-        from proxy.config import Config
+        from proxy.app.config import Config
         from proxy.demo.dnsserver import DNSServer
         from proxy.demo.pebble import PebbleServer
 

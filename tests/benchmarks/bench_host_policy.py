@@ -27,10 +27,10 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from certstore import StoredCertificate, open_store
-from proxy.association_files import APPLE, etag
-from proxy.host_policy import HostPolicy
-from proxy.host_views import HostViews
-from proxy.hostnames import host_header_name
+from proxy.hosts.association_files import APPLE, etag
+from proxy.http.host_policy import HostPolicy
+from proxy.http.host_views import HostViews
+from proxy.wire.hostnames import host_header_name
 
 HOSTS = 1000
 CALLS = 50_000

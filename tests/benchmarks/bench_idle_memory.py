@@ -3,7 +3,7 @@
 Run:  PYTHONPATH=. /work/venv/bin/python tests/benchmarks/bench_idle_memory.py [-n 10000]
       [--variants linkedge,stock-buffer,no-trim] [--click] [--settle 60]
 
-For each variant a fresh edge process (`proxy.edge.run_worker`, real Pebble,
+For each variant a fresh edge process (`proxy.app.wiring.run_worker`, real Pebble,
 DNS and backend from bench_edge.py) serves one certified host. Client
 processes open N TLS connections to it (full handshakes, spread over 50
 loopback sources so the per-source cap is not what is measured; with --click
@@ -51,11 +51,11 @@ def edge_variant_main(
     lifeline: multiprocessing.connection.Connection,
 ) -> None:
     if variant == "stock-buffer":
-        from proxy import tls_listener
+        from proxy.tls import listener as tls_listener
 
         tls_listener._CompactSSLProtocol.max_size = 256 * 1024
     elif variant == "no-trim":
-        from proxy import connections
+        from proxy.tls import connections
 
         connections.MemoryTrimmer.start = lambda self: None  # type: ignore[method-assign]
     if os.environ.get("BENCH_MALLOC_STATS"):  # SIGUSR1: Python allocator stats to a file
@@ -190,7 +190,7 @@ def run_variant(
     variant: str, args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
 ) -> dict[str, Any]:
     from certstore import generate_key_text
-    from proxy.config import Config
+    from proxy.app.config import Config
 
     children = be.Children()
     stack.callback(children.stop_all)

@@ -33,8 +33,8 @@ def _per_call_us(fn, n: int = N) -> float:  # type: ignore[no-untyped-def]
 
 def measure() -> dict[str, float]:
     sys.path.insert(0, str(ROOT))
-    from proxy import metrics
-    from proxy.clienthello import ClientHello
+    from proxy.app import metrics
+    from proxy.wire.clienthello import ClientHello
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     cache = {"links.shop.test": ctx}

@@ -11,7 +11,7 @@ import ssl
 import statistics
 import time
 
-from proxy.certificates import CertificateManager, ManagerSettings
+from proxy.tls.certificates import CertificateManager, ManagerSettings
 
 HOSTS = 1000
 CALLS = 200_000

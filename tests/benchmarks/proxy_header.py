@@ -19,13 +19,13 @@ import time
 import timeit
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for helpers_proxy
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: support
 
-from helpers_proxy import v1_header, v2_header  # noqa: E402
+from support.proxy_protocol import v1_header, v2_header  # noqa: E402
 
-from proxy.listener import Listener, ProxyProtocolSettings  # noqa: E402
-from proxy.peers import TrustedNetworks  # noqa: E402
-from proxy.proxy_protocol import parse_proxy_header  # noqa: E402
+from proxy.tls.accept import Listener, ProxyProtocolSettings  # noqa: E402
+from proxy.wire.peers import TrustedNetworks  # noqa: E402
+from proxy.wire.proxy_protocol import parse_proxy_header  # noqa: E402
 
 HELLO = b"\x16\x03\x01\x02\x00" + bytes(512)
 DST = ("192.0.2.1", 443)

@@ -1,0 +1,81 @@
+"""Keeps one worker's in-memory view in step with changes made by other processes.
+
+The events table is the change feed: every state transition, removal and new
+certificate is an event, so each worker follows it by id (an index range scan) and
+drops its cached TLS context and refusal for the host; the next handshake reads the
+store. The set of suspended hosts is kept here too, for the plain-HTTP answer. Other
+per-worker caches (`proxy/http/host_views.py`) subscribe to the event kinds that invalidate
+them (`proxy/hosts/events.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Collection
+
+from certstore import CertStore, DomainState, Event
+from proxy.hosts.events import HANDSHAKE_EVENTS, EventKind
+
+log = logging.getLogger(__name__)
+
+class StateSync:
+    def __init__(
+        self, store: CertStore, forget: Callable[[str], None], interval: float = 1.0
+    ) -> None:
+        self._store = store
+        self._forget = forget
+        self._interval = interval
+        self._cursor = 0
+        self._followers: list[tuple[frozenset[str], Callable[[str], None]]] = []
+        self.suspended: set[str] = set()
+
+    def follow(self, kinds: Collection[str], forget: Callable[[str], None]) -> None:
+        """Also call forget(hostname) for every event of these kinds."""
+        self._followers.append((frozenset(kinds), forget))
+
+    def is_suspended(self, hostname: str) -> bool:
+        return hostname in self.suspended
+
+    async def start(self) -> None:
+        self._cursor = await self._store.last_event_id()
+        after: str | None = None
+        while True:
+            page = await self._store.list_domains_page(
+                after=after, limit=1000, state=DomainState.SUSPENDED
+            )
+            self.suspended.update(d.hostname for d in page)
+            if len(page) < 1000:
+                break
+            after = page[-1].hostname
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.poll()
+            except Exception:
+                log.exception("following store changes failed")
+            await asyncio.sleep(self._interval)
+
+    async def poll(self) -> int:
+        events = await self._store.events_after(self._cursor)
+        for event in events:
+            self._apply(event)
+            self._cursor = event.id
+        return len(events)
+
+    def _apply(self, event: Event) -> None:
+        if event.hostname is None:
+            return
+        for kinds, forget in self._followers:
+            if event.kind in kinds:
+                forget(event.hostname)
+        if event.kind not in HANDSHAKE_EVENTS:
+            return
+        self._forget(event.hostname)
+        if event.kind == EventKind.REMOVED or (
+            event.kind == EventKind.STATE and event.to_state != DomainState.SUSPENDED
+        ):
+            self.suspended.discard(event.hostname)
+        elif event.kind == EventKind.STATE:
+            self.suspended.add(event.hostname)

@@ -1,0 +1,186 @@
+"""The HTTP application shared by both listeners.
+
+Plain HTTP stays useful forever: links in mail already sent are `http://`, and the
+CA's HTTP-01 validation arrives here. Challenge answers come from the store, so
+whichever worker process the CA reaches can answer for an order another placed.
+What the edge answers itself for a host (app association files, HTTPS upgrade,
+HSTS) is decided in `proxy/http/host_policy.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from aiohttp import HttpVersion10, HttpVersion11, web, web_response
+from aiohttp.http_exceptions import HttpProcessingError
+
+from certstore import ChallengeStore
+from proxy.http.forward import Forwarder
+from proxy.http.host_policy import HostPolicy
+from proxy.http.request_target import BadRequest, checked_host, origin_form
+from proxy.wire.peers import tls_host
+
+log = logging.getLogger(__name__)
+CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+_HTTP1 = (HttpVersion10, HttpVersion11)
+SERVER = "linkedge"  # the edge's own Server header: no versions
+# header fields a request may have: aiohttp's default of 128 less room for the four
+# forwarding fields the edge adds, so a request the edge accepts also fits a backend
+# with that common limit (instead of becoming the backend's 400 and its log line)
+MAX_HEADERS = 120
+
+
+class ClickForwarder(Protocol):
+    async def handle(self, request: web.Request) -> web.StreamResponse: ...
+
+
+def make_http_app(
+    store: ChallengeStore,
+    forwarder: Forwarder | ClickForwarder,
+    is_suspended: Callable[[str], bool] = lambda _host: False,
+    policy: HostPolicy | None = None,
+) -> web.Application:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.version not in _HTTP1:  # "GET / HTTP/2.0" is not HTTP/2
+            return bad_request(request, f"HTTP/{request.version[0]}.{request.version[1]}")
+        try:
+            host = checked_host(request)
+            path = origin_form(request.raw_path).partition("?")[0]
+        except BadRequest as exc:
+            return bad_request(request, str(exc))
+        if path.startswith(CHALLENGE_PREFIX) and request.method in ("GET", "HEAD"):
+            return await _challenge(store, path[len(CHALLENGE_PREFIX) :])
+        certified = tls_host()
+        if certified is not None and (host is None or host.lookup != certified):
+            # RFC 9110 §15.5.20: this connection's certificate is for another host; never
+            # answer for host B (its files, its HSTS) under host A's certificate
+            return web.Response(
+                status=421,
+                text=f"Misdirected Request: this connection is for {certified}.\n",
+                headers={"Cache-Control": "no-store"},
+            )
+        name = host.lookup if host is not None else ""
+        if name and is_suspended(name):
+            # the operator's kill switch; also reaches keep-alive HTTPS connections
+            return web.Response(
+                status=503,
+                text=f"{name} is suspended on this edge.\n",
+                headers={"Cache-Control": "no-store"},
+            )
+        if policy is not None:  # association files, HTTPS upgrade
+            own = await policy.answer(request, name)
+            if own is not None:
+                return own
+        return await forwarder.handle(request)
+
+    app = web.Application(client_max_size=0)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    app.on_response_prepare.append(_server_header)
+    if policy is not None:
+        policy.install(app)  # HSTS
+    return app
+
+
+async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    # a backend's own Server is relayed as it is; the edge's answers name no versions
+    response.headers.setdefault("Server", SERVER)
+
+
+def bad_request(request: web.Request, reason: str) -> web.Response:
+    """A client's malformed request: a 400, counted, and logged at DEBUG only."""
+    MALFORMED.count += 1
+    log.debug("400 for %s %r: %s", request.method, request.raw_path[:200], reason)
+    response = web.Response(
+        status=400, text=f"Bad Request: {reason}.\n", headers={"Cache-Control": "no-store"}
+    )
+    response.force_close()  # what follows on this connection cannot be trusted either
+    return response
+
+
+class _Malformed:
+    """Requests refused as malformed (the edge's 400s and aiohttp's parser errors)."""
+
+    count = 0
+
+
+MALFORMED = _Malformed()
+
+
+class ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server logger for the edge's listeners.
+
+    aiohttp logs every request its parser rejects (bad request line, header bytes,
+    framing) as "Error handling request" at ERROR with a traceback. Those are the
+    client's fault and anyone can send thousands: they are counted and logged at
+    DEBUG. Everything else (a handler failing: our bug) stays an ERROR with its
+    traceback.
+    """
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kw: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(exc, HttpProcessingError):
+            MALFORMED.count += 1
+            self.logger.debug("%s: %s", str(msg) % args if args else msg, exc)
+            return
+        self.logger.error(msg, *args, exc_info=exc_info, **kw)
+
+
+def server_log() -> ServerLog:
+    return ServerLog(logging.getLogger("linkedge.http"), {})
+
+
+def hide_server_version() -> None:
+    """aiohttp's own answers (its parser's 400s) say `Server: Python/3.x aiohttp/3.x`
+    unless a Server header is set; make the default the edge's name, no versions.
+    Responses that carry their own Server (a backend's, relayed) keep it."""
+    web_response.SERVER_SOFTWARE = SERVER
+
+
+async def _challenge(store: ChallengeStore, token: str) -> web.Response:
+    answer = await store.get_challenge(token) if _is_token(token) else None
+    if answer is None:
+        # anyone can ask for made-up tokens: at most one INFO line per interval
+        if _UNKNOWN_TOKENS.due():
+            log.info(
+                "unknown ACME challenge token %r (worker %d; %d more since the last line)",
+                token[:64],
+                os.getpid(),
+                _UNKNOWN_TOKENS.take_suppressed(),
+            )
+        return web.Response(status=404, text="no such challenge\n")
+    log.info("served ACME challenge token %s (worker %d)", token, os.getpid())
+    return web.Response(text=answer, content_type="application/octet-stream")
+
+
+class _RateLimited:
+    """At most one log line per `interval` seconds; counts the ones left out."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._last = -interval
+        self._suppressed = 0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            return True
+        self._suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        count, self._suppressed = self._suppressed, 0
+        return count
+
+
+_UNKNOWN_TOKENS = _RateLimited(10.0)
+
+
+def _is_token(token: str) -> bool:
+    # RFC 8555 §8.3: base64url, at least 128 bits of entropy
+    return 0 < len(token) <= 256 and all(c.isalnum() or c in "-_" for c in token)

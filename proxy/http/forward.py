@@ -1,0 +1,436 @@
+"""Forwarding clicks to the tracking backend.
+
+The edge is transparent for the click: method, path and query (byte for byte),
+Host, User-Agent, cookies and bodies pass through; redirects are relayed as the
+backend sent them (a 302 stays a 302, never followed); nothing is cached. What
+the edge adds is who the client is: X-Forwarded-For/-Proto/-Host and Forwarded
+(RFC 7239), built from what the edge itself saw (the client after a PROXY
+header, see `proxy/wire/peers.py`). Client-supplied copies are dropped, since anyone
+can send them, unless the client is itself a trusted proxy
+(`listen.forwarded_trusted`): then its chain is kept and the client appended.
+
+Which backend: `proxy/http/backends.py`. A request moves on to the next healthy
+backend only when connecting failed, i.e. nothing of it was sent.
+
+Pooled backend connections are the scarce resource, so no client may hold one
+for long: each read of a request body must arrive within `body_timeout` (else
+408), a whole forward ends at `deadline` (504, or the response is cut), a
+forward is cancelled as soon as its client goes away, and one source may have
+at most `max_per_source` forwards in flight (then 429). `Expect: 100-continue`
+is answered by the edge's HTTP server and never passed on: a backend that does
+not answer `100` would otherwise hold the connection until it times out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.counters import Counters
+from proxy.http.backends import BackendPool
+from proxy.http.request_target import checked_host, origin_form
+from proxy.wire.peers import TrustedNetworks, client_address, source_key
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 §7.6.1 connection-specific fields, plus ones a proxy must not relay
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Connection",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
+# answered by the edge itself (aiohttp's expect handler), never relayed
+EDGE_ANSWERED = frozenset({"expect"})
+UNTRUSTED_FORWARDING = frozenset(
+    h.lower()
+    for h in ("Forwarded", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
+)
+
+
+class Forwarder:
+    def __init__(
+        self,
+        backends: BackendPool,
+        *,
+        connect_timeout: float = 5.0,
+        timeout: float = 30.0,
+        pool_size: int = 256,
+        forwarded_trusted: TrustedNetworks | None = None,
+        body_timeout: float = 10.0,
+        deadline: float = 60.0,
+        max_per_source: int = 64,
+    ) -> None:
+        self._backends = backends
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_connect=connect_timeout, sock_read=timeout
+        )
+        self._pool_size = pool_size
+        self._trusted = forwarded_trusted or TrustedNetworks(())
+        self._session: aiohttp.ClientSession | None = None
+        self._body_timeout = body_timeout
+        self._deadline = deadline
+        self._max_per_source = max_per_source
+        self._in_flight: dict[str, int] = {}  # source -> forwards
+        self.stats = ForwardStats()
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._pool_size, keepalive_timeout=30, enable_cleanup_closed=True
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # never keep one recipient's cookies
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def in_flight(self, source: str | None = None) -> int:
+        if source is None:
+            return sum(self._in_flight.values())
+        return self._in_flight.get(source, 0)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None, "Forwarder.start() not awaited"
+        source = self._source(request)
+        count = self._in_flight.get(source, 0)
+        if count >= self._max_per_source:
+            self.stats.per_source_limited += 1
+            return _error(429, "Too Many Requests: too many clicks in flight from your address")
+        self._in_flight[source] = count + 1
+        # the client going away cancels the forward, which frees the backend connection
+        task = asyncio.current_task()
+        when_lost = getattr(request.protocol, "call_when_lost", None)
+        unwatch: Callable[[], None] | None = None
+        if task is not None and when_lost is not None:
+            unwatch = when_lost(lambda: self._client_left(task))
+        progress = _Progress()
+        try:
+            async with asyncio.timeout(self._deadline):
+                return await self._forward(request, progress)
+        except TimeoutError:
+            self.stats.deadlines += 1
+            log.warning("forward deadline reached for %s %s", request.method, request.raw_path)
+            if progress.response is None:
+                return _error(504, "Gateway Timeout: the tracking backend did not answer in time")
+            # headers are gone already: cut the connection (a truncated response)
+            if request.transport is not None:
+                request.transport.close()
+            return progress.response
+        finally:
+            if unwatch is not None:
+                unwatch()
+            remaining = self._in_flight[source] - 1
+            if remaining:
+                self._in_flight[source] = remaining
+            else:
+                del self._in_flight[source]
+
+    def _client_left(self, task: asyncio.Task[object]) -> None:
+        if not task.done():
+            self.stats.cancelled += 1
+            task.cancel()
+
+    def _source(self, request: web.Request) -> str:
+        """Whose forwards these are: the client; behind a trusted proxy, the client it names."""
+        client = client_address(request) or ""
+        if client and client in self._trusted:
+            chain = request.headers.getall("X-Forwarded-For", ())
+            named = chain[-1].split(",")[-1].strip() if chain else ""
+            if named:
+                return "via " + source_key(named)
+        return source_key(client)
+
+    async def _forward(self, request: web.Request, progress: _Progress) -> web.StreamResponse:
+        assert self._session is not None
+        headers = forwarded_headers(request, self._trusted)
+        body = _Body(request.content, self._body_timeout) if request.body_exists else None
+        path_qs = origin_form(request.raw_path)  # absolute-form: path and query only
+        for backend in self._backends.candidates():
+            url = backend_url(backend.base, path_qs)
+            try:
+                upstream = await self._session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=body.stream() if body is not None else None,
+                    allow_redirects=False,
+                    compress=None,
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # Nothing was sent, so the next backend may have the request; unless
+                # the body had started to stream (it cannot be read twice).
+                log.warning("cannot connect to backend %s: %s", backend.base, exc)
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    # Refused, unreachable: the backend's fault. A timeout may also be
+                    # our own pool being full (aiohttp's connect timeout includes the
+                    # wait for a free connection), so that is left to the health checks.
+                    self._backends.connect_failed(backend, exc)
+                if body is not None and body.started:
+                    break
+                continue
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                if body is not None and body.timed_out:
+                    self.stats.body_timeouts += 1
+                    return _error(408, "Request Timeout: the request body stopped arriving")
+                if isinstance(exc, TimeoutError):
+                    log.warning("backend timeout for %s %s", request.method, request.raw_path)
+                    return _error(
+                        504, "Gateway Timeout: the tracking backend did not answer in time"
+                    )
+                log.warning("backend error for %s %s: %s", request.method, request.raw_path, exc)
+                return _error(502, "Bad Gateway: the tracking backend is unavailable")
+            async with upstream:
+                return await _relay(request, upstream, progress)
+        return _error(502, "Bad Gateway: the tracking backend is unavailable")
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_base(base: str) -> URL:
+    return URL(base)
+
+
+def backend_url(base: str, path_qs: str) -> URL:
+    """The backend's scheme and authority, its path prefix, then the request's path and
+    query byte for byte (already percent-encoded as the client sent them), built from
+    parsed components: whatever the target holds cannot change where the request goes."""
+    parsed = _parsed_base(base)
+    path, sep, query = path_qs.partition("?")
+    return URL.build(
+        scheme=parsed.scheme,
+        authority=parsed.raw_authority,
+        path=parsed.raw_path.rstrip("/") + path,
+        query_string=query if sep else "",
+        encoded=True,
+    )
+
+
+class ForwardStats(Counters):
+    __slots__ = ("per_source_limited", "body_timeouts", "deadlines", "cancelled")
+
+    def __init__(self) -> None:
+        self.per_source_limited = 0  # answered 429: the source had max_per_source in flight
+        self.body_timeouts = 0  # answered 408: a body read took longer than body_timeout
+        self.deadlines = 0  # the forward reached its deadline
+        self.cancelled = 0  # the client went away mid-forward
+
+
+class _Progress:
+    __slots__ = ("response",)
+
+    def __init__(self) -> None:
+        self.response: web.StreamResponse | None = None  # once its headers were sent
+
+
+class _Body:
+    """The request body, streamed to a backend at most once, each read bounded in time."""
+
+    __slots__ = ("_content", "_timeout", "started", "timed_out")
+
+    def __init__(self, content: aiohttp.StreamReader, timeout: float) -> None:
+        self._content = content
+        self._timeout = timeout
+        self.started = False
+        self.timed_out = False
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        self.started = True
+        while True:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                self.timed_out = True
+                raise
+            if not chunk:
+                return
+            yield chunk
+
+
+def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Fields the sender named in Connection: hop-by-hop too (RFC 9110 §7.6.1).
+
+    Host is never dropped this way: the backend needs it to tell customers apart.
+    """
+    tokens = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    return frozenset(tokens - {"", "host"})
+
+
+def forwarded_headers(
+    request: web.Request, trusted: TrustedNetworks | None = None
+) -> CIMultiDict[str]:
+    """The request's headers as the backend gets them.
+
+    The forwarding fields describe the client the edge saw. A client in `trusted`
+    is a proxy itself: its X-Forwarded-For and Forwarded chains are kept with the
+    client appended, and its X-Forwarded-Proto/-Host and X-Real-IP are kept.
+    """
+    headers: CIMultiDict[str] = CIMultiDict()
+    listed = connection_listed(request.headers)
+    client = client_address(request) or "unknown"
+    keep_chain = trusted is not None and bool(trusted) and client in trusted
+    chain: dict[str, list[str]] = {}
+    checked = checked_host(request)
+    host = str(checked) if checked is not None else ""
+    for name, value in request.headers.items():
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname == "content-length" or lname in listed:
+            continue
+        if lname == "host":  # the one normalised value every decision used
+            headers.add(name, host)
+            continue
+        if lname in EDGE_ANSWERED:
+            continue
+        if lname in UNTRUSTED_FORWARDING:
+            if keep_chain:
+                chain.setdefault(lname, []).append(value)
+            continue
+        headers.add(name, value)
+    if request.body_exists and request.content_length is not None:
+        headers["Content-Length"] = str(request.content_length)
+    proto = "https" if request.secure else "http"
+    if checked is not None and "Host" not in headers:
+        headers["Host"] = host  # absolute-form without a Host field
+    headers["X-Forwarded-For"] = ", ".join([*chain.get("x-forwarded-for", ()), client])
+    headers["X-Forwarded-Proto"] = chain.get("x-forwarded-proto", [proto])[0]
+    if "x-forwarded-host" in chain:
+        headers["X-Forwarded-Host"] = chain["x-forwarded-host"][0]
+    elif host:
+        headers["X-Forwarded-Host"] = host
+    if "x-real-ip" in chain:
+        headers["X-Real-IP"] = chain["x-real-ip"][0]
+    element = f"for={_forwarded_node(client)};proto={proto}"
+    if host:
+        element += f";host={_quote(host)}"
+    headers["Forwarded"] = ", ".join([*chain.get("forwarded", ()), element])
+    return headers
+
+
+async def _relay(
+    request: web.Request, upstream: aiohttp.ClientResponse, progress: _Progress
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    listed = connection_listed(upstream.headers)
+    for name, value in upstream.headers.items():
+        if name.lower() in HOP_BY_HOP or name.lower() in listed:
+            continue
+        response.headers.add(name, value)
+    if "Content-Length" not in upstream.headers and request.method != "HEAD":
+        response.enable_chunked_encoding()
+    await response.prepare(request)
+    progress.response = response
+    if request.method != "HEAD":
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are gone already: cut the connection so the client sees a
+            # truncated response, never a short body that looks complete.
+            log.warning("backend failed mid-response for %s: %s", request.raw_path, exc)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+    await response.write_eof()
+    return response
+
+
+def _forwarded_node(ip: str) -> str:
+    try:
+        if isinstance(ipaddress.ip_address(ip), ipaddress.IPv6Address):
+            return f'"[{ip}]"'
+    except ValueError:
+        return "unknown"
+    return ip
+
+
+def _quote(value: str) -> str:
+    if all(c.isalnum() or c in "-._~" for c in value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _error(status: int, text: str) -> web.Response:
+    return web.Response(
+        status=status,
+        text=text + "\n",
+        headers={"Cache-Control": "no-store", "Connection": "close"},
+    )
+
+
+class ForwarderSlot:
+    """The forwarder in service. A reload swaps in a new one; the old one finishes its requests."""
+
+    def __init__(self, forwarder: Forwarder, backends: BackendPool) -> None:
+        self.forwarder = forwarder
+        self.backends = backends
+        self._active: dict[int, int] = {}  # id(forwarder) -> requests it is handling
+        self._idle: dict[int, asyncio.Event] = {}  # set when a retired one has none left
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._retired: dict[int, tuple[Forwarder, BackendPool]] = {}  # not closed yet
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        forwarder = self.forwarder
+        key = id(forwarder)
+        self._active[key] = self._active.get(key, 0) + 1
+        try:
+            return await forwarder.handle(request)
+        finally:
+            left = self._active.get(key, 1) - 1
+            if key in self._active:
+                self._active[key] = left
+            if left == 0 and key in self._idle:
+                self._idle[key].set()
+
+    def replace(self, forwarder: Forwarder, backends: BackendPool, grace: float) -> None:
+        old = (self.forwarder, self.backends)
+        self._retired[id(old[0])] = old
+        self.forwarder, self.backends = forwarder, backends
+        task = asyncio.get_running_loop().create_task(self._retire(*old, grace))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, forwarder: Forwarder, backends: BackendPool, grace: float) -> None:
+        key = id(forwarder)
+        idle = self._idle.setdefault(key, asyncio.Event())
+        if self._active.get(key, 0) == 0:
+            idle.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await idle.wait()
+        self._active.pop(key, None)
+        self._idle.pop(key, None)
+        if self._retired.pop(key, None) is not None:
+            await forwarder.close()
+            await backends.close()
+
+    async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        for forwarder, backends in [*self._retired.values(), (self.forwarder, self.backends)]:
+            await forwarder.close()
+            await backends.close()
+        self._retired.clear()

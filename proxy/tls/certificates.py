@@ -1,0 +1,500 @@
+"""Which TLS context serves a hostname, obtaining a certificate when needed.
+
+Order of work for one handshake (the first steps are the hot path):
+  1. in-memory context cache (re-validated against the store in the background at
+     most every `revalidate_seconds`, so renewals and removals by other workers reach
+     this one without a store read on the handshake path);
+  2. negative cache (refused or failing names answer at once);
+  3. the store (a certificate issued earlier, or by another worker);
+  4. the issuance gate (registered + CNAME verified) and the host's backoff;
+  5. issuance, single-flight: one task per name in this process, one lease per
+     name across processes. Callers that give up do not cancel the order, so the
+     next click finds the certificate.
+
+`issue_and_store` is also what the maintenance loop renews with (under the same lease).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from acme_client import (
+    ACME_TLS_ALPN,
+    AcmeError,
+    CaUnavailable,
+    HostVerdict,
+    IssuedCertificate,
+    LimitSettings,
+    OrderBudget,
+    OrderLimitReached,
+    OrderLimits,
+    RateLimited,
+    is_ca_failure,
+    tls_alpn01_certificate,
+)
+from acme_client.solvers import ChallengeSink
+from certstore import CertStore, DomainState, StoredCertificate
+from proxy.counters import Counters
+from proxy.hosts.events import EventKind
+from proxy.hosts.leases import lease_name
+from proxy.hosts.lifecycle import Lifecycle
+from proxy.tls.contexts import CachedContext, ContextCache, build_server_context
+from proxy.tls.gate import IssuanceGate
+from proxy.tls.refusals import Refusal, RefusalCache, Refused
+from proxy.wire.clienthello import INTERNAL_ERROR, UNRECOGNIZED_NAME
+
+log = logging.getLogger(__name__)
+
+
+class Issuer(Protocol):
+    """What the manager needs from ACME (an AcmeIssuer or a FailoverIssuer)."""
+
+    async def issue(
+        self,
+        hostname: str,
+        sink: ChallengeSink,
+        *,
+        budget: OrderBudget | None = None,
+        replaces: str | None = None,
+        exempt: bool = False,
+        authz_budget: int | None = None,
+    ) -> IssuedCertificate: ...
+
+    async def check_available(self) -> None:
+        """Raise CaUnavailable at once when no CA can take an order now (breaker open)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerSettings:
+    refusal_seconds: float = 30.0
+    failure_backoff_seconds: float = 60.0  # first backoff step; see acme_client.limits
+    # kept alive by the holder (refreshed every third of it): a dead holder's lease
+    # expires within this many seconds
+    lease_seconds: float = 10.0
+    lease_poll_seconds: float = 0.1
+    cache_size: int = 10_000
+    revalidate_seconds: float = 30.0  # cached contexts are compared with the store this often
+    ca_refusal_seconds: float = 1.0  # a click refused for a CA outage is remembered this long
+
+
+class RenewalBusy(Exception):
+    """Another order for this host is in progress (in this or another worker)."""
+
+
+@contextlib.asynccontextmanager
+async def kept_lease(store: CertStore, name: str, holder: str, ttl: float) -> AsyncIterator[bool]:
+    """Try to take a lease; while the body runs, refresh it every third of `ttl`.
+
+    Yields whether the lease is held. A holder that dies stops refreshing, so its lease
+    expires within `ttl` (and a restarted process on the same node frees it at once:
+    `CertStore.release_dead_leases`).
+    """
+    if not await store.try_acquire_lease(name, holder, ttl):
+        yield False
+        return
+    refresher = asyncio.ensure_future(_refresh_lease(store, name, holder, ttl))
+    try:
+        yield True
+    finally:
+        refresher.cancel()
+        await asyncio.gather(refresher, return_exceptions=True)
+        await store.release_lease(name, holder)
+
+
+async def _refresh_lease(store: CertStore, name: str, holder: str, ttl: float) -> None:
+    while True:
+        await asyncio.sleep(ttl / 3)
+        try:
+            if not await store.try_acquire_lease(name, holder, ttl):
+                log.warning("lease %s was taken over while %s still held it", name, holder)
+                return
+        except Exception:  # a store hiccup: the next refresh may succeed before expiry
+            log.exception("refreshing lease %s failed", name)
+
+
+@dataclass
+class IssuanceStats(Counters):
+    orders_started: int = 0  # ACME orders placed by this process (first clicks, renewals)
+    alpn_challenges_answered: int = 0  # TLS-ALPN-01 validation handshakes served
+
+
+class CertificateManager:
+    def __init__(
+        self,
+        store: CertStore,
+        issuer: Issuer,
+        gate: IssuanceGate,
+        settings: ManagerSettings,
+        clock: Callable[[], float] = time.time,
+        limits: OrderLimits | None = None,
+        *,
+        lifecycle: Lifecycle,
+    ) -> None:
+        self._store = store
+        self._lifecycle = lifecycle
+        self._issuer = issuer
+        self._gate = gate
+        self._settings = settings
+        self._clock = clock
+        self._limits = limits or OrderLimits(
+            store, LimitSettings(first_backoff_seconds=settings.failure_backoff_seconds), clock
+        )
+        self._contexts = ContextCache(settings.cache_size)
+        self._refusals = RefusalCache()
+        self._inflight: dict[str, asyncio.Task[ssl.SSLContext]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._ca_refusal_logged: dict[str, float] = {}  # host -> when its refusal was logged
+        self.on_stored: Callable[[str], None] | None = None  # e.g. wake the maintenance loop
+        self.holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stats = IssuanceStats()
+
+    @property
+    def cached_contexts(self) -> int:
+        return len(self._contexts)
+
+    @property
+    def limits(self) -> OrderLimits:
+        return self._limits
+
+    def cached_context(self, hostname: str) -> ssl.SSLContext | None:
+        """The hot path: a cached context for an exact (already normalised) name."""
+        now = self._clock()
+        entry = self._contexts.entry(hostname, now)
+        if entry is None:
+            return None
+        if now - entry.checked_at >= self._settings.revalidate_seconds:
+            self._revalidate_soon(hostname, entry, now)
+        return entry.context
+
+    async def context_for(self, hostname: str) -> ssl.SSLContext:
+        cached = self.cached_context(hostname)
+        if cached is not None:
+            return cached
+        now = self._clock()
+        refusal = self._refusals.get(hostname, now)
+        if refusal is not None:
+            raise Refused(refusal.reason, refusal.alert)
+        task = self._inflight.get(hostname)
+        if task is None:
+            task = asyncio.ensure_future(self._resolve(hostname))
+            self._inflight[hostname] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(hostname, None))
+        # shield: a client that hangs up must not cancel the work others wait for
+        return await asyncio.shield(task)
+
+    async def challenge_context_for(self, hostname: str) -> ssl.SSLContext:
+        """TLS-ALPN-01 (RFC 8737): the CA's validation handshake offers only `acme-tls/1`."""
+        key_authorization = await self._store.get_alpn_challenge(hostname)
+        if key_authorization is None:
+            raise Refused("no TLS-ALPN-01 challenge pending for this name")
+        self.stats.alpn_challenges_answered += 1
+        return await asyncio.to_thread(_challenge_context, hostname, key_authorization)
+
+    async def check_ca(self) -> None:
+        """Raise CaUnavailable at once while no CA can take an order (breaker open)."""
+        await self._issuer.check_available()
+
+    def forget(self, hostname: str) -> None:
+        """Drop cached state for a host (after removal, suspension, renewal)."""
+        self._contexts.discard(hostname)
+        self._refusals.discard(hostname)
+
+    async def close(self) -> None:
+        # Orders still running are cancelled too: their `finally` releases the name's
+        # lease while the store is open, so another process can order at once.
+        tasks = [*self._background, *self._inflight.values()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def issue_and_store(
+        self,
+        hostname: str,
+        *,
+        authz_budget: int | None,
+        replaces: str | None = None,
+        exempt: bool = False,
+        renewal: bool = False,
+    ) -> StoredCertificate:
+        """Order a certificate (the caller holds the name's lease), store it, cache it.
+
+        Failures update the host's backoff (except our own limiter saying "not now")
+        and the event log, then propagate as AcmeError.
+        """
+        started = time.monotonic()
+        what = "renewal" if renewal else "order"
+        try:
+            await self._issuer.check_available()  # an open breaker: no order, no event
+        except CaUnavailable as exc:
+            await self._ca_unavailable(hostname, what, exc)
+            raise
+        self.stats.orders_started += 1
+        await self._store.record_event(
+            hostname,
+            EventKind.RENEWAL_STARTED if renewal else EventKind.ORDER_STARTED,
+            f"by {self.holder}",
+        )
+        try:
+            issued = await self._issuer.issue(
+                hostname,
+                self._store,
+                budget=self._limits,
+                replaces=replaces,
+                exempt=exempt,
+                authz_budget=authz_budget,
+            )
+        except OrderLimitReached as exc:
+            await self._store.record_event(hostname, EventKind.ORDER_DEFERRED, str(exc))
+            raise
+        except AcmeError as exc:
+            if is_ca_failure(exc):  # the CA's failure: the breaker counts it, not the host
+                await self._ca_unavailable(hostname, what, exc)
+                raise
+            backoff = await self._limits.record_failure(
+                hostname, str(exc), exc.failed_authorizations
+            )
+            log.warning(
+                "%s: %s failed (%d in a row): %s",
+                hostname,
+                what,
+                backoff.failures,
+                exc,
+                extra={
+                    "event": EventKind.RENEWAL_FAILED if renewal else EventKind.ISSUANCE_FAILED,
+                    "host": hostname,
+                    "reason": str(exc),
+                    "duration": time.monotonic() - started,
+                },
+            )
+            if not renewal:  # a failed renewal leaves the current certificate in service
+                await self._lifecycle.issuance_failed(hostname, f"issuance failed: {exc}")
+            await self._store.record_event(
+                hostname,
+                EventKind.RENEWAL_FAILED if renewal else EventKind.ISSUANCE_FAILED,
+                f"{exc} (next attempt after {_iso(backoff.next_attempt_at)})",
+            )
+            raise
+        elapsed = time.monotonic() - started
+        stored = StoredCertificate(
+            hostname=hostname,
+            chain_pem=issued.chain_pem,
+            key_pem=issued.key_pem,
+            names=issued.names,
+            not_before=issued.not_before,
+            not_after=issued.not_after,
+            issuer=issued.issuer,
+            created_at=self._clock(),
+            serial=issued.serial,
+            directory_url=issued.directory_url,
+        )
+        await self._store.put_certificate(stored)
+        await self._limits.record_success(hostname)
+        await self._limits.record_failed_authorizations(hostname, issued.failed_authorizations)
+        await self._lifecycle.issued(hostname, f"certificate issued, serial {issued.serial}")
+        await self._store.record_event(
+            hostname,
+            EventKind.RENEWED if renewal else EventKind.ISSUED,
+            f"by {issued.issuer} ({issued.directory_url}), serial {issued.serial}, valid until "
+            f"{_iso(issued.not_after)}, took {elapsed * 1000:.0f} ms",
+        )
+        done = EventKind.RENEWED if renewal else EventKind.ISSUED
+        log.info(
+            "%s certificate for %s in %.0f ms",
+            done,
+            hostname,
+            elapsed * 1000,
+            extra={"event": done, "host": hostname, "duration": elapsed},
+        )
+        self._refusals.discard(hostname)
+        self._ca_refusal_logged.pop(hostname, None)
+        await self._remember(stored)
+        if self.on_stored is not None:
+            self.on_stored(hostname)
+        return stored
+
+    async def _ca_unavailable(self, hostname: str, what: str, exc: AcmeError) -> None:
+        """Log (and record) a CA-level refusal once per host per `refusal_seconds`."""
+        now = self._clock()
+        last = self._ca_refusal_logged.get(hostname)
+        if last is not None and now - last < self._settings.refusal_seconds:
+            return
+        if len(self._ca_refusal_logged) > 10_000:
+            self._ca_refusal_logged.clear()
+        self._ca_refusal_logged[hostname] = now
+        log.warning("%s: %s not placed, the CA is unavailable: %s", hostname, what, exc)
+        await self._store.record_event(hostname, EventKind.ORDER_DEFERRED, f"CA unavailable: {exc}")
+
+    # -- the miss path -----------------------------------------------------------
+
+    async def _stored_context(self, hostname: str) -> ssl.SSLContext | None:
+        """A context for a still-valid certificate already in the store, if any."""
+        stored = await self._store.get_certificate(hostname)
+        if stored is not None and stored.is_valid_at(self._clock()):
+            return await self._remember(stored)
+        return None
+
+    async def _resolve(self, hostname: str) -> ssl.SSLContext:
+        stored = await self._store.get_certificate(hostname)
+        if stored is not None and stored.is_valid_at(self._clock()):
+            domain = await self._store.get_domain(hostname)
+            if domain is not None and domain.state is not DomainState.SUSPENDED:
+                return await self._remember(stored)
+        decision = await self._gate.decide(hostname)
+        if not decision.allowed:
+            if decision.registered:
+                await self._store.record_event(hostname, EventKind.REFUSED, decision.reason)
+                # once per refusal: the refusal cache answers the next handshakes
+                log.info(
+                    "refused a certificate for %s: %s",
+                    hostname,
+                    decision.reason,
+                    extra={"event": "refused", "host": hostname, "reason": decision.reason},
+                )
+            else:
+                log.debug("refused unregistered name %s", hostname)
+            if decision.state is DomainState.FAILED:
+                # A failed host still backing off is our problem (internal_error); a
+                # retired or given-up one is a name we no longer serve (unrecognized_name).
+                await self._refuse_if_backing_off(hostname)
+            self._refuse(hostname, decision.reason, self._settings.refusal_seconds)
+            raise Refused(decision.reason)
+        return await self._obtain(hostname)
+
+    async def _obtain(self, hostname: str) -> ssl.SSLContext:
+        await self._refuse_if_backing_off(hostname)
+        lease = lease_name(hostname)
+        while True:
+            async with kept_lease(
+                self._store, lease, self.holder, self._settings.lease_seconds
+            ) as held:
+                if held:
+                    return await self._order_with_lease(hostname)
+            # Another worker is ordering this name: its certificate lands in the store.
+            await asyncio.sleep(self._settings.lease_poll_seconds)
+            ctx = await self._stored_context(hostname)
+            if ctx is not None:
+                return ctx
+            await self._refuse_if_backing_off(hostname)
+
+    async def renew_now(self, hostname: str) -> StoredCertificate:
+        """Order a new certificate now, replacing the stored one (operator's forced renewal).
+
+        Takes the host's issuance lease like any order, so it never races a first-click
+        order in another worker. A failure leaves the current certificate and state as
+        they are (an `renewal_failed` event) and raises AcmeError.
+        """
+        lease = lease_name(hostname)
+        async with kept_lease(
+            self._store, lease, self.holder, self._settings.lease_seconds
+        ) as held:
+            if not held:
+                raise RenewalBusy(f"an order for {hostname} is already in progress")
+            # The CA's limits bind operators too: no forced order while the host backs off.
+            verdict = await self._limits.check_host(hostname)
+            if not verdict.allowed:
+                raise AcmeError(verdict.reason)
+            return await self.issue_and_store(
+                hostname, authz_budget=verdict.authz_budget, renewal=True
+            )
+
+    async def _order_with_lease(self, hostname: str) -> ssl.SSLContext:
+        # The previous holder may have finished (or failed) between our miss and our lease.
+        ctx = await self._stored_context(hostname)
+        if ctx is not None:
+            return ctx
+        verdict = await self._refuse_if_backing_off(hostname)
+        try:
+            stored = await self.issue_and_store(hostname, authz_budget=verdict.authz_budget)
+        except AcmeError as exc:
+            if is_ca_failure(exc):
+                # Remembered only briefly: the host must be served soon after the CA returns.
+                reason = f"CA unavailable: {exc}"
+                self._refuse(hostname, reason, self._settings.ca_refusal_seconds, INTERNAL_ERROR)
+                raise Refused(reason, INTERNAL_ERROR) from exc
+            if isinstance(exc, RateLimited):
+                reason = f"issuance deferred: {exc}"
+                self._refuse_until(hostname, reason, exc.retry_at)
+                raise Refused(reason, INTERNAL_ERROR) from exc
+            reason = f"issuance failed: {exc}"
+            backoff = await self._store.get_backoff(hostname)
+            self._refuse_until(hostname, reason, backoff.next_attempt_at if backoff else None)
+            raise Refused(reason, INTERNAL_ERROR) from exc
+        return await self._remember(stored)
+
+    async def _refuse_if_backing_off(self, hostname: str) -> HostVerdict:
+        verdict = await self._limits.check_host(hostname)
+        if not verdict.allowed:
+            self._refuse_until(hostname, verdict.reason, verdict.retry_at)
+            raise Refused(verdict.reason, INTERNAL_ERROR)
+        return verdict
+
+    # -- cache -------------------------------------------------------------------
+
+    async def _remember(self, stored: StoredCertificate) -> ssl.SSLContext:
+        entry = self._contexts.entry(stored.hostname, self._clock())
+        if entry is not None and entry.serial == stored.serial and stored.serial:
+            return entry.context  # built already (e.g. by a concurrent revalidation)
+        ctx = await asyncio.to_thread(build_server_context, stored.chain_pem, stored.key_pem)
+        self._contexts.put(
+            stored.hostname, ctx, stored.not_after, stored.serial, checked_at=self._clock()
+        )
+        return ctx
+
+    def _revalidate_soon(self, hostname: str, entry: CachedContext, now: float) -> None:
+        entry.checked_at = now  # one check per interval, however many handshakes arrive
+        task = asyncio.ensure_future(self._revalidate(hostname, entry.serial))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _revalidate(self, hostname: str, cached_serial: str) -> None:
+        """Off the hot path: pick up a renewed certificate, drop a removed or suspended host."""
+        try:
+            serial = await self._store.certificate_serial(hostname)
+            domain = await self._store.get_domain(hostname)
+            if serial is None or domain is None or domain.state is DomainState.SUSPENDED:
+                self._contexts.discard(hostname)
+                return
+            if serial == cached_serial:
+                return
+            stored = await self._store.get_certificate(hostname)
+            if stored is not None and stored.is_valid_at(self._clock()):
+                await self._remember(stored)
+                log.info("%s: cached context replaced by serial %s", hostname, stored.serial)
+        except Exception:  # a store hiccup must not break serving; next interval retries
+            log.exception("revalidating the cached context of %s failed", hostname)
+
+    def _refuse(
+        self, hostname: str, reason: str, seconds: float, alert: int = UNRECOGNIZED_NAME
+    ) -> None:
+        self._refusals.put(hostname, Refusal(reason, self._clock() + seconds, alert))
+
+    def _refuse_until(self, hostname: str, reason: str, retry_at: float | None) -> None:
+        # Remembered in memory at most `refusal_seconds`: the store has the real backoff,
+        # and an operator clearing it should not wait for a day-long memory to expire.
+        now = self._clock()
+        seconds = self._settings.refusal_seconds
+        if retry_at is not None:
+            seconds = max(min(retry_at - now, seconds), 1.0)
+        self._refuse(hostname, reason, seconds, INTERNAL_ERROR)
+
+
+def _challenge_context(hostname: str, key_authorization: str) -> ssl.SSLContext:
+    cert_pem, key_pem = tls_alpn01_certificate(hostname, key_authorization)
+    return build_server_context(cert_pem, key_pem, alpn=[ACME_TLS_ALPN])
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+__all__ = ["CertificateManager", "ManagerSettings", "Refused", "RenewalBusy", "lease_name"]

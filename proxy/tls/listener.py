@@ -1,0 +1,281 @@
+"""The HTTPS listener: choose each connection's certificate before the handshake.
+
+`SSLContext.sni_callback` is synchronous and cannot wait for an ACME order, so
+we accept the TCP connection ourselves, peek (MSG_PEEK) at the ClientHello until
+it is complete, read SNI and ALPN, await the certificate (cache, store or a new
+order) and only then hand the untouched socket to asyncio's TLS with the chosen
+context and aiohttp as the protocol. Everything here is non-blocking: a slow or
+hostile client costs one task and one socket, bounded by `hello_timeout`, and one
+source can hold at most `max_pending_per_source` connections awaiting a hello: a
+further one evicts that source's oldest waiting connection, so a real browser
+behind the same address as a slow scanner still gets its handshake. A
+connection counts as pending until its handshake is done (`handshake_timeout`).
+The TLS protocol is asyncio's with a 32 KiB read buffer, mapped rather than
+allocated, instead of 256 KiB of heap (`_CompactSSLProtocol`).
+Behind a load balancer (`listen.https_proxy_protocol`) the PROXY header is
+consumed first (`proxy/tls/accept.py`) and the ClientHello peeked after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mmap
+import socket
+import ssl
+from asyncio import sslproto
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.tls.accept import (
+    Backoff,
+    Listener,
+    ListenerStats,
+    ProxyProtocolSettings,
+    close_cleanly,
+    peer_has_finished,
+    readable,
+)
+from proxy.tls.connections import break_transport_cycle
+from proxy.tls.refusals import Refused
+from proxy.wire.clienthello import (
+    DECODE_ERROR,
+    INTERNAL_ERROR,
+    MAX_CLIENT_HELLO,
+    ClientHello,
+    ClientHelloError,
+    MalformedClientHello,
+    alert_record,
+    parse_client_hello,
+)
+from proxy.wire.peers import source_key
+
+log = logging.getLogger(__name__)
+
+_PEEK_BYTES = MAX_CLIENT_HELLO + 4096  # the message plus the record headers around it
+# What asyncio's TLS protocol reads from the socket at once. It allocates (and
+# zero-fills, so the pages are resident) this much per connection for its whole
+# life: 256 KiB by default, which made idle connections cost ~280 KiB each. Two
+# full TLS records (16 KiB + overhead each) fit in 32 KiB.
+TLS_READ_BUFFER = 32 * 1024
+
+
+class _CompactSSLProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS protocol with a smaller read buffer in its own anonymous mapping.
+
+    A mapping's pages become resident only when written: an idle connection whose
+    largest read was its ClientHello keeps one or two pages of it, not 32 KiB. And
+    it is unmapped when the connection goes, instead of going back to the heap,
+    where freed buffers stayed (fragmented) after a burst of connections closed.
+    """
+
+    max_size = TLS_READ_BUFFER
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        try:
+            buffer = mmap.mmap(-1, self.max_size, flags=mmap.MAP_PRIVATE)
+        except OSError:  # e.g. vm.max_map_count reached: keep the heap buffer
+            return
+        self._ssl_buffer = buffer
+        self._ssl_buffer_view = memoryview(buffer)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        transport = self._transport
+        super().connection_lost(exc)
+        break_transport_cycle(transport)
+
+
+ContextSelector = Callable[[ClientHello], Awaitable[ssl.SSLContext]]
+
+
+class _HelloAbandoned(Exception):
+    """The peer closed after sending part of a ClientHello."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSettings:
+    hello_timeout: float = 10.0
+    selection_timeout: float = 60.0  # includes a possible ACME order
+    handshake_timeout: float = 10.0
+    max_pending: int = 4096  # connections between accept and handshake
+    # Connections of one source (IPv4 address, IPv6 /64) awaiting their ClientHello,
+    # so that one client with silent connections cannot take all of max_pending;
+    # a further one evicts the source's oldest.
+    max_pending_per_source: int = 64
+    proxy_protocol: ProxyProtocolSettings | None = None  # expect PROXY headers
+
+
+class TLSListener(Listener):
+    def __init__(
+        self,
+        sock: socket.socket,
+        select_context: ContextSelector,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        settings: ListenerSettings,
+    ) -> None:
+        super().__init__(
+            sock, max_pending=settings.max_pending, proxy_protocol=settings.proxy_protocol
+        )
+        self._select = select_context
+        self._protocol_factory = protocol_factory
+        self._settings = settings
+        # source_key -> the tasks of its connections awaiting a hello, oldest first
+        self._awaiting_hello: dict[str, dict[asyncio.Task[None], None]] = {}
+        self._evicted: set[asyncio.Task[None]] = set()
+
+    async def _serve_connection(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        self.stats.pending += 1
+        try:
+            ctx = await self._choose_context(conn, peer)
+        except BaseException:
+            conn.close()
+            raise
+        finally:
+            self.stats.pending -= 1
+        if ctx is None:
+            close_cleanly(conn)
+            return
+        # still pending during the handshake: bounded by max_pending and handshake_timeout
+        self.stats.pending += 1
+        self.stats.handshakes_started += 1
+        try:
+            await self._handshake(conn, ctx)
+        finally:
+            self.stats.pending -= 1
+
+    async def _handshake(self, conn: socket.socket, ctx: ssl.SSLContext) -> None:
+        """TLS on the untouched socket, aiohttp on top (what `connect_accepted_socket(ssl=)`
+        does, with the compact TLS protocol); returns once the handshake is over."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        tls = _CompactSSLProtocol(
+            loop,
+            self._protocol_factory(),
+            ctx,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=self._settings.handshake_timeout,
+            ssl_shutdown_timeout=self._settings.handshake_timeout,
+        )
+        try:
+            transport, _ = await loop.connect_accepted_socket(lambda: tls, conn)
+        except OSError as exc:
+            self.stats.handshake_failures += 1
+            log.debug("TLS hand-off failed: %r", exc)
+            conn.close()
+            return
+        try:
+            await waiter
+        except (TimeoutError, OSError) as exc:  # ssl.SSLError is an OSError
+            # the TLS protocol has closed the transport (and so the socket) already
+            self.stats.handshake_failures += 1
+            log.debug("TLS handshake failed: %r", exc)
+            transport.close()
+        except BaseException:
+            transport.close()
+            raise
+
+    async def _choose_context(
+        self, conn: socket.socket, peer: tuple[str, int]
+    ) -> ssl.SSLContext | None:
+        """The context for this connection, or None once the connection was dealt with."""
+        client_ip = peer[0]
+        if self._proxy is not None:
+            info = await self._receive_proxy_header(conn, peer)
+            if info is None:
+                return None
+            client_ip = info.client[0]
+        hello = await self._receive_hello(conn, client_ip)
+        if hello is None:
+            return None
+        try:
+            async with asyncio.timeout(self._settings.selection_timeout):
+                return await self._select(hello)
+        except Refused as exc:
+            self.stats.refused += 1
+            _send_alert(conn, exc.alert)
+        except TimeoutError:
+            self.stats.selection_timeouts += 1
+            _send_alert(conn, INTERNAL_ERROR)
+        return None
+
+    async def _receive_hello(self, conn: socket.socket, client_ip: str) -> ClientHello | None:
+        source = source_key(client_ip)
+        task = asyncio.current_task()
+        assert task is not None
+        waiting = self._awaiting_hello.setdefault(source, {})
+        if len(waiting) >= self._settings.max_pending_per_source:
+            # Evict the source's oldest waiting connection rather than refusing this one:
+            # a hostile scanner's silent connections then cannot shut out a browser
+            # behind the same address (NAT), whose ClientHello arrives at once.
+            oldest = next(iter(waiting))
+            del waiting[oldest]
+            self._evicted.add(oldest)
+            oldest.cancel()
+            self.stats.per_source_limited += 1
+            log.debug("%s: too many connections awaiting a ClientHello, oldest closed", source)
+        waiting[task] = None
+        self.stats.awaiting_hello += 1
+        try:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for wraps the coroutine in an
+            # extra Task per call, measurable at ~15 us per connection on this path.
+            async with asyncio.timeout(self._settings.hello_timeout):
+                return await _peek_client_hello(conn)
+        except asyncio.CancelledError:
+            if task not in self._evicted:
+                raise
+            self._evicted.discard(task)
+            task.uncancel()
+        except TimeoutError:
+            self.stats.hello_timeouts += 1
+        except _HelloAbandoned:
+            self.stats.hello_abandoned += 1
+        except MalformedClientHello as exc:
+            self.stats.bad_hello += 1
+            log.debug("malformed ClientHello: %s", exc)
+            _send_alert(conn, DECODE_ERROR)
+        except ClientHelloError as exc:
+            self.stats.bad_hello += 1
+            log.debug("not TLS: %s", exc)
+        except OSError:
+            pass
+        finally:
+            self.stats.awaiting_hello -= 1
+            waiting = self._awaiting_hello.get(source, {})
+            waiting.pop(task, None)
+            if not waiting:
+                self._awaiting_hello.pop(source, None)
+            self._evicted.discard(task)
+        return None
+
+
+async def _peek_client_hello(conn: socket.socket) -> ClientHello | None:
+    """Peek until the ClientHello is complete; None if the peer closed first."""
+    backoff = Backoff()
+    while True:
+        # Peek first: the ClientHello usually arrived with the connection, which
+        # saves registering a reader and a trip through the event loop.
+        try:
+            data = conn.recv(_PEEK_BYTES, socket.MSG_PEEK)
+        except BlockingIOError:
+            await readable(conn)
+            continue
+        if not data:
+            return None
+        hello = parse_client_hello(data)
+        if hello is not None:
+            return hello
+        if peer_has_finished(conn):
+            raise _HelloAbandoned
+        await backoff.wait(len(data))
+
+
+def _send_alert(conn: socket.socket, alert: int) -> None:
+    with contextlib.suppress(OSError):
+        conn.send(alert_record(alert))
+
+
+__all__ = ["ListenerSettings", "ListenerStats", "TLSListener"]
