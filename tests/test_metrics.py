@@ -246,6 +246,7 @@ async def test_workers_are_aggregated_into_one_scrape(
     from test_workers import IP, TARGET, ServeProcess
 
     from certstore import generate_key_text
+    from proxy.app.supervisor import _FAST_EXIT_SECONDS
 
     dns_server.set_a(TARGET, [IP])
     https_port = free_port(IP)
@@ -267,11 +268,11 @@ async def test_workers_are_aggregated_into_one_scrape(
         "LINKEDGE_METRICS_MULTIPROC_DIR": str(multiproc),
     }
     serve = ServeProcess(env, tmp_path / "serve.log")
-    started = time.monotonic()
     admin = f"http://{IP}:{admin_port}"
     connections = 24
     try:
         serve.wait_ready(2)
+        ready_at = time.monotonic()  # both workers were spawned before this
         before = await metrics(admin)
         hello = python_hello("nobody-registered-this.example")
         for _ in range(connections):  # SO_REUSEPORT spreads these over both workers
@@ -294,7 +295,10 @@ async def test_workers_are_aggregated_into_one_scrape(
         # worker 1 dies: the supervisor restarts it; its counters stay in the sums, its
         # live gauges leave them
         dead = int(re.findall(r"started worker 1 \(pid (\d+)\)", serve.log())[-1])
-        await asyncio.sleep(max(0.0, started + 6 - time.monotonic()))  # past the fast-exit check
+        # past the supervisor's fast-exit check, counted from the worker's spawn (which
+        # may come seconds after the process started, on a loaded machine)
+        fast_exit_over = ready_at + _FAST_EXIT_SECONDS + 1
+        await asyncio.sleep(max(0.0, fast_exit_over - time.monotonic()))
         assert list(multiproc.glob(f"gauge_live*_{dead}.db"))
         os.kill(dead, signal.SIGKILL)
         deadline = time.monotonic() + 30
