@@ -40,7 +40,7 @@ from acme_client import (
 )
 from certstore import CertStore, SQLiteStore, load_key
 
-from . import metrics
+from . import metrics, tlscontexts
 from .admin import AdminDeps, make_admin_app
 from .backends import BackendPool, HealthSettings
 from .certificates import CertificateManager, ManagerSettings
@@ -267,6 +267,7 @@ async def build_forwarder(config: Config) -> tuple[Forwarder, BackendPool]:
         body_timeout=backend.body_timeout,
         deadline=backend.deadline,
         max_per_source=backend.max_per_source,
+        lean_client=backend.lean_client,
     )
     try:
         await forwarder.start()
@@ -314,6 +315,7 @@ class EdgeWorker:
 
     async def start(self) -> None:
         config = self.config
+        tlscontexts.SESSION_TICKETS = config.tls.session_tickets
         admin_token = None
         if self.primary and config.admin.listen:  # refuse to serve the admin API unprotected
             admin_token = read_secret(
