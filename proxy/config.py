@@ -77,6 +77,8 @@ class EdgeConfig:
     # the port recipients reach HTTPS on (behind a port-mapping load balancer it differs
     # from listen.https); HTTPS-upgrade redirects name it unless it is 443
     https_public_port: int = 443
+    # each worker's event loop: "asyncio" (the standard library's) or "uvloop"
+    event_loop: str = "asyncio"
 
 
 @dataclass
@@ -358,6 +360,8 @@ def check_listen(config: Config) -> None:
         )
     if listen.proxy_protocol_timeout <= 0:
         raise ConfigError("listen.proxy_protocol_timeout must be positive")
+    if config.edge.event_loop not in ("asyncio", "uvloop"):
+        raise ConfigError('edge.event_loop must be "asyncio" or "uvloop"')
     if not 0 <= config.tls.session_tickets <= 8:
         raise ConfigError("tls.session_tickets must be 0..8")
     if config.tls.max_pending_per_source < 1:
