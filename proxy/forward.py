@@ -420,6 +420,7 @@ async def _relay(
     return response
 
 
+@functools.lru_cache(maxsize=4096)  # per click otherwise: ipaddress parses the string each time
 def _forwarded_node(ip: str) -> str:
     try:
         if isinstance(ipaddress.ip_address(ip), ipaddress.IPv6Address):

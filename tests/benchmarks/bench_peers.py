@@ -659,6 +659,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "'uvloop+backend.x=y' ...",
     )
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--idle-seconds", type=float, default=10.0, help="idle CPU sample (10)")
     p.add_argument(
         "--profile", type=Path, metavar="DIR", help="py-spy each linkedge process per kind"
     )
@@ -705,6 +706,12 @@ def main(argv: list[str] | None = None) -> int:
             results["servers"] = bench.servers
             results["rss_kib_before"] = {s: tree_rss_kib(bench.pids[s]) for s in bench.servers}
             print(f"servers: {', '.join(bench.servers)}", flush=True)
+            idle0 = {s: tree_cpu(bench.pids[s]).total for s in bench.servers}
+            time.sleep(args.idle_seconds)
+            results["idle_cpu_ms_per_s"] = {
+                s: (tree_cpu(bench.pids[s]).total - idle0[s]) * 1000 / args.idle_seconds
+                for s in bench.servers
+            }
             rounds = bench.rounds()
             results["rss_kib_after"] = {s: tree_rss_kib(bench.pids[s]) for s in bench.servers}
             results["rounds"] = rounds
@@ -715,6 +722,15 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; stopped all processes", file=sys.stderr)
         return 130
     print_table(results["summary"], args.rounds)
+    print(f"\nidle CPU, ms per second over {args.idle_seconds:.0f} s without load:")
+    for server, ms in results["idle_cpu_ms_per_s"].items():
+        print(f"  {server:40s} {ms:6.2f}")
+    print("RSS KiB before / after the rounds:")
+    for server in results["servers"]:
+        print(
+            f"  {server:40s} {results['rss_kib_before'][server]:8d} "
+            f"{results['rss_kib_after'][server]:8d}"
+        )
     if "caddy_first_click" in results:
         c = results["caddy_first_click"]
         print(
