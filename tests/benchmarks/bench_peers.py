@@ -153,6 +153,18 @@ def edge_variant_main(
 
         uvloop.install()
     config = pickle.loads(config_pickle)  # noqa: S301 (our own parent's bytes)
+    if "secondary" in parts:  # a further worker of `workers=N`: as `serve --workers N` starts it
+        import asyncio
+        import logging
+        import signal
+
+        from proxy.edge import run_worker
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        be._watch_parent(lifeline)
+        logging.basicConfig(filename=log_path, level=logging.INFO)
+        asyncio.run(run_worker(config, ready=lambda: ready.send("ready"), primary=False))
+        return
     be.edge_main(config, log_path, ready, lifeline)
 
 
@@ -205,6 +217,15 @@ class PeerBench(be.Bench):
         self.plain_ports: dict[str, int] = {}
         self.popen: dict[str, subprocess.Popen[bytes]] = {}
         self.cpu_fn = be.cpu_of
+        self.extra_pids: dict[str, list[int]] = {}  # further workers of a `workers=N` variant
+
+    def server_cpu(self, name: str) -> be.CpuSample:
+        u = s = 0.0
+        for pid in [self.pids[name], *self.extra_pids.get(name, [])]:
+            c = tree_cpu(pid)
+            u += c.utime
+            s += c.stime
+        return be.CpuSample(u, s)
 
     # processes started with Popen (caddy, nginx) are stopped here
     def _popen(self, name: str, cmd: list[str], **kw: Any) -> subprocess.Popen[bytes]:
@@ -244,7 +265,7 @@ class PeerBench(be.Bench):
         config.listen.http = f"{ip}:{be.free_port(ip)}"
         parts = [p for p in spec.split("+") if p]
         for part in parts:
-            if "=" in part and not part.startswith("src="):
+            if "=" in part and not part.startswith(("src=", "workers=")):
                 path, value = part.split("=", 1)
                 obj = config
                 *head, last = path.split(".")
@@ -260,9 +281,19 @@ class PeerBench(be.Bench):
         log = self.workdir / f"edge-{len(self.servers)}.log"
         import pickle
 
+        workers = next((int(p[8:]) for p in parts if p.startswith("workers=")), 1)
         proc, _ = self.children.start_server(
             name, edge_variant_main, spec, pickle.dumps(config), str(log)
         )
+        for i in range(1, workers):  # SO_REUSEPORT on the same addresses, like --workers
+            more, _ = self.children.start_server(
+                f"{name}-{i}",
+                edge_variant_main,
+                spec + "+secondary",
+                pickle.dumps(config),
+                str(log) + f".{i}",
+            )
+            self.extra_pids.setdefault(name, []).append(int(more.pid or 0))
         self.pids[name] = int(proc.pid or 0)
         self.procs[name] = proc
         self.ports[name] = int(config.listen.https.rsplit(":", 1)[1])
@@ -418,7 +449,8 @@ http:// {{
             return {}
         server_cpus, other = {cpus[0]}, set(cpus[1:])
         for name in self.servers:
-            for pid in tree_pids(self.pids[name]):
+            pids = [self.pids[name], *self.extra_pids.get(name, [])]
+            for pid in [p for top in pids for p in tree_pids(top)]:
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(pid, server_cpus)
                     with contextlib.suppress(OSError):
@@ -431,7 +463,7 @@ http:// {{
     # -- load --------------------------------------------------------------------
 
     def load(self, server: str, kind: str, duration: float) -> dict[str, Any]:
-        pid, ip = self.pids[server], self.ips[server]
+        ip = self.ips[server]
         port = self.plain_ports[server] if kind == "plain" else self.ports[server]
         kwargs = {
             "ip": ip,
@@ -441,7 +473,7 @@ http:// {{
             "max_count": be.MAX_COUNT,
         }
         b0 = be.cpu_of(self.pids["backend"])
-        c0 = tree_cpu(pid)
+        c0 = self.server_cpu(server)
         t0 = time.perf_counter()
         for conn in self.clients:
             conn.send((kind, kwargs))
@@ -451,7 +483,7 @@ http:// {{
                 raise RuntimeError(f"load client did not finish ({server}, {kind})")
             results.append(conn.recv())
         wall = time.perf_counter() - t0
-        c1 = tree_cpu(pid)
+        c1 = self.server_cpu(server)
         b1 = be.cpu_of(self.pids["backend"])
         fatal = [r["fatal"] for r in results if "fatal" in r]
         if fatal:
@@ -659,6 +691,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "'uvloop+backend.x=y' ...",
     )
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--no-pin", dest="pin", action="store_false", help="no CPU pinning")
     p.add_argument("--idle-seconds", type=float, default=10.0, help="idle CPU sample (10)")
     p.add_argument(
         "--profile", type=Path, metavar="DIR", help="py-spy each linkedge process per kind"
@@ -702,14 +735,14 @@ def main(argv: list[str] | None = None) -> int:
                 bench.start_nginx()
             if "caddy" in peers:
                 bench.start_caddy()
-            results["pinning"] = bench.pin_all()
+            results["pinning"] = bench.pin_all() if args.pin else {}
             results["servers"] = bench.servers
             results["rss_kib_before"] = {s: tree_rss_kib(bench.pids[s]) for s in bench.servers}
             print(f"servers: {', '.join(bench.servers)}", flush=True)
-            idle0 = {s: tree_cpu(bench.pids[s]).total for s in bench.servers}
+            idle0 = {s: bench.server_cpu(s).total for s in bench.servers}
             time.sleep(args.idle_seconds)
             results["idle_cpu_ms_per_s"] = {
-                s: (tree_cpu(bench.pids[s]).total - idle0[s]) * 1000 / args.idle_seconds
+                s: (bench.server_cpu(s).total - idle0[s]) * 1000 / args.idle_seconds
                 for s in bench.servers
             }
             rounds = bench.rounds()
