@@ -191,14 +191,16 @@ class LeanClient:
         self._pool_size = pool_size
         self._keepalive = keepalive
         self._idle: dict[str, collections.deque[_Connection]] = {}
+        self._live: set[_Connection] = set()  # every open connection, idle or in use
         self._closed = False
 
     async def close(self) -> None:
+        """Close every connection, in use or idle (as aiohttp's connector does): a
+        forward still waiting on the backend ends with an error (the caller's 502)."""
         self._closed = True
-        for conns in self._idle.values():
-            for conn in conns:
-                if conn.transport is not None:
-                    conn.transport.close()
+        for conn in list(self._live):
+            self._drop(conn)
+        self._live.clear()
         self._idle.clear()
 
     def _take_idle(self, key: str) -> _Connection | None:
@@ -210,21 +212,18 @@ class LeanClient:
             if transport is not None and not transport.is_closing():
                 if now - conn.idle_since < self._keepalive:
                     return conn
-                transport.close()
+            self._drop(conn)
         return None
 
     def _give_back(self, conn: _Connection) -> None:
         if self._closed:
-            if conn.transport is not None:
-                conn.transport.close()
+            self._drop(conn)
             return
         conn.idle_since = time.monotonic()
         conns = self._idle.setdefault(conn.key, collections.deque())
         conns.append(conn)
         while len(conns) > self._pool_size:
-            old = conns.popleft()
-            if old.transport is not None:
-                old.transport.close()
+            self._drop(conns.popleft())
 
     async def exchange(self, url: URL, head: bytes) -> tuple[Answer, _Connection]:
         """Send the request head; return the answer's head and its connection.
@@ -277,6 +276,10 @@ class LeanClient:
             raise ConnectFailed(f"connect to {key} timed out", timeout=True) from exc
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {key}: {exc}", timeout=False) from exc
+        if self._closed:
+            self._drop(conn)
+            raise ConnectFailed("the client is closed", timeout=False)
+        self._live.add(conn)
         return conn
 
     def release(self, conn: _Connection) -> None:
@@ -289,8 +292,8 @@ class LeanClient:
         finally:
             self._slots.release()
 
-    @staticmethod
-    def _drop(conn: _Connection) -> None:
+    def _drop(self, conn: _Connection) -> None:
+        self._live.discard(conn)
         if conn.transport is not None:
             conn.transport.close()
 

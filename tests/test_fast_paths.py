@@ -1,7 +1,7 @@
 """Issue 12: the optional fast paths keep every forwarding rule.
 
-* `backend.lean_client`: every test of test_forwarding.py and test_forward_bounds.py runs
-  again here with the lean client forced on (bodiless GETs go through
+* `backend.lean_client`: every test of test_forwarding.py, test_forward_bounds.py and
+  test_reload_units.py runs again here with the lean client forced on (bodiless GETs go through
   `proxy/lean_client.py`; HEAD and bodies still through aiohttp's client), plus its own
   pooling and retry checks;
 * `edge.event_loop = "uvloop"`: a `linkedge serve` process on uvloop (with the lean
@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_process_signals as signals_test
 from aiohttp import web
 from multidict import CIMultiDict
-from test_process_signals import IP, TARGET, Backend, KeepAlive, Serve
 from yarl import URL
 
 from proxy.demo.client import edge_session
@@ -52,9 +52,11 @@ def lean_forced(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-# test_forwarding.py and test_forward_bounds.py, again (with their fixtures), lean client on
+# test_forwarding.py, test_forward_bounds.py and test_reload_units.py again (with their
+# fixtures), the lean client on
 from test_forward_bounds import *  # noqa: E402, F403
 from test_forwarding import *  # noqa: E402, F403
+from test_reload_units import *  # noqa: E402, F403
 
 # -- the lean client on its own ---------------------------------------------------------
 
@@ -170,13 +172,15 @@ async def test_serve_on_uvloop_with_the_lean_client(
     tmp_path: Path, pebble: PebbleServer, dns_server: DNSServer
 ) -> None:
     pytest.importorskip("uvloop")
-    backend = Backend("backend-A")
+    backend = signals_test.Backend("backend-A")
     await backend.start()
-    serve = Serve(tmp_path, pebble, http_port=pebble.http_port)  # Pebble validates there
+    serve = signals_test.Serve(
+        tmp_path, pebble, http_port=pebble.http_port
+    )  # Pebble validates there
     serve.dns = dns_server.nameserver
-    dns_server.set_a(TARGET, [IP])
+    dns_server.set_a(signals_test.TARGET, [signals_test.IP])
     host = "links.fast-paths.test"
-    dns_server.set_cname(host, TARGET)
+    dns_server.set_cname(host, signals_test.TARGET)
     try:
         serve.write_config(backend.url, extra="log_level = 'info'")
         text = serve.config_path.read_text()
@@ -196,11 +200,11 @@ async def test_serve_on_uvloop_with_the_lean_client(
         finally:
             await store.close()
         url = f"https://{host}:{serve.https_port}"
-        async with edge_session(IP, str(pebble.root_path)) as session:
+        async with edge_session(signals_test.IP, str(pebble.root_path)) as session:
             for i in range(3):  # the order happens at the first; then keep-alive
                 async with session.get(f"{url}/c/{i}") as resp:
                     assert (resp.status, await resp.text()) == (200, f"backend-A /c/{i}")
-        conn = await KeepAlive.open(serve.http_port)
+        conn = await signals_test.KeepAlive.open(serve.http_port)
         try:
             for i in range(3):
                 assert await conn.get(f"/c/plain{i}") == (200, f"backend-A /c/plain{i}")
