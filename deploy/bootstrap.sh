@@ -2,11 +2,20 @@
 # Installs what linkedge needs on a Debian machine into ./.venv (idempotent).
 #   deploy/bootstrap.sh          runtime + demo (Debian: pebble, python3-venv)
 #   deploy/bootstrap.sh --test   also the test tools (curl, openssl, chromium, promtool, pytest, playwright)
+#   deploy/bootstrap.sh --bench  also the peers and tools of tests/benchmarks/bench_peers.py
+#                                (caddy, nginx-light, py-spy, uvloop); CI does not need them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_tests=0
-[[ "${1:-}" == "--test" ]] && with_tests=1
+with_bench=0
+for arg in "$@"; do
+    case "$arg" in
+        --test) with_tests=1 ;;
+        --bench) with_bench=1 ;;
+        *) echo "bootstrap: unknown option $arg" >&2; exit 2 ;;
+    esac
+done
 
 sudo_if_needed() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 
@@ -15,6 +24,7 @@ debs=(pebble ca-certificates)
 # Debian's build; Playwright's own browser download is not used)
 # prometheus: its promtool checks and unit-tests deploy/prometheus/linkedge-alerts.yml
 ((with_tests)) && debs+=(curl openssl chromium prometheus)
+((with_bench)) && debs+=(caddy nginx-light)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -41,4 +51,7 @@ if ((with_tests)); then
         python3 -m venv .venv-sslyze
     fi
     .venv-sslyze/bin/pip install -q --disable-pip-version-check "sslyze>=6.1,<7"
+fi
+if ((with_bench)); then
+    .venv/bin/pip install -q --disable-pip-version-check py-spy uvloop
 fi

@@ -63,6 +63,7 @@ class BackendConfig:
     body_timeout: float = 10.0  # per read of a client's request body while forwarding, then 408
     deadline: float = 60.0  # a whole forward (body, backend, response), then 504 or cut
     max_per_source: int = 64  # forwards in flight per source and worker, then 429
+    lean_client: bool = False  # bodiless GETs to http backends over proxy/lean_client.py
 
     def backend_urls(self) -> list[str]:
         return list(self.urls) if self.urls else [self.url] if self.url else []
@@ -76,6 +77,8 @@ class EdgeConfig:
     # the port recipients reach HTTPS on (behind a port-mapping load balancer it differs
     # from listen.https); HTTPS-upgrade redirects name it unless it is 443
     https_public_port: int = 443
+    # each worker's event loop: "asyncio" (the standard library's) or "uvloop"
+    event_loop: str = "asyncio"
 
 
 @dataclass
@@ -156,6 +159,7 @@ class TlsConfig:
     failure_backoff_seconds: float = 60.0  # after a failed order, handshakes fail fast this long
     pending_recheck_seconds: float = 60.0  # at most one live DNS check per pending host
     revalidate_seconds: float = 30.0  # a cached context is compared with the store this often
+    session_tickets: int = 2  # TLS 1.3 tickets sent after each full handshake (0: none)
 
 
 @dataclass
@@ -361,6 +365,10 @@ def check_listen(config: Config) -> None:
         )
     if listen.proxy_protocol_timeout <= 0:
         raise ConfigError("listen.proxy_protocol_timeout must be positive")
+    if config.edge.event_loop not in ("asyncio", "uvloop"):
+        raise ConfigError('edge.event_loop must be "asyncio" or "uvloop"')
+    if not 0 <= config.tls.session_tickets <= 8:
+        raise ConfigError("tls.session_tickets must be 0..8")
     if config.tls.max_pending_per_source < 1:
         raise ConfigError("tls.max_pending_per_source must be at least 1")
     if listen.idle_timeout <= 0 or listen.header_timeout <= 0:

@@ -19,7 +19,9 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Coroutine
 from types import FrameType
+from typing import Any
 
 import requests
 
@@ -74,6 +76,17 @@ async def preflight(config: Config) -> None:
         await store.close()
 
 
+def run_on_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
+    """Run a worker on the event loop `edge.event_loop` names (asyncio's or uvloop's)."""
+    if config.edge.event_loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main)
+        return
+    asyncio.run(main)
+
+
 def serve(config: Config, source: ConfigSource | None = None) -> int:
     """Run the edge until SIGTERM/SIGINT (a graceful stop); SIGHUP reloads `source`.
 
@@ -85,7 +98,7 @@ def serve(config: Config, source: ConfigSource | None = None) -> int:
     asyncio.run(preflight(config))
     configure_logging(config.log_level, config.log_format, config)
     if config.workers == 1:
-        asyncio.run(run_worker(config, source=source))
+        run_on_loop(config, run_worker(config, source=source))
         return 0
     return _supervise(config, source)
 
@@ -93,7 +106,7 @@ def serve(config: Config, source: ConfigSource | None = None) -> int:
 def _worker_main(config: Config, primary: bool, source: ConfigSource | None) -> None:
     configure_logging(config.log_level, config.log_format, config)
     try:
-        asyncio.run(run_worker(config, primary=primary, source=source))
+        run_on_loop(config, run_worker(config, primary=primary, source=source))
     except KeyboardInterrupt:
         pass
 

@@ -61,6 +61,7 @@ from proxy.http.backends import BackendPool
 from proxy.http.forward import Forwarder, ForwarderSlot
 from proxy.http.host_policy import HostPolicy, arrived_over_https
 from proxy.http.host_views import CHANGE_EVENTS, HostViews
+from proxy.tls import contexts as tlscontexts
 from proxy.tls.accept import (
     DescriptorBudget,
     PlainListener,
@@ -200,6 +201,7 @@ async def build_forwarder(config: Config) -> tuple[Forwarder, BackendPool]:
         body_timeout=backend.body_timeout,
         deadline=backend.deadline,
         max_per_source=backend.max_per_source,
+        lean_client=backend.lean_client,
     )
     try:
         await forwarder.start()
@@ -272,6 +274,7 @@ class EdgeWorker:
 
     async def start(self) -> None:
         config = self.config
+        tlscontexts.SESSION_TICKETS = config.tls.session_tickets
         admin_token = None
         if self.primary and config.admin.listen:  # refuse to serve the admin API unprotected
             admin_token = read_secret(

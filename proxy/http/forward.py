@@ -37,6 +37,7 @@ from yarl import URL
 
 from proxy.counters import Counters
 from proxy.http.backends import BackendPool
+from proxy.http.lean_client import ConnectFailed, LeanClient, request_head
 from proxy.http.request_target import checked_host, origin_form
 from proxy.wire.peers import TrustedNetworks, client_address, source_key
 
@@ -77,6 +78,7 @@ class Forwarder:
         body_timeout: float = 10.0,
         deadline: float = 60.0,
         max_per_source: int = 64,
+        lean_client: bool = False,
     ) -> None:
         self._backends = backends
         self._timeout = aiohttp.ClientTimeout(
@@ -89,6 +91,8 @@ class Forwarder:
         self._deadline = deadline
         self._max_per_source = max_per_source
         self._in_flight: dict[str, int] = {}  # source -> forwards
+        self._lean_wanted = lean_client
+        self._lean: LeanClient | None = None  # bodiless GETs, when `backend.lean_client`
         self.stats = ForwardStats()
 
     async def start(self) -> None:
@@ -102,8 +106,16 @@ class Forwarder:
             cookie_jar=aiohttp.DummyCookieJar(),  # never keep one recipient's cookies
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
         )
+        if self._lean_wanted:
+            self._lean = LeanClient(
+                connect_timeout=self._timeout.connect or 5.0,
+                timeout=self._timeout.sock_read or 30.0,
+                pool_size=self._pool_size,
+            )
 
     async def close(self) -> None:
+        if self._lean is not None:
+            await self._lean.close()
         if self._session is not None:
             await self._session.close()
 
@@ -168,6 +180,15 @@ class Forwarder:
         headers = forwarded_headers(request, self._trusted)
         body = _Body(request.content, self._body_timeout) if request.body_exists else None
         path_qs = origin_form(request.raw_path)  # absolute-form: path and query only
+        if (
+            self._lean is not None
+            and body is None
+            and request.method == "GET"
+            and "Host" in headers
+        ):
+            answered = await self._forward_lean(request, headers, path_qs, progress)
+            if answered is not None:
+                return answered
         for backend in self._backends.candidates():
             url = backend_url(backend.base, path_qs)
             try:
@@ -206,6 +227,39 @@ class Forwarder:
                 return await _relay(request, upstream, progress)
         return _error(502, "Bad Gateway: the tracking backend is unavailable")
 
+    async def _forward_lean(
+        self,
+        request: web.Request,
+        headers: CIMultiDict[str],
+        path_qs: str,
+        progress: _Progress,
+    ) -> web.StreamResponse | None:
+        """`_forward` for a bodiless GET over the lean client: same failover and answers.
+        None: an https backend, left to aiohttp's client."""
+        assert self._lean is not None
+        for backend in self._backends.candidates():
+            url = backend_url(backend.base, path_qs)
+            if url.scheme != "http":
+                return None  # https backends: aiohttp's client
+            try:
+                answer, conn = await self._lean.exchange(url, request_head("GET", url, headers))
+            except ConnectFailed as exc:
+                log.warning("cannot connect to backend %s: %s", backend.base, exc)
+                if not exc.timeout:  # as in _forward: a timeout may be our own full pool
+                    self._backends.connect_failed(backend, OSError(str(exc)))
+                continue
+            except TimeoutError:
+                log.warning("backend timeout for %s %s", request.method, request.raw_path)
+                return _error(504, "Gateway Timeout: the tracking backend did not answer in time")
+            except (aiohttp.ClientError, OSError) as exc:
+                log.warning("backend error for %s %s: %s", request.method, request.raw_path, exc)
+                return _error(502, "Bad Gateway: the tracking backend is unavailable")
+            try:
+                return await _relay(request, answer, progress)  # type: ignore[arg-type]
+            finally:
+                self._lean.release(conn)
+        return _error(502, "Bad Gateway: the tracking backend is unavailable")
+
 
 @functools.lru_cache(maxsize=64)
 def _parsed_base(base: str) -> URL:
@@ -235,6 +289,18 @@ class ForwardStats(Counters):
         self.body_timeouts = 0  # answered 408: a body read took longer than body_timeout
         self.deadlines = 0  # the forward reached its deadline
         self.cancelled = 0  # the client went away mid-forward
+
+
+class _RelayedResponse(web.StreamResponse):
+    """A relayed answer whose headers leave with its first body bytes (or at its end).
+
+    aiohttp's StreamResponse sends its headers at `prepare()`, so a small answer
+    (the 302 of a click) left as two writes: two TLS records, two `send`s. Holding
+    them until the first `write()` / `write_eof()` (what aiohttp's own `Response`
+    does) puts them in one; the bytes on the wire are the same.
+    """
+
+    _send_headers_immediately = False
 
 
 class _Progress:
@@ -331,7 +397,7 @@ def forwarded_headers(
 async def _relay(
     request: web.Request, upstream: aiohttp.ClientResponse, progress: _Progress
 ) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response = _RelayedResponse(status=upstream.status, reason=upstream.reason)
     listed = connection_listed(upstream.headers)
     for name, value in upstream.headers.items():
         if name.lower() in HOP_BY_HOP or name.lower() in listed:
@@ -356,6 +422,7 @@ async def _relay(
     return response
 
 
+@functools.lru_cache(maxsize=4096)  # per click otherwise: ipaddress parses the string each time
 def _forwarded_node(ip: str) -> str:
     try:
         if isinstance(ipaddress.ip_address(ip), ipaddress.IPv6Address):

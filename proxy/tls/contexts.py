@@ -38,6 +38,9 @@ TLS12_CIPHERS = ":".join(
     )
 )
 GROUPS = "X25519:P-256:P-384"
+# TLS 1.3 session tickets sent after a full handshake (`tls.session_tickets`, set once
+# per worker by the edge before any context is built)
+SESSION_TICKETS = 2
 
 
 def new_server_context(alpn: Sequence[str] = ALPN) -> ssl.SSLContext:
@@ -48,6 +51,8 @@ def new_server_context(alpn: Sequence[str] = ALPN) -> ssl.SSLContext:
     ctx.set_ciphers(TLS12_CIPHERS)
     set_groups(ctx, GROUPS)
     ctx.set_alpn_protocols(list(alpn))
+    if SESSION_TICKETS != 2:  # 2 is OpenSSL's default
+        ctx.num_tickets = SESSION_TICKETS
     return ctx
 
 

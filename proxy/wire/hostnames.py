@@ -124,12 +124,12 @@ def parse_host_header(value: str) -> HostHeader:
     if not _REG_NAME.match(name) or len(name.rstrip(".")) > MAX_NAME:
         raise BadHostHeader("Host must be host[:port]")
     name = name.rstrip(".").lower()
+    if not name.replace(".", "").isdigit():  # a name (an IPv4 address is digits and dots)
+        return HostHeader(name, port, False)
     try:
         ipaddress.IPv4Address(name)
     except ValueError:
-        if name.replace(".", "").isdigit():
-            raise BadHostHeader("Host is neither a name nor an IPv4 address") from None
-        return HostHeader(name, port, False)
+        raise BadHostHeader("Host is neither a name nor an IPv4 address") from None
     return HostHeader(name, port, True)
 
 

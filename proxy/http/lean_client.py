@@ -1,0 +1,307 @@
+"""A lean pooled HTTP/1.1 client for one job: a bodiless GET forwarded to a backend.
+
+aiohttp's `ClientSession.request` does a lot per request that a click does not need
+(a request object, its writer task, tracing hooks, cookie and redirect logic, a
+response object): ~70 µs of an ~150 µs keep-alive click. This client keeps what the
+forwarder relies on and nothing else:
+
+* one keep-alive connection pool per backend (at most `pool_size` connections in use
+  at once, like aiohttp's connector limit; idle ones are closed after `keepalive`);
+* the response is parsed by aiohttp's own C parser (llhttp-based `HttpResponseParser`,
+  the one `ClientSession` uses), body streamed through aiohttp's `StreamReader`;
+* the same timeouts: `connect_timeout` for the pool wait plus the connect, `timeout`
+  for the response head and for each body read;
+* a connection is reused only when its response was read to the end and the backend
+  did not ask to close; anything else (cancellation, a timeout, an error) closes it;
+* a pooled connection that the backend had already closed (no byte of the answer
+  arrived) is retried once on a new connection: the request is a GET without a body.
+
+The request is written in one `write`: the request line with the path and query as
+`forward.backend_url` built them, then the headers exactly as `forward.forwarded_headers`
+made them. Only bodiless GETs come here (`Forwarder` decides); HEAD, bodies and
+everything else still go through aiohttp's client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import ClientConnectionError, ClientPayloadError
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+READ_LIMIT = 2**16
+
+
+class ConnectFailed(ClientConnectionError):
+    """Nothing was sent: the connection could not be made (or no pool slot in time)."""
+
+    def __init__(self, text: str, *, timeout: bool) -> None:
+        super().__init__(text)
+        self.timeout = timeout
+
+
+class BackendClosed(ClientConnectionError):
+    """The connection ended before the head of the answer arrived."""
+
+
+class _Connection(BaseProtocol):
+    __slots__ = ("_parser", "_head", "_payload", "_got_bytes", "_reusable", "idle_since", "key")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: str) -> None:
+        super().__init__(loop)
+        self.key = key
+        self._parser: HttpResponseParser | None = None
+        self._head: asyncio.Future[tuple[RawResponseMessage, StreamReader]] | None = None
+        self._payload: StreamReader | None = None
+        self._got_bytes = False
+        self._reusable = False
+        self.idle_since = 0.0
+
+    # -- one exchange --------------------------------------------------------------
+
+    def send(self, data: bytes) -> asyncio.Future[tuple[RawResponseMessage, StreamReader]]:
+        loop = self._loop
+        self._parser = HttpResponseParser(
+            self,
+            loop,
+            READ_LIMIT,
+            payload_exception=ClientPayloadError,
+            response_with_body=True,
+            read_until_eof=True,
+            auto_decompress=False,
+        )
+        self._head = loop.create_future()
+        self._payload = None
+        self._got_bytes = False
+        self._reusable = False
+        assert self.transport is not None
+        self.transport.write(data)
+        return self._head
+
+    @property
+    def got_bytes(self) -> bool:
+        return self._got_bytes
+
+    def finished_cleanly(self) -> bool:
+        """The whole answer was read and the backend keeps the connection open."""
+        payload = self._payload
+        return (
+            self._reusable
+            and payload is not None
+            and payload.is_eof()
+            and payload.exception() is None
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
+
+    # -- asyncio protocol ------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        parser = self._parser
+        if parser is None:  # bytes while idle: the backend is confused; drop the connection
+            if self.transport is not None:
+                self.transport.close()
+            return
+        try:
+            messages, _upgraded, _tail = parser.feed_data(data)
+        except BaseException as exc:  # a malformed answer
+            self._fail(exc)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for message, payload in messages:
+            if 100 <= message.code < 200:  # interim (we never send Expect): skip
+                continue
+            self._payload = payload
+            self._reusable = not message.should_close
+            head = self._head
+            if head is not None and not head.done():
+                head.set_result((message, payload))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        parser = self._parser
+        if parser is not None:
+            try:
+                parser.feed_eof()  # ends a read-until-close body
+            except BaseException as err:
+                exc = err
+        self._fail(exc)
+
+    def _fail(self, exc: BaseException | None) -> None:
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(BackendClosed(str(exc) if exc else "backend closed the connection"))
+        payload = self._payload
+        if payload is not None and not payload.is_eof():
+            payload.set_exception(ClientPayloadError("backend closed the connection mid-answer"))
+
+
+class Answer:
+    """What `_relay` reads of an answer: status, reason, headers, and the body."""
+
+    __slots__ = ("status", "reason", "headers", "_payload", "_timeout")
+
+    def __init__(self, message: RawResponseMessage, payload: StreamReader, timeout: float) -> None:
+        self.status = message.code
+        self.reason = message.reason
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self._payload = payload
+        self._timeout = timeout
+
+    @property
+    def content(self) -> Answer:
+        return self
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        payload = self._payload
+        while True:
+            if payload.is_eof() and not payload._buffer:  # noqa: SLF001 (no public peek)
+                return
+            async with asyncio.timeout(self._timeout):
+                chunk = await payload.readany()
+            if not chunk:
+                return
+            yield chunk
+
+
+class LeanClient:
+    def __init__(
+        self,
+        *,
+        connect_timeout: float,
+        timeout: float,
+        pool_size: int,
+        keepalive: float = 30.0,
+    ) -> None:
+        self._connect_timeout = connect_timeout
+        self._timeout = timeout
+        self._slots = asyncio.Semaphore(pool_size)
+        self._pool_size = pool_size
+        self._keepalive = keepalive
+        self._idle: dict[str, collections.deque[_Connection]] = {}
+        self._live: set[_Connection] = set()  # every open connection, idle or in use
+        self._closed = False
+
+    async def close(self) -> None:
+        """Close every connection, in use or idle (as aiohttp's connector does): a
+        forward still waiting on the backend ends with an error (the caller's 502)."""
+        self._closed = True
+        for conn in list(self._live):
+            self._drop(conn)
+        self._live.clear()
+        self._idle.clear()
+
+    def _take_idle(self, key: str) -> _Connection | None:
+        conns = self._idle.get(key)
+        now = time.monotonic()
+        while conns:
+            conn = conns.pop()  # most recently used first: least likely closed by the backend
+            transport = conn.transport
+            if transport is not None and not transport.is_closing():
+                if now - conn.idle_since < self._keepalive:
+                    return conn
+            self._drop(conn)
+        return None
+
+    def _give_back(self, conn: _Connection) -> None:
+        if self._closed:
+            self._drop(conn)
+            return
+        conn.idle_since = time.monotonic()
+        conns = self._idle.setdefault(conn.key, collections.deque())
+        conns.append(conn)
+        while len(conns) > self._pool_size:
+            self._drop(conns.popleft())
+
+    async def exchange(self, url: URL, head: bytes) -> tuple[Answer, _Connection]:
+        """Send the request head; return the answer's head and its connection.
+
+        `ConnectFailed` means nothing was sent (refused, unreachable, or the pool wait
+        plus connect took longer than `connect_timeout`): another backend may take the
+        request. The caller must `release` the connection when done, whatever happened.
+        """
+        if url.scheme != "http":
+            raise ValueError("the lean client speaks plain HTTP only")
+        key = f"{url.raw_host}:{url.port}"
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await self._slots.acquire()
+        except TimeoutError as exc:
+            raise ConnectFailed("no free backend connection in time", timeout=True) from exc
+        try:
+            conn = self._take_idle(key)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(url, key)
+            try:
+                async with asyncio.timeout(self._timeout):
+                    try:
+                        message, payload = await conn.send(head)
+                    except BackendClosed:
+                        if not reused or conn.got_bytes:
+                            raise
+                        # a kept-alive connection the backend had closed: once more, fresh
+                        self._drop(conn)
+                        conn = await self._connect(url, key)
+                        message, payload = await conn.send(head)
+            except BaseException:
+                self._drop(conn)
+                raise
+        except BaseException:
+            self._slots.release()
+            raise
+        return Answer(message, payload, self._timeout), conn
+
+    async def _connect(self, url: URL, key: str) -> _Connection:
+        loop = asyncio.get_running_loop()
+        host, port = url.raw_host or "", url.port or 80
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _transport, conn = await loop.create_connection(
+                    lambda: _Connection(loop, key), host, port
+                )
+        except TimeoutError as exc:
+            raise ConnectFailed(f"connect to {key} timed out", timeout=True) from exc
+        except OSError as exc:
+            raise ConnectFailed(f"cannot connect to {key}: {exc}", timeout=False) from exc
+        if self._closed:
+            self._drop(conn)
+            raise ConnectFailed("the client is closed", timeout=False)
+        self._live.add(conn)
+        return conn
+
+    def release(self, conn: _Connection) -> None:
+        """Pool the connection if its answer was read to the end, else close it."""
+        try:
+            if conn.finished_cleanly():
+                self._give_back(conn)
+            else:
+                self._drop(conn)
+        finally:
+            self._slots.release()
+
+    def _drop(self, conn: _Connection) -> None:
+        self._live.discard(conn)
+        if conn.transport is not None:
+            conn.transport.close()
+
+
+def request_head(method: str, url: URL, headers: CIMultiDict[str]) -> bytes:
+    """The request line and the header block, as one buffer, as aiohttp's client
+    writes them: Host first, then the other fields in their order (UTF-8)."""
+    lines = [f"{method} {url.raw_path_qs} HTTP/1.1", f"Host: {headers['Host']}"]
+    lines.extend(f"{name}: {value}" for name, value in headers.items() if name.lower() != "host")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
