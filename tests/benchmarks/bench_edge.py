@@ -273,7 +273,7 @@ def request_bytes(host: str, port: int) -> bytes:
     ).encode()
 
 
-def read_response(sock: ssl.SSLSocket) -> int:
+def read_response(sock: socket.socket) -> int:
     """Read one response (Content-Length or chunked body); return its status."""
     buf = b""
     while b"\r\n\r\n" not in buf:
@@ -365,22 +365,23 @@ def run_new_connections(
 
 
 def run_keepalive(
-    ctx: ssl.SSLContext, ip: str, port: int, host: str, duration: float, max_count: int
+    ctx: ssl.SSLContext | None, ip: str, port: int, host: str, duration: float, max_count: int
 ) -> dict[str, Any]:
-    """One connection, sequential GETs until duration or max_count (reconnect if closed)."""
+    """One connection, sequential GETs until duration or max_count (reconnect if closed);
+    plain HTTP when `ctx` is None."""
     req = request_bytes(host, port)
     ok = connections = 0
     errors: Counter[str] = Counter()
     cpu0 = time.process_time()
     start = time.perf_counter()
     deadline = start + duration
-    tls: ssl.SSLSocket | None = None
+    tls: socket.socket | None = None
     try:
         while ok + sum(errors.values()) < max_count and time.perf_counter() < deadline:
             try:
                 if tls is None:
                     raw = socket.create_connection((ip, port), timeout=IO_TIMEOUT)
-                    tls = ctx.wrap_socket(raw, server_hostname=host)
+                    tls = raw if ctx is None else ctx.wrap_socket(raw, server_hostname=host)
                     connections += 1
                 tls.sendall(req)
                 status = read_response(tls)

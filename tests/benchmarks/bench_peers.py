@@ -67,41 +67,8 @@ KINDS = ("conns", "keepalive", "plain")
 def run_plain_keepalive(
     ctx: ssl.SSLContext, ip: str, port: int, host: str, duration: float, max_count: int
 ) -> dict[str, Any]:
-    req = be.request_bytes(host, port)
-    ok = connections = 0
-    errors: Counter[str] = Counter()
-    cpu0 = time.process_time()
-    start = time.perf_counter()
-    deadline = start + duration
-    sock: socket.socket | None = None
-    try:
-        while ok + sum(errors.values()) < max_count and time.perf_counter() < deadline:
-            try:
-                if sock is None:
-                    sock = socket.create_connection((ip, port), timeout=be.IO_TIMEOUT)
-                    connections += 1
-                sock.sendall(req)
-                status = be.read_response(sock)  # type: ignore[arg-type]
-            except (OSError, ValueError) as exc:
-                errors[type(exc).__name__] += 1
-                if sock is not None:
-                    sock.close()
-                sock = None
-                continue
-            if status == 302:
-                ok += 1
-            else:
-                errors[f"HTTP {status}"] += 1
-    finally:
-        if sock is not None:
-            sock.close()
-    return {
-        "ok": ok,
-        "errors": dict(errors),
-        "connections": connections,
-        "elapsed_s": time.perf_counter() - start,
-        "client_cpu_s": time.process_time() - cpu0,
-    }
+    """bench_edge's keep-alive client over plain HTTP (the context is not used)."""
+    return be.run_keepalive(None, ip, port, host, duration, max_count)
 
 
 def client_main(cafile: str, conn: Any) -> None:
