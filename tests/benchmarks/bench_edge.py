@@ -411,7 +411,11 @@ def client_main(cafile: str, conn: multiprocessing.connection.Connection) -> Non
     """A load client: runs commands from the parent until None or EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctx = client_context(cafile)
-    runners = {"conns": run_new_connections, "keepalive": run_keepalive}
+    runners = {
+        "conns": run_new_connections,
+        "keepalive": run_keepalive,
+        "plain": lambda _ctx, **kw: run_keepalive(None, **kw),  # keep-alive over plain HTTP
+    }
     conn.send("ready")
     while True:
         try:

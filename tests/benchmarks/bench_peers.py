@@ -40,7 +40,6 @@ import os
 import re
 import shutil
 import socket
-import ssl
 import statistics
 import subprocess
 import sys
@@ -58,46 +57,6 @@ NGINX_IP = "127.0.0.205"
 VARIANT_IPS = [f"127.0.0.{n}" for n in range(210, 220)]
 CADDY_HOST = "links.caddy-bench.test"
 KINDS = ("conns", "keepalive", "plain")
-
-
-# ----------------------------------------------------------------------------------
-# load client: bench_edge's TLS runners plus plain HTTP keep-alive
-
-
-def run_plain_keepalive(
-    ctx: ssl.SSLContext, ip: str, port: int, host: str, duration: float, max_count: int
-) -> dict[str, Any]:
-    """bench_edge's keep-alive client over plain HTTP (the context is not used)."""
-    return be.run_keepalive(None, ip, port, host, duration, max_count)
-
-
-def client_main(cafile: str, conn: Any) -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ctx = be.client_context(cafile)
-    runners = {
-        "conns": be.run_new_connections,
-        "keepalive": be.run_keepalive,
-        "plain": run_plain_keepalive,
-    }
-    conn.send("ready")
-    while True:
-        try:
-            cmd = conn.recv()
-        except EOFError:
-            return
-        if cmd is None:
-            return
-        kind, kwargs = cmd
-        try:
-            result = runners[kind](ctx, **kwargs)
-        except Exception as exc:
-            result = {"fatal": repr(exc)}
-        try:
-            conn.send(result)
-        except OSError:
-            return
 
 
 def edge_variant_main(
@@ -213,11 +172,7 @@ class PeerBench(be.Bench):
         self.popen[name] = proc
         return proc
 
-    def start_clients_patched(self) -> None:
-        be.client_main = client_main  # Children.start_client looks the name up at call time
-
     def setup_linkedge(self) -> None:
-        self.start_clients_patched()
         self.start_stack()
         host = self.first_click()[0]
         self.servers.append("linkedge")
