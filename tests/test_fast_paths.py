@@ -211,11 +211,7 @@ async def test_serve_on_uvloop_with_the_lean_client(
         finally:
             conn.close()
         serve.signal(signal.SIGTERM)
-        assert serve.proc is not None
-        deadline = time.monotonic() + 15
-        while serve.proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert serve.proc.returncode == 0, serve.log()
+        assert await serve.wait_exit(15) == 0, serve.log()
         assert "Traceback" not in serve.log()
     finally:
         serve.stop()

@@ -150,6 +150,15 @@ interval_seconds = 0
         assert self.proc is not None
         self.proc.send_signal(sig)
 
+    async def wait_exit(self, timeout: float, since: float | None = None) -> int | None:
+        """The exit code once the process ends, waiting up to `timeout` seconds from
+        `since` (a monotonic time; now by default); None if it is still running."""
+        assert self.proc is not None
+        deadline = (time.monotonic() if since is None else since) + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -249,10 +258,7 @@ async def test_sigterm_finishes_the_click_in_flight_refuses_new_ones_and_exits_0
     assert await in_flight == (200, "backend-A /slow")  # and it arrives whole
     assert await asyncio.wait_for(idle.reader.read(), 5) == b""  # idle ones are closed
     idle.close()
-    assert serve.proc is not None
-    while serve.proc.poll() is None and time.monotonic() - sent_at < 10:  # shutdown_timeout
-        await asyncio.sleep(0.05)
-    assert serve.proc.returncode == 0, serve.log()
+    assert await serve.wait_exit(10, since=sent_at) == 0, serve.log()  # shutdown_timeout
     assert time.monotonic() - sent_at < 10
     assert "Traceback" not in serve.log()
 
@@ -297,11 +303,7 @@ async def test_sigterm_lets_an_https_click_in_flight_finish(
             with pytest.raises(ConnectionRefusedError):
                 await asyncio.open_connection(IP, serve.https_port)
             assert await in_flight == (200, "backend-A /slow")
-        assert serve.proc is not None
-        deadline = time.monotonic() + 10
-        while serve.proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert serve.proc.returncode == 0, serve.log()
+        assert await serve.wait_exit(10) == 0, serve.log()
     finally:
         serve.stop()
 
@@ -321,10 +323,7 @@ async def test_sigterm_cuts_what_outlives_the_deadline(
     await asyncio.wait_for(backend.slow_started.wait(), 10)
     sent_at = time.monotonic()
     serve.signal(signal.SIGTERM)
-    assert serve.proc is not None
-    while serve.proc.poll() is None and time.monotonic() - sent_at < 15:
-        await asyncio.sleep(0.05)
-    assert serve.proc.returncode == 0, serve.log()
+    assert await serve.wait_exit(15, since=sent_at) == 0, serve.log()
     assert time.monotonic() - sent_at < 5  # 1 s deadline, then the rest of the close
     with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
         await in_flight
@@ -431,11 +430,7 @@ async def test_supervisor_forwards_sighup_and_drains_workers_on_sigterm(
         await asyncio.wait_for(b.slow_started.wait(), 10)
         serve.signal(signal.SIGTERM)
         assert await in_flight == (200, "backend-B /slow")
-        assert serve.proc is not None
-        deadline = time.monotonic() + 15
-        while serve.proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert serve.proc.returncode == 0, serve.log()
+        assert await serve.wait_exit(15) == 0, serve.log()
     finally:
         serve.stop()
 
