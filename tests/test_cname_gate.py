@@ -14,10 +14,29 @@ import pytest
 from support.clicks import edge_store, get_status, new_host, ssl_error_text
 from support.edge import EdgeHandle, client_context, tls_handshake
 
-from certstore import DomainState
+from certstore import Domain, DomainState
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.hosts.checks import CheckResult
 from proxy.hosts.lifecycle import load_report
+
+
+async def _refused_without_order(
+    edge: EdgeHandle, pebble: PebbleServer, host: str, text: str, orders_before: int
+) -> tuple[Domain, CheckResult]:
+    """The first click was refused, no order reached Pebble or the store, the host is
+    still pending: its stored domain and cname result."""
+    assert "unrecognized" in text, text
+    assert pebble.order_count() == orders_before
+    assert await _orders_for(edge, host) == 0
+    async with edge_store(edge) as store:
+        domain = await store.get_domain(host)
+    assert domain is not None and domain.state is DomainState.PENDING
+    report = load_report(domain)
+    assert report is not None
+    cname = report.get("cname")
+    assert cname is not None
+    return domain, cname
 
 
 async def _orders_for(edge: EdgeHandle, host: str) -> int:
@@ -45,18 +64,10 @@ async def test_cname_to_another_name_on_the_edges_addresses_is_refused(
 
     text = await _refused(edge, pebble, host)  # the first click
 
-    assert "unrecognized" in text, text
-    assert pebble.order_count() == orders_before
-    assert await _orders_for(edge, host) == 0
-    assert edge.worker is not None and edge.worker.manager is not None
+    assert edge.worker is not None
     assert edge.worker.meter.value("certificates", "orders_started") == 0
-    async with edge_store(edge) as store:
-        domain = await store.get_domain(host)
-    assert domain is not None and domain.state is DomainState.PENDING
-    report = load_report(domain)
-    assert report is not None
-    cname = report.get("cname")
-    assert cname is not None and (cname.state.value, cname.code) == ("fail", "elsewhere")
+    domain, cname = await _refused_without_order(edge, pebble, host, text, orders_before)
+    assert (cname.state.value, cname.code) == ("fail", "elsewhere")
     assert f"points at {other}, not {edge.target}" in cname.reason
     assert domain.cname_target_seen == other
 
@@ -104,14 +115,6 @@ async def test_a_records_at_the_edge_are_refused_when_issue_via_address_is_off(
 
     text = await _refused(edge, pebble, host)
 
-    assert "unrecognized" in text, text
-    assert pebble.order_count() == orders_before
-    assert await _orders_for(edge, host) == 0
-    async with edge_store(edge) as store:
-        domain = await store.get_domain(host)
-    assert domain is not None and domain.state is DomainState.PENDING
-    report = load_report(domain)
-    assert report is not None
-    cname = report.get("cname")
-    assert cname is not None and (cname.state.value, cname.code) == ("fail", "via_address")
+    domain, cname = await _refused_without_order(edge, pebble, host, text, orders_before)
+    assert (cname.state.value, cname.code) == ("fail", "via_address")
     assert f"only to hosts with a CNAME to {edge.target}" in cname.reason
