@@ -64,7 +64,7 @@ async def test_cname_to_another_name_on_the_edges_addresses_is_refused(
 
     text = await _refused(edge, pebble, host)  # the first click
 
-    assert edge.worker is not None
+    assert edge.worker is not None and edge.worker.manager is not None
     assert edge.worker.meter.value("certificates", "orders_started") == 0
     domain, cname = await _refused_without_order(edge, pebble, host, text, orders_before)
     assert (cname.state.value, cname.code) == ("fail", "elsewhere")
