@@ -22,8 +22,9 @@ sudo_if_needed() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 debs=(pebble ca-certificates)
 # chromium: the status page is tested in a real headless browser (Playwright drives
 # Debian's build; Playwright's own browser download is not used)
+# postgresql: the fleet store; the tests start throwaway clusters of it
 # prometheus: its promtool checks and unit-tests deploy/prometheus/linkedge-alerts.yml
-((with_tests)) && debs+=(curl openssl chromium prometheus)
+((with_tests)) && debs+=(curl openssl chromium prometheus postgresql)
 ((with_bench)) && debs+=(caddy nginx-light)
 missing=()
 for pkg in "${debs[@]}"; do

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from support.edge import EdgeHandle, new_edge
 from support.pebble import running_pebble
+from support.postgres import PostgresServer, running_postgres
 
 from proxy.demo.backend import RecordedRequest, start_backend
 from proxy.demo.dnsserver import DNSServer
@@ -57,3 +58,11 @@ async def edge(edge_config: EdgeHandle) -> AsyncIterator[EdgeHandle]:
     await edge_config.start()
     yield edge_config
     await edge_config.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL for the session; tests take a database each
+    (`postgres.create_database()`)."""
+    with running_postgres() as server:
+        yield server
