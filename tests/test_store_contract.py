@@ -52,7 +52,9 @@ class Clock:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    return make_backend(request.param, tmp_path)
+    # only the PostgreSQL param starts (or reuses) the session's server
+    server = request.getfixturevalue("postgres") if request.param == "postgres" else None
+    return make_backend(request.param, tmp_path, server)
 
 
 @pytest.fixture
@@ -669,8 +671,8 @@ def test_store_urls() -> None:
 
 
 async def test_unknown_scheme_names_the_supported_ones() -> None:
-    with pytest.raises(StoreError, match=r"'postgresql'.*supported: sqlite:"):
-        await open_store("postgresql://db/linkedge", parse_key_text(generate_key_text(), "t"))
+    with pytest.raises(StoreError, match=r"'mysql'.*supported: sqlite:, postgresql:"):
+        await open_store("mysql://db/linkedge", parse_key_text(generate_key_text(), "t"))
 
 
 async def test_a_bare_path_and_its_url_open_the_same_store(tmp_path: Path) -> None:
