@@ -93,6 +93,11 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at DOUBLE PRECISION NOT NULL
     );
     CREATE INDEX renewals_by_next_check ON renewals (next_check_at);
+    -- certificates without a renewal plan, kept by triggers: the maintenance queue's
+    -- "no plan yet" part without an anti-join over every certificate
+    CREATE TABLE unplanned_certificates (
+        hostname TEXT COLLATE "C" PRIMARY KEY
+    );
     CREATE TABLE rate_log (
         id BIGSERIAL PRIMARY KEY,
         bucket TEXT NOT NULL,
@@ -264,10 +269,26 @@ MIGRATIONS: tuple[str, ...] = (
     BEGIN
         DELETE FROM pending_orders WHERE hostname = NEW.hostname;
         DELETE FROM renewals WHERE hostname = NEW.hostname;
+        INSERT INTO unplanned_certificates (hostname) VALUES (NEW.hostname)
+            ON CONFLICT DO NOTHING;
         RETURN NULL;
     END $$;
     CREATE TRIGGER certificate_stored AFTER INSERT OR UPDATE ON certificates
         FOR EACH ROW EXECUTE FUNCTION linkedge_certificate_stored();
+    CREATE FUNCTION linkedge_certificate_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        DELETE FROM unplanned_certificates WHERE hostname = OLD.hostname;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER certificate_deleted AFTER DELETE ON certificates
+        FOR EACH ROW EXECUTE FUNCTION linkedge_certificate_deleted();
+    CREATE FUNCTION linkedge_renewal_planned() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        DELETE FROM unplanned_certificates WHERE hostname = NEW.hostname;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER renewal_planned AFTER INSERT OR UPDATE ON renewals
+        FOR EACH ROW EXECUTE FUNCTION linkedge_renewal_planned();
     """,
 )
 

@@ -753,16 +753,16 @@ class PostgresStore:
         return {"due": int(row[0]), "overdue": int(row[1]), "failing": int(row[2])}
 
     async def hosts_needing_maintenance(self, now: float, limit: int) -> list[str]:
-        """Certificates without a plan (first), then plans due by `now`: two index scans
-        (a union keeps each one an index scan on a big store)."""
+        """Certificates without a plan (first; `unplanned_certificates`, kept by
+        triggers), then plans due by `now`: two index scans however big the store."""
         rows = await self._fetch(
-            "(SELECT c.hostname, 0::double precision AS at FROM certificates c"
-            "  WHERE NOT EXISTS (SELECT 1 FROM renewals r WHERE r.hostname = c.hostname)"
+            "(SELECT hostname, 0::double precision AS at FROM unplanned_certificates"
             "  LIMIT $2)"
             " UNION ALL"
             " (SELECT r.hostname, r.next_check_at FROM renewals r"
-            "  JOIN certificates c ON c.hostname = r.hostname"
-            "  WHERE r.next_check_at <= $1 ORDER BY r.next_check_at LIMIT $2)"
+            "  WHERE r.next_check_at <= $1"
+            "  AND EXISTS (SELECT 1 FROM certificates c WHERE c.hostname = r.hostname)"
+            "  ORDER BY r.next_check_at LIMIT $2)"
             " ORDER BY at LIMIT $2",
             now,
             limit,
@@ -770,10 +770,14 @@ class PostgresStore:
         return [str(r[0]) for r in rows]
 
     async def next_maintenance_at(self) -> float | None:
-        """The earliest moment a certificate needs a visit (no plan yet: 0); None: none."""
+        """The earliest moment a certificate needs a visit (no plan yet: 0); None: none.
+        Each maintenance loop asks after every pass: index lookups, no join of
+        every certificate with its plan."""
         value = await self._fetchval(
-            "SELECT min(COALESCE(r.next_check_at, 0)) FROM certificates c"
-            " LEFT JOIN renewals r ON r.hostname = c.hostname"
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM unplanned_certificates) THEN 0"
+            " ELSE (SELECT r.next_check_at FROM renewals r WHERE EXISTS"
+            "  (SELECT 1 FROM certificates c WHERE c.hostname = r.hostname)"
+            "  ORDER BY r.next_check_at LIMIT 1) END"
         )
         return None if value is None else float(value)
 
@@ -907,6 +911,7 @@ class PostgresStore:
 
 _HOST_TABLES = (
     "certificates",
+    "unplanned_certificates",
     "challenges",
     "renewals",
     "host_backoff",
