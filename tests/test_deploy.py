@@ -4,7 +4,9 @@ the real tools where they exist."""
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
+import contextlib
+import importlib.util
 import ipaddress
 import json
 import os
@@ -27,7 +29,8 @@ import yaml
 
 from certstore import generate_key_text
 from certstore.crypto import load_key
-from proxy.app.config import Config, StoreConfig, load_config, parse_address, require_serving
+from proxy.app.cli import main as cli_main
+from proxy.app.config import Config, load_config, parse_address, require_serving
 from proxy.app.health import OPS_PATHS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -252,14 +255,8 @@ def _image_env() -> dict[str, str]:
     return env
 
 
-def _pg_store_config() -> None:
-    if "password_file" not in {f.name for f in dataclasses.fields(StoreConfig)}:
-        pytest.skip("store.password_file (the PostgreSQL backend's config) is not on this branch")
-
-
 def _serving_config(text: str, environ: dict[str, str], tmp_path: Path, secrets_dir: str) -> Config:
     """load_config + require_serving on `text`, its secret files materialised in tmp_path."""
-    _pg_store_config()
     local = tmp_path / "secrets"
     local.mkdir(exist_ok=True)
     for name in re.findall(re.escape(secrets_dir) + r"/([\w.-]+)", text):
@@ -458,7 +455,7 @@ def test_secret_holds_exactly_the_files_the_config_reads(tmp_path: Path) -> None
     local = str(tmp_path / "secrets")
     referenced = {
         config.store.key_file,
-        config.store.password_file,  # type: ignore[attr-defined]
+        config.store.password_file,
         config.admin.token_file,
         *re.findall(r"sslrootcert=([^&]+)", config.store.url),
     }
@@ -519,7 +516,6 @@ def _fleet_state(tmp_path: Path) -> Path:
 
 def _compose_config(tmp_path: Path, state: Path) -> Config:
     """An edge's config as it runs in compose, /fleet-state being `state`."""
-    _pg_store_config()
     text = (COMPOSE_DIR / "linkedge.toml").read_text().replace("/fleet-state", str(state))
     path = tmp_path / "linkedge.toml"
     path.write_text(text)
@@ -722,11 +718,19 @@ def test_fleet_pebble_starts_on_its_compose_config(tmp_path: Path) -> None:
     assert root.startswith("-----BEGIN CERTIFICATE-----")
 
 
-def test_fleet_register_adds_each_host_once(tmp_path: Path) -> None:
-    """`register` runs on every `compose up`: a second run must not fail on known hosts."""
-    linkedge = shutil.which("linkedge", path=str(Path(sys.executable).parent))
-    if linkedge is None:
-        pytest.skip("no linkedge script next to this Python (pip install -e .)")
+def _fleet_module() -> Any:
+    spec = importlib.util.spec_from_file_location("fleet", FLEET)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fleet_register_adds_each_host_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`register` runs on every `compose up`: a second run must not fail on known hosts.
+    (In this process: the CLI's imports are what a subprocess per run would cost.)"""
     key = tmp_path / "store.key"
     key.write_text(generate_key_text())
     config = tmp_path / "linkedge.toml"
@@ -735,18 +739,19 @@ def test_fleet_register_adds_each_host_once(tmp_path: Path) -> None:
         f'[store]\nurl = "sqlite:///{tmp_path}/fleet.db"\nkey_file = "{key}"\n'
     )
     hosts = _compose()["services"]["register"]["environment"]["FLEET_HOSTS"]
-    env = {"FLEET_LINKEDGE": linkedge, "FLEET_HOSTS": hosts, "LINKEDGE_CONFIG": str(config)}
-    for _ in range(2):
-        proc = _run_fleet(["register"], env)
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, out
-    listed = subprocess.run(
-        [linkedge, "-c", str(config), "domains", "list", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert sorted(row["hostname"] for row in json.loads(listed.stdout)) == sorted(hosts.split(","))
+    monkeypatch.setenv("FLEET_HOSTS", hosts)
+    monkeypatch.setenv("LINKEDGE_CONFIG", str(config))
+    fleet = _fleet_module()
+    umask = os.umask(0o022)  # the CLI sets 0077 for what it writes; keep the test's own
+    try:
+        fleet.register()
+        fleet.register()
+        capsys.readouterr()
+        assert cli_main(["domains", "list", "--json"]) == 0
+    finally:
+        os.umask(umask)
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(row["hostname"] for row in listed) == sorted(hosts.split(","))
 
 
 def test_docker_compose_accepts_the_fleet() -> None:
@@ -765,3 +770,197 @@ def test_docker_compose_accepts_the_fleet() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+# -- the compose fleet, run on loopback --------------------------------------------
+# No container runtime here (nor in CI), so the fleet's parts run as processes: the
+# compose network 172.29.11.0/24 becomes loopback 127.29.11.0/24 (same last octets), and
+# what only differs because of that (the listeners' ports, the service names) is given in
+# LINKEDGE_* variables, the way the image's environment overrides the file in compose.
+# Everything else is compose.yaml's, linkedge.toml's, pebble-config.json's and fleet.py's.
+
+FLEET_SUBNET, LOOPBACK_SUBNET = "172.29.11.", "127.29.11."
+
+
+def _loopback(address: str) -> str:
+    return address.replace(FLEET_SUBNET, LOOPBACK_SUBNET)
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LINKEDGE_")}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+async def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    import aiohttp
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    async with aiohttp.ClientSession() as session:
+        while loop.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"edge exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+    pytest.fail(f"{url} not ready within 60 s:\n{log.read_text()[-3000:]}")
+
+
+async def test_compose_fleet_serves_every_host_on_every_edge_with_one_order_each(
+    tmp_path: Path, postgres: Any
+) -> None:
+    from proxy.demo.client import click, edge_session
+
+    pebble_bin = shutil.which("pebble")
+    if pebble_bin is None:
+        pytest.skip("pebble not installed (Debian package pebble; deploy/bootstrap.sh --test)")
+    compose = _compose()
+    services = compose["services"]
+    edges = {name: _loopback(_ip(svc)) for name, svc in _edges(compose).items()}
+    state = _fleet_state(tmp_path)
+    # the fixture's server stands in for the postgres service: same role, its password in
+    # the file both sides read (in compose, postgres sets the role's password from it)
+    password_file = state / "secrets" / "db-password"
+    password_file.unlink()
+    password_file.write_text(postgres.password)
+    database = postgres.create_database()
+    config_path = tmp_path / "linkedge.toml"
+    config_path.write_text(
+        (COMPOSE_DIR / "linkedge.toml").read_text().replace("/fleet-state", str(state))
+    )
+    compose_config = load_config(config_path, environ={})
+    store_url = urlsplit(compose_config.store.url)
+    assert store_url.username == "linkedge"  # the fixture's role is the compose one
+    https_port, http_port = _free_port(), _free_port()  # one pair, on each edge's address
+    dns_port, pebble_port, management_port = _free_port(), _free_port(), _free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def start(name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with (logs / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        procs.append(proc)
+        return proc
+
+    try:
+        dns_env = services["dns"]["environment"]
+        dns_address = f"{_loopback(_ip(services['dns']))}:{dns_port}"
+        start(
+            "dns",
+            [sys.executable, str(FLEET), "dns"],
+            _child_env(
+                {
+                    "FLEET_HOSTS": dns_env["FLEET_HOSTS"],
+                    "FLEET_EDGE_ADDRESSES": _loopback(dns_env["FLEET_EDGE_ADDRESSES"]),
+                    "FLEET_DNS_LISTEN": dns_address.rsplit(":", 1)[0],
+                    "FLEET_DNS_PORT": str(dns_port),
+                }
+            ),
+        )
+        settings = json.loads((COMPOSE_DIR / "pebble-config.json").read_text())
+        pebble = settings["pebble"]
+        pebble["listenAddress"] = f"127.0.0.1:{pebble_port}"
+        pebble["managementListenAddress"] = f"127.0.0.1:{management_port}"
+        pebble["httpPort"], pebble["tlsPort"] = http_port, https_port  # the edges' 80 and 443
+        for key in ("certificate", "privateKey"):
+            pebble[key] = pebble[key].replace("/fleet-state", str(state))
+        (tmp_path / "pebble-config.json").write_text(json.dumps(settings))
+        command = list(services["pebble"]["command"])
+        command[command.index("-config") + 1] = str(tmp_path / "pebble-config.json")
+        command[command.index("-dnsserver") + 1] = dns_address
+        start(
+            "pebble",
+            [pebble_bin, *command],
+            {**os.environ, **services["pebble"]["environment"]},
+        )
+        backend_port = _free_port()
+        start(
+            "backend",
+            [sys.executable, str(FLEET), "backend"],
+            _child_env(
+                {"FLEET_BACKEND_LISTEN": "127.0.0.1", "FLEET_BACKEND_PORT": str(backend_port)}
+            ),
+        )
+        # what every edge and `register` get instead of the compose network's names
+        overrides = {
+            "LINKEDGE_CONFIG": str(config_path),
+            "LINKEDGE_STORE_URL": store_url._replace(
+                netloc=f"linkedge@127.0.0.1:{postgres.port}", path=f"/{database}"
+            ).geturl(),
+            "LINKEDGE_BACKEND_URL": f"http://127.0.0.1:{backend_port}",
+            "LINKEDGE_ACME_DIRECTORY": f"https://localhost:{pebble_port}/dir",
+            "LINKEDGE_DNS_NAMESERVERS": dns_address,
+            "LINKEDGE_CHECKS_HTTPS_ADDRESSES": ",".join(edges.values()),
+            "LINKEDGE_CHECKS_HTTPS_PORT": str(https_port),
+            "LINKEDGE_WORKERS": "1",  # 3 nodes on a 2-core machine; workers are not the point
+        }
+        # the two one-shot services the edges wait for, side by side as compose runs them
+        one_shots = {
+            "pebble-root": start(
+                "pebble-root",
+                [sys.executable, str(FLEET), "pebble-root", str(state)],
+                _child_env({"FLEET_PEBBLE_MANAGEMENT": f"https://localhost:{management_port}"}),
+            ),
+            "register": start(
+                "register",
+                [sys.executable, str(FLEET), "register"],
+                _child_env(
+                    {**overrides, "FLEET_HOSTS": services["register"]["environment"]["FLEET_HOSTS"]}
+                ),
+            ),
+        }
+        for name, proc in one_shots.items():
+            assert proc.wait(120) == 0, (logs / f"{name}.log").read_text()
+        ready = []
+        for name, ip in edges.items():
+            metrics_port = _free_port()
+            proc = start(
+                name,
+                [sys.executable, "-m", "proxy.app.cli", "serve"],
+                _child_env(
+                    {
+                        **overrides,
+                        "LINKEDGE_LISTEN_HTTPS": f"{ip}:{https_port}",
+                        "LINKEDGE_LISTEN_HTTP": f"{ip}:{http_port}",
+                        "LINKEDGE_ADMIN_LISTEN": f"{ip}:{_free_port()}",
+                        "LINKEDGE_METRICS_LISTEN": f"{ip}:{metrics_port}",
+                    }
+                ),
+            )
+            ready.append(
+                _wait_ready(proc, f"http://{ip}:{metrics_port}/readyz", logs / f"{name}.log")
+            )
+        await asyncio.gather(*ready)  # /readyz: listeners bound, store read, backend healthy
+
+        hosts = services["register"]["environment"]["FLEET_HOSTS"].split(",")
+        root = str(state / "pebble" / "root.pem")
+        # Each edge serves each host, whichever of them ordered its certificate (a click, or
+        # the background checks once the CNAME is seen) and whichever one Pebble validated
+        # through (the DNS gives it all three). Clicks go over a context that trusts
+        # Pebble's root only and checks the name.
+        for host in hosts:
+            for name, ip in edges.items():
+                async with edge_session(ip, root) as session:
+                    result = await click(session, f"https://{host}:{https_port}/c/{name}")
+                assert result.status == 302, (host, name, result)
+        # one order per host, fleet-wide
+        ordered = [
+            line.split("order created for ", 1)[1].split(":", 1)[0]
+            for name in edges
+            for line in (logs / f"{name}.log").read_text().splitlines()
+            if "order created for " in line
+        ]
+        assert sorted(ordered) == sorted(hosts), ordered
+        assert (logs / "pebble.log").read_text().count("Added order") == len(hosts)
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -19,12 +19,13 @@ Settings come from the environment (FLEET_*), so compose.yaml is the one place t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import os
 import secrets
 import signal
 import ssl
-import subprocess
 import sys
 import time
 import urllib.request
@@ -155,16 +156,23 @@ def pebble_root(state: Path, timeout: float) -> None:
     print(f"fleet: Pebble's root in {target}", flush=True)
 
 
-def register(linkedge: str) -> None:
-    """`linkedge domains add` for each host not yet in the store: `compose up` runs it again."""
-    listed = subprocess.run(
-        [linkedge, "domains", "list", "--json"], check=True, capture_output=True, text=True
-    )
-    known = {row["hostname"] for row in json.loads(listed.stdout or "[]")}
+def register() -> None:
+    """`linkedge domains add` for each host not yet in the store: `compose up` runs it again.
+
+    The CLI's own entry point, in this one process (each `linkedge` run would pay the
+    imports again); it reads the edges' config, $LINKEDGE_CONFIG.
+    """
+    from proxy.app.cli import main as linkedge
+
+    listing = io.StringIO()
+    with contextlib.redirect_stdout(listing):
+        code = linkedge(["domains", "list", "--json"])
+    if code:
+        sys.exit(f"fleet: linkedge domains list failed ({code})")
+    known = {row["hostname"] for row in json.loads(listing.getvalue() or "[]")}
     for host in _hosts():
-        if host in known:
-            continue
-        subprocess.run([linkedge, "domains", "add", host, "--account", "fleet"], check=True)
+        if host not in known and linkedge(["domains", "add", host, "--account", "fleet"]):
+            sys.exit(f"fleet: linkedge domains add {host} failed")
     print(f"fleet: hosts registered: {', '.join(_hosts())}", flush=True)
 
 
@@ -188,7 +196,7 @@ def main(argv: list[str]) -> None:
     elif command == "pebble-root" and len(argv) == 2:
         pebble_root(Path(argv[1]), float(os.environ.get("FLEET_PEBBLE_TIMEOUT", "60")))
     elif command == "register":
-        register(os.environ.get("FLEET_LINKEDGE", "linkedge"))
+        register()
     else:
         sys.exit(__doc__)
 
