@@ -52,10 +52,12 @@ def _write_once(path: Path, text: str, mode: int) -> bool:
     """Write a new file (never replace one: the fleet's data is sealed with the first key)."""
     if path.exists():
         return False
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.chmod(mode)
-    tmp.replace(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # left by an init that died mid-write
+    # created with its mode: a secret is never readable by others, not even for a moment
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as fh:
+        fh.write(text)
+    tmp.replace(path)  # whole or absent: an edge never reads half a key
     return True
 
 
