@@ -15,9 +15,11 @@ import logging
 from collections.abc import Callable, Collection
 
 from certstore import CertStore, DomainState, Event
+from certstore.errors import StoreUnavailable
 from proxy.hosts.events import HANDSHAKE_EVENTS, EventKind
 
 log = logging.getLogger(__name__)
+
 
 class StateSync:
     def __init__(
@@ -53,6 +55,8 @@ class StateSync:
         while True:
             try:
                 await self.poll()
+            except StoreUnavailable as exc:  # logged once by the store; re-read from the cursor
+                log.debug("following store changes: %s", exc)
             except Exception:
                 log.exception("following store changes failed")
             await asyncio.sleep(self._interval)
