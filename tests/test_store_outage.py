@@ -14,16 +14,24 @@ PostgreSQL that is stopped for 30 s (when the PostgreSQL backend is present).
 from __future__ import annotations
 
 import asyncio
+import copy as copying
 import logging
+import ssl
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
+import aiohttp.abc
 import pytest
+from support.clicks import new_host
+from support.edge import ADMIN_TOKEN, EdgeHandle, client_context, enable_admin
+from support.net import free_port
+from support.renewal import served_serial
 
-from certstore import DomainState, Store, StoredCertificate, open_store
+from certstore import SCHEMES, DomainState, Store, StoredCertificate, open_store
 from certstore.crypto import Sealer, generate_key_text, parse_key_text
 from certstore.errors import StoreUnavailable
 from certstore.readthrough import (
@@ -33,6 +41,11 @@ from certstore.readthrough import (
     needs_read_through,
     role_methods,
 )
+from proxy.app import wiring
+from proxy.app.health import readiness
+from proxy.app.wiring import EdgeWorker
+from proxy.demo.dnsserver import DNSServer
+from proxy.demo.pebble import PebbleServer
 
 KEY = parse_key_text(generate_key_text(), "test")
 LOSS_DELAY = 0.3  # how long a call takes to find the database gone (PostgreSQL: ~2-3 s)
@@ -263,3 +276,327 @@ async def test_challenges_known_locally_are_answered_while_the_store_is_away(
     assert await store.get_alpn_challenge("h.test") == "alpn-auth"
     with pytest.raises(StoreUnavailable):
         await store.get_challenge("tok-unknown")
+
+
+# -- two workers on one store and one local copy: real Pebble, DNS, TLS clients -----------
+
+SYNC = 1.0  # lifecycle.sync_seconds (the default)
+BOUND = 10.0  # generous bound for effects; the measured delays are printed, not asserted
+
+
+class Outage:
+    """How a test takes the store's database away and brings it back (blocking calls)."""
+
+    def __init__(self, stop: Callable[[], None], start: Callable[[], None]) -> None:
+        self.stop = stop
+        self.start = start
+
+
+@dataclass
+class Pair:
+    a: EdgeHandle  # worker slot 0: the admin API
+    b: EdgeHandle  # another worker on the same store and the same local copy
+    api: str
+    outage: Outage
+    key: bytes
+    copy_path: Path
+
+    def workers(self) -> list[EdgeWorker]:
+        assert self.a.worker is not None and self.b.worker is not None
+        return [self.a.worker, self.b.worker]
+
+    def circuits_down(self) -> list[bool]:
+        return [w.read_through.circuit.down for w in self.workers() if w.read_through]
+
+    async def client_store(self) -> Store:
+        """A separate client of the same store (the test's own view, not a worker's)."""
+        return await open_store(self.a.config.store.location(), self.key)
+
+
+async def start_pair(edge_config: EdgeHandle, tmp_path: Path, outage: Outage) -> Pair:
+    a = edge_config
+    config = a.config
+    config.store.local_copy = str(tmp_path / "local-copy.db")
+    config.lifecycle.sync_seconds = SYNC
+    config.tls.revalidate_seconds = 3.0  # revalidations keep failing during the outage
+    api = enable_admin(a, tmp_path)
+    b_config = copying.deepcopy(config)
+    b_config.listen.https = f"{a.ip}:{free_port(a.ip)}"  # its own port: a handshake picks it
+    b_config.admin.listen = ""
+    b = EdgeHandle(ip=a.ip, target=a.target, config=b_config, key_text=a.key_text)
+    await a.start()
+    b.worker = EdgeWorker(b_config, primary=False)
+    try:
+        await b.worker.start()
+    except BaseException:
+        await a.stop()
+        raise
+    pair = Pair(a, b, api, outage, parse_key_text(a.key_text, "test"), tmp_path / "local-copy.db")
+    assert all(w.read_through is not None for w in pair.workers())
+    return pair
+
+
+@pytest.fixture
+async def flaky_pair(
+    edge_config: EdgeHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Pair]:
+    """Two workers on SQLite behind FlakyStore (wrapped as a remote store would be)."""
+    switch = Switch()
+    real_open = wiring.open_store
+
+    async def flaky_open(config: Any, clock: Callable[[], float] = time.time) -> Store:
+        return cast(Store, FlakyStore(await real_open(config, clock), switch))
+
+    monkeypatch.setattr(wiring, "open_store", flaky_open)
+    monkeypatch.setattr(wiring, "needs_read_through", lambda _url: True)
+
+    def stop() -> None:
+        switch.down = True
+
+    def start() -> None:
+        switch.down = False
+
+    pair = await start_pair(edge_config, tmp_path, Outage(stop, start))
+    try:
+        yield pair
+    finally:
+        switch.down = False
+        await pair.b.stop()
+        await pair.a.stop()
+
+
+@pytest.fixture
+async def pg_pair(edge_config: EdgeHandle, tmp_path: Path, request: Any) -> AsyncIterator[Pair]:
+    """Two workers on a real PostgreSQL that the test stops and starts."""
+    if "postgresql" not in SCHEMES:
+        pytest.skip("the PostgreSQL store backend is not in this tree yet")
+    postgres = request.getfixturevalue("postgres")
+    edge_config.config.store.url = postgres.url(postgres.create_database())
+    pair = await start_pair(edge_config, tmp_path, Outage(postgres.stop, postgres.start))
+    try:
+        yield pair
+    finally:
+        postgres.start()  # the session's server: never left stopped (start is idempotent)
+        await pair.b.stop()
+        await pair.a.stop()
+
+
+@dataclass
+class ClickLog:
+    ok: int = 0
+    failed: list[str] = field(default_factory=list)
+    slowest: float = 0.0
+
+
+async def click_status(session: aiohttp.ClientSession, edge: EdgeHandle, host: str) -> str:
+    try:
+        async with session.get(
+            f"https://{host}:{edge.https_port}/c/outage", allow_redirects=False
+        ) as resp:
+            await resp.read()
+            return str(resp.status)
+    except (aiohttp.ClientError, ssl.SSLError, OSError, TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+async def keep_clicking(
+    pair: Pair, pebble: PebbleServer, hosts: list[str], done: asyncio.Event, log: ClickLog
+) -> None:
+    """A new TLS connection per click, round robin over both workers and the hosts."""
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(
+            resolver=_Static(pair.a.ip), ssl=client_context(pebble), force_close=True
+        ),
+        timeout=aiohttp.ClientTimeout(total=30),
+    ) as session:
+        while not done.is_set():
+            for edge in (pair.a, pair.b):
+                for host in hosts:
+                    started = time.monotonic()
+                    status = await click_status(session, edge, host)
+                    log.slowest = max(log.slowest, time.monotonic() - started)
+                    if status == "302":
+                        log.ok += 1
+                    else:
+                        log.failed.append(f"{host} on {edge.https_port}: {status}")
+
+
+class _Static(aiohttp.abc.AbstractResolver):
+    def __init__(self, ip: str) -> None:
+        self._ip = ip
+
+    async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[dict[str, Any]]:
+        return [
+            {
+                "hostname": host,
+                "host": self._ip,
+                "port": port,
+                "family": 2,
+                "proto": 0,
+                "flags": 0,
+            }
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+async def handshake_outcome(edge: EdgeHandle, host: str, pebble: PebbleServer) -> str:
+    try:
+        return await served_serial(edge.ip, edge.https_port, host, client_context(pebble))
+    except ssl.SSLError as exc:
+        return f"refused: {exc.reason}"
+    except (OSError, TimeoutError) as exc:
+        return f"failed: {exc}"
+
+
+async def waited(predicate: Callable[[], Awaitable[bool]], bound: float = BOUND) -> float:
+    """Poll until true; the seconds it took (the test fails beyond `bound`)."""
+    started = time.monotonic()
+    while not await predicate():
+        assert time.monotonic() - started < bound, "not within the bound"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def suspend(pair: Pair, host: str) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{pair.api}/v1/hosts/{host}/suspend",
+            json={"reason": "outage test"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        ) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+
+
+async def registered_host(pair: Pair, store: Store, dns: DNSServer, label: str) -> str:
+    host = new_host(pair.a, label)
+    await store.add_domain(host, "acct-test")
+    dns.set_cname(host, pair.a.target)
+    return host
+
+
+async def run_outage(
+    pair: Pair,
+    pebble: PebbleServer,
+    dns: DNSServer,
+    caplog: pytest.LogCaptureFixture,
+    seconds: float,
+) -> None:
+    caplog.set_level(logging.INFO)
+    store = await pair.client_store()
+    try:
+        cached = await registered_host(pair, store, dns, "cached")
+        copied = await registered_host(pair, store, dns, "copied")
+        fresh = await registered_host(pair, store, dns, "fresh")  # never read before
+        # `cached`: clicked on both workers (their TLS and host caches hold it);
+        # `copied`: clicked on A only, so B can only have it from the node's local copy
+        serial = await handshake_outcome(pair.a, cached, pebble)
+        assert not serial.startswith(("refused", "failed")), serial
+        assert await handshake_outcome(pair.b, cached, pebble) == serial
+        assert not (await handshake_outcome(pair.a, copied, pebble)).startswith("refused")
+        await asyncio.sleep(3 * SYNC)  # both follow the issuance events (the copy too)
+        for worker in pair.workers():
+            assert worker.read_through is not None
+            await worker.read_through.settle()
+        assert pair.b.worker is not None and pair.b.worker.manager is not None
+        assert pair.b.worker.manager.cached_context(copied) is None
+        view = LocalCopy(str(pair.copy_path), Sealer(pair.key), 10)
+        try:  # what the copy holds: every host read once, certificate included
+            for host in (cached, copied):
+                snap = view.host(host, time.time())
+                assert snap is not None and snap.certificate is not None, host
+            assert view.host(fresh, time.time()) is None
+        finally:
+            view.close()
+
+        log = ClickLog()
+        done = asyncio.Event()
+        clicker = asyncio.ensure_future(keep_clicking(pair, pebble, [cached, copied], done, log))
+        await asyncio.sleep(0.5)
+        before = log.ok
+        lost_at = time.monotonic()
+        try:
+            await asyncio.to_thread(pair.outage.stop)
+            detect = await waited(lambda: _true(all(pair.circuits_down())), bound=seconds)
+            # a new host: refused at once, with the reason logged
+            refusals = []
+            for _ in range(3):
+                started = time.monotonic()
+                outcome = await handshake_outcome(pair.b, fresh, pebble)
+                refusals.append(time.monotonic() - started)
+                assert outcome.startswith("refused: ") and "INTERNAL_ERROR" in outcome, outcome
+                await asyncio.sleep(1.1)  # past the 1 s refusal memory: the store path again
+            lines = [r.getMessage() for r in caplog.records if f"refused {fresh}" in r.getMessage()]
+            assert lines and "store unavailable" in lines[0], lines
+            ready, checks = await readiness(pair.workers()[0])
+            assert ready and checks["store"].startswith("degraded: "), checks
+            await asyncio.sleep(max(0.0, seconds - (time.monotonic() - lost_at)))
+            during = log.ok - before
+        finally:
+            await asyncio.to_thread(pair.outage.start)
+        back_at = time.monotonic()
+        recover = await waited(lambda: _true(not any(pair.circuits_down())), bound=30)
+        done.set()
+        await clicker
+        assert not log.failed, log.failed[:10]
+        assert pair.b.worker.read_through is not None
+        assert pair.b.worker.read_through.copy_reads > 0  # `copied` came from the copy on B
+
+        # recovered by itself: the new host is now ordered and served
+        first = await waited(
+            lambda: _not_refused(handshake_outcome(pair.b, fresh, pebble)), bound=30
+        )
+        # a suspension made now reaches both workers
+        suspended_at = time.monotonic()
+        await suspend(pair, cached)
+        delays = []
+        for edge in (pair.a, pair.b):
+            await waited(lambda e=edge: _refused(handshake_outcome(e, cached, pebble)))
+            delays.append(time.monotonic() - suspended_at)
+
+        circuit = [r for r in caplog.records if r.name == "certstore.readthrough"]
+        losses = [r for r in circuit if "the store is unreachable:" in r.getMessage()]
+        recoveries = [r for r in circuit if "reachable again" in r.getMessage()]
+        assert len(losses) >= 2 and len(losses) == len(recoveries), (losses, recoveries)
+        assert all(r.levelname == "WARNING" for r in losses)
+        tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
+        assert not tracebacks, tracebacks[:5]
+        print(
+            f"\noutage {seconds:.0f} s: {during} clicks served during it, {len(log.failed)} "
+            f"failed ({log.ok} in all, slowest {log.slowest:.2f} s); store loss noticed by "
+            f"both workers in {detect:.2f} s; new host refused in "
+            + ", ".join(f"{t * 1000:.0f}" for t in refusals)
+            + f" ms; recovered {recover:.2f} s after the database returned; new host "
+            f"served {first:.2f} s later; suspension reached A in {delays[0]:.2f} s, B in "
+            f"{delays[1]:.2f} s; losses logged {len(losses)}, recoveries {len(recoveries)}"
+        )
+        del back_at
+    finally:
+        await store.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _refused(outcome: Awaitable[str]) -> bool:
+    return (await outcome).startswith("refused")
+
+
+async def _not_refused(outcome: Awaitable[str]) -> bool:
+    return not (await outcome).startswith(("refused", "failed"))
+
+
+async def test_an_outage_behind_the_switch_costs_no_click(
+    flaky_pair: Pair, pebble: PebbleServer, dns_server: DNSServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    await run_outage(flaky_pair, pebble, dns_server, caplog, seconds=8)
+
+
+async def test_postgresql_stopped_for_30_s_costs_no_click_on_cached_hosts(
+    pg_pair: Pair, pebble: PebbleServer, dns_server: DNSServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    await run_outage(pg_pair, pebble, dns_server, caplog, seconds=30)
