@@ -8,4 +8,7 @@ class StoreError(Exception):
 
 
 class StoreUnavailable(StoreError):
-    """The store's database cannot be reached now; retry later."""
+    """The store's server cannot be reached right now (down, restarting, unreachable, or
+    too slow to answer within the bound): the call did not happen, or its outcome is
+    unknown. Raised within a bounded time instead of hanging; the same store object
+    works again once the server is back (no reopen)."""

@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from .crypto import Sealer, StoreKeyError
 from .errors import StoreUnavailable
@@ -678,6 +678,23 @@ class ReadThroughStore:
         if self.copy is not None:
             self._write(self.copy.delete_alpn_challenge, hostname)
         await self._call("delete_alpn_challenge", hostname)
+
+    async def wait_for_events(self, after_id: int, timeout: float) -> None:  # noqa: ASYNC109
+        """The follower's wait (EventLog): never raises for a lost store; while the circuit
+        is open it just waits, and the follower's next read reports the outage."""
+        wait = getattr(self.primary, "wait_for_events", None)
+        if wait is None or self.circuit.down:
+            await asyncio.sleep(timeout)
+            return
+        try:
+            await wait(after_id, timeout)
+        except StoreUnavailable as exc:
+            self.circuit.lost(exc)
+            await asyncio.sleep(timeout)
+
+    def as_store(self) -> Store:
+        """This object as the composite it implements (its role methods are generated)."""
+        return cast(Store, self)
 
     async def settle(self) -> None:
         """Wait until the snapshots and copy writes queued so far are done (tests)."""

@@ -600,3 +600,64 @@ async def test_postgresql_stopped_for_30_s_costs_no_click_on_cached_hosts(
     pg_pair: Pair, pebble: PebbleServer, dns_server: DNSServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     await run_outage(pg_pair, pebble, dns_server, caplog, seconds=30)
+
+
+async def restart_during_an_order(pair: Pair, pebble: PebbleServer, dns: DNSServer) -> None:
+    """The database restarts right after an order was recorded, before the CA validates."""
+    store = await pair.client_store()
+    try:
+        host = await registered_host(pair, store, dns, "inflight")
+        orders_before = pebble.order_count()
+        finalized_before = pebble.log_text().count("POST /finalize-order/")
+        a = pair.a.worker
+        assert a is not None and a.read_through is not None
+        through = a.read_through
+        real_put = through.put_pending_order  # type: ignore[attr-defined]
+        restarted: list[float] = []
+
+        async def put_then_restart(order: Any) -> None:
+            await real_put(order)
+            if not restarted:  # the order is at the CA and in the store: now the fail-over
+                started = time.monotonic()
+                await asyncio.to_thread(pair.outage.stop)
+                await asyncio.sleep(1.0)  # down long enough for every worker to notice
+                await asyncio.to_thread(pair.outage.start)
+                restarted.append(time.monotonic() - started)
+
+        through.put_pending_order = put_then_restart  # type: ignore[attr-defined]
+        first = await handshake_outcome(pair.a, host, pebble)  # may be refused: store away
+        took = await waited(lambda: _not_refused(handshake_outcome(pair.a, host, pebble)), 30)
+        assert restarted, "the restart did not happen during the order"
+        serial = await handshake_outcome(pair.a, host, pebble)
+        # one order at the CA, one certificate: the order in flight was resumed, not repeated
+        assert pebble.order_count() - orders_before == 1
+        assert pebble.log_text().count("POST /finalize-order/") - finalized_before == 1
+        cert = await store.get_certificate(host)
+        assert cert is not None and cert.serial == serial
+        assert await store.get_pending_order(host) is None
+        issued = [e for e in await store.list_events(host) if e.kind == "issued"]
+        assert len(issued) == 1, issued
+        # no event lost: the other worker follows the feed from its cursor, past the restart
+        await asyncio.sleep(3 * SYNC)
+        assert await handshake_outcome(pair.b, host, pebble) == serial
+        assert pair.b.worker is not None and pair.b.worker.state_sync is not None
+        follower = pair.b.worker.state_sync
+        assert follower._cursor == await store.last_event_id()  # noqa: SLF001
+        print(
+            f"\nrestart took {restarted[0]:.2f} s during the order; first click: {first[:60]};"
+            f" served {took:.2f} s later, one order, one certificate"
+        )
+    finally:
+        await store.close()
+
+
+async def test_a_restart_behind_the_switch_during_an_order_orders_once(
+    flaky_pair: Pair, pebble: PebbleServer, dns_server: DNSServer
+) -> None:
+    await restart_during_an_order(flaky_pair, pebble, dns_server)
+
+
+async def test_a_postgresql_restart_during_an_order_orders_once_and_loses_no_event(
+    pg_pair: Pair, pebble: PebbleServer, dns_server: DNSServer
+) -> None:
+    await restart_during_an_order(pg_pair, pebble, dns_server)

@@ -135,11 +135,11 @@ class StoreConfig:
     path: str = "/var/lib/linkedge/linkedge.db"
     key_file: str = ""
     key_env: str = "LINKEDGE_STORE_KEY"
-    url: str = ""  # e.g. "sqlite:///var/lib/linkedge/linkedge.db"; when set it wins over path
     # a remote store's click-path reads are copied here and answered from here while the
     # database is unreachable (certstore/readthrough.py); "" disables; unused for SQLite
     local_copy: str = "/var/lib/linkedge/local-copy.db"
     local_copy_max_hosts: int = 100_000
+    url: str = ""  # e.g. "sqlite:///var/lib/linkedge/linkedge.db"; when set it wins over path
 
     def location(self) -> str:
         """What certstore.open_store opens: `url` when set, else `path` (SQLite)."""

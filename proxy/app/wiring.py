@@ -24,7 +24,7 @@ import ssl
 import stat
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import web
 
@@ -300,7 +300,7 @@ class EdgeWorker:
             except BaseException:
                 await store.close()
                 raise
-            store = cast(Store, self.read_through)
+            store = self.read_through.as_store()
         self.store = store
         self._closers.append(store.close)
         self._closers.append(self._cancel_tasks)

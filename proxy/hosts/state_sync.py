@@ -14,8 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Collection
 
-from certstore import CertStore, DomainState, Event
-from certstore.errors import StoreUnavailable
+from certstore import CertStore, DomainState, Event, StoreUnavailable
 from proxy.hosts.events import HANDSHAKE_EVENTS, EventKind
 
 log = logging.getLogger(__name__)
@@ -52,13 +51,23 @@ class StateSync:
             after = page[-1].hostname
 
     async def run_forever(self) -> None:
+        unavailable = False
         while True:
             try:
                 await self.poll()
-            except StoreUnavailable as exc:  # logged once by the store; re-read from the cursor
-                log.debug("following store changes: %s", exc)
+            except StoreUnavailable as exc:  # one line per outage, no traceback
+                if not unavailable:
+                    log.warning("following store changes paused: %s", exc)
+                unavailable = True
+                await asyncio.sleep(self._interval)
+                continue
             except Exception:
                 log.exception("following store changes failed")
+                await asyncio.sleep(self._interval)  # not a tight loop on a bad event
+                continue
+            if unavailable:
+                log.info("following store changes again")
+                unavailable = False
             await asyncio.sleep(self._interval)
 
     async def poll(self) -> int:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import aiohttp
 
 from certstore import CertStore, Event
-from certstore.errors import StoreUnavailable
 from proxy.counters import Counters
 from proxy.hosts.events import EventKind
 from proxy.wire.hostnames import display_hostname
@@ -83,8 +82,6 @@ class WebhookSender:
         while True:
             try:
                 await self.send_pending()
-            except StoreUnavailable as exc:  # logged once by the store; the cursor waits
-                log.debug("webhook delivery pass: %s", exc)
             except Exception:
                 log.exception("webhook delivery pass failed")
             await asyncio.sleep(self._settings.poll_seconds)
