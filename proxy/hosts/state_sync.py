@@ -51,6 +51,9 @@ class StateSync:
             after = page[-1].hostname
 
     async def run_forever(self) -> None:
+        """Read, then wait for the store to say there is more (PostgreSQL pushes it
+        within milliseconds; SQLite is polled), at most `interval`: the cursor, not the
+        push, decides what is applied, so a lost notification only delays."""
         unavailable = False
         while True:
             try:
@@ -68,7 +71,7 @@ class StateSync:
             if unavailable:
                 log.info("following store changes again")
                 unavailable = False
-            await asyncio.sleep(self._interval)
+            await self._store.wait_for_events(self._cursor, self._interval)
 
     async def poll(self) -> int:
         events = await self._store.events_after(self._cursor)
