@@ -428,7 +428,16 @@ class ReadThroughStore:
         copy = None
         if local_copy:
             sealer = Sealer(key)
-            copy = await asyncio.to_thread(LocalCopy, local_copy, sealer, max_hosts)
+            try:
+                copy = await asyncio.to_thread(LocalCopy, local_copy, sealer, max_hosts)
+            except (OSError, sqlite3.Error) as exc:
+                # e.g. a read-only file system: serving without the copy beats not serving
+                log.warning(
+                    "local store copy %s cannot be used (%s); running without it: only "
+                    "cached hosts are served while the store is unreachable",
+                    local_copy,
+                    exc,
+                )
         return cls(primary, copy, **kwargs)
 
     async def close(self) -> None:

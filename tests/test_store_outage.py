@@ -143,6 +143,21 @@ async def test_only_remote_stores_are_wrapped() -> None:
     assert not needs_read_through("/var/lib/linkedge/linkedge.db")
 
 
+async def test_an_unusable_copy_path_leaves_the_circuit_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    inner = await open_store(tmp_path / "primary.db", KEY)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    store = await ReadThroughStore.open(inner, KEY, str(blocker / "copy.db"), 10)
+    try:
+        assert store.copy is None
+        assert "running without it" in caplog.text
+        assert await cast(Store, store).last_event_id() == 0
+    finally:
+        await store.close()
+
+
 async def test_every_role_method_goes_through_the_circuit(wrapped: Wrapped) -> None:
     missing = [m for m in role_methods() if not hasattr(ReadThroughStore, m)]
     assert not missing
