@@ -381,10 +381,9 @@ def test_deployment_ports_and_probes_match_the_config(tmp_path: Path) -> None:
     for probe in probes.values():
         # probes speak plain HTTP: only metrics.listen takes them (the others want PROXY)
         assert probe["port"] == "metrics" and probe["path"] in OPS_PATHS
-    assert probes["startupProbe"]["path"] == "/readyz"  # store read, backend healthy, bound
+    # /readyz: bound, a backend healthy, the store answering or (PostgreSQL) only degraded
+    assert probes["startupProbe"]["path"] == probes["readinessProbe"]["path"] == "/readyz"
     assert probes["livenessProbe"]["path"] == "/healthz"
-    # not /readyz: it fails on every pod while the database is down, which the edge serves through
-    assert probes["readinessProbe"]["path"] == "/healthz"
     assert deployment["spec"]["replicas"] == 3
     # the pod is killed only after the pre-stop pause and the edge's own drain
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
@@ -397,6 +396,8 @@ def test_deployment_ports_and_probes_match_the_config(tmp_path: Path) -> None:
     config_mount = mounts[_image_env()["LINKEDGE_CONFIG"]]
     assert config_mount["subPath"] in manifests["ConfigMap"]["data"]
     assert "/tmp" in mounts  # a read-only root file system needs a writable /tmp
+    # ... and a writable place for the local copy that carries clicks through an outage
+    assert str(Path(config.store.local_copy).parent) in mounts
 
 
 def test_deployment_runs_unprivileged() -> None:
@@ -565,6 +566,9 @@ def test_compose_edges_share_the_postgres_service(tmp_path: Path) -> None:
     for name, edge in _edges(compose).items():
         assert "fleet-state:/fleet-state:ro" in edge["volumes"], name
         assert not any(k.startswith("LINKEDGE_STORE") for k in edge.get("environment", {}))
+    # the local copy (database outages) is on a writable volume: the image's VOLUME
+    volumes = [a for w, a in final_stage(instructions(CONTAINERFILE.read_text())) if w == "VOLUME"]
+    assert any(str(Path(config.store.local_copy).parent) in v for v in volumes)
     # one store key for the fleet, made once
     assert len(load_key(config.store.key_file, None)) == 32
 
