@@ -63,6 +63,7 @@ class IssuanceBench(bp.PeerBench):
     def __init__(self, args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack):
         super().__init__(args, workdir, stack)
         self.targets: dict[str, str] = {}  # linkedge-like server -> its CNAME target
+        self.store_paths: dict[str, str] = {}  # linkedge-like server -> its store
         self.latencies: dict[str, list[float]] = {}
 
     # -- servers -----------------------------------------------------------------
@@ -84,6 +85,7 @@ class IssuanceBench(bp.PeerBench):
             init.__defaults__ = defaults
         self.servers.append("linkedge")
         self.targets["linkedge"] = self.target
+        self.store_paths["linkedge"] = self.config.store.path
         # the process's first order: account, directory, first use of everything
         self.results.setdefault("first_order_cpu_ms", {})["linkedge"] = self.burst(
             "linkedge", 1, "warm"
@@ -92,10 +94,15 @@ class IssuanceBench(bp.PeerBench):
     def start_variant(self, spec: str, ip: str) -> None:
         """A further linkedge process: own address, own CNAME target, same store and CA."""
         index = len(self.targets)
+        name = f"linkedge[{spec}]"
         config = copy.deepcopy(self.config)
         target = f"edge-v{index}.linkedge.test"
         self.dns.set_a(target, [ip])
         config.edge.cname_target = target
+        # its own store: edges sharing one would check each other's names against their
+        # own target (and share the order limits); nothing here is about sharing
+        config.store.path = str(self.workdir / f"store-v{index}.db")
+        self.store_paths[name] = config.store.path
         config.listen.https = f"{ip}:{be.free_port(ip)}"
         config.listen.http = f"{ip}:{self.pebble.http_port}"  # HTTP-01 reaches it there
         parts = [p for p in spec.split("+") if p]
@@ -109,7 +116,6 @@ class IssuanceBench(bp.PeerBench):
                 old = getattr(obj, last)
                 new = value in ("1", "true") if isinstance(old, bool) else type(old)(value)
                 setattr(obj, last, new)
-        name = f"linkedge[{spec}]"
         log = self.workdir / f"edge-{index}.log"
         proc, _ = self.children.start_server(
             name, bp.edge_variant_main, spec, pickle.dumps(config), str(log)
@@ -152,11 +158,11 @@ class IssuanceBench(bp.PeerBench):
 
     # -- one burst -----------------------------------------------------------------
 
-    async def _register(self, hosts: list[str], target: str) -> None:  # type: ignore[override]
+    async def _register(self, hosts: list[str], target: str, path: str) -> None:  # type: ignore[override]
         from certstore import open_store
         from certstore.crypto import parse_key_text
 
-        store = await open_store(self.config.store.path, parse_key_text(self.key_text, "bench"))
+        store = await open_store(path, parse_key_text(self.key_text, "bench"))
         try:
             for host in hosts:
                 await store.add_domain(host, "acct-bench")
@@ -176,7 +182,7 @@ class IssuanceBench(bp.PeerBench):
             for host in hosts:
                 self.dns.set_a(host, [bp.CADDY_IP])
         else:
-            asyncio.run(self._register(hosts, self.targets[server]))
+            asyncio.run(self._register(hosts, self.targets[server], self.store_paths[server]))
         ctx = be.client_context(str(self.pebble.root_path))
         ip, port = self.ips[server], self.ports[server]
         took: list[float] = []
