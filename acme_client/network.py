@@ -116,6 +116,7 @@ class DirectSession(EnvOnceSession):
     def __init__(self) -> None:
         super().__init__()
         self._conns: dict[tuple[str, str, int, bool | str], http.client.HTTPConnection] = {}
+        self._merged: dict[tuple[str, str, Any], tuple[bool, Any]] = {}
 
     def request(  # type: ignore[override]
         self,
@@ -130,10 +131,19 @@ class DirectSession(EnvOnceSession):
         parts = urlsplit(url)
         if kwargs or parts.scheme not in ("http", "https") or not parts.hostname:
             return self._through_requests(method, url, data, headers, timeout, verify, kwargs)
-        settings = self.merge_environment_settings(url, {}, None, verify, None)
-        if settings["proxies"] or settings["cert"]:
+        # what requests would use for this host: a proxy or client certificate sends the
+        # request through requests; else the CA bundle (remembered: the inputs are fixed)
+        merged = self._merged.get((parts.scheme, parts.netloc, verify))
+        if merged is None:
+            settings = self.merge_environment_settings(url, {}, None, verify, None)
+            direct = not settings["proxies"] and not settings["cert"]
+            merged = self._merged[(parts.scheme, parts.netloc, verify)] = (
+                direct,
+                settings["verify"],
+            )
+        direct, verify = merged
+        if not direct:
             return self._through_requests(method, url, data, headers, timeout, verify, kwargs)
-        verify = settings["verify"]
         if isinstance(timeout, tuple):
             timeout = max(t for t in timeout if t is not None) if any(timeout) else None
         port = parts.port or (443 if parts.scheme == "https" else 80)

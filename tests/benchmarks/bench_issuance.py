@@ -297,18 +297,21 @@ def _has(frames: list[_FRAME], func: str = "", file: str = "") -> bool:
 
 # (bucket, predicate on the frame list) in order: the first matching bucket takes a sample
 BUCKETS: list[tuple[str, Any]] = [
-    ("TLS context build after issuance", lambda fs: _has(fs, "build_server_context")),
-    ("certificate parsing (facts)", lambda fs: _has(fs, "certificate_facts")),
-    ("key + CSR generation", lambda fs: _has(fs, "new_private_key_pem") or _has(fs, "make_csr")),
-    ("JWS signing", lambda fs: _has(fs, "sign", "josepy/")),
-    ("ACME: HTTP (requests/urllib3/ssl)", lambda fs: _has(fs, "", "requests/")),
-    ("ACME: JSON (josepy)", lambda fs: _has(fs, "", "josepy/")),
-    ("ACME: other", lambda fs: _has(fs, "", "acme/") or _has(fs, "", "acme_client/")),
-    ("DNS checks (gate)", lambda fs: _has(fs, "", "dns/") or _has(fs, "", "proxy/hosts/")),
     (
         "store (certstore, aiosqlite)",
         lambda fs: _has(fs, "", "certstore/") or _has(fs, "", "aiosqlite/"),
     ),
+    (
+        "DNS checks (gate, verifier)",
+        lambda fs: _has(fs, "", "dns/") or _has(fs, "", "proxy/hosts/"),
+    ),
+    ("TLS context build after issuance", lambda fs: _has(fs, "build_server_context")),
+    ("certificate parsing (facts)", lambda fs: _has(fs, "certificate_facts")),
+    ("key + CSR generation", lambda fs: _has(fs, "new_private_key_pem") or _has(fs, "make_csr")),
+    ("ACME: JWS signing", lambda fs: _has(fs, "_wrap_in_jws") or _has(fs, "sign", "josepy/")),
+    ("ACME: HTTP", lambda fs: _has(fs, "", "acme_client/network") or _has(fs, "", "requests/")),
+    ("ACME: JSON (josepy)", lambda fs: _has(fs, "", "josepy/")),
+    ("ACME: other", lambda fs: _has(fs, "", "acme/") or _has(fs, "", "acme_client/")),
     ("logging", lambda fs: _has(fs, "", "logging/")),
     (
         "TLS handshake + HTTP (clicks, HTTP-01)",
