@@ -19,7 +19,7 @@ Measured on the issuance path (tests/benchmarks/bench_issuance.py), a stock
   the acme library and this package see the same objects and the same exceptions
   (requests.ConnectionError / Timeout / SSLError) as before. Whatever it does not
   handle itself goes through requests unchanged: a proxy from the environment, a
-  redirect, any request option beyond data/headers/timeout/verify.
+  redirected GET or HEAD, any request option beyond data/headers/timeout/verify.
 - josepy builds a JWS through field objects, omit checks and two indented JSON dumps
   (~0.5 ms per request); an account-signed ES256 JWS is three base64url strings, built
   here directly (RFC 7515 flattened JSON, RFC 8555 §6.2 protected header). Requests
@@ -185,8 +185,10 @@ class DirectSession(EnvOnceSession):
         response.request = prepared
         response.encoding = requests.utils.get_encoding_from_headers(response.headers)
         response.elapsed = datetime.timedelta(0)
-        if raw.status in _REDIRECTS and "location" in response.headers:
-            # as requests would: follow it (ACME servers do not redirect, some fronts may)
+        if raw.status in _REDIRECTS and "location" in response.headers and method != "POST":
+            # as requests would: follow it (ACME servers do not redirect, some fronts may).
+            # A POST is not sent twice: its nonce is spent, and RFC 8555 servers never
+            # redirect one; the library reports the answer as the error it is.
             return self._through_requests(method, url, data, headers, timeout, verify, kwargs)
         return response
 

@@ -69,6 +69,7 @@ def test_registration_and_other_keys_still_go_through_josepy() -> None:
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive
     connections: list[str] = []
+    posts: list[str] = []
     close_after_answer = False
 
     def setup(self) -> None:
@@ -83,6 +84,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.posts.append(self.path)
+        if self.path == "/moved":
+            self._answer(307, b"", {"Location": "/order/1"})
+            return
         self._answer(201, body, {"Location": "/order/1", "Link": "<y>;rel=alternate"})
 
     def do_HEAD(self) -> None:  # noqa: N802
@@ -106,7 +111,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[tuple[str, type[_Handler]]]:
-    handler = type("Handler", (_Handler,), {"connections": [], "close_after_answer": False})
+    handler = type(
+        "Handler", (_Handler,), {"connections": [], "posts": [], "close_after_answer": False}
+    )
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     srv.daemon_threads = True
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -150,6 +157,9 @@ def test_redirects_and_proxies_are_left_to_requests(
     session = DirectSession()
     moved = session.request("GET", f"{base}/moved", timeout=5)
     assert moved.status_code == 200 and moved.json() == {"ok": True}  # followed, as requests does
+    # a signed POST is never sent twice (its nonce is spent): the redirect comes back as is
+    answer = session.request("POST", f"{base}/moved", data="{}", timeout=5)
+    assert answer.status_code == 307 and handler.posts == ["/moved"]
 
     # a proxy from the environment: the request goes through requests (and its proxy)
     with socket.socket() as closed:
