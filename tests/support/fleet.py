@@ -396,6 +396,38 @@ class Fleet:
         `unrecognized_name` for a suspended host)."""
         return await handshake(node.ip, node.https_port, host, self.pebble.root_path, timeout)
 
+    async def until(
+        self,
+        node: Node,
+        host: str,
+        *,
+        refused: bool,
+        within: float,
+        streak: int = 6,
+        pause: float = 0.005,
+    ) -> float | None:
+        """Seconds from now until `node` refuses (or serves) `host`'s handshakes `streak`
+        times in a row, timed at the streak's first one; None if not within `within`.
+
+        A node is reached only when all its workers are, and the kernel picks a worker
+        per connection (SO_REUSEPORT): with 2 workers, 6 in a row miss one with ~3 %.
+        """
+        started = time.monotonic()
+        first: float | None = None
+        count = 0
+        while time.monotonic() - started < within:
+            at = time.monotonic() - started
+            error = await self.handshake(node, host, timeout=5)
+            if (error is not None) == refused:
+                first = at if first is None else first
+                count += 1
+                if count >= streak:
+                    return first
+            else:
+                first, count = None, 0
+            await asyncio.sleep(pause)
+        return None
+
     @contextlib.asynccontextmanager
     async def admin(self, node: Node) -> AsyncIterator[aiohttp.ClientSession]:
         """An admin-API session on `node` (its worker slot 0)."""
