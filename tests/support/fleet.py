@@ -66,6 +66,7 @@ class Node:
         self.proc: subprocess.Popen[bytes] | None = None
         self.workers = int(env["LINKEDGE_WORKERS"])
         self._offset = 0  # where this run's lines start in the log (a node can restart)
+        self._terminated = False
 
     def __repr__(self) -> str:
         return f"Node({self.name} {self.ip})"
@@ -92,6 +93,7 @@ class Node:
         """Start the process; `wait_ready` waits for its workers."""
         assert not self.running, f"{self} is already running"
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._terminated = False
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                 [sys.executable, "-m", "proxy.app.cli", "serve"],
@@ -119,13 +121,19 @@ class Node:
         if proc is None:
             return None
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
         self._reap_group(proc.pid)
         return proc.returncode
+
+    def terminate(self) -> None:
+        """Send SIGTERM once (a second one while it drains is not what a test means)."""
+        if self.proc is not None and not self._terminated:
+            self._terminated = True
+            self.proc.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         """`kill -9` of the whole node (supervisor and workers at once), reaped."""
@@ -299,8 +307,8 @@ class Fleet:
     def stop(self) -> dict[str, int | None]:
         """Stop the nodes that run (gracefully, all at once); their exit codes by name."""
         for node in self.nodes:
-            if node.running and node.proc is not None:
-                node.proc.send_signal(signal.SIGTERM)
+            if node.running:
+                node.terminate()
         return {node.name: node.stop() for node in self.nodes if node.proc is not None}
 
     def node(self, ip_or_name: str) -> Node:
