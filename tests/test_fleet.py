@@ -25,7 +25,7 @@ from support.fleet import Click, Fleet, Node, Orders, running_backend, running_f
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 
-STORES = ["sqlite"]
+STORES = ["sqlite", "postgresql"]
 # first clicks on new hosts in flight at once over the two clicking nodes (10 orders per
 # worker): each order keeps ACME threads busy, and a worker whose event loop waits too
 # long for the GIL on this small machine sees the store's own timeouts fire
