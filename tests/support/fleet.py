@@ -411,23 +411,25 @@ class Fleet:
         *,
         refused: bool,
         within: float,
+        since: float | None = None,
         streak: int = 6,
         pause: float = 0.005,
     ) -> float | None:
-        """Seconds from now until `node` refuses (or serves) `host`'s handshakes `streak`
-        times in a row, timed at the streak's first one; None if not within `within`.
+        """Seconds from `since` (a `time.monotonic()`; default now) until `node` refuses
+        (or serves) `host`'s handshakes `streak` times in a row, timed at the end of the
+        streak's first handshake (when the change was surely there); None if not within
+        `within` seconds.
 
         A node is reached only when all its workers are, and the kernel picks a worker
         per connection (SO_REUSEPORT): with 2 workers, 6 in a row miss one with ~3 %.
         """
-        started = time.monotonic()
+        started = time.monotonic() if since is None else since
         first: float | None = None
         count = 0
         while time.monotonic() - started < within:
-            at = time.monotonic() - started
             error = await self.handshake(node, host, timeout=5)
             if (error is not None) == refused:
-                first = at if first is None else first
+                first = time.monotonic() - started if first is None else first
                 count += 1
                 if count >= streak:
                     return first
