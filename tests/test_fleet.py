@@ -30,6 +30,9 @@ STORES = ["sqlite", "postgresql"]
 # worker): each order keeps ACME threads busy, and a worker whose event loop waits too
 # long for the GIL on this small machine sees the store's own timeouts fire
 CLICKS_IN_FLIGHT = 40
+# a first test includes starting the fleet (nine processes; PostgreSQL too), and the
+# 300 orders take a minute or two on the shared 2-core machine: more than the default
+pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module", params=STORES)
