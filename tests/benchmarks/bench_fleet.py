@@ -11,6 +11,7 @@ throwaway PostgreSQL from Debian's server). Reported, each as min / median / p95
   CA validates through node i+1 (connect to the 302, the ACME order included);
 * first click, a burst: M new hosts clicked all at once over the nodes, the CA
   validating through any of them (the fleet target's A records list all three);
+  failed clicks are counted (the store's timeouts can fire in a busy worker);
 * one host, many first clicks: K clicks at once on one new host over the three
   nodes, R times: orders per host (Pebble's count and the store's `order_started`);
 * a change reaching every node: R times, a host served (and cached) by every node is
@@ -79,7 +80,9 @@ async def first_clicks_sequential(fleet: Fleet, hosts: list[str]) -> list[float]
     return times
 
 
-async def first_clicks_burst(fleet: Fleet, hosts: list[str]) -> tuple[list[float], float]:
+async def first_clicks_burst(
+    fleet: Fleet, hosts: list[str]
+) -> tuple[list[float], float, list[str]]:
     async with fleet.store() as store:
         await fleet.register(store, *hosts)
     fleet.validate_via(*fleet.nodes)
@@ -88,9 +91,8 @@ async def first_clicks_burst(fleet: Fleet, hosts: list[str]) -> tuple[list[float
         *(fleet.click(fleet.nodes[i % 3], h) for i, h in enumerate(hosts))
     )
     wall = time.monotonic() - started
-    failed = [c for c in clicks if c.status != 302]
-    assert not failed, failed[:3]
-    return [c.seconds for c in clicks], wall
+    failed = [c.error or str(c.status) for c in clicks if c.status != 302]
+    return [c.seconds for c in clicks if c.status == 302], wall, failed
 
 
 async def one_host_many_clicks(fleet: Fleet, k: int, reps: int) -> tuple[list[int], list[int]]:
@@ -165,8 +167,10 @@ async def run(args: argparse.Namespace, fleet: Fleet, start_seconds: float) -> N
     at_once = [new_host(f"burst{i}") for i in range(args.burst)]
     seq = await first_clicks_sequential(fleet, one_by_one)
     print(f"first click, one at a time:           {summary(seq)}")
-    burst, wall = await first_clicks_burst(fleet, at_once)
+    burst, wall, failed = await first_clicks_burst(fleet, at_once)
     print(f"first click, {args.burst} at once:{' ' * 14}{summary(burst)}; all in {wall:.1f} s")
+    if failed:
+        print(f"  {len(failed)} of them failed, e.g. {failed[0][-100:]}")
     async with fleet.store() as store:
         orders = await fleet.orders(store, [*one_by_one, *at_once], mark)
     n = len(one_by_one) + len(at_once)
