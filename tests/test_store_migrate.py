@@ -24,7 +24,6 @@ from support.net import free_port
 from support.postgres import PostgresServer
 
 from certstore import (
-    SCHEMES,
     AcmeAccount,
     CaBreakerState,
     DomainState,
@@ -47,7 +46,6 @@ ACCOUNTS = (
     AcmeAccount("https://ca-a.test/dir", "https://ca-a.test/acct/1", b"ACCOUNT-KEY-A-secret"),
     AcmeAccount("https://ca-b.test/dir", "https://ca-b.test/acct/7", b"ACCOUNT-KEY-B-secret"),
 )
-POSTGRES_BACKEND = "postgresql" in SCHEMES
 
 
 class Clock:
@@ -493,7 +491,6 @@ async def test_clear_errors(
 # -- SQLite -> PostgreSQL -----------------------------------------------------------------
 
 
-@pytest.mark.skipif(not POSTGRES_BACKEND, reason="the PostgreSQL backend is not on this branch")
 async def test_into_postgresql(site: Site, source: Store, postgres: PostgresServer) -> None:
     database = postgres.create_database()
     url = postgres.url(database, with_password=False)
@@ -503,7 +500,7 @@ async def test_into_postgresql(site: Site, source: Store, postgres: PostgresServ
     assert_ok(first)
     assert "7 hosts visited, 7 new" in first.stdout
     assert postgres.password not in first.stdout + first.stderr
-    target = await open_store(url, site.key, password=postgres.password)  # type: ignore[call-arg]
+    target = await open_store(url, site.key, password=postgres.password)
     try:
         assert await assert_same(source, target) == 7
         await assert_nothing_transient(target, 7)

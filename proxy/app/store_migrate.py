@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import os
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any, TextIO
 from certstore import Store, StoreError, StoreKeyError, load_key, open_store
 from certstore.crypto import parse_key_text
 from certstore.transfer import (
+    CONCURRENCY,
     COUNTED,
     ReplayClock,
     compare,
@@ -28,6 +28,8 @@ from certstore.transfer import (
     store_identity,
 )
 from proxy.app.config import Config
+from proxy.app.logging_setup import redact as redact_secret
+from proxy.app.wiring import store_password
 
 PASSWORD_ENV = "LINKEDGE_STORE_PASSWORD"  # noqa: S105 - the variable's name, not a secret
 EXIT_DIFFERENT = 1
@@ -67,7 +69,7 @@ async def run(config: Config, args: argparse.Namespace) -> int:
     source_url = args.source or config.store.location()
     if store_identity(source_url) == store_identity(args.to):
         raise StoreError(f"source and target are the same store ({redact(args.to)})")
-    source = await _open("source", source_url, key, _source_password(config, args))
+    source = await _open("source", source_url, key, store_password(config))
     try:
         target = await _open("target", args.to, target_key, _target_password(args), ReplayClock())
         try:
@@ -123,13 +125,10 @@ async def _open(
     clock: Callable[[], float] = time.time,
 ) -> Store:
     """Open one side, naming it in every error (which store had the wrong key?)."""
-    extra: dict[str, Any] = {}
     if password is not None:
-        if "password" not in inspect.signature(open_store).parameters:
-            raise StoreError(f"{role} store {redact(url)}: this linkedge takes no store password")
-        extra["password"] = password
+        redact_secret(password)  # never in a log line either
     try:
-        return await open_store(url, key, clock=clock, **extra)
+        return await open_store(url, key, clock=clock, password=password, pool_size=CONCURRENCY)
     except StoreKeyError as exc:
         raise StoreKeyError(f"{role} store {redact(url)}: {exc}") from None
     except StoreError as exc:
@@ -138,31 +137,14 @@ async def _open(
         raise StoreError(f"{role} store {redact(url)}: cannot open: {exc}") from None
 
 
-def _is_server(url: str) -> bool:
-    return url.strip().lower().startswith(("postgresql:", "postgres:"))
-
-
 def _target_password(args: argparse.Namespace) -> str | None:
-    if not _is_server(args.to):
-        return None
+    """From --password-file, else $LINKEDGE_STORE_PASSWORD (a password in the URL wins)."""
     if args.password_file:
         try:
-            return Path(args.password_file).read_text().strip()
+            return Path(args.password_file).read_text().strip() or None
         except OSError as exc:
             raise StoreError(f"cannot read {args.password_file}: {exc.strerror}") from None
     return os.environ.get(PASSWORD_ENV) or None
-
-
-def _source_password(config: Config, args: argparse.Namespace) -> str | None:
-    """A server source's password from the configuration's store section, if it has one."""
-    source = args.source or config.store.location()
-    if not _is_server(source):
-        return None
-    env = getattr(config.store, "password_env", "") or PASSWORD_ENV
-    if os.environ.get(env):
-        return os.environ[env]
-    password_file = getattr(config.store, "password_file", "")
-    return Path(password_file).read_text().strip() if password_file else None
 
 
 def _read_key(path: str) -> bytes:
