@@ -139,15 +139,19 @@ async def _copy_host(source: Store, target: Store, domain: Domain) -> Counter[st
     """Make the target's records of one host the source's; what was written, by kind."""
     host = domain.hostname
     written: Counter[str] = Counter()
+    new = False
     if await target.get_domain(host) != domain:
-        written["hosts new" if await target.restore_domain(domain) else "hosts updated"] += 1
+        new = await target.restore_domain(domain)
+        written["hosts new" if new else "hosts updated"] += 1
+    # A host new to the target has nothing else there yet (removing a host takes all its
+    # records with it), so its target side is not read: half the queries of a first copy.
 
     options = await source.get_options(host)
-    if options is not None and options != await target.get_options(host):
+    if options is not None and (new or options != await target.get_options(host)):
         await target.put_options(host, options)
         written["options"] += 1
 
-    stale = {f.kind: f for f in await target.list_host_files(host)}
+    stale = {} if new else {f.kind: f for f in await target.list_host_files(host)}
     for file in await source.list_host_files(host):
         if stale.pop(file.kind, None) != file:
             token = _REPLAYED.set(file.updated_at)
@@ -162,9 +166,12 @@ async def _copy_host(source: Store, target: Store, domain: Domain) -> Counter[st
 
     # The certificate before its renewal plan and order in flight: storing a certificate
     # drops the host's plan and ends its order (CertificateStore.put_certificate).
-    cert, have_cert = await source.get_certificate(host), await target.get_certificate(host)
-    plan, have_plan = await source.get_renewal(host), await target.get_renewal(host)
-    order, have_order = await source.get_pending_order(host), await target.get_pending_order(host)
+    cert = await source.get_certificate(host)
+    have_cert = None if new else await target.get_certificate(host)
+    plan = await source.get_renewal(host)
+    have_plan = None if new else await target.get_renewal(host)
+    order = await source.get_pending_order(host)
+    have_order = None if new else await target.get_pending_order(host)
     if cert is None:
         if have_cert is not None:
             await target.delete_certificate(host)
@@ -185,7 +192,8 @@ async def _copy_host(source: Store, target: Store, domain: Domain) -> Counter[st
         await target.put_pending_order(order)
         written["pending orders"] += 1
 
-    backoff, have_backoff = await source.get_backoff(host), await target.get_backoff(host)
+    backoff = await source.get_backoff(host)
+    have_backoff = None if new else await target.get_backoff(host)
     if backoff is None:
         if have_backoff is not None:
             await target.clear_backoff(host)
