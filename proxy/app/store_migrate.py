@@ -84,10 +84,12 @@ async def _migrate(source: Store, target: Store, source_url: str, args: argparse
     names = f"{redact(source_url)} -> {redact(args.to)}"
     if not args.verify_only:
         bar = ProgressBar(sys.stderr)
-        result = await copy_store(
-            source, target, source_id=store_identity(source_url), progress=bar
-        )
-        bar.finish()
+        try:
+            result = await copy_store(
+                source, target, source_id=store_identity(source_url), progress=bar
+            )
+        finally:
+            bar.finish()  # an error starts on a line of its own
         resumed = (
             f" (resumed after {result.resumed_after}, {result.skipped} hosts copied before)"
             if result.resumed_after
@@ -98,6 +100,7 @@ async def _migrate(source: Store, target: Store, source_url: str, args: argparse
             f"copied {names}{resumed}: {result.hosts} hosts visited, {result.new} new;"
             f" written: {written or 'nothing (the target was up to date)'}"
         )
+    print("counting each kind in both stores ...", file=sys.stderr, flush=True)
     source_counts, target_counts = await asyncio.gather(inventory(source), inventory(target))
     width = max(len(k) for k in COUNTED)
     print(f"{'':<{width}}  {'SOURCE':>10}  {'TARGET':>10}")
