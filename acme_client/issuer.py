@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from certstore import AcmeAccount, CertStore, PendingOrder
+from certstore.errors import StoreUnavailable
 
 from .breaker import CaBreaker
 from .errors import (
@@ -47,6 +48,7 @@ from .errors import (
     is_ca_failure,
 )
 from .keys import certificate_facts, make_csr_pem, new_private_key_pem
+from .network import LeanClientNetwork
 from .renewal import RenewalWindow, ari_certificate_id, ari_window
 from .retry import describe_network_error, is_transient, with_retry
 from .solvers import HTTP_01, ChallengeSink, Solver, make_solver
@@ -56,6 +58,9 @@ T = TypeVar("T")
 USER_AGENT = "linkedge"
 ACCOUNT_WAIT = 30.0  # seconds a worker waits for another one registering the account
 CESSATION_OF_OPERATION = 5  # RFC 5280 CRLReason
+FIRST_POLL = 0.01  # seconds before the first look at an authorization after answering
+FIRST_ORDER_POLL = 0.005  # ... at an order the CA is still finalizing (issuing is quick)
+MAX_POLL = 0.5  # the longest pause between two looks (a CA's Retry-After is capped to it)
 
 
 class OrderBudget(Protocol):
@@ -192,6 +197,8 @@ class AcmeIssuer:
         while True:
             try:
                 await self.breaker.probe_if_due(self.probe)
+            except StoreUnavailable as exc:  # logged once by the store
+                log.debug("probing ACME CA %s: %s", self.directory_url, exc)
             except Exception:  # the prober must outlive a store hiccup
                 log.exception("probing ACME CA %s failed", self.directory_url)
             await asyncio.sleep(tick)
@@ -339,6 +346,7 @@ class AcmeIssuer:
         chosen: str | None = None
         try:
             status = order.body.status
+            answers: list[tuple[messages.ChallengeBody, challenges.ChallengeResponse]] = []
             if status == messages.STATUS_PENDING:
                 for authzr in order.authorizations:
                     if authzr.body.status == messages.STATUS_VALID:
@@ -352,14 +360,14 @@ class AcmeIssuer:
                     await solver.present(name, token, validation)
                     published.append((solver, name, token))
                     if challb.status == messages.STATUS_PENDING:  # a resumed one may be answered
-                        await self._run(self._answer, challb, response)
-                try:
-                    await self._run(self._poll_authorizations, order, deadline)
-                except AuthorizationFailed as exc:
-                    exc.challenge_type = chosen  # type: ignore[attr-defined]
-                    raise
-            begin = status in (messages.STATUS_PENDING, messages.STATUS_READY)
-            chain_pem = await self._run(self._finalize, order, deadline, begin)
+                        answers.append((challb, response))
+            # Everything after publishing the answers is blocking ACME traffic with nothing
+            # for the event loop to do in between: one trip to the pool, not one per step.
+            try:
+                chain_pem = await self._run(self._complete, order, answers, deadline)
+            except AuthorizationFailed as exc:
+                exc.challenge_type = chosen  # type: ignore[attr-defined]
+                raise
         except (errors.Error, requests.RequestException, AcmeError) as exc:
             failure = _as_acme_error(exc, f"order for {hostname}")
             if not is_ca_failure(failure):
@@ -549,12 +557,12 @@ class AcmeIssuer:
 
     def _network(self, **kwargs: object) -> client.ClientNetwork:
         verify: bool | str = self._settings.ca_bundle or True
-        return client.ClientNetwork(
+        return LeanClientNetwork(
             alg=jose.ES256,
-            verify_ssl=verify,  # type: ignore[arg-type]  # requests accepts a CA path
+            verify_ssl=verify,  # requests accepts a CA path
             user_agent=USER_AGENT,
             timeout=int(self._settings.network_timeout),
-            **kwargs,  # type: ignore[arg-type]
+            **kwargs,
         )
 
     def _fetch_directory(self) -> messages.Directory:
@@ -577,9 +585,9 @@ class AcmeIssuer:
     def _probe_directory(self) -> messages.Directory:
         url = self._settings.directory_url
         timeout = self.breaker.settings.probe_timeout if self.breaker is not None else 5.0
-        net = client.ClientNetwork(
+        net = LeanClientNetwork(
             alg=jose.ES256,
-            verify_ssl=self._settings.ca_bundle or True,  # type: ignore[arg-type]
+            verify_ssl=self._settings.ca_bundle or True,
             user_agent=USER_AGENT,
             timeout=max(int(timeout), 1),
         )
@@ -667,6 +675,21 @@ class AcmeIssuer:
             )
         return chosen
 
+    def _complete(
+        self,
+        order: messages.OrderResource,
+        answers: Sequence[tuple[messages.ChallengeBody, challenges.ChallengeResponse]],
+        deadline: float,
+    ) -> bytes:
+        """Answer the challenges, wait for validation, finalize, download the chain."""
+        status = order.body.status
+        for challb, response in answers:
+            self._answer(challb, response)
+        if status == messages.STATUS_PENDING:
+            self._poll_authorizations(order, deadline)
+        begin = status in (messages.STATUS_PENDING, messages.STATUS_READY)
+        return self._finalize(order, deadline, begin)
+
     def _answer(
         self, challb: messages.ChallengeBody, response: challenges.ChallengeResponse
     ) -> None:
@@ -676,9 +699,13 @@ class AcmeIssuer:
     def _poll_authorizations(self, order: messages.OrderResource, deadline: float) -> None:
         acme = self._client()
         for authzr in order.authorizations:
-            delay = 0.02
+            if authzr.body.status == messages.STATUS_VALID:
+                continue  # reused: nothing to wait for
+            # The CA validates after our answer: asking at once nearly always hears
+            # "pending" and costs a signed request, so the first look waits a moment.
+            delay = _sleep_before(deadline, FIRST_POLL, "authorization")
             while True:
-                authzr, _ = with_retry(
+                authzr, response = with_retry(
                     functools.partial(acme.poll, authzr), what="poll authorization"
                 )
                 status = authzr.body.status
@@ -686,16 +713,17 @@ class AcmeIssuer:
                     break
                 if status != messages.STATUS_PENDING:
                     raise AuthorizationFailed(_authz_problem(authzr))
-                delay = _sleep_before(deadline, delay, "authorization")
+                delay = _sleep_before(deadline, _paced(delay, response), "authorization")
 
     def _finalize(self, order: messages.OrderResource, deadline: float, begin: bool) -> bytes:
         acme = self._client()
+        body = order.body
+        response: requests.Response | None = None
         if begin:
             order = with_retry(lambda: acme.begin_finalization(order), what="finalize")
-        delay = 0.02
+            body = order.body
+        delay = FIRST_ORDER_POLL
         while True:
-            response = with_retry(lambda: acme._post_as_get(order.uri), what="poll order")
-            body = messages.Order.from_json(response.json())
             if body.status == messages.STATUS_VALID and body.certificate:
                 url = body.certificate
                 cert = with_retry(functools.partial(acme._post_as_get, url), what="download")
@@ -703,7 +731,10 @@ class AcmeIssuer:
             if body.status == messages.STATUS_INVALID:
                 detail = body.error.detail if body.error else "no reason given"
                 raise AcmeError(f"order became invalid: {detail}")
-            delay = _sleep_before(deadline, delay, "finalization")
+            if begin or response is not None:  # not yet valid: wait before asking again
+                delay = _sleep_before(deadline, _paced(delay, response), "finalization")
+            response = with_retry(lambda: acme._post_as_get(order.uri), what="poll order")
+            body = messages.Order.from_json(response.json())
 
     def _fetch_renewal_info(self, leaf: x509.Certificate) -> AriAnswer:
         assert self._directory is not None
@@ -788,12 +819,20 @@ def _retry_after_seconds(response: requests.Response) -> float | None:
             return None
 
 
+def _paced(delay: float, response: requests.Response | None) -> float:
+    """The next pause: the backoff's, or the CA's Retry-After when longer (capped)."""
+    asked = _retry_after_seconds(response) if response is not None else None
+    if asked is None:
+        return delay
+    return min(max(delay, asked), MAX_POLL)
+
+
 def _sleep_before(deadline: float, delay: float, what: str) -> float:
-    """Fine-grained polling: 20 ms growing to 500 ms, instead of the library's 1 s sleeps."""
+    """Fine-grained polling: 1.6 times longer each time up to MAX_POLL (the library sleeps 1 s)."""
     if time.monotonic() + delay > deadline:
         raise IssuanceTimeout(f"ACME {what} did not complete before the deadline")
     time.sleep(delay)
-    return min(delay * 1.6, 0.5)
+    return min(delay * 1.6, MAX_POLL)
 
 
 def _as_acme_error(exc: BaseException, what: str) -> AcmeError:

@@ -41,7 +41,7 @@ from .ports import KEEP, DomainExists, Keep
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
 Clock = Callable[[], float]
-_WAIT_POLL = 0.05  # wait_for_events: how often the newest event id is looked at
+_WAIT_POLL = 0.1  # wait_for_events: how often the newest event id is looked at (idle cost)
 
 
 def _private_files(path: Path) -> None:

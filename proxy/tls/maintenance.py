@@ -28,6 +28,7 @@ from cryptography import x509
 from acme_client import AcmeError, AriAnswer, CaUnavailable, RateLimited, is_ca_failure
 from acme_client.renewal import RenewalWindow, ari_certificate_id, next_ari_poll, ratio_window
 from certstore import CertStore, DomainState, RenewalPlan, StoredCertificate
+from certstore.errors import StoreUnavailable
 from proxy.hosts.dnscheck import CnameChecker, CnameStatus
 from proxy.hosts.events import EventKind
 from proxy.hosts.leases import lease_name
@@ -105,6 +106,9 @@ class Maintainer:
             try:
                 visited = await self.run_once()
                 delay = await self._sleep_for(visited)
+            except StoreUnavailable as exc:  # logged once by the store
+                log.debug("maintenance pass: %s", exc)
+                delay = min(interval, 5.0)
             except Exception:  # the loop must outlive a store or DNS hiccup
                 log.exception("maintenance pass failed")
                 delay = interval * (0.5 + self._uniform())
@@ -136,6 +140,8 @@ class Maintainer:
             async with slots:
                 try:
                     await self.visit(hostname)
+                except StoreUnavailable as exc:
+                    log.debug("maintenance of %s: %s", hostname, exc)
                 except Exception:
                     log.exception("maintenance of %s failed", hostname)
 
