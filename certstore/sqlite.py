@@ -262,6 +262,45 @@ class SQLiteStore:
             f"UPDATE domains SET {', '.join(sets)} WHERE hostname = ?", (*args, hostname)
         )
 
+    async def restore_domain(self, domain: Domain) -> bool:
+        """Insert the record as given, or overwrite the existing one with it.
+
+        Two single statements rather than one upsert, because SQLite does not tell an
+        upsert's insert from its update and the caller is owed that answer. Each is one
+        atomic step with the event its trigger emits (`domain_registered_event` on the
+        insert, `domain_state_event` on an update that changes the state); a host removed
+        between the two is inserted on the next round.
+        """
+        fields = (
+            domain.account,
+            domain.state.value,
+            domain.cname_target_seen,
+            domain.verified_at,
+            domain.last_check_at,
+            domain.last_check_reason,
+            domain.created_at,
+            domain.state_reason,
+            domain.state_changed_at,
+            domain.next_check_at,
+            domain.failed_checks,
+            domain.last_report,
+        )
+        marks = ", ".join("?" * (len(fields) + 1))
+        sets = ", ".join(f"{c.strip()} = ?" for c in _DOMAIN_COLS.split(",")[1:])
+        while True:
+            cur = await self._db.execute(
+                f"INSERT INTO domains ({_DOMAIN_COLS}) VALUES ({marks})"
+                " ON CONFLICT (hostname) DO NOTHING",
+                (domain.hostname, *fields),
+            )
+            if cur.rowcount > 0:
+                return True
+            cur = await self._db.execute(
+                f"UPDATE domains SET {sets} WHERE hostname = ?", (*fields, domain.hostname)
+            )
+            if cur.rowcount > 0:
+                return False
+
     async def due_for_check(self, now: float, limit: int) -> list[str]:
         rows = await self._all(
             "SELECT hostname FROM domains WHERE next_check_at IS NOT NULL AND next_check_at <= ?"
@@ -335,6 +374,19 @@ class SQLiteStore:
             " uri = excluded.uri, key_sealed = excluded.key_sealed",
             (account.directory_url, account.uri, sealed, self._clock()),
         )
+
+    async def list_accounts(self) -> list[AcmeAccount]:
+        rows = await self._all(
+            "SELECT directory_url, uri, key_sealed FROM acme_accounts ORDER BY directory_url"
+        )
+        return [
+            AcmeAccount(
+                directory_url=r[0],
+                uri=r[1],
+                key_pem=self._sealer.open(r[2], Sealer.row("account", r[0])),
+            )
+            for r in rows
+        ]
 
     # -- certificates ----------------------------------------------------------
 

@@ -22,6 +22,7 @@ from support.store_backends import BACKENDS, Backend, make_backend, writer_proce
 from certstore import (
     AcmeAccount,
     CaBreakerState,
+    Domain,
     DomainExists,
     DomainState,
     PendingOrder,
@@ -767,3 +768,123 @@ def test_nothing_outside_certstore_names_a_backend_class() -> None:
             if path not in allowed and any(name in text for name in backend_classes):
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+# -- copying a store: restore_domain and list_accounts (certstore.transfer) ---------------
+
+
+def restored(host: str, **changes: Any) -> Domain:
+    """A record as another store holds it: every field set, times as time.time() gives them
+    (a backend must keep them exactly, or every copy would see them differ)."""
+    fields: dict[str, Any] = {
+        "hostname": host,
+        "account": "acct-r",
+        "state": S.ACTIVE,
+        "cname_target_seen": "edge.linkedge.test",
+        "verified_at": 1764489601.1234567,
+        "last_check_at": 1764489602.7654321,
+        "last_check_reason": "cname ok",
+        "created_at": 1700000000.0000123,
+        "state_reason": "certificate issued",
+        "state_changed_at": 1764489603.5,
+        "next_check_at": 1764576003.25,
+        "failed_checks": 2,
+        "last_report": '{"checks": []}',
+    }
+    fields.update(changes)
+    return Domain(**fields)
+
+
+async def test_restore_domain_inserts_the_record_exactly_and_announces_it(store: Store) -> None:
+    record = restored("links.r.test")
+    before = await store.last_event_id()
+    assert await store.restore_domain(record)  # True: the host was new
+    assert await store.get_domain("links.r.test") == record  # every field, not the clock's
+    events = await store.events_after(before)
+    assert [(e.hostname, e.kind) for e in events] == [("links.r.test", "registered")]
+    assert events[0].at == record.created_at
+    assert [d.hostname for d in await store.list_domains_page()] == ["links.r.test"]
+    assert await store.count_domains_by_state() == {S.ACTIVE: 1}
+    # the same record again: nothing changes, nothing is emitted
+    after_first = await store.last_event_id()
+    assert not await store.restore_domain(record)
+    assert await store.last_event_id() == after_first
+    assert await store.get_domain("links.r.test") == record
+    # unset optional fields are restored as unset
+    bare = restored(
+        "links.bare.test",
+        state=S.PENDING,
+        cname_target_seen=None,
+        verified_at=None,
+        last_check_at=None,
+        last_check_reason=None,
+        state_changed_at=None,
+        next_check_at=None,
+        failed_checks=0,
+        last_report=None,
+    )
+    assert await store.restore_domain(bare)
+    assert await store.get_domain("links.bare.test") == bare
+
+
+async def test_restore_domain_overwrites_an_existing_host(store: Store, clock: Clock) -> None:
+    await store.add_domain("links.r.test", "acct")
+    await store.put_options("links.r.test", {"hsts_max_age": 5})
+    await store.put_certificate(cert("links.r.test"))
+    before = await store.last_event_id()
+    record = restored("links.r.test", account="acct-other", state=S.SUSPENDED)
+    assert not await store.restore_domain(record)  # False: it existed
+    assert await store.get_domain("links.r.test") == record
+    # a change of state is an event like any other; no `registered` for a known host
+    events = await store.events_after(before)
+    assert [(e.kind, e.from_state, e.to_state, e.detail) for e in events] == [
+        ("state", "pending", "suspended", record.state_reason)
+    ]
+    assert events[0].at == record.state_changed_at
+    # the host's other records are not the restore's business
+    assert await store.get_options("links.r.test") == {"hsts_max_age": 5}
+    assert await store.get_certificate("links.r.test") == cert("links.r.test")
+    # the same state with other fields: overwritten without an event
+    quieter = restored("links.r.test", state=S.SUSPENDED, failed_checks=0, state_reason="x")
+    mark = await store.last_event_id()
+    assert not await store.restore_domain(quieter)
+    assert await store.get_domain("links.r.test") == quieter
+    assert await store.last_event_id() == mark
+    # a restored host is a host: it moves on through the lifecycle and can be removed
+    clock.now = 1764600000.0
+    assert await store.transition_domain("links.r.test", [S.SUSPENDED], S.VERIFIED, "op")
+    assert await store.remove_domain("links.r.test")
+    assert await store.get_certificate("links.r.test") is None
+
+
+async def test_a_restore_and_its_event_land_together_or_not_at_all(
+    backend: Backend, store: Store
+) -> None:
+    await store.add_domain("links.old.test", "acct")
+    before = await store.get_domain("links.old.test")
+    async with backend.failing_event_log():
+        with pytest.raises(Exception):  # noqa: B017 - whatever the backend raises
+            await store.restore_domain(restored("links.new.test"))
+        with pytest.raises(Exception):  # noqa: B017
+            await store.restore_domain(restored("links.old.test", state=S.ACTIVE))
+    assert await store.get_domain("links.new.test") is None
+    assert await store.get_domain("links.old.test") == before
+
+
+async def test_list_accounts_every_directory_with_its_key(backend: Backend, store: Store) -> None:
+    assert await store.list_accounts() == []
+    second = AcmeAccount("https://ca-b.test/dir", "https://ca-b.test/acct/9", b"key-b")
+    first = AcmeAccount("https://ca-a.test/dir", "https://ca-a.test/acct/1", b"key-a")
+    await store.save_account(second)
+    await store.save_account(first)
+    assert await store.list_accounts() == [first, second]  # by directory URL, keys opened
+    replaced = AcmeAccount("https://ca-a.test/dir", "https://ca-a.test/acct/2", b"key-a2")
+    await store.save_account(replaced)
+    assert await store.list_accounts() == [replaced, second]
+    await store.close()
+    assert b"key-a2" not in backend.persisted_bytes()  # listed in clear, stored sealed
+    again = await backend.open()
+    try:
+        assert await again.list_accounts() == [replaced, second]
+    finally:
+        await again.close()
