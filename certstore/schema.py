@@ -217,6 +217,39 @@ MIGRATIONS: tuple[str, ...] = (
                 'domain and its certificate deleted');
     END;
     """,
+    # 7: a million hosts (issue 11): what runs at start and on timers reads an index, not
+    # every certificate. Certificates without a renewal plan wait in a queue the triggers
+    # keep (the maintenance loop's "no plan yet" was an anti-join over all certificates);
+    # plans by due time (the gauges; leveling counts plans per slot); certificates by
+    # expiry (the gauges, the soonest expiries); failing plans (a small partial index).
+    # (No OR IGNORE in a trigger: the firing statement's conflict clause would override it.)
+    """
+    CREATE INDEX renewals_by_due ON renewals (due_at);
+    CREATE INDEX renewals_failing ON renewals (hostname)
+        WHERE last_error IS NOT NULL AND last_error != '';
+    CREATE INDEX certificates_by_expiry ON certificates (not_after);
+    CREATE TABLE unplanned (hostname TEXT PRIMARY KEY);
+    INSERT INTO unplanned (hostname) SELECT hostname FROM certificates
+        WHERE hostname NOT IN (SELECT hostname FROM renewals);
+    CREATE TRIGGER certificate_inserted_unplanned AFTER INSERT ON certificates
+    BEGIN
+        INSERT INTO unplanned (hostname) SELECT new.hostname
+            WHERE NOT EXISTS (SELECT 1 FROM unplanned WHERE hostname = new.hostname);
+    END;
+    CREATE TRIGGER certificate_updated_unplanned AFTER UPDATE ON certificates
+    BEGIN
+        INSERT INTO unplanned (hostname) SELECT new.hostname
+            WHERE NOT EXISTS (SELECT 1 FROM unplanned WHERE hostname = new.hostname);
+    END;
+    CREATE TRIGGER certificate_deleted_unplanned AFTER DELETE ON certificates
+    BEGIN
+        DELETE FROM unplanned WHERE hostname = old.hostname;
+    END;
+    CREATE TRIGGER renewal_planned AFTER INSERT ON renewals
+    BEGIN
+        DELETE FROM unplanned WHERE hostname = new.hostname;
+    END;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -11,6 +11,7 @@ autocommit so no process ever holds a write lock across an await.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import time
@@ -412,10 +413,12 @@ class SQLiteStore:
     async def certificate_summary(self, now: float, horizon: float) -> dict[str, Any]:
         """Counts for monitoring (one aggregate row, no keys opened): valid, expiring
         within `horizon`, expired, and the soonest expiry (None without certificates)."""
+        # each a range of certificates_by_expiry (COUNT(*) walks that small index)
         row = await self._one(
-            "SELECT COUNT(*), COALESCE(SUM(not_after <= ?), 0),"
-            " COALESCE(SUM(not_after > ? AND not_after <= ?), 0), MIN(not_after)"
-            " FROM certificates",
+            "SELECT (SELECT COUNT(*) FROM certificates),"
+            " (SELECT COUNT(*) FROM certificates WHERE not_after <= ?),"
+            " (SELECT COUNT(*) FROM certificates WHERE not_after > ? AND not_after <= ?),"
+            " (SELECT MIN(not_after) FROM certificates)",
             (now, now, now + horizon),
         )
         assert row is not None
@@ -628,32 +631,55 @@ class SQLiteStore:
 
     async def renewal_summary(self, now: float, overdue_after: float) -> dict[str, int]:
         """Counts for monitoring: renewals due, due for more than `overdue_after`, and
-        plans whose last attempt left an error."""
+        plans whose last attempt left an error (index ranges: renewals_by_due and the
+        partial renewals_failing, never every plan)."""
         row = await self._one(
-            "SELECT COALESCE(SUM(due_at <= ?), 0), COALESCE(SUM(due_at <= ?), 0),"
-            " COALESCE(SUM(last_error IS NOT NULL AND last_error != ''), 0) FROM renewals",
+            "SELECT (SELECT COUNT(*) FROM renewals WHERE due_at <= ?),"
+            " (SELECT COUNT(*) FROM renewals WHERE due_at <= ?),"
+            " (SELECT COUNT(*) FROM renewals WHERE last_error IS NOT NULL AND last_error != '')",
             (now, now - overdue_after),
         )
         assert row is not None
         return {"due": int(row[0]), "overdue": int(row[1]), "failing": int(row[2])}
 
     async def hosts_needing_maintenance(self, now: float, limit: int) -> list[str]:
-        """Certificates without a plan yet, or whose plan wants a visit by `now`."""
+        """Certificates without a plan yet (the `unplanned` queue the triggers keep), then
+        those whose plan wants a visit by `now` (renewals_by_next_check): index ranges,
+        however many certificates there are. A plan whose certificate is gone is skipped."""
         rows = await self._all(
-            "SELECT c.hostname FROM certificates c LEFT JOIN renewals r USING (hostname)"
-            " WHERE r.hostname IS NULL OR r.next_check_at <= ?"
-            " ORDER BY COALESCE(r.next_check_at, 0) LIMIT ?",
-            (now, limit),
+            "SELECT hostname FROM (SELECT hostname FROM unplanned ORDER BY hostname LIMIT ?)"
+            " UNION ALL SELECT hostname FROM (SELECT r.hostname FROM renewals r"
+            " WHERE r.next_check_at <= ? AND EXISTS (SELECT 1 FROM certificates c"
+            " WHERE c.hostname = r.hostname) ORDER BY r.next_check_at LIMIT ?)",
+            (limit, now, limit),
         )
-        return [str(r[0]) for r in rows]
+        return [str(r[0]) for r in rows][:limit]
 
     async def next_maintenance_at(self) -> float | None:
         """The earliest moment a certificate needs a visit (no plan yet: 0); None: none."""
         row = await self._one(
-            "SELECT MIN(COALESCE(r.next_check_at, 0)) FROM certificates c"
-            " LEFT JOIN renewals r USING (hostname)"
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM unplanned) THEN 0 ELSE"
+            " (SELECT r.next_check_at FROM renewals r WHERE EXISTS (SELECT 1 FROM"
+            " certificates c WHERE c.hostname = r.hostname) ORDER BY r.next_check_at LIMIT 1)"
+            " END"
         )
         return None if row is None or row[0] is None else float(row[0])
+
+    async def renewal_load(self, start: float, end: float, slot: float) -> list[int]:
+        """Plans per slot: one range scan of renewals_by_due (only that column is read)."""
+        count = max(math.ceil((end - start) / slot), 0)
+        loads = [0] * count
+        if not count:
+            return loads
+        rows = await self._all(
+            "SELECT CAST((due_at - ?) / ? AS INTEGER) AS k, COUNT(*) FROM renewals"
+            " WHERE due_at >= ? AND due_at < ? GROUP BY k",
+            (start, slot, start, start + count * slot),
+        )
+        for k, n in rows:
+            if 0 <= k < count:
+                loads[k] += int(n)
+        return loads
 
     # -- rate limits (sliding windows) ------------------------------------------
 

@@ -695,3 +695,48 @@ def test_nothing_outside_certstore_names_a_backend_class() -> None:
             if path not in allowed and backend_class in path.read_text():
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+# -- renewal load per slot and the maintenance queue at scale (issue 11) -----------------
+
+
+async def test_renewal_load_counts_plans_per_slot(store: Store, clock: Clock) -> None:
+    assert await store.renewal_load(0.0, 100.0, 10.0) == [0] * 10
+    assert await store.renewal_load(50.0, 50.0, 10.0) == []
+    for host, due in [("a.test", 0.0), ("b.test", 9.99), ("c.test", 10.0), ("d.test", 35.0)]:
+        await store.put_renewal(RenewalPlan(host, due, due + 1000, "ratio"))
+    await store.put_renewal(RenewalPlan("e.test", 100.0, 1.0, "ari"))  # at `end`: outside
+    await store.put_renewal(RenewalPlan("f.test", -0.5, 1.0, "ari"))  # before `start`
+    assert await store.renewal_load(0.0, 100.0, 10.0) == [2, 1, 0, 1, 0, 0, 0, 0, 0, 0]
+    # a partial last slot is a whole slot: [30, 40) holds d.test
+    assert await store.renewal_load(10.0, 35.0, 10.0) == [1, 0, 1]
+    # a plan that moves leaves its old slot
+    await store.put_renewal(RenewalPlan("d.test", 55.0, 55.0, "ratio"))
+    assert await store.renewal_load(30.0, 60.0, 10.0) == [0, 0, 1]
+    await store.put_certificate(cert("a.test"))  # a new certificate drops its plan
+    assert await store.renewal_load(0.0, 10.0, 10.0) == [1]
+
+
+async def test_maintenance_queue_follows_certificates_and_plans(store: Store, clock: Clock) -> None:
+    await store.put_certificate(cert("a.test", not_after=clock.now + 100))
+    await store.put_renewal(RenewalPlan("a.test", clock.now + 10, clock.now + 10, "ratio"))
+    assert await store.hosts_needing_maintenance(clock.now, 10) == []
+    assert await store.next_maintenance_at() == clock.now + 10
+    await store.put_certificate(cert("a.test", not_after=clock.now + 200))  # renewed
+    assert await store.hosts_needing_maintenance(clock.now, 10) == ["a.test"]
+    assert await store.next_maintenance_at() == 0
+    await store.put_renewal(RenewalPlan("a.test", clock.now + 20, clock.now + 20, "ratio"))
+    assert await store.hosts_needing_maintenance(clock.now + 30, 10) == ["a.test"]
+    # a plan without a certificate (written after a purge) is never a host to visit
+    await store.put_renewal(RenewalPlan("gone.test", 1.0, 1.0, "ratio"))
+    assert await store.hosts_needing_maintenance(clock.now + 30, 10) == ["a.test"]
+    assert await store.next_maintenance_at() == clock.now + 20
+    assert await store.delete_certificate("a.test")
+    assert await store.hosts_needing_maintenance(clock.now + 30, 10) == []
+    assert await store.next_maintenance_at() is None
+    await store.add_domain("b.test", "acct")
+    await store.put_certificate(cert("b.test"))
+    await store.put_certificate(cert("c.test"))
+    assert await store.remove_domain("b.test")  # takes its certificate with it
+    assert await store.hosts_needing_maintenance(clock.now, 1) == ["c.test"]
+    assert await store.hosts_needing_maintenance(clock.now, 10) == ["c.test"]
