@@ -5,10 +5,12 @@ Supported (see :data:`SCHEMES`):
 - ``sqlite:///abs/path/linkedge.db`` (three slashes: an absolute path),
 - ``sqlite:relative/path.db`` (relative to the working directory),
 - ``sqlite::memory:`` (a private in-memory store, for tests),
-- a bare file path (no ``scheme:`` prefix), which is SQLite.
+- a bare file path (no ``scheme:`` prefix), which is SQLite;
+- ``postgresql://user@host:port/db?sslmode=verify-full&sslrootcert=/path/ca.pem`` (also
+  ``postgres://``): the PostgreSQL backend (:mod:`certstore.postgres`), shared by a
+  fleet of nodes. The password comes from the URL, else from the `password` argument.
 
-Anything else is a :class:`StoreError` naming the supported schemes. A PostgreSQL
-backend (``postgresql://...``) will be one more entry here.
+Anything else is a :class:`StoreError` naming the supported schemes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from urllib.parse import unquote
 from .errors import StoreError
 from .ports import Store
 
-SCHEMES = ("sqlite",)
+SCHEMES = ("sqlite", "postgresql", "postgres")
+_POSTGRES = ("postgresql", "postgres")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
@@ -38,11 +41,14 @@ def sqlite_path(url_or_path: str | Path) -> str:
     if match is None:
         return text  # a bare path
     scheme = match.group(1).lower()
+    if scheme in _POSTGRES:
+        raise StoreError(f"store URL {_masked(text)} is not a SQLite store")
     if scheme != "sqlite":
         raise StoreError(
             f"unsupported store URL scheme {scheme!r} in {text!r}; supported: "
             + ", ".join(f"{s}:" for s in SCHEMES)
-            + " (e.g. sqlite:///var/lib/linkedge/linkedge.db), or a bare file path"
+            + " (e.g. sqlite:///var/lib/linkedge/linkedge.db or"
+            " postgresql://linkedge@db.internal/linkedge), or a bare file path"
         )
     rest = text[match.end() :]
     if rest.startswith("//"):
@@ -57,15 +63,46 @@ def sqlite_path(url_or_path: str | Path) -> str:
     return unquote(rest)
 
 
+def is_postgres_url(url_or_path: str | Path) -> bool:
+    if isinstance(url_or_path, Path):
+        return False
+    match = _SCHEME.match(url_or_path.strip())
+    return match is not None and match.group(1).lower() in _POSTGRES
+
+
+def _masked(url: str) -> str:
+    from .postgres.connect import mask_url
+
+    return mask_url(url)
+
+
 async def open_store(
-    url_or_path: str | Path, key: bytes, *, clock: Callable[[], float] = time.time
+    url_or_path: str | Path,
+    key: bytes,
+    *,
+    clock: Callable[[], float] = time.time,
+    password: str | None = None,
+    pool_size: int | None = None,
 ) -> Store:
     """Open (creating and migrating when needed) the store `url_or_path` names.
 
     `key` is the 32-byte store key (:func:`certstore.load_key`); a key that does not open
     an existing store raises StoreKeyError. The store is shared: every worker process
-    opens its own.
+    opens its own. `password` and `pool_size` concern a database server (PostgreSQL):
+    the password when the URL has none, and the connections this store object may hold
+    at most (SQLite ignores both). A server that cannot be reached raises
+    :class:`certstore.errors.StoreUnavailable` within a few seconds.
     """
+    if is_postgres_url(url_or_path):
+        from .postgres import DEFAULT_POOL_SIZE, PostgresStore
+
+        return await PostgresStore.open(
+            str(url_or_path).strip(),
+            key,
+            clock,
+            password=password,
+            pool_size=pool_size or DEFAULT_POOL_SIZE,
+        )
     path = sqlite_path(url_or_path)
     from .sqlite import SQLiteStore
 

@@ -392,6 +392,15 @@ class EventLog(Protocol):
         """The newest id (0 when empty): where a new follower starts."""
         ...
 
+    async def wait_for_events(self, after_id: int, timeout: float) -> None:  # noqa: ASYNC109 (a deadline, not a cancellation scope)
+        """Return as soon as events after `after_id` may exist, or after `timeout` seconds.
+
+        A follower's wait between two reads of :meth:`events_after`: it may return early
+        (the caller just reads nothing new), never late by more than `timeout`. Never
+        raises for a lost connection: the caller's next read reports it. Pushed where
+        the backend can (PostgreSQL: LISTEN/NOTIFY), else polled."""
+        ...
+
     async def get_meta(self, key: str) -> str | None:
         """Small named values, e.g. a follower's cursor."""
         ...

@@ -10,6 +10,7 @@ autocommit so no process ever holds a write lock across an await.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from .ports import KEEP, DomainExists, Keep
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
 Clock = Callable[[], float]
+_WAIT_POLL = 0.05  # wait_for_events: how often the newest event id is looked at
 
 
 def _private_files(path: Path) -> None:
@@ -778,6 +780,22 @@ class SQLiteStore:
     async def last_event_id(self) -> int:
         row = await self._one("SELECT COALESCE(MAX(id), 0) FROM events")
         return int(row[0]) if row else 0
+
+    async def wait_for_events(self, after_id: int, timeout: float) -> None:  # noqa: ASYNC109
+        """SQLite has no push between processes: look at the newest id every
+        `_WAIT_POLL` seconds (an index lookup) until it passes `after_id`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                if await self.last_event_id() > after_id:
+                    return
+            except (sqlite3.Error, ValueError):
+                return  # the caller's next read reports it
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(_WAIT_POLL, left))
 
     # -- small named values (cursors) --------------------------------------------
 

@@ -136,6 +136,11 @@ class StoreConfig:
     key_file: str = ""
     key_env: str = "LINKEDGE_STORE_KEY"
     url: str = ""  # e.g. "sqlite:///var/lib/linkedge/linkedge.db"; when set it wins over path
+    # PostgreSQL (url "postgresql://..."): the password when the URL has none (the
+    # variable wins when set), and the connections each process holds at most
+    password_file: str = ""
+    password_env: str = "LINKEDGE_STORE_PASSWORD"  # noqa: S105 (a variable name)
+    pool_size: int = 5
 
     def location(self) -> str:
         """What certstore.open_store opens: `url` when set, else `path` (SQLite)."""
@@ -287,6 +292,8 @@ def require_serving(config: Config) -> None:
         parse_nameserver(ns)
     if config.workers < 1:
         raise ConfigError("workers must be at least 1")
+    if config.store.pool_size < 1:
+        raise ConfigError("store.pool_size must be at least 1")
     if config.admin.listen:
         if config.admin.listen.startswith(UNIX_PREFIX):
             if not config.admin.listen[len(UNIX_PREFIX) :].startswith("/"):

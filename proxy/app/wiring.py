@@ -24,7 +24,9 @@ import ssl
 import stat
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -150,7 +152,37 @@ def admin_tls_context(cert: str, key: str) -> ssl.SSLContext:
 
 async def open_store(config: Config, clock: Callable[[], float] = time.time) -> Store:
     key = load_key(config.store.key_file or None, config.store.key_env or None)
-    return await open_store_url(config.store.location(), key, clock=clock)
+    location = config.store.location()
+    with contextlib.suppress(ValueError):
+        if in_url := urlsplit(location).password:
+            redact(in_url)  # a password in store.url never reaches a log line either
+    return await open_store_url(
+        location,
+        key,
+        clock=clock,
+        password=store_password(config),
+        pool_size=config.store.pool_size,
+    )
+
+
+def store_password(config: Config) -> str | None:
+    """The database password from `store.password_env` (wins when set) or
+    `store.password_file`; None when neither gives one (the URL may carry it, or the
+    server needs none). Never logged."""
+    store = config.store
+    value = os.environ.get(store.password_env, "") if store.password_env else ""
+    if not value and store.password_file:
+        try:
+            value = Path(store.password_file).read_text()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read store password file {store.password_file}: {exc.strerror}"
+            ) from None
+    value = value.strip()
+    if not value:
+        return None
+    redact(value)
+    return value
 
 
 def make_issuer(

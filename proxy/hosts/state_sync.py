@@ -14,10 +14,11 @@ import asyncio
 import logging
 from collections.abc import Callable, Collection
 
-from certstore import CertStore, DomainState, Event
+from certstore import CertStore, DomainState, Event, StoreUnavailable
 from proxy.hosts.events import HANDSHAKE_EVENTS, EventKind
 
 log = logging.getLogger(__name__)
+
 
 class StateSync:
     def __init__(
@@ -50,12 +51,27 @@ class StateSync:
             after = page[-1].hostname
 
     async def run_forever(self) -> None:
+        """Read, then wait for the store to say there is more (PostgreSQL pushes it
+        within milliseconds; SQLite is polled), at most `interval`: the cursor, not the
+        push, decides what is applied, so a lost notification only delays."""
+        unavailable = False
         while True:
             try:
                 await self.poll()
+            except StoreUnavailable as exc:  # one line per outage, no traceback
+                if not unavailable:
+                    log.warning("following store changes paused: %s", exc)
+                unavailable = True
+                await asyncio.sleep(self._interval)
+                continue
             except Exception:
                 log.exception("following store changes failed")
-            await asyncio.sleep(self._interval)
+                await asyncio.sleep(self._interval)  # not a tight loop on a bad event
+                continue
+            if unavailable:
+                log.info("following store changes again")
+                unavailable = False
+            await self._store.wait_for_events(self._cursor, self._interval)
 
     async def poll(self) -> int:
         events = await self._store.events_after(self._cursor)

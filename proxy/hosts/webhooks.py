@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from certstore import CertStore, Event
+from certstore import CertStore, Event, StoreUnavailable
 from proxy.counters import Counters
 from proxy.hosts.events import EventKind
 from proxy.wire.hostnames import display_hostname
@@ -64,6 +64,7 @@ class WebhookSender:
         self._settings = settings
         self._sleep = sleep
         self._session: aiohttp.ClientSession | None = None
+        self._cursor = 0  # the last event handled (mirrors the stored cursor)
         self.stats = WebhookStats()
 
     async def start(self) -> None:
@@ -82,18 +83,27 @@ class WebhookSender:
         while True:
             try:
                 await self.send_pending()
+            except StoreUnavailable as exc:  # an outage: one line, retried next pass
+                log.warning("webhook delivery pass skipped: %s", exc)
+                await asyncio.sleep(self._settings.poll_seconds)
+                continue
             except Exception:
                 log.exception("webhook delivery pass failed")
-            await asyncio.sleep(self._settings.poll_seconds)
+                await asyncio.sleep(self._settings.poll_seconds)
+                continue
+            # woken by the next event (pushed on PostgreSQL), at most poll_seconds
+            await self._store.wait_for_events(self._cursor, self._settings.poll_seconds)
 
     async def send_pending(self) -> int:
         cursor = int(await self._store.get_meta(CURSOR_KEY) or 0)
+        self._cursor = cursor
         sent = 0
         for event in await self._store.events_after(cursor, limit=100):
             if event.kind == EventKind.STATE and event.hostname:
                 await self._deliver(event)
                 sent += 1
             await self._store.put_meta(CURSOR_KEY, str(event.id))
+            self._cursor = event.id
         return sent
 
     async def _payload(self, event: Event) -> bytes:

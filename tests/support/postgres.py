@@ -56,7 +56,15 @@ def _server_user() -> str | None:
 class PostgresServer:
     """A started cluster: `url(db)` for a database in it, `create_database(name)`."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        ssl_cert: bytes | None = None,
+        ssl_key: bytes | None = None,
+    ) -> None:
+        """`ssl_cert`/`ssl_key` (PEM): the server also speaks TLS (`ssl = on`)."""
         self.bindir = postgres_bindir()
         self.host = host
         self.port = port or free_port()
@@ -68,6 +76,19 @@ class PostgresServer:
         self.socketdir = self.root / "sock"
         self.logfile = self.root / "server.log"
         self._initdb()
+        self._ssl_options: list[str] = []
+        if ssl_cert is not None and ssl_key is not None:
+            # the server refuses a key file others can read: its user's, mode 0600
+            for name, pem in (("server.crt", ssl_cert), ("server.key", ssl_key)):
+                path = self.root / name
+                path.write_bytes(pem)
+                path.chmod(0o600)
+                self._chown(path)
+            self._ssl_options = [
+                "-c ssl=on",
+                f"-c ssl_cert_file={self.root / 'server.crt'}",
+                f"-c ssl_key_file={self.root / 'server.key'}",
+            ]
 
     # -- commands run as the server's user ----------------------------------------
 
@@ -116,6 +137,7 @@ class PostgresServer:
                 "-c synchronous_commit=off",
                 "-c full_page_writes=off",
                 "-c max_connections=300",
+                *self._ssl_options,
             ]
         )
         result = self._run(

@@ -2,8 +2,8 @@
 
 A backend is a URL scheme of `certstore.open_store` plus the few things a test needs to
 see from outside the interface: everything it persisted (to look for clear-text keys) and
-a way to make its event log fail (to show a change and its event are one step). The next
-backend (PostgreSQL) is one more `Backend` subclass and one more name in `BACKENDS`.
+a way to make its event log fail (to show a change and its event are one step).
+PostgreSQL runs on the session's `postgres` fixture, a fresh database per test.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 
 from certstore import Store, generate_key_text, open_store
 from certstore.crypto import parse_key_text
+from support.postgres import PostgresServer
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgres"]
 
 
 class Backend:
@@ -83,9 +84,55 @@ class SQLiteBackend(Backend):
             ddl("DROP TRIGGER contract_events_fail")
 
 
-def make_backend(name: str, workdir: Path) -> Backend:
+class PostgresBackend(Backend):
+    name = "postgres"
+
+    def __init__(self, workdir: Path, server: PostgresServer) -> None:
+        super().__init__(workdir)
+        self.server = server
+        self.database = server.create_database()
+
+    @property
+    def url(self) -> str:
+        return self.server.url(self.database)
+
+    def persisted_bytes(self) -> bytes:
+        """The database's files as the server keeps them on disk (after a checkpoint
+        writes every page out), the cluster's write-ahead log and the server's log."""
+        self.server.psql("CHECKPOINT", self.database)
+        oid = self.server.psql(
+            f"SELECT oid FROM pg_database WHERE datname = '{self.database}'"
+        ).strip()
+        data = self.server.datadir
+        files = sorted((data / "base" / oid).iterdir()) + sorted((data / "pg_wal").glob("0*"))
+        files.append(self.server.logfile)
+        return b"".join(p.read_bytes() for p in files if p.is_file())
+
+    @asynccontextmanager
+    async def failing_event_log(self) -> AsyncIterator[None]:
+        self.server.psql(
+            "CREATE FUNCTION contract_events_fail() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'event log unavailable (injected)'; END $$;"
+            " CREATE TRIGGER contract_events_fail BEFORE INSERT ON events"
+            " FOR EACH ROW EXECUTE FUNCTION contract_events_fail();",
+            self.database,
+        )
+        try:
+            yield
+        finally:
+            self.server.psql(
+                "DROP TRIGGER contract_events_fail ON events;"
+                " DROP FUNCTION contract_events_fail();",
+                self.database,
+            )
+
+
+def make_backend(name: str, workdir: Path, postgres: PostgresServer | None = None) -> Backend:
     if name == "sqlite":
         return SQLiteBackend(workdir)
+    if name == "postgres":
+        assert postgres is not None, "the postgres backend needs the `postgres` fixture"
+        return PostgresBackend(workdir, postgres)
     raise ValueError(f"no test backend {name!r}")
 
 
