@@ -194,7 +194,8 @@ class SQLiteStore:
         return [_domain(r) for r in rows]
 
     async def count_domains_by_state(self) -> dict[DomainState, int]:
-        rows = await self._all("SELECT state, count(*) FROM domains GROUP BY state")
+        # kept by triggers (migration 8): a few rows, not a scan of every host
+        rows = await self._all("SELECT state, n FROM domain_counts WHERE n > 0")
         return {DomainState(r[0]): int(r[1]) for r in rows}
 
     async def transition_domain(
@@ -645,11 +646,12 @@ class SQLiteStore:
         return {"due": int(row[0]), "overdue": int(row[1]), "failing": int(row[2])}
 
     async def hosts_needing_maintenance(self, now: float, limit: int) -> list[str]:
-        """Certificates without a plan yet (the `unplanned` queue the triggers keep), then
-        those whose plan wants a visit by `now` (renewals_by_next_check): index ranges,
+        """Certificates without a plan yet (`unplanned_certificates`, kept by triggers),
+        then those whose plan wants a visit by `now` (renewals_by_next_check): index ranges,
         however many certificates there are. A plan whose certificate is gone is skipped."""
         rows = await self._all(
-            "SELECT hostname FROM (SELECT hostname FROM unplanned ORDER BY hostname LIMIT ?)"
+            "SELECT hostname FROM (SELECT hostname FROM unplanned_certificates"
+            " ORDER BY hostname LIMIT ?)"
             " UNION ALL SELECT hostname FROM (SELECT r.hostname FROM renewals r"
             " WHERE r.next_check_at <= ? AND EXISTS (SELECT 1 FROM certificates c"
             " WHERE c.hostname = r.hostname) ORDER BY r.next_check_at LIMIT ?)",
@@ -660,7 +662,7 @@ class SQLiteStore:
     async def next_maintenance_at(self) -> float | None:
         """The earliest moment a certificate needs a visit (no plan yet: 0); None: none."""
         row = await self._one(
-            "SELECT CASE WHEN EXISTS (SELECT 1 FROM unplanned) THEN 0 ELSE"
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM unplanned_certificates) THEN 0 ELSE"
             " (SELECT r.next_check_at FROM renewals r WHERE EXISTS (SELECT 1 FROM"
             " certificates c WHERE c.hostname = r.hostname) ORDER BY r.next_check_at LIMIT 1)"
             " END"
@@ -668,20 +670,19 @@ class SQLiteStore:
         return None if row is None or row[0] is None else float(row[0])
 
     async def renewal_load(self, start: float, end: float, slot: float) -> list[int]:
-        """Plans per slot: one range scan of renewals_by_due (only that column is read)."""
+        """Plans per slot: a COUNT over one range of renewals_by_due per slot, in one
+        statement (a GROUP BY over a computed slot sorts every plan of the span first:
+        30 times slower with a million plans)."""
         count = max(math.ceil((end - start) / slot), 0)
-        loads = [0] * count
         if not count:
-            return loads
+            return []
         rows = await self._all(
-            "SELECT CAST((due_at - ?) / ? AS INTEGER) AS k, COUNT(*) FROM renewals"
-            " WHERE due_at >= ? AND due_at < ? GROUP BY k",
-            (start, slot, start, start + count * slot),
+            "WITH RECURSIVE s(k) AS (SELECT 0 UNION ALL SELECT k + 1 FROM s WHERE k + 1 < ?)"
+            " SELECT (SELECT COUNT(*) FROM renewals WHERE due_at >= ? + k * ?"
+            " AND due_at < ? + (k + 1) * ?) FROM s ORDER BY k",
+            (count, start, slot, start, slot),
         )
-        for k, n in rows:
-            if 0 <= k < count:
-                loads[k] += int(n)
-        return loads
+        return [int(r[0]) for r in rows]
 
     # -- rate limits (sliding windows) ------------------------------------------
 

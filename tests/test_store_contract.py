@@ -811,3 +811,19 @@ async def test_maintenance_queue_follows_certificates_and_plans(store: Store, cl
     assert await store.remove_domain("b.test")  # takes its certificate with it
     assert await store.hosts_needing_maintenance(clock.now, 1) == ["c.test"]
     assert await store.hosts_needing_maintenance(clock.now, 10) == ["c.test"]
+
+
+async def test_counts_by_state_follow_every_change(store: Store, clock: Clock) -> None:
+    assert await store.count_domains_by_state() == {}
+    for host in ("a.test", "b.test", "c.test"):
+        await store.add_domain(host, "acct")
+    assert await store.count_domains_by_state() == {S.PENDING: 3}
+    assert await store.transition_domain("a.test", [S.PENDING], S.VERIFIED, "ok")
+    assert await store.transition_domain("a.test", [S.VERIFIED], S.ACTIVE, "issued")
+    assert await store.transition_domain("b.test", [S.PENDING], S.PENDING, "again")  # same
+    assert not await store.transition_domain("c.test", [S.ACTIVE], S.SUSPENDED, "no")
+    assert await store.count_domains_by_state() == {S.PENDING: 2, S.ACTIVE: 1}
+    assert await store.remove_domain("a.test")
+    assert await store.remove_domain("b.test")
+    assert not await store.remove_domain("b.test")
+    assert await store.count_domains_by_state() == {S.PENDING: 1}
