@@ -39,7 +39,7 @@ from .models import (
 from .nodes import NODE as _NODE
 from .nodes import process_alive
 from .ports import KEEP, DomainExists, Keep
-from .schema import MIGRATIONS, SCHEMA_VERSION
+from .schema import MIGRATIONS, RENEWAL_SLOT_SECONDS, SCHEMA_VERSION
 
 Clock = Callable[[], float]
 _WAIT_POLL = 0.05  # wait_for_events: how often the newest event id is looked at
@@ -613,9 +613,14 @@ class SQLiteStore:
 
     async def put_renewal(self, plan: RenewalPlan) -> None:
         await self._db.execute(
-            "INSERT OR REPLACE INTO renewals"
+            # an upsert, not OR REPLACE: a replaced row would fire no delete trigger, and
+            # renewal_slots would count the old due time forever
+            "INSERT INTO renewals"
             " (hostname, due_at, next_check_at, source, last_error, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hostname) DO UPDATE SET"
+            " due_at = excluded.due_at, next_check_at = excluded.next_check_at,"
+            " source = excluded.source, last_error = excluded.last_error,"
+            " updated_at = excluded.updated_at",
             (
                 plan.hostname,
                 plan.due_at,
@@ -670,12 +675,22 @@ class SQLiteStore:
         return None if row is None or row[0] is None else float(row[0])
 
     async def renewal_load(self, start: float, end: float, slot: float) -> list[int]:
-        """Plans per slot: a COUNT over one range of renewals_by_due per slot, in one
-        statement (a GROUP BY over a computed slot sorts every plan of the span first:
-        30 times slower with a million plans)."""
+        """Plans per slot: on the scheduler's grid, the counts the triggers keep
+        (renewal_slots, migration 9: one row per slot); otherwise a COUNT over one range
+        of renewals_by_due per slot, in one statement (a GROUP BY over a computed slot
+        sorts every plan of the span first: 30 times slower with a million plans)."""
         count = max(math.ceil((end - start) / slot), 0)
         if not count:
             return []
+        if slot == RENEWAL_SLOT_SECONDS and start % slot == 0:  # the scheduler's grid
+            first = int(start // slot)
+            loads = [0] * count
+            for k, n in await self._all(
+                "SELECT slot, n FROM renewal_slots WHERE slot >= ? AND slot < ?",
+                (first, first + count),
+            ):
+                loads[int(k) - first] = int(n)
+            return loads
         rows = await self._all(
             "WITH RECURSIVE s(k) AS (SELECT 0 UNION ALL SELECT k + 1 FROM s WHERE k + 1 < ?)"
             " SELECT (SELECT COUNT(*) FROM renewals WHERE due_at >= ? + k * ?"

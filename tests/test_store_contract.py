@@ -827,3 +827,23 @@ async def test_counts_by_state_follow_every_change(store: Store, clock: Clock) -
     assert await store.remove_domain("b.test")
     assert not await store.remove_domain("b.test")
     assert await store.count_domains_by_state() == {S.PENDING: 1}
+
+
+async def test_renewal_load_on_the_schedulers_grid_follows_every_change(
+    store: Store, clock: Clock
+) -> None:
+    slot = 3 * 3600.0  # the leveling scheduler's grid (acme_client.renewal_slots)
+    base = 1_700_006_400.0  # a multiple of 3 h
+    assert base % slot == 0
+    for i, offset in enumerate([0.0, 1.0, slot - 1, slot, 5 * slot + 7]):
+        await store.put_renewal(RenewalPlan(f"p{i}.test", base + offset, 0.0, "ratio"))
+    assert await store.renewal_load(base, base + 6 * slot, slot) == [3, 1, 0, 0, 0, 1]
+    assert await store.renewal_load(base + slot, base + 2 * slot, slot) == [1]
+    await store.put_renewal(RenewalPlan("p0.test", base + 2 * slot, 0.0, "ratio"))  # moved
+    await store.put_renewal(RenewalPlan("p1.test", base + 1.0, 5.0, "ari", "x"))  # same slot
+    assert await store.renewal_load(base, base + 3 * slot, slot) == [2, 1, 1]
+    await store.add_domain("p2.test", "acct")
+    await store.put_certificate(cert("p3.test"))  # a new certificate drops the plan
+    assert await store.remove_domain("p2.test")  # and so does removing the host
+    assert await store.renewal_load(base, base + 6 * slot, slot) == [1, 0, 1, 0, 0, 1]
+    assert await store.renewal_load(base - 2 * slot, base, slot) == [0, 0]

@@ -680,8 +680,10 @@ async def simulate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             [(h, pki_chain, sealed, h, b, b + LIFETIME, b) for h, b, _d, r in rows if r],
         )
         db.executemany(
-            "INSERT OR REPLACE INTO renewals (hostname, due_at, next_check_at, source,"
-            " last_error, updated_at) VALUES (?, ?, ?, 'ratio', NULL, ?)",
+            "INSERT INTO renewals (hostname, due_at, next_check_at, source, last_error,"
+            " updated_at) VALUES (?, ?, ?, 'ratio', NULL, ?) ON CONFLICT (hostname) DO UPDATE"
+            " SET due_at = excluded.due_at, next_check_at = excluded.next_check_at,"
+            " updated_at = excluded.updated_at",
             [(h, d, d, b) for h, b, d, _r in rows],
         )
         db.execute("COMMIT")
