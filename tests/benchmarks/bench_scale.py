@@ -770,6 +770,8 @@ async def simulate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for k in range(int(YEAR / SLOT_SECONDS))
     ]
     mean = statistics.fmean(buckets)
+    if args.json:  # the year bucket by bucket, beside the summary
+        args.json.with_suffix(".buckets.json").write_text(json.dumps(buckets))
     return {
         "scheduler": args.scheduler,
         "hosts": args.sim_hosts,
@@ -785,6 +787,12 @@ async def simulate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         # year's mean is below what the fleet of any late month implies: the peak over
         # the mean of the 30 days around it is what spreading can change
         "peak_over_local_30d_mean": round(local_peak(buckets, 120), 3),
+        # the first 60 days replay the plans the uniform rule made before the year (the
+        # store the scheduler is deployed onto); from day 60 every plan is the scheduler's
+        "from_day_60": {
+            "peak_over_mean": round(max(buckets[480:]) / statistics.fmean(buckets[480:]), 3),
+            "peak_over_local_30d_mean": round(local_peak(buckets, 120, first=480), 3),
+        },
         "renewed_after_ratio_bound": late,
         "peak_day": round((buckets.index(max(buckets)) * SLOT_SECONDS) / DAY, 1),
         "peak_over_mean_per_30_days": [
@@ -796,14 +804,16 @@ async def simulate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
-def local_peak(buckets: list[int], half: int) -> float:
-    """The largest bucket over the mean of the buckets within `half` of it (centered,
-    clipped at the year's ends)."""
+def local_peak(buckets: list[int], half: int, first: int = 0) -> float:
+    """The largest bucket (from `first` on) over the mean of the buckets within `half`
+    of it (centered, clipped at the year's ends)."""
     prefix = [0]
     for b in buckets:
         prefix.append(prefix[-1] + b)
     worst = 0.0
     for k, b in enumerate(buckets):
+        if k < first:
+            continue
         lo, hi = max(0, k - half), min(len(buckets), k + half + 1)
         mean = (prefix[hi] - prefix[lo]) / (hi - lo)
         if mean:
