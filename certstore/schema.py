@@ -249,6 +249,10 @@ MIGRATIONS: tuple[str, ...] = (
     BEGIN
         DELETE FROM unplanned_certificates WHERE hostname = new.hostname;
     END;
+    CREATE TRIGGER renewal_replanned AFTER UPDATE ON renewals
+    BEGIN
+        DELETE FROM unplanned_certificates WHERE hostname = new.hostname;
+    END;
     """,
     # 8: host counts per state kept by triggers (issue 11): the gauges' GROUP BY over a
     # million hosts held a worker's only store connection (and every handshake queued

@@ -847,3 +847,12 @@ async def test_renewal_load_on_the_schedulers_grid_follows_every_change(
     assert await store.remove_domain("p2.test")  # and so does removing the host
     assert await store.renewal_load(base, base + 6 * slot, slot) == [1, 0, 1, 0, 0, 1]
     assert await store.renewal_load(base - 2 * slot, base, slot) == [0, 0]
+
+
+async def test_a_plan_written_over_an_old_one_leaves_the_queue(store: Store, clock: Clock) -> None:
+    await store.put_renewal(RenewalPlan("a.test", clock.now + 10, clock.now + 10, "ratio"))
+    await store.put_certificate(cert("a.test"))  # drops the plan: the host waits for one
+    assert await store.hosts_needing_maintenance(clock.now, 10) == ["a.test"]
+    await store.put_renewal(RenewalPlan("a.test", clock.now + 10, clock.now + 10, "ratio"))
+    await store.put_renewal(RenewalPlan("a.test", clock.now + 20, clock.now + 20, "ari"))
+    assert await store.hosts_needing_maintenance(clock.now, 10) == []
