@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from certstore import AcmeAccount, CertStore, PendingOrder
+from certstore.errors import StoreUnavailable
 
 from .breaker import CaBreaker
 from .errors import (
@@ -192,6 +193,8 @@ class AcmeIssuer:
         while True:
             try:
                 await self.breaker.probe_if_due(self.probe)
+            except StoreUnavailable as exc:  # logged once by the store
+                log.debug("probing ACME CA %s: %s", self.directory_url, exc)
             except Exception:  # the prober must outlive a store hiccup
                 log.exception("probing ACME CA %s failed", self.directory_url)
             await asyncio.sleep(tick)

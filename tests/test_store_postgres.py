@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -91,8 +92,9 @@ async def test_an_event_id_waits_for_the_previous_event_to_commit(
 
 
 async def test_a_stopped_database_fails_fast_and_the_same_store_recovers(
-    postgres: PostgresServer, database: str, store: Store
+    postgres: PostgresServer, database: str, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     await store.add_domain("a.test", "acct")
     cursor = await store.last_event_id()
     await guarded(store.wait_for_events(cursor - 1, 3600))  # the listener is up
@@ -126,6 +128,9 @@ async def test_a_stopped_database_fails_fast_and_the_same_store_recovers(
         assert [e.kind for e in await store.events_after(cursor)] == ["state"]
     finally:
         await other.close()
+    # an outage is a line or two, not a traceback per retry
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    assert not any(postgres.password in r.getMessage() for r in caplog.records)
 
 
 async def test_a_frozen_backend_times_out_instead_of_hanging(
@@ -360,3 +365,32 @@ async def test_queries_stay_index_scans_on_a_big_store(
         database,
     ).split()
     assert collations == ["C"]
+
+
+# -- followers ---------------------------------------------------------------------------------
+
+
+async def test_state_sync_applies_another_nodes_change_without_waiting_its_interval(
+    postgres: PostgresServer, database: str, store: Store
+) -> None:
+    """The follower's interval is an hour: only the pushed notification can wake it."""
+    from proxy.hosts.state_sync import StateSync
+
+    await store.add_domain("a.test", "acct")
+    reader = await open_store(postgres.url(database), KEY)
+    forgotten: asyncio.Queue[str] = asyncio.Queue()
+    sync = StateSync(reader, forgotten.put_nowait, interval=3600)
+    await sync.start()
+    follower = asyncio.create_task(sync.run_forever())
+    try:
+        await asyncio.sleep(0.2)  # typically parked in wait_for_events by now (not required)
+        assert await store.transition_domain(
+            "a.test", [DomainState.PENDING], DomainState.SUSPENDED, "op"
+        )
+        assert await guarded(forgotten.get()) == "a.test"
+        assert sync.is_suspended("a.test")
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+        await reader.close()

@@ -35,10 +35,7 @@ def mask_url(url: str) -> str:
 
 
 def url_has_password(url: str) -> bool:
-    try:
-        return urlsplit(url).password is not None
-    except ValueError:
-        return False
+    return _url_password(url) is not None
 
 
 def connect_kwargs(url: str, password: str | None, timeout: float) -> dict[str, Any]:
@@ -87,6 +84,15 @@ def translate(exc: BaseException, url: str, password: str | None) -> StoreError 
         error = StoreUnavailable(f"PostgreSQL store {mask_url(url)} unavailable: {describe(exc)}")
     else:
         return None
-    if password and password in error.args[0]:  # asyncpg never echoes it; be sure
-        error = type(error)(error.args[0].replace(password, "***"))
-    return error
+    message = error.args[0]
+    for secret in (password, _url_password(url)):
+        if secret and secret in message:  # asyncpg never echoes one; be sure
+            message = message.replace(secret, "***")
+    return type(error)(message)
+
+
+def _url_password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None

@@ -92,12 +92,15 @@ class PostgresStore:
         try:
             pool = await asyncpg.create_pool(
                 **connect_kwargs(url, password, bound),
-                min_size=1,
+                # No floor: asyncpg restores a floor in the background during an outage,
+                # logging a traceback per retry. The first call opens a connection (the
+                # migration, at once) and a busy worker keeps its connections warm.
+                min_size=0,
                 max_size=pool_size,
                 command_timeout=bound,
                 # a connection idle this long is closed: a node does not keep its peak
                 # number of connections to a shared database for ever
-                max_inactive_connection_lifetime=60.0,
+                max_inactive_connection_lifetime=120.0,
             )
         except Exception as exc:
             error = translate(exc, url, password)

@@ -135,6 +135,10 @@ class StoreConfig:
     path: str = "/var/lib/linkedge/linkedge.db"
     key_file: str = ""
     key_env: str = "LINKEDGE_STORE_KEY"
+    # a remote store's click-path reads are copied here and answered from here while the
+    # database is unreachable (certstore/readthrough.py); "" disables; unused for SQLite
+    local_copy: str = "/var/lib/linkedge/local-copy.db"
+    local_copy_max_hosts: int = 100_000
     url: str = ""  # e.g. "sqlite:///var/lib/linkedge/linkedge.db"; when set it wins over path
     # PostgreSQL (url "postgresql://..."): the password when the URL has none (the
     # variable wins when set), and the connections each process holds at most
@@ -382,6 +386,8 @@ def check_listen(config: Config) -> None:
         raise ConfigError("listen.idle_timeout and listen.header_timeout must be positive")
     if listen.max_connections_per_source < 1:
         raise ConfigError("listen.max_connections_per_source must be at least 1")
+    if config.store.local_copy_max_hosts < 1:
+        raise ConfigError("store.local_copy_max_hosts must be at least 1")
 
 
 def check_acme(config: Config) -> None:

@@ -8,6 +8,13 @@ probes carry no credentials) and on `metrics.listen` when set.
   store answers a read within a second, and at least one backend passes its health
   checks. 200 when all hold, else 503; both with a small JSON body naming each
   check, and on 503 the reasons.
+
+  A remote store (PostgreSQL) that cannot be reached does **not** make the node unready:
+  the node keeps serving every host it has cached or in its local copy
+  (`certstore/readthrough.py`), and the database is usually shared by the whole fleet,
+  so taking nodes out of the load balancer for it would turn a database outage into a
+  click outage. The check then reads ``degraded: ...`` and the body lists it under
+  ``degraded``. A local (SQLite) store that cannot be read is still "not ready".
 * `/metrics`: see `proxy/app/metrics.py` (an optional bearer token, `metrics.token_*`).
 """
 
@@ -19,6 +26,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from certstore.errors import StoreUnavailable
+
 if TYPE_CHECKING:
     from proxy.app.metrics import Exporter
     from proxy.app.wiring import EdgeWorker
@@ -26,6 +35,7 @@ if TYPE_CHECKING:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STORE_TIMEOUT = 1.0
 OPS_PATHS = ("/healthz", "/readyz", "/metrics")
+DEGRADED = "degraded: "  # a check that fails without making the node unready
 
 
 async def readiness(worker: EdgeWorker) -> tuple[bool, dict[str, str]]:
@@ -42,6 +52,8 @@ async def readiness(worker: EdgeWorker) -> tuple[bool, dict[str, str]]:
             async with asyncio.timeout(STORE_TIMEOUT):
                 await store.last_event_id()
             checks["store"] = "ok"
+        except StoreUnavailable as exc:  # a remote store: serving from cache and copy
+            checks["store"] = f"{DEGRADED}the store is unreachable, serving from cache: {exc}"
         except TimeoutError:
             checks["store"] = f"the store did not answer within {STORE_TIMEOUT:g} s"
         except Exception as exc:  # any failure to read is "not ready", with its reason
@@ -54,7 +66,7 @@ async def readiness(worker: EdgeWorker) -> tuple[bool, dict[str, str]]:
     else:
         names = ", ".join(b.base for b in pool.backends)
         checks["backends"] = f"no healthy backend ({names} failing health checks)"
-    return all(v == "ok" for v in checks.values()), checks
+    return all(v == "ok" or v.startswith(DEGRADED) for v in checks.values()), checks
 
 
 class OpsEndpoints:
@@ -71,8 +83,13 @@ class OpsEndpoints:
     async def readyz(self, request: web.Request) -> web.Response:
         ready, checks = await readiness(self._worker)
         body: dict[str, object] = {"ready": ready, "checks": checks}
+        degraded = [f"{k}: {v}" for k, v in checks.items() if v.startswith(DEGRADED)]
+        if degraded:
+            body["degraded"] = degraded
         if not ready:
-            body["reasons"] = [f"{k}: {v}" for k, v in checks.items() if v != "ok"]
+            body["reasons"] = [
+                f"{k}: {v}" for k, v in checks.items() if v != "ok" and not v.startswith(DEGRADED)
+            ]
         return web.json_response(
             body, status=200 if ready else 503, headers={"Cache-Control": "no-store"}
         )

@@ -76,6 +76,7 @@ from acme_client import (
 from acme_client.breaker import CaBreaker
 from acme_client.solvers import ACME_TLS_ALPN, ChallengeSink
 from certstore import CertStore, DomainState
+from certstore.errors import StoreUnavailable
 from proxy.http.forward import Forwarder
 from proxy.tls.refusals import Refused
 from proxy.wire.clienthello import HANDSHAKE_FAILURE, ClientHello
@@ -569,6 +570,8 @@ class Exporter:
             self._worker_metrics.sync()
         try:
             await self.store_collector.refresh()
+        except StoreUnavailable as exc:  # logged once by the store: the last values stand
+            log.debug("reading store metrics: %s", exc)
         except Exception:  # a store hiccup: serve the process series with the last values
             log.exception("reading store metrics failed")
         return generate_latest(self.registry)

@@ -39,6 +39,7 @@ from acme_client import (
 )
 from certstore import CertStore, Store, load_key
 from certstore import open_store as open_store_url
+from certstore.readthrough import ReadThroughStore, needs_read_through
 from proxy.admin import AdminDeps, make_admin_app
 from proxy.app import metrics, settings
 from proxy.app.config import (
@@ -274,6 +275,7 @@ class EdgeWorker:
         self.admin_app: web.Application | None = None
         self.metrics_address: tuple[str, int] | None = None  # metrics.listen
         self.store: Store | None = None
+        self.read_through: ReadThroughStore | None = None  # a remote store's circuit and copy
         self.http_server: web.Server | None = None  # both listeners' HTTP server
         self.listen_sockets: list[socket.socket] = []  # HTTPS and HTTP, for /readyz
         self.worker_metrics: metrics.WorkerMetrics | None = None
@@ -316,6 +318,21 @@ class EdgeWorker:
             if secret:
                 redact(secret)  # never in a log line (proxy/app/logging_setup.py)
         store = await open_store(config, self._clock)
+        if needs_read_through(config.store.location()):
+            # The database is not in the click path: fail fast while it is away, answer
+            # from the node's local copy (certstore/readthrough.py). SQLite is local already.
+            try:
+                self.read_through = await ReadThroughStore.open(
+                    store,
+                    load_key(config.store.key_file or None, config.store.key_env or None),
+                    config.store.local_copy,
+                    config.store.local_copy_max_hosts,
+                    clock=self._clock,
+                )
+            except BaseException:
+                await store.close()
+                raise
+            store = self.read_through.as_store()
         self.store = store
         self._closers.append(store.close)
         self._closers.append(self._cancel_tasks)
@@ -370,6 +387,8 @@ class EdgeWorker:
         self.state_sync.follow({EventKind.ISSUED, EventKind.RENEWED}, self.maintainer.wake)
         self.host_views = HostViews(store)
         self.state_sync.follow(CHANGE_EVENTS, self.host_views.forget)
+        if self.read_through is not None:  # a changed host is copied again (or dropped)
+            self.state_sync.follow(CHANGE_EVENTS, self.read_through.host_changed)
         self.verifier = Verifier(
             store,
             checker,

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from certstore import CertStore, Domain, DomainState
+from certstore.errors import StoreUnavailable
 from proxy.counters import Counters
 from proxy.hosts.checks import CheckReport, HostChecker
 from proxy.hosts.lifecycle import Lifecycle
@@ -108,6 +109,8 @@ class Verifier:
         while True:
             try:
                 await self.run_once()
+            except StoreUnavailable as exc:  # logged once by the store
+                log.debug("background verification pass: %s", exc)
             except Exception:  # a bad row or a store hiccup must not stop the schedule
                 log.exception("background verification pass failed")
             await asyncio.sleep(self._settings.poll_seconds)
@@ -122,6 +125,9 @@ class Verifier:
         async with self._slots:
             try:
                 return await self.check_due(hostname)
+            except StoreUnavailable as exc:
+                log.debug("checking %s: %s", hostname, exc)
+                return False
             except Exception:
                 log.exception("checking %s failed", hostname)
                 return False

@@ -20,6 +20,7 @@ from aiohttp import HttpVersion10, HttpVersion11, web, web_response
 from aiohttp.http_exceptions import HttpProcessingError
 
 from certstore import ChallengeStore
+from certstore.errors import StoreUnavailable
 from proxy.http.forward import Forwarder
 from proxy.http.host_policy import HostPolicy
 from proxy.http.request_target import BadRequest, checked_host, origin_form
@@ -142,7 +143,22 @@ def hide_server_version() -> None:
 
 
 async def _challenge(store: ChallengeStore, token: str) -> web.Response:
-    answer = await store.get_challenge(token) if _is_token(token) else None
+    try:
+        answer = await store.get_challenge(token) if _is_token(token) else None
+    except StoreUnavailable as exc:
+        # the store is away and this node's local copy does not know the token: say so
+        # (the CA retries or fails this validation; an order cannot finish meanwhile anyway)
+        if _UNAVAILABLE.due():
+            log.warning(
+                "ACME challenge token %r not answered (worker %d; %d more since the last line): %s",
+                token[:64],
+                os.getpid(),
+                _UNAVAILABLE.take_suppressed(),
+                exc,
+            )
+        return web.Response(
+            status=503, text="challenge store unavailable\n", headers={"Retry-After": "5"}
+        )
     if answer is None:
         # anyone can ask for made-up tokens: at most one INFO line per interval
         if _UNKNOWN_TOKENS.due():
@@ -179,6 +195,7 @@ class _RateLimited:
 
 
 _UNKNOWN_TOKENS = _RateLimited(10.0)
+_UNAVAILABLE = _RateLimited(10.0)
 
 
 def _is_token(token: str) -> bool:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from certstore.errors import StoreUnavailable
 from proxy.hosts.association_files import SERVED_AT
 from proxy.http.host_views import HostView, HostViews
 from proxy.http.request_target import BadRequest, checked_host, origin_form
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 HSTS = "Strict-Transport-Security"
 
 
-
 def arrived_over_https(forwarded_trusted: TrustedNetworks, request: web.Request) -> bool:
     """Over TLS here, or a trusted TLS-terminating proxy in front says the client used HTTPS
     (else an upgraded host would redirect forever); nobody else may say so."""
@@ -39,6 +39,7 @@ def arrived_over_https(forwarded_trusted: TrustedNetworks, request: web.Request)
         return True
     proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
     return proto == "https" and client_address(request) in forwarded_trusted
+
 
 class HostPolicy:
     def __init__(
@@ -64,8 +65,11 @@ class HostPolicy:
         kind = SERVED_AT.get(origin_form(request.raw_path).partition("?")[0])
         try:
             view = await self._views.get(host) if host else None
-        except Exception:  # the store failing must not take clicks down with it
-            log.exception("reading host %s from the store failed", host)
+        except Exception as exc:  # the store failing must not take clicks down with it
+            if isinstance(exc, StoreUnavailable):  # logged once by the store
+                log.debug("reading host %s: %s", host, exc)
+            else:
+                log.exception("reading host %s from the store failed", host)
             if kind is None:
                 return None
             return _text(503, "Temporarily unavailable, try again.", {"Retry-After": "10"})

@@ -43,6 +43,7 @@ from acme_client import (
 )
 from acme_client.solvers import ChallengeSink
 from certstore import CertStore, DomainState, StoredCertificate
+from certstore.errors import StoreUnavailable
 from proxy.counters import Counters
 from proxy.hosts.events import EventKind
 from proxy.hosts.leases import lease_name
@@ -84,6 +85,9 @@ class ManagerSettings:
     cache_size: int = 10_000
     revalidate_seconds: float = 30.0  # cached contexts are compared with the store this often
     ca_refusal_seconds: float = 1.0  # a click refused for a CA outage is remembered this long
+    # a name refused because the store is unreachable (and not in the local copy) is
+    # remembered this long: short, so a new host is served soon after the store returns
+    store_refusal_seconds: float = 1.0
 
 
 class RenewalBusy(Exception):
@@ -117,6 +121,8 @@ async def _refresh_lease(store: CertStore, name: str, holder: str, ttl: float) -
             if not await store.try_acquire_lease(name, holder, ttl):
                 log.warning("lease %s was taken over while %s still held it", name, holder)
                 return
+        except StoreUnavailable as exc:  # logged by the store once; the lease may outlast it
+            log.debug("refreshing lease %s: %s", name, exc)
         except Exception:  # a store hiccup: the next refresh may succeed before expiry
             log.exception("refreshing lease %s failed", name)
 
@@ -153,6 +159,10 @@ class CertificateManager:
         self._inflight: dict[str, asyncio.Task[ssl.SSLContext]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._ca_refusal_logged: dict[str, float] = {}  # host -> when its refusal was logged
+        # while the store is unreachable: one refusal line per second at most (a random-SNI
+        # flood looks like new hosts), and one line per interval about kept contexts
+        self._store_refusals = _LogBudget(1.0)
+        self._kept_contexts = _LogBudget(settings.revalidate_seconds)
         self.on_stored: Callable[[str], None] | None = None  # e.g. wake the maintenance loop
         self.holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stats = IssuanceStats()
@@ -193,7 +203,10 @@ class CertificateManager:
 
     async def challenge_context_for(self, hostname: str) -> ssl.SSLContext:
         """TLS-ALPN-01 (RFC 8737): the CA's validation handshake offers only `acme-tls/1`."""
-        key_authorization = await self._store.get_alpn_challenge(hostname)
+        try:
+            key_authorization = await self._store.get_alpn_challenge(hostname)
+        except StoreUnavailable as exc:
+            raise Refused(f"TLS-ALPN-01 challenge unknown: {exc}", INTERNAL_ERROR) from None
         if key_authorization is None:
             raise Refused("no TLS-ALPN-01 challenge pending for this name")
         self.stats.alpn_challenges_answered += 1
@@ -344,6 +357,24 @@ class CertificateManager:
         return None
 
     async def _resolve(self, hostname: str) -> ssl.SSLContext:
+        try:
+            return await self._resolve_from_store(hostname)
+        except StoreUnavailable as exc:
+            # The store (and the local copy) cannot say: refuse now, cheaply, and soon ask
+            # again. An unreachable store is our problem, not the name's: internal_error.
+            reason = f"store unavailable: {exc}"
+            self._refuse(hostname, reason, self._settings.store_refusal_seconds, INTERNAL_ERROR)
+            if self._store_refusals.due():
+                log.warning(
+                    "refused %s: %s (%d more refused since the last line)",
+                    hostname,
+                    reason,
+                    self._store_refusals.take_suppressed(),
+                    extra={"event": "refused", "host": hostname, "reason": reason},
+                )
+            raise Refused(reason, INTERNAL_ERROR) from None
+
+    async def _resolve_from_store(self, hostname: str) -> ssl.SSLContext:
         stored = await self._store.get_certificate(hostname)
         if stored is not None and stored.is_valid_at(self._clock()):
             domain = await self._store.get_domain(hostname)
@@ -470,6 +501,17 @@ class CertificateManager:
             if stored is not None and stored.is_valid_at(self._clock()):
                 await self._remember(stored)
                 log.info("%s: cached context replaced by serial %s", hostname, stored.serial)
+        except StoreUnavailable as exc:
+            # The context stays: it is what keeps this host served through the outage. The
+            # event feed catches up on what changed once the store is back.
+            if self._kept_contexts.due():
+                log.info(
+                    "cached contexts kept unchecked while the store is unreachable "
+                    "(%s; %d more since the last line): %s",
+                    hostname,
+                    self._kept_contexts.take_suppressed(),
+                    exc,
+                )
         except Exception:  # a store hiccup must not break serving; next interval retries
             log.exception("revalidating the cached context of %s failed", hostname)
 
@@ -486,6 +528,27 @@ class CertificateManager:
         if retry_at is not None:
             seconds = max(min(retry_at - now, seconds), 1.0)
         self._refuse(hostname, reason, seconds, INTERNAL_ERROR)
+
+
+class _LogBudget:
+    """At most one log line per `interval` seconds; counts the ones left out."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._last = -interval
+        self._suppressed = 0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            return True
+        self._suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        count, self._suppressed = self._suppressed, 0
+        return count
 
 
 def _challenge_context(hostname: str, key_authorization: str) -> ssl.SSLContext:

@@ -36,6 +36,7 @@ from acme_client.renewal_slots import (
     span_slots,
 )
 from certstore import CertStore, DomainState, RenewalPlan, StoredCertificate
+from certstore.errors import StoreUnavailable
 from proxy.hosts.dnscheck import CnameChecker, CnameStatus
 from proxy.hosts.events import EventKind
 from proxy.hosts.leases import lease_name
@@ -175,6 +176,9 @@ class Maintainer:
             try:
                 visited = await self.run_once()
                 delay = await self._sleep_for(visited)
+            except StoreUnavailable as exc:  # logged once by the store
+                log.debug("maintenance pass: %s", exc)
+                delay = min(interval, 5.0)
             except Exception:  # the loop must outlive a store or DNS hiccup
                 log.exception("maintenance pass failed")
                 delay = interval * (0.5 + self._uniform())
@@ -206,6 +210,8 @@ class Maintainer:
             async with slots:
                 try:
                     await self.visit(hostname)
+                except StoreUnavailable as exc:
+                    log.debug("maintenance of %s: %s", hostname, exc)
                 except Exception:
                     log.exception("maintenance of %s failed", hostname)
 
