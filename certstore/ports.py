@@ -244,6 +244,14 @@ class RenewalStore(Protocol):
         None without certificates."""
         ...
 
+    async def renewal_load(self, start: float, end: float, slot: float) -> list[int]:
+        """Plans per slot: element k counts the plans whose ``due_at`` lies in
+        [start + k·slot, start + (k+1)·slot), for k up to ceil((end - start) / slot)
+        (empty when end <= start). What the leveling scheduler spreads renewals over
+        (acme_client.renewal_slots); it runs once per maintenance pass, so it must read
+        an index range over the span, not every plan."""
+        ...
+
 
 class ChallengeStore(Protocol):
     """ACME challenge answers, readable by every worker (any of them may be asked)."""

@@ -888,3 +888,93 @@ async def test_list_accounts_every_directory_with_its_key(backend: Backend, stor
         assert await again.list_accounts() == [replaced, second]
     finally:
         await again.close()
+
+
+# -- renewal load per slot and the maintenance queue at scale (issue 11) -----------------
+
+
+async def test_renewal_load_counts_plans_per_slot(store: Store, clock: Clock) -> None:
+    assert await store.renewal_load(0.0, 100.0, 10.0) == [0] * 10
+    assert await store.renewal_load(50.0, 50.0, 10.0) == []
+    for host, due in [("a.test", 0.0), ("b.test", 9.99), ("c.test", 10.0), ("d.test", 35.0)]:
+        await store.put_renewal(RenewalPlan(host, due, due + 1000, "ratio"))
+    await store.put_renewal(RenewalPlan("e.test", 100.0, 1.0, "ari"))  # at `end`: outside
+    await store.put_renewal(RenewalPlan("f.test", -0.5, 1.0, "ari"))  # before `start`
+    assert await store.renewal_load(0.0, 100.0, 10.0) == [2, 1, 0, 1, 0, 0, 0, 0, 0, 0]
+    # a partial last slot is a whole slot: [30, 40) holds d.test
+    assert await store.renewal_load(10.0, 35.0, 10.0) == [1, 0, 1]
+    # a plan that moves leaves its old slot
+    await store.put_renewal(RenewalPlan("d.test", 55.0, 55.0, "ratio"))
+    assert await store.renewal_load(30.0, 60.0, 10.0) == [0, 0, 1]
+    await store.put_certificate(cert("a.test"))  # a new certificate drops its plan
+    assert await store.renewal_load(0.0, 10.0, 10.0) == [1]
+
+
+async def test_maintenance_queue_follows_certificates_and_plans(store: Store, clock: Clock) -> None:
+    await store.put_certificate(cert("a.test", not_after=clock.now + 100))
+    await store.put_renewal(RenewalPlan("a.test", clock.now + 10, clock.now + 10, "ratio"))
+    assert await store.hosts_needing_maintenance(clock.now, 10) == []
+    assert await store.next_maintenance_at() == clock.now + 10
+    await store.put_certificate(cert("a.test", not_after=clock.now + 200))  # renewed
+    assert await store.hosts_needing_maintenance(clock.now, 10) == ["a.test"]
+    assert await store.next_maintenance_at() == 0
+    await store.put_renewal(RenewalPlan("a.test", clock.now + 20, clock.now + 20, "ratio"))
+    assert await store.hosts_needing_maintenance(clock.now + 30, 10) == ["a.test"]
+    # a plan without a certificate (written after a purge) is never a host to visit
+    await store.put_renewal(RenewalPlan("gone.test", 1.0, 1.0, "ratio"))
+    assert await store.hosts_needing_maintenance(clock.now + 30, 10) == ["a.test"]
+    assert await store.next_maintenance_at() == clock.now + 20
+    assert await store.delete_certificate("a.test")
+    assert await store.hosts_needing_maintenance(clock.now + 30, 10) == []
+    assert await store.next_maintenance_at() is None
+    await store.add_domain("b.test", "acct")
+    await store.put_certificate(cert("b.test"))
+    await store.put_certificate(cert("c.test"))
+    assert await store.remove_domain("b.test")  # takes its certificate with it
+    assert await store.hosts_needing_maintenance(clock.now, 1) == ["c.test"]
+    assert await store.hosts_needing_maintenance(clock.now, 10) == ["c.test"]
+
+
+async def test_counts_by_state_follow_every_change(store: Store, clock: Clock) -> None:
+    assert await store.count_domains_by_state() == {}
+    for host in ("a.test", "b.test", "c.test"):
+        await store.add_domain(host, "acct")
+    assert await store.count_domains_by_state() == {S.PENDING: 3}
+    assert await store.transition_domain("a.test", [S.PENDING], S.VERIFIED, "ok")
+    assert await store.transition_domain("a.test", [S.VERIFIED], S.ACTIVE, "issued")
+    assert await store.transition_domain("b.test", [S.PENDING], S.PENDING, "again")  # same
+    assert not await store.transition_domain("c.test", [S.ACTIVE], S.SUSPENDED, "no")
+    assert await store.count_domains_by_state() == {S.PENDING: 2, S.ACTIVE: 1}
+    assert await store.remove_domain("a.test")
+    assert await store.remove_domain("b.test")
+    assert not await store.remove_domain("b.test")
+    assert await store.count_domains_by_state() == {S.PENDING: 1}
+
+
+async def test_renewal_load_on_the_schedulers_grid_follows_every_change(
+    store: Store, clock: Clock
+) -> None:
+    slot = 3 * 3600.0  # the leveling scheduler's grid (acme_client.renewal_slots)
+    base = 1_700_006_400.0  # a multiple of 3 h
+    assert base % slot == 0
+    for i, offset in enumerate([0.0, 1.0, slot - 1, slot, 5 * slot + 7]):
+        await store.put_renewal(RenewalPlan(f"p{i}.test", base + offset, 0.0, "ratio"))
+    assert await store.renewal_load(base, base + 6 * slot, slot) == [3, 1, 0, 0, 0, 1]
+    assert await store.renewal_load(base + slot, base + 2 * slot, slot) == [1]
+    await store.put_renewal(RenewalPlan("p0.test", base + 2 * slot, 0.0, "ratio"))  # moved
+    await store.put_renewal(RenewalPlan("p1.test", base + 1.0, 5.0, "ari", "x"))  # same slot
+    assert await store.renewal_load(base, base + 3 * slot, slot) == [2, 1, 1]
+    await store.add_domain("p2.test", "acct")
+    await store.put_certificate(cert("p3.test"))  # a new certificate drops the plan
+    assert await store.remove_domain("p2.test")  # and so does removing the host
+    assert await store.renewal_load(base, base + 6 * slot, slot) == [1, 0, 1, 0, 0, 1]
+    assert await store.renewal_load(base - 2 * slot, base, slot) == [0, 0]
+
+
+async def test_a_plan_written_over_an_old_one_leaves_the_queue(store: Store, clock: Clock) -> None:
+    await store.put_renewal(RenewalPlan("a.test", clock.now + 10, clock.now + 10, "ratio"))
+    await store.put_certificate(cert("a.test"))  # drops the plan: the host waits for one
+    assert await store.hosts_needing_maintenance(clock.now, 10) == ["a.test"]
+    await store.put_renewal(RenewalPlan("a.test", clock.now + 10, clock.now + 10, "ratio"))
+    await store.put_renewal(RenewalPlan("a.test", clock.now + 20, clock.now + 20, "ari"))
+    assert await store.hosts_needing_maintenance(clock.now, 10) == []

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Collection
@@ -797,10 +798,11 @@ class PostgresStore:
         return [_renewal(r) for r in rows]
 
     async def renewal_summary(self, now: float, overdue_after: float) -> dict[str, int]:
+        # index ranges (renewals_by_due, the partial renewals_failing), not every plan
         row = await self._fetchrow(
-            "SELECT count(*) FILTER (WHERE due_at <= $1), count(*) FILTER (WHERE due_at <= $2),"
-            " count(*) FILTER (WHERE last_error IS NOT NULL AND last_error != '')"
-            " FROM renewals",
+            "SELECT (SELECT count(*) FROM renewals WHERE due_at <= $1),"
+            " (SELECT count(*) FROM renewals WHERE due_at <= $2),"
+            " (SELECT count(*) FROM renewals WHERE last_error IS NOT NULL AND last_error != '')",
             now,
             now - overdue_after,
         )
@@ -834,6 +836,24 @@ class PostgresStore:
             "  ORDER BY r.next_check_at LIMIT 1) END"
         )
         return None if value is None else float(value)
+
+    async def renewal_load(self, start: float, end: float, slot: float) -> list[int]:
+        """Plans per slot: one index-only range scan of renewals_by_due."""
+        count = max(math.ceil((end - start) / slot), 0)
+        loads = [0] * count
+        if not count:
+            return loads
+        rows = await self._fetch(
+            "SELECT floor((due_at - $1) / $2)::bigint AS k, count(*) FROM renewals"
+            " WHERE due_at >= $1 AND due_at < $3 GROUP BY k",
+            start,
+            slot,
+            start + count * slot,
+        )
+        for k, n in rows:
+            if 0 <= k < count:
+                loads[k] += int(n)
+        return loads
 
     # -- rate limits (sliding windows) --------------------------------------------------------
 
