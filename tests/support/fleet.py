@@ -84,6 +84,11 @@ class Node:
         return f"http://{self.env['LINKEDGE_METRICS_LISTEN']}/metrics"
 
     @property
+    def local_copy(self) -> Path:
+        """The node's read-through copy of a remote store (store.local_copy)."""
+        return Path(self.env["LINKEDGE_STORE_LOCAL_COPY"])
+
+    @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -278,6 +283,9 @@ class Fleet:
                 "LINKEDGE_ADMIN_TOKEN": ADMIN_TOKEN,
                 "LINKEDGE_METRICS_LISTEN": f"{ip}:{free_port(ip)}",
                 "LINKEDGE_METRICS_MULTIPROC_DIR": str(self.workdir / f"{name}.metrics"),
+                # each node its own read-through copy of a remote store, as on separate
+                # machines (the default path is one file every process here would share)
+                "LINKEDGE_STORE_LOCAL_COPY": str(self.workdir / f"{name}.local-copy.db"),
                 # only clicks order (the background verifier would issue verified hosts
                 # on its own): a test knows which node placed each order
                 "LINKEDGE_VERIFY_POLL_SECONDS": "0",
