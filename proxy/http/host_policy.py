@@ -111,6 +111,8 @@ class HostPolicy:
         response.headers.popall(HSTS, None)
         if not self._is_https(request):  # RFC 6797 §7.2: meaningless over plain HTTP
             return
+        if response.status == 421:  # Host names another host than this connection's
+            return  # certificate: nothing of that host is said under this one's
         # answer() has just loaded the view (or the host is not registered), so this is
         # memory, unless the event feed dropped the entry while the request was at the
         # backend: then it is read again (peeking would send this response without HSTS)
