@@ -114,17 +114,32 @@ async def kept_lease(store: CertStore, name: str, holder: str, ttl: float) -> As
         await store.release_lease(name, holder)
 
 
+LEASE_RETRY_SECONDS = 0.5  # after a failed refresh: again this soon, doubling
+
+
 async def _refresh_lease(store: CertStore, name: str, holder: str, ttl: float) -> None:
+    """Refresh every third of `ttl`; after a failure, again after 0.5 s, 1 s, 2 s ...
+    (never later than halfway to the expiry): waiting another third would lose the
+    lease after two failures in a row."""
+    held_until = time.monotonic() + ttl  # from the acquire just before
+    delay, retry = ttl / 3, LEASE_RETRY_SECONDS
     while True:
-        await asyncio.sleep(ttl / 3)
+        await asyncio.sleep(delay)
+        asked = time.monotonic()
         try:
             if not await store.try_acquire_lease(name, holder, ttl):
                 log.warning("lease %s was taken over while %s still held it", name, holder)
                 return
-        except StoreUnavailable as exc:  # logged by the store once; the lease may outlast it
-            log.debug("refreshing lease %s: %s", name, exc)
-        except Exception:  # a store hiccup: the next refresh may succeed before expiry
-            log.exception("refreshing lease %s failed", name)
+        except Exception as exc:  # a store hiccup: retried soon, the lease may outlast it
+            if isinstance(exc, StoreUnavailable):  # logged by the store once
+                log.debug("refreshing lease %s: %s", name, exc)
+            else:
+                log.exception("refreshing lease %s failed", name)
+            left = held_until - time.monotonic()
+            delay, retry = min(retry, max(left / 2, 0.05)), min(retry * 2, ttl / 3)
+            continue
+        held_until = asked + ttl
+        delay, retry = ttl / 3, LEASE_RETRY_SECONDS
 
 
 @dataclass
