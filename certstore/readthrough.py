@@ -86,6 +86,7 @@ class StoreCircuit:
         # after a slow call: does a fresh connection still get an answer? (default: probe)
         self._reachable = reachable or probe
         self._checker: asyncio.Task[None] | None = None
+        self._checked_at: float | None = None  # time.monotonic() of the last check
         self.slow_calls = 0  # StoreSlow seen (tests, benchmarks)
         self._retry = retry_seconds
         self._on_recovered = on_recovered
@@ -134,6 +135,10 @@ class StoreCircuit:
         self.slow_calls += 1
         if self.down_since is not None or self._checker is not None:
             return
+        now = time.monotonic()
+        if self._checked_at is not None and now - self._checked_at < self._retry:
+            return  # checked a moment ago: a burst of slow calls opens one connection
+        self._checked_at = now
         self._checker = asyncio.ensure_future(self._check_reachable(exc))
 
     async def _check_reachable(self, exc: StoreSlow) -> None:

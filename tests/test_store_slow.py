@@ -169,3 +169,73 @@ async def test_a_failed_lease_refresh_is_retried_soon_not_a_third_later(
     # a third of the lease, then 0.5 s and 1 s after the two failures, then a third again
     assert delays[:4] == [10.0, 0.5, 1.0, 10.0]
     assert store.refreshes == 4
+
+
+class _TakenOver:
+    """The lease is granted once; its first refresh finds another holder."""
+
+    def __init__(self) -> None:
+        self.released = 0
+
+    async def try_acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
+        self.calls = getattr(self, "calls", 0) + 1
+        return self.calls == 1
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        self.released += 1
+
+
+async def test_a_lease_taken_over_stops_the_work_under_it() -> None:
+    store = _TakenOver()
+    never = asyncio.Event()
+    reached_end = False
+
+    async def order() -> None:
+        nonlocal reached_end
+        async with certificates.kept_lease(store, "issue:a.test", "me", 0.3) as held:  # type: ignore[arg-type]
+            assert held
+            await never.wait()  # an order step that would outlive the lease
+            reached_end = True
+
+    with pytest.raises(certificates.LeaseLost):
+        await asyncio.wait_for(order(), GUARD)
+    assert not reached_end
+    assert store.released == 0  # not ours any more: nothing to release
+
+
+# -- an idle worker's CA prober does not read the breaker every tick ------------------------
+
+
+class _CountingBreakers:
+    def __init__(self) -> None:
+        self.reads = 0
+        self.states: dict[str, Any] = {}
+
+    async def get_ca_breaker(self, directory_url: str) -> Any:
+        self.reads += 1
+        return self.states.get(directory_url)
+
+    async def put_ca_breaker(self, state: Any) -> None:
+        self.states[state.directory_url] = state
+
+    async def claim_ca_probe(self, directory_url: str, now: float, next_probe_at: float) -> bool:
+        return True
+
+
+async def test_the_prober_trusts_a_closed_breaker_it_just_saw() -> None:
+    from acme_client.breaker import BreakerSettings, CaBreaker
+
+    store = _CountingBreakers()
+    breaker = CaBreaker(store, "https://ca.test/dir", BreakerSettings())
+    probes: list[int] = []
+
+    async def probe() -> None:
+        probes.append(1)
+
+    for _ in range(20):  # 20 ticks of an idle worker's prober
+        assert await breaker.probe_if_due(probe) is None
+    assert store.reads == 1  # the first tick read it closed; the others trusted that
+    await breaker.record_failure("CA down")  # this process opens it: the prober reads again
+    reads = store.reads
+    await breaker.probe_if_due(probe)
+    assert store.reads > reads
