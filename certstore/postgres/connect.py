@@ -81,6 +81,20 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CannotConnectNowError,  # starting up / shutting down
     asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, cancelled
     asyncpg.exceptions.InterfaceError,  # "connection is closed", pool closing
+    asyncpg.exceptions.InternalClientError,  # a connection left mid-operation by a crash
+)
+# Errors after which a pooled connection's state is unknown (the server went away
+# mid-call, asyncpg's protocol was left mid-operation): it is terminated instead of
+# returned, since the pool runs no reset query that would find out (PostgresStore.open).
+# Not a timeout: asyncpg cancels the statement and waits for that on release.
+BROKEN: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
 )
 REFUSED: tuple[type[BaseException], ...] = (
     ssl.SSLError,

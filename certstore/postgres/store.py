@@ -43,7 +43,7 @@ from ..models import (
 from ..nodes import NODE as _NODE
 from ..nodes import process_alive
 from ..ports import KEEP, DomainExists, Keep
-from .connect import connect, connect_kwargs, mask_url, translate
+from .connect import BROKEN, connect, connect_kwargs, mask_url, translate
 from .listener import EventListener
 from .schema import MIGRATION_LOCK, MIGRATIONS, NOTIFY_CHANNEL, RATE_LOCK_CLASS, SCHEMA_VERSION
 
@@ -166,7 +166,11 @@ class PostgresStore:
         """A pooled connection for one call; connection trouble becomes StoreUnavailable."""
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
-                yield conn
+                try:
+                    yield conn
+                except BROKEN:
+                    conn.terminate()  # released as closed: the next acquire opens a new one
+                    raise
         except Exception as exc:
             error = translate(exc, self._url, self._password)
             if error is None:
