@@ -37,6 +37,11 @@ PROBE_WAIT = 1.0  # an order arriving during a probe waits this long for its out
 # (~0.7 ms of CPU each, 5 % of an issuance). Another worker's opening is seen this much
 # later at most; an order placed meanwhile fails at the CA and opens it here too.
 CLOSED_REUSE_SECONDS = 0.5
+# The background prober trusts a closed state this process saw this long (instead of a
+# store read per tick per worker: most of an idle fleet's statements). Whoever opens the
+# breaker reads it open here (this process's failure, or its next order's check); another
+# process's prober claims the probes meanwhile.
+PROBER_CLOSED_REUSE_SECONDS = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +202,9 @@ class CaBreaker:
     async def probe_if_due(self, probe: Callable[[], Awaitable[object]]) -> bool | None:
         """Background probe: when the breaker is open and a probe is due, claim it and run
         `probe` (e.g. a directory fetch). Returns None when there was nothing to do."""
+        if self._closed is not None:
+            if time.monotonic() - self._closed[1] < PROBER_CLOSED_REUSE_SECONDS:
+                return None
         state = await self.state()
         if state.state == CLOSED:
             if self._seen_state != CLOSED:

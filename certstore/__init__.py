@@ -6,7 +6,7 @@ are never named outside it.
 """
 
 from .crypto import Sealer, StoreKeyError, generate_key_text, load_key
-from .errors import StoreError, StoreUnavailable
+from .errors import StoreError, StoreSlow, StoreUnavailable
 from .factory import SCHEMES, open_store
 from .models import (
     AcmeAccount,
@@ -76,6 +76,7 @@ __all__ = [
     "StoreError",
     "StoreKeyError",
     "StoreSummaries",
+    "StoreSlow",
     "StoreUnavailable",
     "StoredCertificate",
     "generate_key_text",

@@ -12,3 +12,10 @@ class StoreUnavailable(StoreError):
     too slow to answer within the bound): the call did not happen, or its outcome is
     unknown. Raised within a bounded time instead of hanging; the same store object
     works again once the server is back (no reopen)."""
+
+
+class StoreSlow(StoreUnavailable):
+    """One call took longer than its bound (a statement's or a pool acquire's timeout, a
+    server with no connection to spare), while nothing says the server is unreachable: a
+    transient failure of that call only. A StoreUnavailable, so every caller already
+    treats it as "retry later"; the read-through circuit does not open for it alone."""

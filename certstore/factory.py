@@ -83,6 +83,8 @@ async def open_store(
     clock: Callable[[], float] = time.time,
     password: str | None = None,
     pool_size: int | None = None,
+    statement_timeout: float | None = None,
+    connect_timeout: float | None = None,
 ) -> Store:
     """Open (creating and migrating when needed) the store `url_or_path` names.
 
@@ -90,11 +92,18 @@ async def open_store(
     an existing store raises StoreKeyError. The store is shared: every worker process
     opens its own. `password` and `pool_size` concern a database server (PostgreSQL):
     the password when the URL has none, and the connections this store object may hold
-    at most (SQLite ignores both). A server that cannot be reached raises
+    at most (SQLite ignores both); `statement_timeout` bounds each statement and pool acquire
+    (expiry: StoreSlow), `connect_timeout` each new connection (expiry: StoreUnavailable).
+    A server that cannot be reached raises
     :class:`certstore.errors.StoreUnavailable` within a few seconds.
     """
     if is_postgres_url(url_or_path):
-        from .postgres import DEFAULT_POOL_SIZE, PostgresStore
+        from .postgres import (
+            DEFAULT_CONNECT_TIMEOUT,
+            DEFAULT_POOL_SIZE,
+            DEFAULT_TIMEOUT,
+            PostgresStore,
+        )
 
         return await PostgresStore.open(
             str(url_or_path).strip(),
@@ -102,6 +111,8 @@ async def open_store(
             clock,
             password=password,
             pool_size=pool_size or DEFAULT_POOL_SIZE,
+            bound=statement_timeout or DEFAULT_TIMEOUT,
+            connect_timeout=connect_timeout or DEFAULT_CONNECT_TIMEOUT,
         )
     path = sqlite_path(url_or_path)
     from .sqlite import SQLiteStore

@@ -5,6 +5,9 @@ edge must keep serving what it can, fail fast on what it cannot, and come back b
 :class:`ReadThroughStore` wraps such a store (every role of :class:`certstore.Store`):
 
 * **A circuit.** The first :class:`StoreUnavailable` a call raises opens it (one WARNING);
+  a :class:`StoreSlow` (a statement or pool acquire timed out: in a busy worker that
+  happens while the database idles) does not: it fails that call only, and one check on
+  a fresh connection (`probe_connection`) decides whether the database is unreachable;
   from then on every call fails at once with StoreUnavailable instead of each waiting out
   a dead database, while one background probe asks the store every `retry_seconds`.
   The first answer closes it (one INFO, with how long it lasted). Nothing needs a restart.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -43,7 +47,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from .crypto import Sealer, StoreKeyError
-from .errors import StoreUnavailable
+from .errors import StoreSlow, StoreUnavailable
 from .factory import _SCHEME
 from .models import Domain, DomainState, HostFile, StoredCertificate
 from .ports import ROLES, Store
@@ -76,8 +80,14 @@ class StoreCircuit:
         *,
         retry_seconds: float = RETRY_SECONDS,
         on_recovered: Callable[[], None] | None = None,
+        reachable: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self._probe = probe
+        # after a slow call: does a fresh connection still get an answer? (default: probe)
+        self._reachable = reachable or probe
+        self._checker: asyncio.Task[None] | None = None
+        self._checked_at: float | None = None  # time.monotonic() of the last check
+        self.slow_calls = 0  # StoreSlow seen (tests, benchmarks)
         self._retry = retry_seconds
         self._on_recovered = on_recovered
         self.down_since: float | None = None  # time.monotonic() of the loss
@@ -85,6 +95,10 @@ class StoreCircuit:
         self.outages = 0  # how many times the store was lost (tests, status)
         self.last_outage_seconds: float | None = None
         self._prober: asyncio.Task[None] | None = None
+
+    @property
+    def retry_seconds(self) -> float:
+        return self._retry
 
     @property
     def down(self) -> bool:
@@ -96,7 +110,11 @@ class StoreCircuit:
             raise StoreUnavailable(self.reason)
 
     def lost(self, exc: StoreUnavailable) -> None:
-        """A call found the store unreachable: open the circuit (once) and start probing."""
+        """A call found the store unreachable: open the circuit (once) and start probing.
+        A slow call (StoreSlow) only starts a reachability check."""
+        if isinstance(exc, StoreSlow):
+            self.slow(exc)
+            return
         if self.down_since is not None:
             return
         self.down_since = time.monotonic()
@@ -109,6 +127,31 @@ class StoreCircuit:
             extra={"event": "store_unavailable", "reason": str(exc)},
         )
         self._prober = asyncio.ensure_future(self._probe_until_back())
+
+    def slow(self, exc: StoreSlow) -> None:
+        """A call timed out: no evidence of an outage by itself (the worker's loop or its
+        pool may have been the slow part). One check at a time on a fresh connection:
+        the circuit opens only if that fails too."""
+        self.slow_calls += 1
+        if self.down_since is not None or self._checker is not None:
+            return
+        now = time.monotonic()
+        if self._checked_at is not None and now - self._checked_at < self._retry:
+            return  # checked a moment ago: a burst of slow calls opens one connection
+        self._checked_at = now
+        self._checker = asyncio.ensure_future(self._check_reachable(exc))
+
+    async def _check_reachable(self, exc: StoreSlow) -> None:
+        try:
+            await self._reachable()
+        except StoreSlow:
+            pass  # a reachability check never raises this; a fake one may: still no proof
+        except StoreUnavailable as lost:
+            self.lost(StoreUnavailable(f"{exc}; a fresh connection failed too: {lost}"))
+        except Exception as other:  # not an outage (e.g. a refusal): the calls report it
+            log.debug("store reachability check: %s: %s", type(other).__name__, other)
+        finally:
+            self._checker = None
 
     async def _probe_until_back(self) -> None:
         while self.down_since is not None:
@@ -133,9 +176,10 @@ class StoreCircuit:
                 self._on_recovered()
 
     async def close(self) -> None:
-        if self._prober is not None:
-            self._prober.cancel()
-            await asyncio.gather(self._prober, return_exceptions=True)
+        tasks = [t for t in (self._prober, self._checker) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,7 +447,11 @@ class ReadThroughStore:
     ) -> None:
         self.primary = primary
         self.copy = copy
-        self.circuit = StoreCircuit(primary.last_event_id, retry_seconds=retry_seconds)
+        self.circuit = StoreCircuit(
+            primary.last_event_id,
+            retry_seconds=retry_seconds,
+            reachable=getattr(primary, "probe_connection", None),
+        )
         self._refresh = refresh_seconds
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="linkedge-copy")
@@ -692,14 +740,28 @@ class ReadThroughStore:
         """The follower's wait (EventLog): never raises for a lost store; while the circuit
         is open it just waits, and the follower's next read reports the outage."""
         wait = getattr(self.primary, "wait_for_events", None)
+        # while the store is away, the followers wait long; they try again soon after it
+        # is back (at most a probe interval late), not a whole wait later
+        outage = min(timeout, self.circuit.retry_seconds)
         if wait is None or self.circuit.down:
-            await asyncio.sleep(timeout)
+            await asyncio.sleep(outage if self.circuit.down else timeout)
             return
         try:
             await wait(after_id, timeout)
         except StoreUnavailable as exc:
             self.circuit.lost(exc)
-            await asyncio.sleep(timeout)
+            await asyncio.sleep(outage)
+
+    def events_pushed(self) -> bool:
+        """The wrapped store's (False while the circuit is open: followers poll)."""
+        pushed = getattr(self.primary, "events_pushed", None)
+        if pushed is None or self.circuit.down:
+            return False
+        answer = pushed()
+        if inspect.iscoroutine(answer):  # a wrapper forwarding every name as a coroutine
+            answer.close()
+            return False
+        return bool(answer)
 
     def as_store(self) -> Store:
         """This object as the composite it implements (its role methods are generated)."""

@@ -849,6 +849,11 @@ class SQLiteStore:
         row = await self._one("SELECT COALESCE(MAX(id), 0) FROM events")
         return int(row[0]) if row else 0
 
+    def events_pushed(self) -> bool:
+        """:meth:`wait_for_events` returns within `_WAIT_POLL` of a new event whatever
+        its timeout (it looks itself): a follower may wait long between reads."""
+        return True
+
     async def wait_for_events(self, after_id: int, timeout: float) -> None:  # noqa: ASYNC109
         """SQLite has no push between processes: look at the newest id every
         `_WAIT_POLL` seconds (an index lookup) until it passes `after_id`."""

@@ -5,6 +5,13 @@ URL; nothing outside `certstore` names :class:`PostgresStore`.
 """
 
 from .connect import SCHEMES, mask_url
-from .store import DEFAULT_POOL_SIZE, DEFAULT_TIMEOUT, PostgresStore
+from .store import DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, DEFAULT_TIMEOUT, PostgresStore
 
-__all__ = ["DEFAULT_POOL_SIZE", "DEFAULT_TIMEOUT", "SCHEMES", "PostgresStore", "mask_url"]
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_POOL_SIZE",
+    "DEFAULT_TIMEOUT",
+    "SCHEMES",
+    "PostgresStore",
+    "mask_url",
+]

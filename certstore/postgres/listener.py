@@ -38,6 +38,8 @@ class EventListener:
         self._label = label  # the URL, password masked
         self.latest = 0  # the highest event id known to exist
         self.connects = 0  # successful (re)connects so far
+        self.drops = 0  # connections lost after they were listening
+        self.live = False  # listening now: a wait returns within milliseconds of an event
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -50,9 +52,12 @@ class EventListener:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         connects = self.connects
+        drops = self.drops
         while self.latest <= after_id:
             if self.connects != connects and connects > 0:
                 return  # reconnected: whatever happened meanwhile is re-read by cursor
+            if self.drops != drops:
+                return  # lost: the caller polls (short waits) until `live` again
             left = deadline - loop.time()
             if left <= 0:
                 return
@@ -90,6 +95,7 @@ class EventListener:
                 )
                 self.latest = max(self.latest, int(newest))
                 self.connects += 1
+                self.live = True
                 self._wake()
                 if down_logged:
                     log.info("store notifications from %s resumed", self._label)
@@ -113,6 +119,9 @@ class EventListener:
                     )
                     down_logged = True
             finally:
+                if self.live:
+                    self.live = False
+                    self.drops += 1
                 if conn is not None:
                     conn.terminate()
             if self._closed:

@@ -297,6 +297,27 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX renewals_failing ON renewals (hostname)
         WHERE last_error IS NOT NULL AND last_error != '';
     """,
+    # 3: a rate token in one call. The bucket's advisory lock used to be held across
+    # three client round trips (lock, count-and-insert, commit): every order of the fleet
+    # queued behind the slowest worker's event loop. Here it is held server-side only.
+    """
+    -- Race-free because the function is VOLATILE and runs in READ COMMITTED (every
+    -- caller: one statement outside an explicit transaction): each statement inside it
+    -- takes a new snapshot, so the INSERT's count, taken after PERFORM got the lock,
+    -- sees every token a previous holder committed (its lock is released only after
+    -- its commit is visible). Two callers can never both take the last token.
+    CREATE FUNCTION linkedge_take_rate_token(lock_class integer, b text, now_at double precision,
+                                             since double precision, lim integer)
+    RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
+    DECLARE token bigint;
+    BEGIN
+        PERFORM pg_advisory_xact_lock(lock_class, hashtext(b));
+        INSERT INTO rate_log (bucket, at) SELECT b, now_at
+            WHERE (SELECT count(*) FROM rate_log WHERE bucket = b AND at > since) < lim
+            RETURNING id INTO token;
+        RETURN token;
+    END $$;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -28,7 +28,7 @@ from typing import Any
 import asyncpg
 
 from ..crypto import Sealer
-from ..errors import StoreError
+from ..errors import StoreError, StoreUnavailable
 from ..models import (
     AcmeAccount,
     CaBreakerState,
@@ -44,7 +44,7 @@ from ..models import (
 from ..nodes import NODE as _NODE
 from ..nodes import process_alive
 from ..ports import KEEP, DomainExists, Keep
-from .connect import connect_kwargs, mask_url, translate
+from .connect import BROKEN, connect, connect_kwargs, mask_url, translate
 from .listener import EventListener
 from .schema import MIGRATION_LOCK, MIGRATIONS, NOTIFY_CHANNEL, RATE_LOCK_CLASS, SCHEMA_VERSION
 
@@ -52,7 +52,12 @@ Clock = Callable[[], float]
 log = logging.getLogger(__name__)
 
 DEFAULT_POOL_SIZE = 5
-DEFAULT_TIMEOUT = 3.0  # connect, acquire and each statement; bulk listings get BULK_TIMEOUT
+# A statement (and a pool acquire) may take this long: generous, because in a busy worker
+# the time includes waiting for the event loop and for a pooled connection, not only the
+# database (store.timeout_seconds). Its expiry is StoreSlow (that call failed), not an outage.
+DEFAULT_TIMEOUT = 10.0
+# Opening a connection: short, its expiry is evidence of an outage (store.connect_timeout_seconds)
+DEFAULT_CONNECT_TIMEOUT = 5.0
 BULK_TIMEOUT = 120.0  # list_domains / list_certificates / list_renewals on a big store
 
 
@@ -65,6 +70,7 @@ class PostgresStore:
         url: str,
         password: str | None,
         timeout: float,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         self._pool = pool
         self._sealer = sealer
@@ -72,8 +78,9 @@ class PostgresStore:
         self._url = url
         self._password = password
         self._timeout = timeout
+        self._connect_timeout = connect_timeout
         self._listener = EventListener(
-            connect_kwargs(url, password, timeout), NOTIFY_CHANNEL, timeout, mask_url(url)
+            connect_kwargs(url, password, connect_timeout), NOTIFY_CHANNEL, timeout, mask_url(url)
         )
 
     @classmethod
@@ -86,12 +93,14 @@ class PostgresStore:
         password: str | None = None,
         pool_size: int = DEFAULT_POOL_SIZE,
         bound: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> PostgresStore:
         if pool_size < 1:
             raise StoreError("store pool size must be at least 1")
         try:
             pool = await asyncpg.create_pool(
-                **connect_kwargs(url, password, bound),
+                **connect_kwargs(url, password, connect_timeout),
+                connect=connect,  # a connect timeout is told apart from a slow statement
                 # No floor: asyncpg restores a floor in the background during an outage,
                 # logging a traceback per retry. The first call opens a connection (the
                 # migration, at once) and a busy worker keeps its connections warm.
@@ -101,13 +110,21 @@ class PostgresStore:
                 # a connection idle this long is closed: a node does not keep its peak
                 # number of connections to a shared database for ever
                 max_inactive_connection_lifetime=120.0,
+                # No reset query on release (asyncpg's default runs one per release: half
+                # an idle fleet's statements). It undoes session state, and the pool's
+                # connections keep none: no LISTEN (that is the listener's own
+                # connection), no SET (linkedge.now is set_config(..., true): the
+                # transaction's), only transaction-scoped advisory locks, no cursors or
+                # prepared statements outside asyncpg's own cache. asyncpg still ends an
+                # open transaction and drops listeners before calling this.
+                reset=_no_reset,
             )
         except Exception as exc:
             error = translate(exc, url, password)
             if error is None:
                 raise
             raise error from None
-        store = cls(pool, Sealer(key), clock, url, password, bound)
+        store = cls(pool, Sealer(key), clock, url, password, bound, connect_timeout)
         try:
             await store._migrate()
             await store._check_key()
@@ -125,12 +142,36 @@ class PostgresStore:
 
     # -- connections -------------------------------------------------------------------
 
+    async def probe_connection(self) -> None:
+        """Open a fresh connection (not the pool's) and ask one trivial question: after a
+        slow call, this tells "the database is unreachable" (StoreUnavailable) from "this
+        worker or its pool was busy" (returns). Bounded by the connect timeout."""
+        conn: asyncpg.Connection | None = None
+        try:
+            conn = await connect(**connect_kwargs(self._url, self._password, self._connect_timeout))
+            await conn.fetchval("SELECT 1", timeout=self._connect_timeout)
+        except Exception as exc:
+            error = translate(exc, self._url, self._password)
+            if error is None:
+                raise
+            if isinstance(exc, TimeoutError):  # the trivial question timed out: not answering
+                error = StoreUnavailable(str(error))
+            raise error from None
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):  # close() aborts by itself on failure
+                    await conn.close(timeout=self._connect_timeout)
+
     @contextlib.asynccontextmanager
     async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection for one call; connection trouble becomes StoreUnavailable."""
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
-                yield conn
+                try:
+                    yield conn
+                except BROKEN:
+                    conn.terminate()  # released as closed: the next acquire opens a new one
+                    raise
         except Exception as exc:
             error = translate(exc, self._url, self._password)
             if error is None:
@@ -858,23 +899,19 @@ class PostgresStore:
     # -- rate limits (sliding windows) --------------------------------------------------------
 
     async def take_rate_token(self, bucket: str, limit: int, window: float) -> int | None:
-        """Count and insert under the bucket's advisory lock: the INSERT's snapshot is
-        taken after the lock, so it sees every use a previous holder committed, and two
-        callers can never both take the last token."""
+        """One call of ``linkedge_take_rate_token`` (migration 3): the bucket's advisory
+        lock, the count and the insert happen server-side, so the lock is held for
+        microseconds, not across client round trips; why two callers can never both take
+        the last token is said in the function's migration."""
         now = self._clock()
-        async with self._tx() as conn:
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock($1, hashtext($2))", RATE_LOCK_CLASS, bucket
-            )
-            token = await conn.fetchval(
-                "INSERT INTO rate_log (bucket, at) SELECT $1, $2"
-                " WHERE (SELECT count(*) FROM rate_log WHERE bucket = $1 AND at > $3) < $4"
-                " RETURNING id",
-                bucket,
-                now,
-                now - window,
-                limit,
-            )
+        token = await self._fetchval(
+            "SELECT linkedge_take_rate_token($1, $2, $3, $4, $5)",
+            RATE_LOCK_CLASS,
+            bucket,
+            now,
+            now - window,
+            limit,
+        )
         return None if token is None else int(token)
 
     async def add_rate_event(self, bucket: str) -> None:
@@ -968,6 +1005,11 @@ class PostgresStore:
         :class:`EventListener`)."""
         await self._listener.wait(after_id, timeout)
 
+    def events_pushed(self) -> bool:
+        """Whether :meth:`wait_for_events` is woken by the database right now (the
+        listener is connected): a follower may then wait long between reads."""
+        return self._listener.live
+
     # -- small named values (cursors) ------------------------------------------------------------
 
     async def get_meta(self, key: str) -> str | None:
@@ -981,6 +1023,10 @@ class PostgresStore:
             f"v:{key}",
             value.encode(),
         )
+
+
+async def _no_reset(_conn: asyncpg.Connection) -> None:
+    """The pool's reset on release: nothing to undo (see PostgresStore.open)."""
 
 
 _HOST_TABLES = (

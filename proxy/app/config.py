@@ -145,6 +145,11 @@ class StoreConfig:
     password_file: str = ""
     password_env: str = "LINKEDGE_STORE_PASSWORD"  # noqa: S105 (a variable name)
     pool_size: int = 5
+    # PostgreSQL: each statement and pool acquire may take this long (expiry fails that
+    # call only; in a busy worker it includes waiting for the event loop and the pool)
+    timeout_seconds: float = 10.0
+    # PostgreSQL: opening a connection may take this long (expiry: the store is unreachable)
+    connect_timeout_seconds: float = 5.0
 
     def location(self) -> str:
         """What certstore.open_store opens: `url` when set, else `path` (SQLite)."""
@@ -298,6 +303,8 @@ def require_serving(config: Config) -> None:
         raise ConfigError("workers must be at least 1")
     if config.store.pool_size < 1:
         raise ConfigError("store.pool_size must be at least 1")
+    if config.store.timeout_seconds <= 0 or config.store.connect_timeout_seconds <= 0:
+        raise ConfigError("store.timeout_seconds and store.connect_timeout_seconds must be > 0")
     if config.admin.listen:
         if config.admin.listen.startswith(UNIX_PREFIX):
             if not config.admin.listen[len(UNIX_PREFIX) :].startswith("/"):

@@ -163,6 +163,8 @@ async def open_store(config: Config, clock: Callable[[], float] = time.time) -> 
         clock=clock,
         password=store_password(config),
         pool_size=config.store.pool_size,
+        statement_timeout=config.store.timeout_seconds,
+        connect_timeout=config.store.connect_timeout_seconds,
     )
 
 

@@ -26,6 +26,7 @@ import aiohttp
 from certstore import CertStore, Event, StoreUnavailable
 from proxy.counters import Counters
 from proxy.hosts.events import EventKind
+from proxy.hosts.state_sync import follow_wait
 from proxy.wire.hostnames import display_hostname
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,11 @@ class WebhookSender:
                 log.exception("webhook delivery pass failed")
                 await asyncio.sleep(self._settings.poll_seconds)
                 continue
-            # woken by the next event (pushed on PostgreSQL), at most poll_seconds
-            await self._store.wait_for_events(self._cursor, self._settings.poll_seconds)
+            # woken by the next event (pushed on PostgreSQL), at most poll_seconds when
+            # nothing pushes
+            await self._store.wait_for_events(
+                self._cursor, follow_wait(self._store, self._settings.poll_seconds)
+            )
 
     async def send_pending(self) -> int:
         cursor = int(await self._store.get_meta(CURSOR_KEY) or 0)

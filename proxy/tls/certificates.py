@@ -94,37 +94,82 @@ class RenewalBusy(Exception):
     """Another order for this host is in progress (in this or another worker)."""
 
 
+class LeaseLost(RenewalBusy, Refused):
+    """The name's lease was taken over while this worker held it (its refreshes failed
+    until it expired and another worker took it): the work under it was stopped, the new
+    holder finishes the order (the pending order is in the store)."""
+
+    def __init__(self, name: str) -> None:
+        Refused.__init__(
+            self, f"lease {name} was taken over; another worker finishes the order", INTERNAL_ERROR
+        )
+
+
 @contextlib.asynccontextmanager
 async def kept_lease(store: CertStore, name: str, holder: str, ttl: float) -> AsyncIterator[bool]:
     """Try to take a lease; while the body runs, refresh it every third of `ttl`.
 
     Yields whether the lease is held. A holder that dies stops refreshing, so its lease
     expires within `ttl` (and a restarted process on the same node frees it at once:
-    `CertStore.release_dead_leases`).
+    `CertStore.release_dead_leases`). When another holder has taken it over, the body is
+    cancelled and LeaseLost raised: two workers never go on ordering the same name.
     """
     if not await store.try_acquire_lease(name, holder, ttl):
         yield False
         return
+    body = asyncio.current_task()
+    state = {"lost": False, "done": False}
+
+    def stop(refresher: asyncio.Future[None]) -> None:
+        # the refresher ends by itself only when the lease was taken over
+        if state["done"] or refresher.cancelled() or refresher.exception() is not None:
+            return
+        state["lost"] = True
+        if body is not None:
+            body.cancel()
+
     refresher = asyncio.ensure_future(_refresh_lease(store, name, holder, ttl))
+    refresher.add_done_callback(stop)
     try:
         yield True
+    except asyncio.CancelledError:
+        if state["lost"] and body is not None and body.uncancel() == 0:
+            raise LeaseLost(name) from None
+        raise
     finally:
+        state["done"] = True
         refresher.cancel()
         await asyncio.gather(refresher, return_exceptions=True)
-        await store.release_lease(name, holder)
+        if not state["lost"]:
+            await store.release_lease(name, holder)
+
+
+LEASE_RETRY_SECONDS = 0.5  # after a failed refresh: again this soon, doubling
 
 
 async def _refresh_lease(store: CertStore, name: str, holder: str, ttl: float) -> None:
+    """Refresh every third of `ttl`; after a failure, again after 0.5 s, 1 s, 2 s ...
+    (never later than halfway to the expiry): waiting another third would lose the
+    lease after two failures in a row."""
+    held_until = time.monotonic() + ttl  # from the acquire just before
+    delay, retry = ttl / 3, LEASE_RETRY_SECONDS
     while True:
-        await asyncio.sleep(ttl / 3)
+        await asyncio.sleep(delay)
+        asked = time.monotonic()
         try:
             if not await store.try_acquire_lease(name, holder, ttl):
                 log.warning("lease %s was taken over while %s still held it", name, holder)
                 return
-        except StoreUnavailable as exc:  # logged by the store once; the lease may outlast it
-            log.debug("refreshing lease %s: %s", name, exc)
-        except Exception:  # a store hiccup: the next refresh may succeed before expiry
-            log.exception("refreshing lease %s failed", name)
+        except Exception as exc:  # a store hiccup: retried soon, the lease may outlast it
+            if isinstance(exc, StoreUnavailable):  # logged by the store once
+                log.debug("refreshing lease %s: %s", name, exc)
+            else:
+                log.exception("refreshing lease %s failed", name)
+            left = held_until - time.monotonic()
+            delay, retry = min(retry, max(left / 2, 0.05)), min(retry * 2, ttl / 3)
+            continue
+        held_until = asked + ttl
+        delay, retry = ttl / 3, LEASE_RETRY_SECONDS
 
 
 @dataclass

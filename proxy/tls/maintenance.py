@@ -40,7 +40,7 @@ from certstore.errors import StoreUnavailable
 from proxy.hosts.dnscheck import CnameChecker, CnameStatus
 from proxy.hosts.events import EventKind
 from proxy.hosts.leases import lease_name
-from proxy.tls.certificates import CertificateManager, kept_lease
+from proxy.tls.certificates import CertificateManager, LeaseLost, kept_lease
 
 log = logging.getLogger(__name__)
 ARI_ERROR_RETRY = 3600.0  # a CA whose renewalInfo fails is asked again in an hour
@@ -210,7 +210,7 @@ class Maintainer:
             async with slots:
                 try:
                     await self.visit(hostname)
-                except StoreUnavailable as exc:
+                except (StoreUnavailable, LeaseLost) as exc:  # LeaseLost: logged when lost
                     log.debug("maintenance of %s: %s", hostname, exc)
                 except Exception:
                     log.exception("maintenance of %s failed", hostname)
