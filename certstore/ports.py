@@ -135,6 +135,22 @@ class HostStore(Protocol):
         """Hosts whose ``next_check_at`` is set and <= `now`, most overdue first."""
         ...
 
+    async def restore_domain(self, domain: Domain) -> bool:
+        """Import: make the host's record exactly `domain`, every field as given (account,
+        state and reason, timestamps, check results, schedule), nothing taken from the
+        store's clock. For copying a store (``certstore.transfer``), not for lifecycle
+        decisions, which go through :meth:`transition_domain`.
+
+        True when the host was new: it is inserted and ``registered`` is emitted with it
+        (its time is the record's ``created_at``, as for :meth:`add_domain`), so running
+        workers learn of it like of any new host. False when it existed: the record is
+        overwritten; if that changes the state, one ``state`` event (from, to, the
+        record's ``state_reason``, at its ``state_changed_at``) is emitted with it, as
+        every change of state is; otherwise nothing is emitted. Either outcome is one
+        atomic step; the host's other records (certificate, options, ...) are untouched.
+        """
+        ...
+
 
 class HostContentStore(Protocol):
     """What the edge serves itself per host: options and files (app association files).
@@ -204,6 +220,11 @@ class CertificateStore(Protocol):
         """Insert or replace the account for its directory URL (key sealed)."""
         ...
 
+    async def list_accounts(self) -> list[AcmeAccount]:
+        """Every ACME account (one per directory URL) with its key opened, by directory
+        URL (raises StoreKeyError like :meth:`get_certificate`). For copying a store."""
+        ...
+
 
 class RenewalStore(Protocol):
     """Renewal plans, written by the maintenance loop (dropped by put_certificate)."""
@@ -221,6 +242,14 @@ class RenewalStore(Protocol):
     async def next_maintenance_at(self) -> float | None:
         """The earliest next_check_at over all certificates (0 for one without a plan);
         None without certificates."""
+        ...
+
+    async def renewal_load(self, start: float, end: float, slot: float) -> list[int]:
+        """Plans per slot: element k counts the plans whose ``due_at`` lies in
+        [start + k·slot, start + (k+1)·slot), for k up to ceil((end - start) / slot)
+        (empty when end <= start). What the leveling scheduler spreads renewals over
+        (acme_client.renewal_slots); it runs once per maintenance pass, so it must read
+        an index range over the span, not every plan."""
         ...
 
 
@@ -353,10 +382,12 @@ class EventLog(Protocol):
     ========================= ===================================== ====================
     kind                      emitted by                            detail
     ========================= ===================================== ====================
-    ``registered``            HostStore.add_domain                  ``account <name>``
+    ``registered``            HostStore.add_domain,                 ``account <name>``
+                              HostStore.restore_domain (a new host)
     ``removed``               HostStore.remove_domain               what was deleted
-    ``state``                 HostStore.transition_domain (a        the reason; from_state
-                              change of state only)                 and to_state are set
+    ``state``                 HostStore.transition_domain,          the reason; from_state
+                              HostStore.restore_domain (a change    and to_state are set
+                              of state only)
     ``options_changed``       HostContentStore.put_options          the options' JSON
     ``file_updated``          HostContentStore.put_host_file        kind, size, ETag
     ``file_deleted``          HostContentStore.delete_host_file     the kind

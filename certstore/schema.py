@@ -217,6 +217,106 @@ MIGRATIONS: tuple[str, ...] = (
                 'domain and its certificate deleted');
     END;
     """,
+    # 7: a million hosts (issue 11): what runs at start and on timers reads an index, not
+    # every certificate. Certificates without a renewal plan wait in a queue the triggers
+    # keep (the maintenance loop's "no plan yet" was an anti-join over all certificates);
+    # plans by due time (the gauges; leveling counts plans per slot); certificates by
+    # expiry (the gauges, the soonest expiries); failing plans (a small partial index).
+    # (No OR IGNORE in a trigger: the firing statement's conflict clause would override it.)
+    """
+    CREATE INDEX renewals_by_due ON renewals (due_at);
+    CREATE INDEX renewals_failing ON renewals (hostname)
+        WHERE last_error IS NOT NULL AND last_error != '';
+    CREATE INDEX certificates_by_expiry ON certificates (not_after);
+    CREATE TABLE unplanned_certificates (hostname TEXT PRIMARY KEY);
+    INSERT INTO unplanned_certificates (hostname) SELECT hostname FROM certificates
+        WHERE hostname NOT IN (SELECT hostname FROM renewals);
+    CREATE TRIGGER certificate_inserted_unplanned AFTER INSERT ON certificates
+    BEGIN
+        INSERT INTO unplanned_certificates (hostname) SELECT new.hostname WHERE NOT EXISTS
+            (SELECT 1 FROM unplanned_certificates WHERE hostname = new.hostname);
+    END;
+    CREATE TRIGGER certificate_updated_unplanned AFTER UPDATE ON certificates
+    BEGIN
+        INSERT INTO unplanned_certificates (hostname) SELECT new.hostname WHERE NOT EXISTS
+            (SELECT 1 FROM unplanned_certificates WHERE hostname = new.hostname);
+    END;
+    CREATE TRIGGER certificate_deleted_unplanned AFTER DELETE ON certificates
+    BEGIN
+        DELETE FROM unplanned_certificates WHERE hostname = old.hostname;
+    END;
+    CREATE TRIGGER renewal_planned AFTER INSERT ON renewals
+    BEGIN
+        DELETE FROM unplanned_certificates WHERE hostname = new.hostname;
+    END;
+    CREATE TRIGGER renewal_replanned AFTER UPDATE ON renewals
+    BEGIN
+        DELETE FROM unplanned_certificates WHERE hostname = new.hostname;
+    END;
+    """,
+    # 8: host counts per state kept by triggers (issue 11): the gauges' GROUP BY over a
+    # million hosts held a worker's only store connection (and every handshake queued
+    # behind it) for a third of a second per scrape
+    """
+    CREATE TABLE domain_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL);
+    INSERT INTO domain_counts (state, n) SELECT state, COUNT(*) FROM domains GROUP BY state;
+    CREATE TRIGGER domain_counted AFTER INSERT ON domains
+    BEGIN
+        INSERT INTO domain_counts (state, n) SELECT new.state, 0 WHERE NOT EXISTS
+            (SELECT 1 FROM domain_counts WHERE state = new.state);
+        UPDATE domain_counts SET n = n + 1 WHERE state = new.state;
+    END;
+    CREATE TRIGGER domain_uncounted AFTER DELETE ON domains
+    BEGIN
+        UPDATE domain_counts SET n = n - 1 WHERE state = old.state;
+    END;
+    CREATE TRIGGER domain_recounted AFTER UPDATE OF state ON domains
+    WHEN old.state IS NOT new.state
+    BEGIN
+        INSERT INTO domain_counts (state, n) SELECT new.state, 0 WHERE NOT EXISTS
+            (SELECT 1 FROM domain_counts WHERE state = new.state);
+        UPDATE domain_counts SET n = n - 1 WHERE state = old.state;
+        UPDATE domain_counts SET n = n + 1 WHERE state = new.state;
+    END;
+    """,
+    # 9: plans per 3-hour slot of due time kept by triggers (issue 11): the leveling
+    # scheduler reads the load over weeks of slots once a minute per worker; counting a
+    # million plans for it held the worker's only store connection for 0.15-2 s. The
+    # grid is RENEWAL_SLOT_SECONDS from the epoch (the scheduler's own grid).
+    """
+    CREATE TABLE renewal_slots (slot INTEGER PRIMARY KEY, n INTEGER NOT NULL);
+    INSERT INTO renewal_slots (slot, n)
+        SELECT CAST(due_at / 10800 AS INTEGER) - (due_at < 0), COUNT(*) FROM renewals
+        GROUP BY 1;
+    CREATE TRIGGER renewal_slot_added AFTER INSERT ON renewals
+    BEGIN
+        INSERT INTO renewal_slots (slot, n)
+            SELECT CAST(new.due_at / 10800 AS INTEGER) - (new.due_at < 0), 0 WHERE NOT EXISTS
+            (SELECT 1 FROM renewal_slots
+             WHERE slot = CAST(new.due_at / 10800 AS INTEGER) - (new.due_at < 0));
+        UPDATE renewal_slots SET n = n + 1
+            WHERE slot = CAST(new.due_at / 10800 AS INTEGER) - (new.due_at < 0);
+    END;
+    CREATE TRIGGER renewal_slot_removed AFTER DELETE ON renewals
+    BEGIN
+        UPDATE renewal_slots SET n = n - 1
+            WHERE slot = CAST(old.due_at / 10800 AS INTEGER) - (old.due_at < 0);
+    END;
+    CREATE TRIGGER renewal_slot_moved AFTER UPDATE OF due_at ON renewals
+    WHEN old.due_at IS NOT new.due_at
+    BEGIN
+        UPDATE renewal_slots SET n = n - 1
+            WHERE slot = CAST(old.due_at / 10800 AS INTEGER) - (old.due_at < 0);
+        INSERT INTO renewal_slots (slot, n)
+            SELECT CAST(new.due_at / 10800 AS INTEGER) - (new.due_at < 0), 0 WHERE NOT EXISTS
+            (SELECT 1 FROM renewal_slots
+             WHERE slot = CAST(new.due_at / 10800 AS INTEGER) - (new.due_at < 0));
+        UPDATE renewal_slots SET n = n + 1
+            WHERE slot = CAST(new.due_at / 10800 AS INTEGER) - (new.due_at < 0);
+    END;
+    """,
 )
+
+RENEWAL_SLOT_SECONDS = 10800.0  # migration 9's grid: floor(due_at / 3 h)
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sqlite3
 import time
@@ -38,10 +39,10 @@ from .models import (
 from .nodes import NODE as _NODE
 from .nodes import process_alive
 from .ports import KEEP, DomainExists, Keep
-from .schema import MIGRATIONS, SCHEMA_VERSION
+from .schema import MIGRATIONS, RENEWAL_SLOT_SECONDS, SCHEMA_VERSION
 
 Clock = Callable[[], float]
-_WAIT_POLL = 0.05  # wait_for_events: how often the newest event id is looked at
+_WAIT_POLL = 0.1  # wait_for_events: how often the newest event id is looked at (idle cost)
 
 
 def _private_files(path: Path) -> None:
@@ -193,7 +194,8 @@ class SQLiteStore:
         return [_domain(r) for r in rows]
 
     async def count_domains_by_state(self) -> dict[DomainState, int]:
-        rows = await self._all("SELECT state, count(*) FROM domains GROUP BY state")
+        # kept by triggers (migration 8): a few rows, not a scan of every host
+        rows = await self._all("SELECT state, n FROM domain_counts WHERE n > 0")
         return {DomainState(r[0]): int(r[1]) for r in rows}
 
     async def transition_domain(
@@ -261,6 +263,45 @@ class SQLiteStore:
         await self._db.execute(
             f"UPDATE domains SET {', '.join(sets)} WHERE hostname = ?", (*args, hostname)
         )
+
+    async def restore_domain(self, domain: Domain) -> bool:
+        """Insert the record as given, or overwrite the existing one with it.
+
+        Two single statements rather than one upsert, because SQLite does not tell an
+        upsert's insert from its update and the caller is owed that answer. Each is one
+        atomic step with the event its trigger emits (`domain_registered_event` on the
+        insert, `domain_state_event` on an update that changes the state); a host removed
+        between the two is inserted on the next round.
+        """
+        fields = (
+            domain.account,
+            domain.state.value,
+            domain.cname_target_seen,
+            domain.verified_at,
+            domain.last_check_at,
+            domain.last_check_reason,
+            domain.created_at,
+            domain.state_reason,
+            domain.state_changed_at,
+            domain.next_check_at,
+            domain.failed_checks,
+            domain.last_report,
+        )
+        marks = ", ".join("?" * (len(fields) + 1))
+        sets = ", ".join(f"{c.strip()} = ?" for c in _DOMAIN_COLS.split(",")[1:])
+        while True:
+            cur = await self._db.execute(
+                f"INSERT INTO domains ({_DOMAIN_COLS}) VALUES ({marks})"
+                " ON CONFLICT (hostname) DO NOTHING",
+                (domain.hostname, *fields),
+            )
+            if cur.rowcount > 0:
+                return True
+            cur = await self._db.execute(
+                f"UPDATE domains SET {sets} WHERE hostname = ?", (*fields, domain.hostname)
+            )
+            if cur.rowcount > 0:
+                return False
 
     async def due_for_check(self, now: float, limit: int) -> list[str]:
         rows = await self._all(
@@ -335,6 +376,19 @@ class SQLiteStore:
             " uri = excluded.uri, key_sealed = excluded.key_sealed",
             (account.directory_url, account.uri, sealed, self._clock()),
         )
+
+    async def list_accounts(self) -> list[AcmeAccount]:
+        rows = await self._all(
+            "SELECT directory_url, uri, key_sealed FROM acme_accounts ORDER BY directory_url"
+        )
+        return [
+            AcmeAccount(
+                directory_url=r[0],
+                uri=r[1],
+                key_pem=self._sealer.open(r[2], Sealer.row("account", r[0])),
+            )
+            for r in rows
+        ]
 
     # -- certificates ----------------------------------------------------------
 
@@ -414,10 +468,12 @@ class SQLiteStore:
     async def certificate_summary(self, now: float, horizon: float) -> dict[str, Any]:
         """Counts for monitoring (one aggregate row, no keys opened): valid, expiring
         within `horizon`, expired, and the soonest expiry (None without certificates)."""
+        # each a range of certificates_by_expiry (COUNT(*) walks that small index)
         row = await self._one(
-            "SELECT COUNT(*), COALESCE(SUM(not_after <= ?), 0),"
-            " COALESCE(SUM(not_after > ? AND not_after <= ?), 0), MIN(not_after)"
-            " FROM certificates",
+            "SELECT (SELECT COUNT(*) FROM certificates),"
+            " (SELECT COUNT(*) FROM certificates WHERE not_after <= ?),"
+            " (SELECT COUNT(*) FROM certificates WHERE not_after > ? AND not_after <= ?),"
+            " (SELECT MIN(not_after) FROM certificates)",
             (now, now, now + horizon),
         )
         assert row is not None
@@ -609,9 +665,14 @@ class SQLiteStore:
 
     async def put_renewal(self, plan: RenewalPlan) -> None:
         await self._db.execute(
-            "INSERT OR REPLACE INTO renewals"
+            # an upsert, not OR REPLACE: a replaced row would fire no delete trigger, and
+            # renewal_slots would count the old due time forever
+            "INSERT INTO renewals"
             " (hostname, due_at, next_check_at, source, last_error, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hostname) DO UPDATE SET"
+            " due_at = excluded.due_at, next_check_at = excluded.next_check_at,"
+            " source = excluded.source, last_error = excluded.last_error,"
+            " updated_at = excluded.updated_at",
             (
                 plan.hostname,
                 plan.due_at,
@@ -630,32 +691,65 @@ class SQLiteStore:
 
     async def renewal_summary(self, now: float, overdue_after: float) -> dict[str, int]:
         """Counts for monitoring: renewals due, due for more than `overdue_after`, and
-        plans whose last attempt left an error."""
+        plans whose last attempt left an error (index ranges: renewals_by_due and the
+        partial renewals_failing, never every plan)."""
         row = await self._one(
-            "SELECT COALESCE(SUM(due_at <= ?), 0), COALESCE(SUM(due_at <= ?), 0),"
-            " COALESCE(SUM(last_error IS NOT NULL AND last_error != ''), 0) FROM renewals",
+            "SELECT (SELECT COUNT(*) FROM renewals WHERE due_at <= ?),"
+            " (SELECT COUNT(*) FROM renewals WHERE due_at <= ?),"
+            " (SELECT COUNT(*) FROM renewals WHERE last_error IS NOT NULL AND last_error != '')",
             (now, now - overdue_after),
         )
         assert row is not None
         return {"due": int(row[0]), "overdue": int(row[1]), "failing": int(row[2])}
 
     async def hosts_needing_maintenance(self, now: float, limit: int) -> list[str]:
-        """Certificates without a plan yet, or whose plan wants a visit by `now`."""
+        """Certificates without a plan yet (`unplanned_certificates`, kept by triggers),
+        then those whose plan wants a visit by `now` (renewals_by_next_check): index ranges,
+        however many certificates there are. A plan whose certificate is gone is skipped."""
         rows = await self._all(
-            "SELECT c.hostname FROM certificates c LEFT JOIN renewals r USING (hostname)"
-            " WHERE r.hostname IS NULL OR r.next_check_at <= ?"
-            " ORDER BY COALESCE(r.next_check_at, 0) LIMIT ?",
-            (now, limit),
+            "SELECT hostname FROM (SELECT hostname FROM unplanned_certificates"
+            " ORDER BY hostname LIMIT ?)"
+            " UNION ALL SELECT hostname FROM (SELECT r.hostname FROM renewals r"
+            " WHERE r.next_check_at <= ? AND EXISTS (SELECT 1 FROM certificates c"
+            " WHERE c.hostname = r.hostname) ORDER BY r.next_check_at LIMIT ?)",
+            (limit, now, limit),
         )
-        return [str(r[0]) for r in rows]
+        return [str(r[0]) for r in rows][:limit]
 
     async def next_maintenance_at(self) -> float | None:
         """The earliest moment a certificate needs a visit (no plan yet: 0); None: none."""
         row = await self._one(
-            "SELECT MIN(COALESCE(r.next_check_at, 0)) FROM certificates c"
-            " LEFT JOIN renewals r USING (hostname)"
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM unplanned_certificates) THEN 0 ELSE"
+            " (SELECT r.next_check_at FROM renewals r WHERE EXISTS (SELECT 1 FROM"
+            " certificates c WHERE c.hostname = r.hostname) ORDER BY r.next_check_at LIMIT 1)"
+            " END"
         )
         return None if row is None or row[0] is None else float(row[0])
+
+    async def renewal_load(self, start: float, end: float, slot: float) -> list[int]:
+        """Plans per slot: on the scheduler's grid, the counts the triggers keep
+        (renewal_slots, migration 9: one row per slot); otherwise a COUNT over one range
+        of renewals_by_due per slot, in one statement (a GROUP BY over a computed slot
+        sorts every plan of the span first: 30 times slower with a million plans)."""
+        count = max(math.ceil((end - start) / slot), 0)
+        if not count:
+            return []
+        if slot == RENEWAL_SLOT_SECONDS and start % slot == 0:  # the scheduler's grid
+            first = int(start // slot)
+            loads = [0] * count
+            for k, n in await self._all(
+                "SELECT slot, n FROM renewal_slots WHERE slot >= ? AND slot < ?",
+                (first, first + count),
+            ):
+                loads[int(k) - first] = int(n)
+            return loads
+        rows = await self._all(
+            "WITH RECURSIVE s(k) AS (SELECT 0 UNION ALL SELECT k + 1 FROM s WHERE k + 1 < ?)"
+            " SELECT (SELECT COUNT(*) FROM renewals WHERE due_at >= ? + k * ?"
+            " AND due_at < ? + (k + 1) * ?) FROM s ORDER BY k",
+            (count, start, slot, start, slot),
+        )
+        return [int(r[0]) for r in rows]
 
     # -- rate limits (sliding windows) ------------------------------------------
 

@@ -3,7 +3,8 @@
 #   deploy/bootstrap.sh          runtime + demo (Debian: pebble, python3-venv)
 #   deploy/bootstrap.sh --test   also the test tools (curl, openssl, chromium, promtool, pytest, playwright)
 #   deploy/bootstrap.sh --bench  also the peers and tools of tests/benchmarks/bench_peers.py
-#                                (caddy, nginx-light, py-spy, uvloop); CI does not need them
+#                                (caddy, nginx-light, py-spy, uvloop) and of bench_burst_memory.py
+#                                (nghttp2-client: h2load); CI does not need them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +26,7 @@ debs=(pebble ca-certificates)
 # postgresql: the fleet store; the tests start throwaway clusters of it
 # prometheus: its promtool checks and unit-tests deploy/prometheus/linkedge-alerts.yml
 ((with_tests)) && debs+=(curl openssl chromium prometheus postgresql)
-((with_bench)) && debs+=(caddy nginx-light)
+((with_bench)) && debs+=(caddy nginx-light nghttp2-client)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

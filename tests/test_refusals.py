@@ -92,7 +92,16 @@ async def test_wrong_cname_is_refused_without_repeating_dns(
     host = new_host(edge, "elsewhere")
     async with edge_store(edge) as store:
         await store.add_domain(host, "acct-test")
+        registered = await store.last_event_id()
     dns_server.set_cname(host, "other.cdn.test")
+    # the worker applies the registration first: its event (rightly) drops any cached
+    # decision about the host, which would otherwise race with the refusal cached below
+    assert edge.worker is not None and edge.worker.state_sync is not None
+    for _ in range(200):
+        if edge.worker.state_sync.cursor >= registered:
+            break
+        await asyncio.sleep(0.05)
+    assert edge.worker.state_sync.cursor >= registered
     orders_before = pebble.order_count()
 
     text = await expect_refusal(edge, pebble, host)

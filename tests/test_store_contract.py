@@ -22,6 +22,7 @@ from support.store_backends import BACKENDS, Backend, make_backend, writer_proce
 from certstore import (
     AcmeAccount,
     CaBreakerState,
+    Domain,
     DomainExists,
     DomainState,
     PendingOrder,
@@ -767,3 +768,213 @@ def test_nothing_outside_certstore_names_a_backend_class() -> None:
             if path not in allowed and any(name in text for name in backend_classes):
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+# -- copying a store: restore_domain and list_accounts (certstore.transfer) ---------------
+
+
+def restored(host: str, **changes: Any) -> Domain:
+    """A record as another store holds it: every field set, times as time.time() gives them
+    (a backend must keep them exactly, or every copy would see them differ)."""
+    fields: dict[str, Any] = {
+        "hostname": host,
+        "account": "acct-r",
+        "state": S.ACTIVE,
+        "cname_target_seen": "edge.linkedge.test",
+        "verified_at": 1764489601.1234567,
+        "last_check_at": 1764489602.7654321,
+        "last_check_reason": "cname ok",
+        "created_at": 1700000000.0000123,
+        "state_reason": "certificate issued",
+        "state_changed_at": 1764489603.5,
+        "next_check_at": 1764576003.25,
+        "failed_checks": 2,
+        "last_report": '{"checks": []}',
+    }
+    fields.update(changes)
+    return Domain(**fields)
+
+
+async def test_restore_domain_inserts_the_record_exactly_and_announces_it(store: Store) -> None:
+    record = restored("links.r.test")
+    before = await store.last_event_id()
+    assert await store.restore_domain(record)  # True: the host was new
+    assert await store.get_domain("links.r.test") == record  # every field, not the clock's
+    events = await store.events_after(before)
+    assert [(e.hostname, e.kind) for e in events] == [("links.r.test", "registered")]
+    assert events[0].at == record.created_at
+    assert [d.hostname for d in await store.list_domains_page()] == ["links.r.test"]
+    assert await store.count_domains_by_state() == {S.ACTIVE: 1}
+    # the same record again: nothing changes, nothing is emitted
+    after_first = await store.last_event_id()
+    assert not await store.restore_domain(record)
+    assert await store.last_event_id() == after_first
+    assert await store.get_domain("links.r.test") == record
+    # unset optional fields are restored as unset
+    bare = restored(
+        "links.bare.test",
+        state=S.PENDING,
+        cname_target_seen=None,
+        verified_at=None,
+        last_check_at=None,
+        last_check_reason=None,
+        state_changed_at=None,
+        next_check_at=None,
+        failed_checks=0,
+        last_report=None,
+    )
+    assert await store.restore_domain(bare)
+    assert await store.get_domain("links.bare.test") == bare
+
+
+async def test_restore_domain_overwrites_an_existing_host(store: Store, clock: Clock) -> None:
+    await store.add_domain("links.r.test", "acct")
+    await store.put_options("links.r.test", {"hsts_max_age": 5})
+    await store.put_certificate(cert("links.r.test"))
+    before = await store.last_event_id()
+    record = restored("links.r.test", account="acct-other", state=S.SUSPENDED)
+    assert not await store.restore_domain(record)  # False: it existed
+    assert await store.get_domain("links.r.test") == record
+    # a change of state is an event like any other; no `registered` for a known host
+    events = await store.events_after(before)
+    assert [(e.kind, e.from_state, e.to_state, e.detail) for e in events] == [
+        ("state", "pending", "suspended", record.state_reason)
+    ]
+    assert events[0].at == record.state_changed_at
+    # the host's other records are not the restore's business
+    assert await store.get_options("links.r.test") == {"hsts_max_age": 5}
+    assert await store.get_certificate("links.r.test") == cert("links.r.test")
+    # the same state with other fields: overwritten without an event
+    quieter = restored("links.r.test", state=S.SUSPENDED, failed_checks=0, state_reason="x")
+    mark = await store.last_event_id()
+    assert not await store.restore_domain(quieter)
+    assert await store.get_domain("links.r.test") == quieter
+    assert await store.last_event_id() == mark
+    # a restored host is a host: it moves on through the lifecycle and can be removed
+    clock.now = 1764600000.0
+    assert await store.transition_domain("links.r.test", [S.SUSPENDED], S.VERIFIED, "op")
+    assert await store.remove_domain("links.r.test")
+    assert await store.get_certificate("links.r.test") is None
+
+
+async def test_a_restore_and_its_event_land_together_or_not_at_all(
+    backend: Backend, store: Store
+) -> None:
+    await store.add_domain("links.old.test", "acct")
+    before = await store.get_domain("links.old.test")
+    async with backend.failing_event_log():
+        with pytest.raises(Exception):  # noqa: B017 - whatever the backend raises
+            await store.restore_domain(restored("links.new.test"))
+        with pytest.raises(Exception):  # noqa: B017
+            await store.restore_domain(restored("links.old.test", state=S.ACTIVE))
+    assert await store.get_domain("links.new.test") is None
+    assert await store.get_domain("links.old.test") == before
+
+
+async def test_list_accounts_every_directory_with_its_key(backend: Backend, store: Store) -> None:
+    assert await store.list_accounts() == []
+    second = AcmeAccount("https://ca-b.test/dir", "https://ca-b.test/acct/9", b"key-b")
+    first = AcmeAccount("https://ca-a.test/dir", "https://ca-a.test/acct/1", b"key-a")
+    await store.save_account(second)
+    await store.save_account(first)
+    assert await store.list_accounts() == [first, second]  # by directory URL, keys opened
+    replaced = AcmeAccount("https://ca-a.test/dir", "https://ca-a.test/acct/2", b"key-a2")
+    await store.save_account(replaced)
+    assert await store.list_accounts() == [replaced, second]
+    await store.close()
+    assert b"key-a2" not in backend.persisted_bytes()  # listed in clear, stored sealed
+    again = await backend.open()
+    try:
+        assert await again.list_accounts() == [replaced, second]
+    finally:
+        await again.close()
+
+
+# -- renewal load per slot and the maintenance queue at scale (issue 11) -----------------
+
+
+async def test_renewal_load_counts_plans_per_slot(store: Store, clock: Clock) -> None:
+    assert await store.renewal_load(0.0, 100.0, 10.0) == [0] * 10
+    assert await store.renewal_load(50.0, 50.0, 10.0) == []
+    for host, due in [("a.test", 0.0), ("b.test", 9.99), ("c.test", 10.0), ("d.test", 35.0)]:
+        await store.put_renewal(RenewalPlan(host, due, due + 1000, "ratio"))
+    await store.put_renewal(RenewalPlan("e.test", 100.0, 1.0, "ari"))  # at `end`: outside
+    await store.put_renewal(RenewalPlan("f.test", -0.5, 1.0, "ari"))  # before `start`
+    assert await store.renewal_load(0.0, 100.0, 10.0) == [2, 1, 0, 1, 0, 0, 0, 0, 0, 0]
+    # a partial last slot is a whole slot: [30, 40) holds d.test
+    assert await store.renewal_load(10.0, 35.0, 10.0) == [1, 0, 1]
+    # a plan that moves leaves its old slot
+    await store.put_renewal(RenewalPlan("d.test", 55.0, 55.0, "ratio"))
+    assert await store.renewal_load(30.0, 60.0, 10.0) == [0, 0, 1]
+    await store.put_certificate(cert("a.test"))  # a new certificate drops its plan
+    assert await store.renewal_load(0.0, 10.0, 10.0) == [1]
+
+
+async def test_maintenance_queue_follows_certificates_and_plans(store: Store, clock: Clock) -> None:
+    await store.put_certificate(cert("a.test", not_after=clock.now + 100))
+    await store.put_renewal(RenewalPlan("a.test", clock.now + 10, clock.now + 10, "ratio"))
+    assert await store.hosts_needing_maintenance(clock.now, 10) == []
+    assert await store.next_maintenance_at() == clock.now + 10
+    await store.put_certificate(cert("a.test", not_after=clock.now + 200))  # renewed
+    assert await store.hosts_needing_maintenance(clock.now, 10) == ["a.test"]
+    assert await store.next_maintenance_at() == 0
+    await store.put_renewal(RenewalPlan("a.test", clock.now + 20, clock.now + 20, "ratio"))
+    assert await store.hosts_needing_maintenance(clock.now + 30, 10) == ["a.test"]
+    # a plan without a certificate (written after a purge) is never a host to visit
+    await store.put_renewal(RenewalPlan("gone.test", 1.0, 1.0, "ratio"))
+    assert await store.hosts_needing_maintenance(clock.now + 30, 10) == ["a.test"]
+    assert await store.next_maintenance_at() == clock.now + 20
+    assert await store.delete_certificate("a.test")
+    assert await store.hosts_needing_maintenance(clock.now + 30, 10) == []
+    assert await store.next_maintenance_at() is None
+    await store.add_domain("b.test", "acct")
+    await store.put_certificate(cert("b.test"))
+    await store.put_certificate(cert("c.test"))
+    assert await store.remove_domain("b.test")  # takes its certificate with it
+    assert await store.hosts_needing_maintenance(clock.now, 1) == ["c.test"]
+    assert await store.hosts_needing_maintenance(clock.now, 10) == ["c.test"]
+
+
+async def test_counts_by_state_follow_every_change(store: Store, clock: Clock) -> None:
+    assert await store.count_domains_by_state() == {}
+    for host in ("a.test", "b.test", "c.test"):
+        await store.add_domain(host, "acct")
+    assert await store.count_domains_by_state() == {S.PENDING: 3}
+    assert await store.transition_domain("a.test", [S.PENDING], S.VERIFIED, "ok")
+    assert await store.transition_domain("a.test", [S.VERIFIED], S.ACTIVE, "issued")
+    assert await store.transition_domain("b.test", [S.PENDING], S.PENDING, "again")  # same
+    assert not await store.transition_domain("c.test", [S.ACTIVE], S.SUSPENDED, "no")
+    assert await store.count_domains_by_state() == {S.PENDING: 2, S.ACTIVE: 1}
+    assert await store.remove_domain("a.test")
+    assert await store.remove_domain("b.test")
+    assert not await store.remove_domain("b.test")
+    assert await store.count_domains_by_state() == {S.PENDING: 1}
+
+
+async def test_renewal_load_on_the_schedulers_grid_follows_every_change(
+    store: Store, clock: Clock
+) -> None:
+    slot = 3 * 3600.0  # the leveling scheduler's grid (acme_client.renewal_slots)
+    base = 1_700_006_400.0  # a multiple of 3 h
+    assert base % slot == 0
+    for i, offset in enumerate([0.0, 1.0, slot - 1, slot, 5 * slot + 7]):
+        await store.put_renewal(RenewalPlan(f"p{i}.test", base + offset, 0.0, "ratio"))
+    assert await store.renewal_load(base, base + 6 * slot, slot) == [3, 1, 0, 0, 0, 1]
+    assert await store.renewal_load(base + slot, base + 2 * slot, slot) == [1]
+    await store.put_renewal(RenewalPlan("p0.test", base + 2 * slot, 0.0, "ratio"))  # moved
+    await store.put_renewal(RenewalPlan("p1.test", base + 1.0, 5.0, "ari", "x"))  # same slot
+    assert await store.renewal_load(base, base + 3 * slot, slot) == [2, 1, 1]
+    await store.add_domain("p2.test", "acct")
+    await store.put_certificate(cert("p3.test"))  # a new certificate drops the plan
+    assert await store.remove_domain("p2.test")  # and so does removing the host
+    assert await store.renewal_load(base, base + 6 * slot, slot) == [1, 0, 1, 0, 0, 1]
+    assert await store.renewal_load(base - 2 * slot, base, slot) == [0, 0]
+
+
+async def test_a_plan_written_over_an_old_one_leaves_the_queue(store: Store, clock: Clock) -> None:
+    await store.put_renewal(RenewalPlan("a.test", clock.now + 10, clock.now + 10, "ratio"))
+    await store.put_certificate(cert("a.test"))  # drops the plan: the host waits for one
+    assert await store.hosts_needing_maintenance(clock.now, 10) == ["a.test"]
+    await store.put_renewal(RenewalPlan("a.test", clock.now + 10, clock.now + 10, "ratio"))
+    await store.put_renewal(RenewalPlan("a.test", clock.now + 20, clock.now + 20, "ari"))
+    assert await store.hosts_needing_maintenance(clock.now, 10) == []

@@ -58,6 +58,9 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, cancelled
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.InterfaceError,  # "connection is closed", pool closing
+    # a pooled connection the server is terminating (fast shutdown) when the next query
+    # starts: "cannot switch to state 12; another operation (2) is in progress"
+    asyncpg.exceptions.InternalClientError,
 )
 REFUSED: tuple[type[BaseException], ...] = (
     ssl.SSLError,

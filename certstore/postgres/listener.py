@@ -39,7 +39,6 @@ class EventListener:
         self.latest = 0  # the highest event id known to exist
         self.connects = 0  # successful (re)connects so far
         self._wakeup = asyncio.Event()
-        self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -76,9 +75,6 @@ class EventListener:
             self.latest = event_id
             self._wake()
 
-    def _on_lost(self, _conn: Any) -> None:
-        self._lost.set()
-
     async def _run(self) -> None:
         delay = 0.1
         down_logged = False
@@ -86,8 +82,8 @@ class EventListener:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncpg.connect(**self._connect_kwargs)
-                self._lost = asyncio.Event()
-                conn.add_termination_listener(self._on_lost)
+                lost = asyncio.Event()  # this connection's (an old one's close is no news)
+                conn.add_termination_listener(lambda _conn, event=lost: event.set())
                 await conn.add_listener(self._channel, self._on_notify)
                 newest = await conn.fetchval(
                     "SELECT COALESCE(max(id), 0) FROM events", timeout=self._timeout
@@ -100,8 +96,8 @@ class EventListener:
                 delay, down_logged = 0.1, False
                 while not self._closed:
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._lost.wait(), PING_SECONDS)
-                    if self._lost.is_set():
+                        await asyncio.wait_for(lost.wait(), PING_SECONDS)
+                    if lost.is_set():
                         break
                     await conn.fetchval("SELECT 1", timeout=self._timeout)
                 if not self._closed:

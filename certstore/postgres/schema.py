@@ -290,6 +290,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER renewal_planned AFTER INSERT OR UPDATE ON renewals
         FOR EACH ROW EXECUTE FUNCTION linkedge_renewal_planned();
     """,
+    # 2: a million hosts (issue 11): plans by due time (RenewalStore.renewal_load, the
+    # leveling scheduler's plans per slot, and the renewal gauges read an index range)
+    """
+    CREATE INDEX renewals_by_due ON renewals (due_at);
+    CREATE INDEX renewals_failing ON renewals (hostname)
+        WHERE last_error IS NOT NULL AND last_error != '';
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Collection
@@ -353,6 +354,43 @@ class PostgresStore:
         )
         return [r[0] for r in rows]
 
+    async def restore_domain(self, domain: Domain) -> bool:
+        """Insert the record as given, or overwrite the existing one with it: two single
+        statements (like the SQLite backend's), each atomic with the event its trigger
+        emits (`domain_registered_event` on the insert, `domain_state_event` on an update
+        that changes the state); a host removed between the two is inserted next round."""
+        fields = (
+            domain.account,
+            domain.state.value,
+            domain.cname_target_seen,
+            domain.verified_at,
+            domain.last_check_at,
+            domain.last_check_reason,
+            domain.created_at,
+            domain.state_reason,
+            domain.state_changed_at,
+            domain.next_check_at,
+            domain.failed_checks,
+            domain.last_report,
+        )
+        columns = [c.strip() for c in _DOMAIN_COLS.split(",")]
+        marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+        sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns[1:], start=2))
+        while True:
+            status = await self._execute(
+                f"INSERT INTO domains ({_DOMAIN_COLS}) VALUES ({marks})"
+                " ON CONFLICT (hostname) DO NOTHING",
+                domain.hostname,
+                *fields,
+            )
+            if _count(status) > 0:
+                return True
+            status = await self._execute(
+                f"UPDATE domains SET {sets} WHERE hostname = $1", domain.hostname, *fields
+            )
+            if _count(status) > 0:
+                return False
+
     # -- per-host options and files -----------------------------------------------------
 
     async def get_options(self, hostname: str) -> dict[str, Any] | None:
@@ -430,6 +468,20 @@ class PostgresStore:
             sealed,
             self._clock(),
         )
+
+    async def list_accounts(self) -> list[AcmeAccount]:
+        rows = await self._fetch(
+            "SELECT directory_url, uri, key_sealed FROM acme_accounts"
+            ' ORDER BY directory_url COLLATE "C"'
+        )
+        return [
+            AcmeAccount(
+                directory_url=r[0],
+                uri=r[1],
+                key_pem=self._sealer.open(bytes(r[2]), Sealer.row("account", r[0])),
+            )
+            for r in rows
+        ]
 
     # -- certificates ----------------------------------------------------------------------
 
@@ -746,10 +798,11 @@ class PostgresStore:
         return [_renewal(r) for r in rows]
 
     async def renewal_summary(self, now: float, overdue_after: float) -> dict[str, int]:
+        # index ranges (renewals_by_due, the partial renewals_failing), not every plan
         row = await self._fetchrow(
-            "SELECT count(*) FILTER (WHERE due_at <= $1), count(*) FILTER (WHERE due_at <= $2),"
-            " count(*) FILTER (WHERE last_error IS NOT NULL AND last_error != '')"
-            " FROM renewals",
+            "SELECT (SELECT count(*) FROM renewals WHERE due_at <= $1),"
+            " (SELECT count(*) FROM renewals WHERE due_at <= $2),"
+            " (SELECT count(*) FROM renewals WHERE last_error IS NOT NULL AND last_error != '')",
             now,
             now - overdue_after,
         )
@@ -783,6 +836,24 @@ class PostgresStore:
             "  ORDER BY r.next_check_at LIMIT 1) END"
         )
         return None if value is None else float(value)
+
+    async def renewal_load(self, start: float, end: float, slot: float) -> list[int]:
+        """Plans per slot: one index-only range scan of renewals_by_due."""
+        count = max(math.ceil((end - start) / slot), 0)
+        loads = [0] * count
+        if not count:
+            return loads
+        rows = await self._fetch(
+            "SELECT floor((due_at - $1) / $2)::bigint AS k, count(*) FROM renewals"
+            " WHERE due_at >= $1 AND due_at < $3 GROUP BY k",
+            start,
+            slot,
+            start + count * slot,
+        )
+        for k, n in rows:
+            if 0 <= k < count:
+                loads[k] += int(n)
+        return loads
 
     # -- rate limits (sliding windows) --------------------------------------------------------
 

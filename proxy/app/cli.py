@@ -22,7 +22,7 @@ from acme_client.renewal import ratio_window
 from certstore import Store, StoreError, StoreKeyError
 from certstore.crypto import generate_key_text
 from proxy.admin.views import host_file_json, host_json
-from proxy.app import settings
+from proxy.app import settings, store_migrate
 from proxy.app.config import (
     Config,
     ConfigError,
@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hostname")
     p.add_argument("kind", help=kinds)
 
+    store_commands = sub.add_parser("store", help="the store itself").add_subparsers(
+        dest="action", required=True
+    )
+    store_migrate.add_parser(store_commands)
+
     p = sub.add_parser("keygen", help="write a new store encryption key to a file")
     p.add_argument("path")
 
@@ -156,6 +161,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             config.workers = args.workers
         require_serving(config)
         return serve(config, ConfigSource(args.config, args.workers))
+    if args.command == "store":  # opens its source and target itself
+        return asyncio.run(store_migrate.run(config, args))
     handlers: dict[tuple[str, str], Callable[[Store, Config, argparse.Namespace], Any]] = {
         ("domains", "add"): _domains_add,
         ("domains", "remove"): _domains_remove,

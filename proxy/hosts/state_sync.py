@@ -35,6 +35,11 @@ class StateSync:
         """Also call forget(hostname) for every event of these kinds."""
         self._followers.append((frozenset(kinds), forget))
 
+    @property
+    def cursor(self) -> int:
+        """The id of the last event this worker applied."""
+        return self._cursor
+
     def is_suspended(self, hostname: str) -> bool:
         return hostname in self.suspended
 

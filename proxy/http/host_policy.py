@@ -111,12 +111,16 @@ class HostPolicy:
         response.headers.popall(HSTS, None)
         if not self._is_https(request):  # RFC 6797 §7.2: meaningless over plain HTTP
             return
-        # answer() has just loaded the view (or the host is not registered): memory only
+        if response.status == 421:  # Host names another host than this connection's
+            return  # certificate: nothing of that host is said under this one's
+        # answer() has just loaded the view (or the host is not registered), so this is
+        # memory, unless the event feed dropped the entry while the request was at the
+        # backend: then it is read again (peeking would send this response without HSTS)
         try:
             host = checked_host(request)
         except BadRequest:
             return
-        view = self._views.peek(host.lookup) if host is not None else None
+        view = await self._views.get(host.lookup) if host is not None else None
         if view is not None and view.hsts_max_age is not None and view.serves_https(self._clock()):
             response.headers[HSTS] = f"max-age={view.hsts_max_age}"
 

@@ -10,8 +10,8 @@ source can hold at most `max_pending_per_source` connections awaiting a hello: a
 further one evicts that source's oldest waiting connection, so a real browser
 behind the same address as a slow scanner still gets its handshake. A
 connection counts as pending until its handshake is done (`handshake_timeout`).
-The TLS protocol is asyncio's with a 32 KiB read buffer, mapped rather than
-allocated, instead of 256 KiB of heap (`_CompactSSLProtocol`).
+The TLS protocol is asyncio's with one 32 KiB read buffer shared by all connections
+of the thread instead of 256 KiB of heap per connection (`_CompactSSLProtocol`).
 Behind a load balancer (`listen.https_proxy_protocol`) the PROXY header is
 consumed first (`proxy/tls/accept.py`) and the ClientHello peeked after it.
 """
@@ -21,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import mmap
 import socket
 import ssl
+import threading
 from asyncio import sslproto
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -55,32 +55,48 @@ from proxy.wire.peers import source_key
 log = logging.getLogger(__name__)
 
 _PEEK_BYTES = MAX_CLIENT_HELLO + 4096  # the message plus the record headers around it
-# What asyncio's TLS protocol reads from the socket at once. It allocates (and
-# zero-fills, so the pages are resident) this much per connection for its whole
-# life: 256 KiB by default, which made idle connections cost ~280 KiB each. Two
-# full TLS records (16 KiB + overhead each) fit in 32 KiB.
+# What asyncio's TLS protocol reads from the socket at once. Two full TLS records
+# (16 KiB + overhead each) fit in 32 KiB.
 TLS_READ_BUFFER = 32 * 1024
+_read_buffers = threading.local()
+
+
+def _shared_read_buffer() -> memoryview:
+    """This thread's TLS read buffer, shared by all its TLS connections.
+
+    asyncio's TLS protocol copies what the socket put into its buffer into the
+    connection's incoming MemoryBIO first thing in `buffer_updated`, before anything
+    else can run on the loop: the buffer holds nothing between two reads, so one per
+    thread (an event loop runs in one) serves every connection.
+    """
+    view: memoryview | None = getattr(_read_buffers, "view", None)
+    if view is None:
+        view = _read_buffers.view = memoryview(bytearray(TLS_READ_BUFFER))
+    return view
 
 
 class _CompactSSLProtocol(sslproto.SSLProtocol):
-    """asyncio's TLS protocol with a smaller read buffer in its own anonymous mapping.
+    """asyncio's TLS protocol without a read buffer of its own.
 
-    A mapping's pages become resident only when written: an idle connection whose
-    largest read was its ClientHello keeps one or two pages of it, not 32 KiB. And
-    it is unmapped when the connection goes, instead of going back to the heap,
-    where freed buffers stayed (fragmented) after a burst of connections closed.
+    asyncio allocates (and zero-fills, so it is resident) a 256 KiB read buffer per
+    connection for its whole life: idle connections cost ~280 KiB each. A private
+    32 KiB mapping per connection brought that to one or two resident pages; sharing
+    one buffer per thread (`_shared_read_buffer`) leaves nothing per connection, which
+    counts most under a burst of thousands of connections at once.
     """
 
     max_size = TLS_READ_BUFFER
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        shared = type(self).max_size == TLS_READ_BUFFER  # else (a benchmark's) stock buffer
+        if shared:  # asyncio's __init__ allocates max_size bytes: none here
+            setattr(self, "max_size", 0)  # noqa: B010 (a class variable to typeshed)
         super().__init__(*args, **kwargs)
-        try:
-            buffer = mmap.mmap(-1, self.max_size, flags=mmap.MAP_PRIVATE)
-        except OSError:  # e.g. vm.max_map_count reached: keep the heap buffer
-            return
-        self._ssl_buffer = buffer
-        self._ssl_buffer_view = memoryview(buffer)
+        if shared:
+            delattr(self, "max_size")
+            view = _shared_read_buffer()
+            self._ssl_buffer = view.obj
+            self._ssl_buffer_view = view
 
     def connection_lost(self, exc: BaseException | None) -> None:
         transport = self._transport

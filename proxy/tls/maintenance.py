@@ -3,9 +3,10 @@
 Every worker runs this loop; each visit to a host happens under the host's issuance
 lease (the same lease as a first-click order), so with N workers each ARI poll and
 each renewal happens once. A visit:
-  1. plans the renewal if there is no plan yet (a new certificate): a random moment in
-     the lifetime window (acme_client.renewal), or in the CA's ARI window when the
-     CA offers renewalInfo (polled again when its Retry-After says);
+  1. plans the renewal if there is no plan yet (a new certificate): a moment in the
+     least loaded 3-hour slot of the lifetime window (RenewalPlanner,
+     acme_client.renewal_slots), or a random one in the CA's ARI window when the CA
+     offers renewalInfo (polled again when its Retry-After says);
   2. when the plan is due: re-checks the CNAME (a host that no longer reaches the edge
      is not renewed: event `renewal_skipped`, the current certificate keeps being
      served), respects the host's backoff and the order limiters, and renews (ARI
@@ -27,6 +28,13 @@ from cryptography import x509
 
 from acme_client import AcmeError, AriAnswer, CaUnavailable, RateLimited, is_ca_failure
 from acme_client.renewal import RenewalWindow, ari_certificate_id, next_ari_poll, ratio_window
+from acme_client.renewal_slots import (
+    SLOT_SECONDS,
+    SlotLoad,
+    leveling_window,
+    levels,
+    span_slots,
+)
 from certstore import CertStore, DomainState, RenewalPlan, StoredCertificate
 from certstore.errors import StoreUnavailable
 from proxy.hosts.dnscheck import CnameChecker, CnameStatus
@@ -39,6 +47,66 @@ ARI_ERROR_RETRY = 3600.0  # a CA whose renewalInfo fails is asked again in an ho
 PRUNE_EVERY = 3600.0
 MIN_SLEEP = 0.25  # between passes when something is due (a lease held elsewhere: 1 s)
 CA_RETRY_SPREAD = 10.0  # renewals refused by a CA outage come back spread over this many s
+LOAD_CACHE_SECONDS = 60.0  # a worker re-reads the store's renewal load at most this often
+LOAD_HORIZON = 70 * 86400.0  # the load read covers at least this far ahead (90-day certs)
+
+
+class RenewalLoadSource(Protocol):
+    async def renewal_load(self, start: float, end: float, slot: float) -> list[int]: ...
+
+
+class RenewalPlanner:
+    """When a certificate without an ARI window renews: leveled over the store's plans.
+
+    A moment in the least loaded 3-hour slot of the certificate's leveling window
+    (acme_client.renewal_slots), so bursts of issuance do not come back as bursts of
+    renewals. The store's load per slot is read once per `cache_seconds` (one index
+    range over the horizon) and this worker's own placements are added to it, so a
+    pass that plans a whole burst spreads it without a query per certificate; other
+    workers' placements show up at the next read. `level=False` is the plain ratio
+    rule (a uniform moment in its window), kept for comparison (tests/benchmarks).
+    """
+
+    def __init__(
+        self,
+        store: RenewalLoadSource,
+        clock: Callable[[], float] = time.time,
+        uniform: Callable[[], float] = random.random,
+        *,
+        level: bool = True,
+        cache_seconds: float = LOAD_CACHE_SECONDS,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._uniform = uniform
+        self._level = level
+        self._cache_seconds = cache_seconds
+        self._load: SlotLoad | None = None
+        self._loaded_at = 0.0
+        self._lock = asyncio.Lock()
+        self.reads = 0  # store reads of the load (tests, benchmarks)
+
+    async def due_at(self, not_before: float, not_after: float) -> float:
+        window = leveling_window(not_before, not_after, self._clock())
+        if not self._level or not levels(window):
+            return ratio_window(not_before, not_after).pick(self._uniform)
+        async with self._lock:  # concurrent visits share one read
+            load = await self._current(window)
+            return load.place(window, self._uniform)
+
+    async def _current(self, window: RenewalWindow) -> SlotLoad:
+        now = self._clock()
+        load = self._load
+        if load is None or now - self._loaded_at >= self._cache_seconds or not load.covers(window):
+            first, count = span_slots(min(now, window.start), max(window.end, now + LOAD_HORIZON))
+            start = first * SLOT_SECONDS
+            counts = await self._store.renewal_load(
+                start, start + count * SLOT_SECONDS, SLOT_SECONDS
+            )
+            self.reads += 1
+            load = self._load = SlotLoad(first, counts)
+            self._loaded_at = now
+        return load
 
 
 class RenewalInfoSource(Protocol):
@@ -52,6 +120,7 @@ class MaintenanceSettings:
     concurrency: int = 4  # visits in flight at once
     skip_recheck_seconds: float = 3600.0  # a skipped renewal is looked at again after this
     lease_seconds: float = 10.0  # kept alive while a visit runs (see certificates.kept_lease)
+    level_renewals: bool = True  # RenewalPlanner: spread bursts (False: plain ratio pick)
 
 
 class Maintainer:
@@ -80,6 +149,7 @@ class Maintainer:
         self.passes = 0  # for tests and logs
         # its own lease holder: a first-click order in this very process must exclude it too
         self._holder = f"{manager.holder}:maintenance"
+        self.planner = RenewalPlanner(store, clock, uniform, level=settings.level_renewals)
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self.run_forever())
@@ -171,7 +241,7 @@ class Maintainer:
         now = self._clock()
         plan = await self._store.get_renewal(cert.hostname)
         if plan is None:
-            due = ratio_window(cert.not_before, cert.not_after).pick(self._uniform)
+            due = await self.planner.due_at(cert.not_before, cert.not_after)
             plan = RenewalPlan(cert.hostname, due_at=due, next_check_at=due, source="ratio")
         if plan.due_at <= now or now >= cert.not_after:
             return plan  # due (or expired: RFC 9773 forbids asking ARI about it)
@@ -232,7 +302,7 @@ class Maintainer:
         # the new certificate replaced the plan; the next pass plans it afresh
         renewed = await self._store.get_certificate(hostname)
         assert renewed is not None
-        due = ratio_window(renewed.not_before, renewed.not_after).pick(self._uniform)
+        due = await self.planner.due_at(renewed.not_before, renewed.not_after)
         return RenewalPlan(hostname, due_at=due, next_check_at=self._clock(), source="ratio")
 
     def _after_ca_outage(self, plan: RenewalPlan, exc: AcmeError) -> RenewalPlan:

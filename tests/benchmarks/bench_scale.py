@@ -1,0 +1,952 @@
+"""Issue 11 "Scale": a million hosts in the store (not a pytest test).
+
+    .venv/bin/python tests/benchmarks/bench_scale.py                    # fill + serve + lookups
+    .venv/bin/python tests/benchmarks/bench_scale.py --hosts 100000     # smaller, same shape
+    .venv/bin/python tests/benchmarks/bench_scale.py --simulate         # + the renewal year
+    .venv/bin/python tests/benchmarks/bench_scale.py --only-simulate --scheduler uniform
+    .venv/bin/python tests/benchmarks/bench_scale.py --store postgresql
+
+What it measures (goals from the issue, compared by eye: the machine is small and shared):
+
+1. **Fill**: `--hosts` registered hosts (default 1,000,000), `--cert-share` of them
+   active with a certificate and a renewal plan, a few suspended, the rest pending or
+   verified. The fill **bypasses the ports for speed**: rows go straight into the
+   backend's own tables through its driver (sqlite3 ``executemany``; asyncpg
+   ``copy_records_to_table``), in the shape the store itself writes them: every key is
+   sealed with the store key bound to its row (``Sealer``), the triggers that emit the
+   ``registered`` events run (so the events table holds a million rows too). One ECDSA
+   leaf (SAN ``*.scale.test``, from a CA made for the run) serves every host.
+2. **Store queries** that a worker runs at start or on a timer (maintenance, gauges,
+   the suspended set): time of each, in a fresh process.
+3. **Start to first click**: `linkedge serve` (one worker) is exec'd against the
+   filled store, Pebble and a DNS server on loopback; the time from exec to the first
+   successful HTTPS GET on one host (TLS verified against the run's CA, answer from
+   the backend). Goal: < 2 s.
+4. **Cold lookups**: `--lookups` random certified hosts, one new TLS connection each
+   (the worker has no context for them: its handshake reads the store), then the same
+   hosts again (cached). Reported: handshake p50 / p95 / max, cold and warm, and the
+   store reads alone (get_certificate + get_domain, as the click path does them) in
+   this process. Goal: the cold lookup < 5 ms. Then the worker's RSS.
+5. **Renewal year** (`--simulate`): see :func:`simulate`. Goal: the peak of renewal
+   orders per 3 h within 1.2x of the year's mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import random
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+
+from acme_client.renewal import ratio_window  # noqa: E402
+from acme_client.renewal_slots import SLOT_SECONDS  # noqa: E402
+from certstore import DomainState, generate_key_text, open_store  # noqa: E402
+from certstore.crypto import Sealer, parse_key_text  # noqa: E402
+
+DAY = 86400.0
+YEAR = 365 * DAY
+LIFETIME = 90 * DAY
+ZONE = "scale.test"
+EDGE_IP = "127.0.0.211"
+TARGET = "edge-scale.linkedge.test"
+CHUNK = 50_000
+
+
+def hostname(i: int) -> str:
+    return f"h{i:07d}.{ZONE}"
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(pct / 100 * len(ordered)) - 1))]
+
+
+def stats_ms(values: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(statistics.median(values) * 1000, 3),
+        "p95_ms": round(percentile(values, 95) * 1000, 3),
+        "max_ms": round(max(values) * 1000, 3),
+    }
+
+
+# -- the run's PKI -----------------------------------------------------------------
+
+
+@dataclass
+class Pki:
+    ca_pem: bytes
+    chain_pem: bytes  # the leaf alone (~0.7 kB; a Let's Encrypt chain is ~3.5 kB)
+    key_pem: bytes
+    serial: str
+    issuer: str
+
+
+def make_pki() -> Pki:
+    """A CA and one leaf for *.scale.test, valid around now (the store's not_before /
+    not_after per host are what the edge schedules on; the leaf only has to verify)."""
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench-scale CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"*.{ZONE}")]))
+        .issuer_name(ca_name)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(f"*.{ZONE}")]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    return Pki(
+        ca_pem=ca.public_bytes(pem),
+        chain_pem=leaf.public_bytes(pem),
+        key_pem=leaf_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+        serial=format(leaf.serial_number, "x"),
+        issuer="bench-scale CA",
+    )
+
+
+# -- the fill (bypasses the ports: the backend's tables through its driver) ------------
+
+
+@dataclass
+class Shape:
+    hosts: int
+    cert_share: float
+    suspended_share: float = 0.001
+
+
+def host_rows(shape: Shape, now: float, seed: int = 11) -> Iterator[tuple[Any, ...]]:
+    """(index, state, created_at, next_check_at, not_before) per host, deterministic."""
+    rnd = random.Random(seed)
+    certified = int(shape.hosts * shape.cert_share)
+    suspended = int(shape.hosts * shape.suspended_share)
+    for i in range(shape.hosts):
+        if i < certified:
+            state = DomainState.SUSPENDED if i % 1000 == 999 and suspended else DomainState.ACTIVE
+            # issued steadily over the last 50 days: no plan is due at the start (the
+            # ratio window of a 90-day certificate opens 52.5 days after issuance)
+            not_before = now - rnd.random() * 50 * DAY
+            created = not_before - rnd.random() * DAY
+            next_check = now + rnd.random() * 6 * 3600  # the verifier's active re-check
+        else:
+            state = DomainState.PENDING if i % 2 else DomainState.VERIFIED
+            not_before = None
+            created = now - rnd.random() * 30 * DAY
+            next_check = now + 3600 + rnd.random() * DAY
+        yield i, state, created, next_check, not_before
+
+
+def fill_sqlite(path: Path, key: bytes, shape: Shape, pki: Pki, now: float) -> None:
+    sealer = Sealer(key)
+    db = sqlite3.connect(path, isolation_level=None)
+    # no journal while filling (a failed fill is thrown away); the store puts WAL back
+    db.execute("PRAGMA journal_mode = OFF")
+    db.execute("PRAGMA synchronous = OFF")
+    db.execute("PRAGMA cache_size = -262144")
+    rnd = random.Random(7)
+    domains: list[tuple[Any, ...]] = []
+    certs: list[tuple[Any, ...]] = []
+    plans: list[tuple[Any, ...]] = []
+
+    def flush() -> None:
+        db.execute("BEGIN")
+        db.executemany(
+            "INSERT INTO domains (hostname, account, state, cname_target_seen, verified_at,"
+            " last_check_at, last_check_reason, created_at, state_reason, state_changed_at,"
+            " next_check_at, failed_checks) VALUES (?,?,?,?,?,?,?,?,?,?,?,0)",
+            domains,
+        )
+        db.executemany(
+            "INSERT INTO certificates (hostname, chain_pem, key_sealed, names, not_before,"
+            " not_after, issuer, created_at, serial, directory_url)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            certs,
+        )
+        db.executemany(
+            "INSERT INTO renewals (hostname, due_at, next_check_at, source, last_error,"
+            " updated_at) VALUES (?,?,?,'ratio',NULL,?)",
+            plans,
+        )
+        db.execute("COMMIT")
+        domains.clear()
+        certs.clear()
+        plans.clear()
+
+    for i, state, created, next_check, not_before in host_rows(shape, now):
+        name = hostname(i)
+        verified = None if state is DomainState.PENDING else created + 60
+        domains.append(
+            (
+                name,
+                f"acct-{i % 1000}",
+                state.value,
+                TARGET if verified else None,
+                verified,
+                verified,
+                "ok" if verified else None,
+                created,
+                state.value,
+                created,
+                None if state is DomainState.SUSPENDED else next_check,
+            )
+        )
+        if not_before is not None:
+            not_after = not_before + LIFETIME
+            certs.append(
+                (
+                    name,
+                    pki.chain_pem,
+                    sealer.seal(pki.key_pem, Sealer.row("cert", name)),
+                    name,
+                    not_before,
+                    not_after,
+                    pki.issuer,
+                    not_before,
+                    pki.serial,
+                    "https://ca.invalid/dir",
+                )
+            )
+            due = ratio_window(not_before, not_after).pick(rnd.random)
+            plans.append((name, due, due, not_before))
+        if len(domains) >= CHUNK:
+            flush()
+    if domains:
+        flush()
+    db.execute("ANALYZE")
+    db.execute("PRAGMA journal_mode = WAL")
+    db.close()
+
+
+async def fill_postgresql(url: str, key: bytes, shape: Shape, pki: Pki, now: float) -> None:
+    import asyncpg  # type: ignore[import-untyped]
+
+    sealer = Sealer(key)
+    rnd = random.Random(7)
+    conn = await asyncpg.connect(url)
+    try:
+        domains: list[tuple[Any, ...]] = []
+        certs: list[tuple[Any, ...]] = []
+        plans: list[tuple[Any, ...]] = []
+
+        async def flush() -> None:
+            # COPY fires the row triggers: the `registered` events, the maintenance queue
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    "domains",
+                    records=domains,
+                    columns=[
+                        "hostname",
+                        "account",
+                        "state",
+                        "cname_target_seen",
+                        "verified_at",
+                        "last_check_at",
+                        "last_check_reason",
+                        "created_at",
+                        "state_reason",
+                        "state_changed_at",
+                        "next_check_at",
+                        "failed_checks",
+                    ],
+                )
+                await conn.copy_records_to_table(
+                    "certificates",
+                    records=certs,
+                    columns=[
+                        "hostname",
+                        "chain_pem",
+                        "key_sealed",
+                        "names",
+                        "not_before",
+                        "not_after",
+                        "issuer",
+                        "created_at",
+                        "serial",
+                        "directory_url",
+                    ],
+                )
+                await conn.copy_records_to_table(
+                    "renewals",
+                    records=plans,
+                    columns=[
+                        "hostname",
+                        "due_at",
+                        "next_check_at",
+                        "source",
+                        "last_error",
+                        "updated_at",
+                    ],
+                )
+            for rows in (domains, certs, plans):
+                rows.clear()
+
+        for i, state, created, next_check, not_before in host_rows(shape, now):
+            name = hostname(i)
+            verified = None if state is DomainState.PENDING else created + 60
+            domains.append(
+                (
+                    name,
+                    f"acct-{i % 1000}",
+                    state.value,
+                    TARGET if verified else None,
+                    verified,
+                    verified,
+                    "ok" if verified else None,
+                    created,
+                    state.value,
+                    created,
+                    None if state is DomainState.SUSPENDED else next_check,
+                    0,
+                )
+            )
+            if not_before is not None:
+                not_after = not_before + LIFETIME
+                certs.append(
+                    (
+                        name,
+                        pki.chain_pem,
+                        sealer.seal(pki.key_pem, Sealer.row("cert", name)),
+                        name,
+                        not_before,
+                        not_after,
+                        pki.issuer,
+                        not_before,
+                        pki.serial,
+                        "https://ca.invalid/dir",
+                    )
+                )
+                due = ratio_window(not_before, not_after).pick(rnd.random)
+                plans.append((name, due, due, "ratio", None, not_before))
+            if len(domains) >= CHUNK:
+                await flush()
+        if domains:
+            await flush()
+        await conn.execute("ANALYZE")
+    finally:
+        await conn.close()
+
+
+# -- store queries a worker runs at start or on a timer --------------------------------
+
+
+async def time_queries(url: str, key: bytes, now: float) -> dict[str, float]:
+    store = await open_store(url, key)
+    out: dict[str, float] = {}
+    try:
+        calls: list[tuple[str, Any]] = [
+            ("last_event_id", lambda: store.last_event_id()),
+            (
+                "suspended page (state index)",
+                lambda: store.list_domains_page(limit=1000, state=DomainState.SUSPENDED),
+            ),
+            ("hosts_needing_maintenance(200)", lambda: store.hosts_needing_maintenance(now, 200)),
+            ("next_maintenance_at", lambda: store.next_maintenance_at()),
+            ("due_for_check(100)", lambda: store.due_for_check(now, 100)),
+            ("count_domains_by_state (gauge)", lambda: store.count_domains_by_state()),
+            ("certificate_summary (gauge)", lambda: store.certificate_summary(now, 14 * DAY)),
+            ("renewal_summary (gauge)", lambda: store.renewal_summary(now, DAY)),
+            ("soonest_expiries(10)", lambda: store.soonest_expiries(10)),
+        ]
+        if hasattr(store, "renewal_load"):
+            start = math.floor((now + 15 * DAY) / SLOT_SECONDS) * SLOT_SECONDS
+            calls.append(
+                (
+                    "renewal_load(45 d in 3 h slots)",
+                    lambda: store.renewal_load(start, start + 45 * DAY, SLOT_SECONDS),
+                )
+            )
+        for label, call in calls:
+            started = time.perf_counter()
+            await call()
+            out[label] = time.perf_counter() - started
+    finally:
+        await store.close()
+    return out
+
+
+async def store_lookups(url: str, key: bytes, hosts: list[str]) -> list[float]:
+    """The store reads of a cold handshake (proxy/tls/certificates.py `_resolve`)."""
+    store = await open_store(url, key)
+    samples = []
+    try:
+        for host in hosts:
+            started = time.perf_counter()
+            cert = await store.get_certificate(host)
+            domain = await store.get_domain(host)
+            samples.append(time.perf_counter() - started)
+            assert cert is not None and domain is not None, host
+    finally:
+        await store.close()
+    return samples
+
+
+# -- the edge --------------------------------------------------------------------------
+
+
+def free_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return int(s.getsockname()[1])
+
+
+async def run_backend(ip: str) -> tuple[Any, str]:
+    from aiohttp import web
+
+    async def answer(_request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": "https://example.com/"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port(ip)
+    await web.TCPSite(runner, ip, port).start()
+    return runner, f"http://{ip}:{port}"
+
+
+async def click(ctx: Any, port: int, host: str, timeout: float = 5.0) -> int:
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(EDGE_IP, port, ssl=ctx, server_hostname=host), timeout
+    )
+    try:
+        writer.write(f"GET /c/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        return int(line.split()[1])
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def handshake_time(ctx: Any, port: int, host: str) -> float:
+    sock = socket.create_connection((EDGE_IP, port), timeout=5)
+    sock.setblocking(False)
+    started = time.perf_counter()
+    _reader, writer = await asyncio.open_connection(sock=sock, ssl=ctx, server_hostname=host)
+    took = time.perf_counter() - started
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+    return took
+
+
+def cpu_seconds(pid: int, *, precise: bool = False) -> float:
+    """User + system CPU seconds of a process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total if precise else round(total, 2)
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1])
+    return out
+
+
+async def serve_and_click(
+    args: argparse.Namespace, url: str, key_text: str, pki: Pki, workdir: Path, hosts: list[str]
+) -> dict[str, Any]:
+    import ssl
+
+    from proxy.demo.dnsserver import DNSServer
+    from proxy.demo.pebble import PebbleServer
+
+    result: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        dns = DNSServer()
+        dns.start()
+        stack.callback(dns.stop)
+        dns.set_a(TARGET, [EDGE_IP])
+        pebble = PebbleServer(
+            workdir / "pebble",
+            dns.nameserver,
+            http_port=free_port("127.0.0.1"),
+            tls_port=free_port("127.0.0.1"),
+        )
+        pebble.start()
+        stack.callback(pebble.stop)
+        runner, backend_url = await run_backend("127.0.0.1")
+        https_port = free_port(EDGE_IP)
+        env = {
+            **os.environ,
+            "LINKEDGE_LISTEN_HTTPS": f"{EDGE_IP}:{https_port}",
+            "LINKEDGE_LISTEN_HTTP": f"{EDGE_IP}:{free_port(EDGE_IP)}",
+            "LINKEDGE_BACKEND_URL": backend_url,
+            "LINKEDGE_EDGE_CNAME_TARGET": TARGET,
+            "LINKEDGE_ACME_DIRECTORY": pebble.directory_url,
+            "LINKEDGE_ACME_CA_BUNDLE": str(pebble.ca_bundle),
+            "LINKEDGE_STORE_URL": url,
+            "LINKEDGE_STORE_KEY": key_text,
+            "LINKEDGE_DNS_NAMESERVERS": dns.nameserver,
+            "LINKEDGE_METRICS_LISTEN": f"{EDGE_IP}:{free_port(EDGE_IP)}",
+            "LINKEDGE_LOG_LEVEL": "warning",
+            "LINKEDGE_ADMIN_LISTEN": "",
+        }
+        ctx = ssl.create_default_context(cadata=pki.ca_pem.decode())
+        first = hosts[0]
+        log_path = workdir / "serve.log"
+        with log_path.open("wb") as log:
+            started = time.perf_counter()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy.app.cli", "serve", "--workers", "1"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+            )
+        stack.callback(_stop, proc)
+        deadline = started + 120
+        status = 0
+        while time.perf_counter() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"serve exited {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                status = await click(ctx, https_port, first)
+                break
+            except (OSError, TimeoutError, ssl.SSLError):
+                await asyncio.sleep(0.01)
+        result["start_to_first_click_s"] = round(time.perf_counter() - started, 3)
+        # CPU seconds the serve process spent until then (user + system): what the start
+        # costs, less sensitive than wall time to a busy machine
+        result["serve_cpu_to_first_click_s"] = cpu_seconds(proc.pid)
+        result["first_click_status"] = status
+        result["rss_after_first_click_kib"] = proc_status(proc.pid)
+        cpu0 = cpu_seconds(proc.pid, precise=True)
+        cold = [await handshake_time(ctx, https_port, h) for h in hosts[1:]]
+        cpu1 = cpu_seconds(proc.pid, precise=True)
+        warm = [await handshake_time(ctx, https_port, h) for h in hosts[1:]]
+        cpu2 = cpu_seconds(proc.pid, precise=True)
+        # the worker's CPU per handshake (ms): a cold one reads the store and builds the
+        # host's context; the difference is the lookup's own cost, whatever the load
+        n = len(hosts) - 1
+        result["serve_cpu_per_cold_handshake_ms"] = round((cpu1 - cpu0) / n * 1000, 3)
+        result["serve_cpu_per_warm_handshake_ms"] = round((cpu2 - cpu1) / n * 1000, 3)
+        result["cold_handshake"] = stats_ms(cold)
+        result["warm_handshake"] = stats_ms(warm)
+        result["cold_minus_warm_p50_ms"] = round(
+            (statistics.median(cold) - statistics.median(warm)) * 1000, 3
+        )
+        result["rss_after_lookups_kib"] = proc_status(proc.pid)
+        await asyncio.sleep(args.idle)  # the background loops' first passes at scale
+        result[f"rss_after_{args.idle:.0f}s_kib"] = proc_status(proc.pid)
+        result["serve_log_tail"] = log_path.read_text(errors="replace").splitlines()[-5:]
+        await runner.cleanup()
+    return result
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- the renewal year ---------------------------------------------------------------------
+
+
+def simulate_arrivals(hosts: int, start: float, seed: int = 5) -> list[float]:
+    """First issuance times, sorted: the fleet's history and its year.
+
+    - 40 % of the hosts exist at the start, (re)issued steadily over the 52.5 days
+      before it (a fleet in its steady state: none is past its ratio window yet), each
+      with a plan as the uniform ratio rule made it;
+    - 20 % arrive in one day at day 30 (a platform migrating to the edge);
+    - 10 % arrive in one day at day 200 (a second, smaller migration);
+    - 30 % arrive steadily over the year (organic growth).
+    """
+    rnd = random.Random(seed)
+    out = []
+    base = int(hosts * 0.4)
+    burst1 = int(hosts * 0.2)
+    burst2 = int(hosts * 0.1)
+    growth = hosts - base - burst1 - burst2
+    out += [start - rnd.random() * 52.5 * DAY for _ in range(base)]
+    out += [start + 30 * DAY + rnd.random() * DAY for _ in range(burst1)]
+    out += [start + 200 * DAY + rnd.random() * DAY for _ in range(burst2)]
+    out += [start + rnd.random() * YEAR for _ in range(growth)]
+    out.sort()
+    return out
+
+
+async def simulate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """A year of renewals on the real schema, with a simulated clock.
+
+    The store is the real backend (its tables, indexes and queries). Every `--step`
+    seconds of simulated time:
+      1. hosts whose first certificate is issued by then get it (certificate row, as
+         ``put_certificate`` writes it: no plan yet);
+      2. the scheduler's own query, ``hosts_needing_maintenance(now, batch)``, is asked
+         until it returns nothing; for each host it returns:
+         - no plan yet: plan it (the planner under test: ``--scheduler``),
+         - a plan due: "renew" it (one order, counted in the 3-hour bucket of `now`):
+           a new certificate from now, 90 days, and a new plan the same way;
+      3. writes go back in bulk through the driver (what ``put_certificate`` and
+         ``put_renewal`` write, without sealing a key per renewal: for speed).
+
+    ``uniform``: the shipped ratio rule before leveling (a uniform moment in the last
+    quarter of the remaining third). ``level``: proxy.tls.maintenance's planner
+    (``RenewalPlanner``), which reads ``renewal_load`` from the store.
+    """
+    if args.store != "sqlite":
+        raise SystemExit("--simulate runs on SQLite only (for now)")
+    key = os.urandom(32)
+    path = workdir / "sim.db"
+    url = f"sqlite:///{path}"
+    start = math.floor(time.time() / DAY) * DAY
+    sim_now = [start]
+    store = await open_store(url, key, clock=lambda: sim_now[0])
+    from proxy.tls.maintenance import RenewalPlanner
+
+    # One writer: its own placements keep its snapshot of the load exact, so it re-reads
+    # the store once a simulated day (a worker among several: every minute).
+    planner = RenewalPlanner(
+        store, clock=lambda: sim_now[0], level=args.scheduler == "level", cache_seconds=DAY
+    )
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA synchronous = OFF")
+    arrivals = simulate_arrivals(args.sim_hosts, start)
+    pki_chain = b"-----BEGIN CERTIFICATE-----\nsim\n-----END CERTIFICATE-----\n"
+    sealed = Sealer(key).seal(b"sim", "cert:sim")  # never opened: the simulation reads no key
+    orders: Counter[int] = Counter()
+    first_issues: Counter[int] = Counter()
+    nb: dict[str, float] = {}
+    next_arrival = 0
+    steps = 0
+    wall = time.perf_counter()
+    query_time = 0.0
+    late = 0
+
+    def write(rows: list[tuple[str, float, float, float | None]]) -> None:
+        """(host, not_before, due_at, renewed) -> certificate (if renewed) + plan."""
+        db.execute("BEGIN")
+        db.executemany(
+            "INSERT INTO certificates (hostname, chain_pem, key_sealed, names, not_before,"
+            " not_after, issuer, created_at, serial, directory_url) VALUES"
+            " (?, ?, ?, ?, ?, ?, 'sim', ?, '', '') ON CONFLICT (hostname) DO UPDATE SET"
+            " not_before = excluded.not_before, not_after = excluded.not_after",
+            [(h, pki_chain, sealed, h, b, b + LIFETIME, b) for h, b, _d, r in rows if r],
+        )
+        db.executemany(
+            "INSERT INTO renewals (hostname, due_at, next_check_at, source, last_error,"
+            " updated_at) VALUES (?, ?, ?, 'ratio', NULL, ?) ON CONFLICT (hostname) DO UPDATE"
+            " SET due_at = excluded.due_at, next_check_at = excluded.next_check_at,"
+            " updated_at = excluded.updated_at",
+            [(h, d, d, b) for h, b, d, _r in rows],
+        )
+        db.execute("COMMIT")
+
+    # The hosts that exist at the start: certificates and plans as the uniform rule
+    # made them (the store the leveling scheduler is deployed onto).
+    rnd = random.Random(3)
+    initial: list[tuple[str, float, float, float | None]] = []
+    while next_arrival < len(arrivals) and arrivals[next_arrival] <= start:
+        b = arrivals[next_arrival]
+        h = hostname(next_arrival)
+        nb[h] = b
+        due = ratio_window(b, b + LIFETIME).pick(rnd.random)
+        initial.append((h, b, due, b))
+        next_arrival += 1
+    for i in range(0, len(initial), CHUNK):
+        write(initial[i : i + CHUNK])
+    db.execute("ANALYZE")
+    end = start + YEAR
+    now = start
+    while now < end:
+        now += args.step
+        sim_now[0] = now
+        steps += 1
+        new: list[tuple[str, float, float, float | None]] = []
+        while next_arrival < len(arrivals) and arrivals[next_arrival] <= now:
+            h = hostname(next_arrival)
+            nb[h] = arrivals[next_arrival]
+            new.append((h, nb[h], 0.0, nb[h]))
+            first_issues[math.floor(now / SLOT_SECONDS)] += 1
+            next_arrival += 1
+        if new:  # certificate rows without a plan, as put_certificate leaves them
+            db.execute("BEGIN")
+            db.executemany(
+                "INSERT INTO certificates (hostname, chain_pem, key_sealed, names, not_before,"
+                " not_after, issuer, created_at, serial, directory_url) VALUES"
+                " (?, ?, ?, ?, ?, ?, 'sim', ?, '', '')",
+                [(h, pki_chain, sealed, h, b, b + LIFETIME, b) for h, b, _d, _r in new],
+            )
+            db.execute("COMMIT")
+        while True:
+            t0 = time.perf_counter()
+            batch = await store.hosts_needing_maintenance(now, args.batch)
+            query_time += time.perf_counter() - t0
+            if not batch:
+                break
+            # the plans of the batch in one read (get_renewal per host, in bulk)
+            rows = db.execute(
+                f"SELECT hostname, due_at FROM renewals WHERE hostname IN"
+                f" ({','.join('?' * len(batch))})",
+                batch,
+            ).fetchall()
+            due_of = {r[0]: r[1] for r in rows}
+            out: list[tuple[str, float, float, float | None]] = []
+            for h in batch:
+                due = due_of.get(h)
+                if due is None:  # a new certificate: plan it
+                    b = nb[h]
+                    out.append((h, b, await planner.due_at(b, b + LIFETIME), None))
+                    continue
+                if due > now:
+                    raise AssertionError(f"{h} picked before its plan was due")
+                # the real loop wakes at the plan's moment (next_maintenance_at): the
+                # order and the new certificate happen at `due`, not at the step's end
+                orders[math.floor(due / SLOT_SECONDS)] += 1
+                if due > ratio_window(nb[h], nb[h] + LIFETIME).end:
+                    late += 1
+                nb[h] = due
+                out.append((h, due, await planner.due_at(due, due + LIFETIME), due))
+            write(out)
+        if steps % 240 == 0:
+            print(
+                f"  day {int((now - start) / DAY):3d}: {sum(orders.values())} renewals,"
+                f" {time.perf_counter() - wall:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    await store.close()
+    db.close()
+    first_bucket = math.floor(start / SLOT_SECONDS)
+    buckets = [orders.get(first_bucket + k, 0) for k in range(int(YEAR / SLOT_SECONDS))]
+    both = [
+        orders.get(first_bucket + k, 0) + first_issues.get(first_bucket + k, 0)
+        for k in range(int(YEAR / SLOT_SECONDS))
+    ]
+    mean = statistics.fmean(buckets)
+    if args.json:  # the year bucket by bucket, beside the summary
+        args.json.with_suffix(".buckets.json").write_text(json.dumps(buckets))
+    return {
+        "scheduler": args.scheduler,
+        "hosts": args.sim_hosts,
+        "step_s": args.step,
+        "renewal_orders": sum(buckets),
+        "renewals_per_3h_mean": round(mean, 1),
+        "renewals_per_3h_peak": max(buckets),
+        "peak_over_mean": round(max(buckets) / mean, 3) if mean else None,
+        "all_orders_peak_over_mean (first issuance incl.)": round(
+            max(both) / statistics.fmean(both), 3
+        ),
+        # the fleet grows over the year (30 % organic growth, two migrations), so the
+        # year's mean is below what the fleet of any late month implies: the peak over
+        # the mean of the 30 days around it is what spreading can change
+        "peak_over_local_30d_mean": round(local_peak(buckets, 120), 3),
+        # the first 60 days replay the plans the uniform rule made before the year (the
+        # store the scheduler is deployed onto); from day 60 every plan is the scheduler's
+        "from_day_60": {
+            "peak_over_mean": round(max(buckets[480:]) / statistics.fmean(buckets[480:]), 3),
+            "peak_over_local_30d_mean": round(local_peak(buckets, 120, first=480), 3),
+        },
+        "renewed_after_ratio_bound": late,
+        "peak_day": round((buckets.index(max(buckets)) * SLOT_SECONDS) / DAY, 1),
+        "peak_over_mean_per_30_days": [
+            round(max(buckets[m * 240 : (m + 1) * 240]) / mean, 2) for m in range(13)
+        ],
+        "planner_load_reads": planner.reads,
+        "scheduler_query_s": round(query_time, 1),
+        "wall_s": round(time.perf_counter() - wall, 1),
+    }
+
+
+def local_peak(buckets: list[int], half: int, first: int = 0) -> float:
+    """The largest bucket (from `first` on) over the mean of the buckets within `half`
+    of it (centered, clipped at the year's ends)."""
+    prefix = [0]
+    for b in buckets:
+        prefix.append(prefix[-1] + b)
+    worst = 0.0
+    for k, b in enumerate(buckets):
+        if k < first:
+            continue
+        lo, hi = max(0, k - half), min(len(buckets), k + half + 1)
+        mean = (prefix[hi] - prefix[lo]) / (hi - lo)
+        if mean:
+            worst = max(worst, b / mean)
+    return worst
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite")
+    p.add_argument("--hosts", type=int, default=1_000_000)
+    p.add_argument("--cert-share", type=float, default=0.8)
+    p.add_argument("--lookups", type=int, default=300)
+    p.add_argument("--idle", type=float, default=10.0, help="seconds to watch the worker after")
+    p.add_argument("--simulate", action="store_true", help="also run the renewal year")
+    p.add_argument("--only-simulate", action="store_true")
+    p.add_argument("--scheduler", choices=("uniform", "level"), default="level")
+    p.add_argument("--sim-hosts", type=int, default=1_000_000)
+    p.add_argument("--step", type=float, default=SLOT_SECONDS, help="simulated s per step")
+    p.add_argument("--batch", type=int, default=5000, help="hosts_needing_maintenance limit")
+    p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--store-file",
+        type=Path,
+        help="SQLite: fill this file once (with its .key and .pki.json beside it), reuse it after",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    return p.parse_args(argv)
+
+
+async def amain(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {"store": args.store}
+    if not args.only_simulate:
+        results.update(await scale(args, workdir))
+    if args.simulate or args.only_simulate:
+        print(f"renewal year, {args.scheduler}, {args.sim_hosts} hosts ...", file=sys.stderr)
+        results["renewal_year"] = await simulate(args, workdir)
+    return results
+
+
+async def scale(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"hosts": args.hosts, "cert_share": args.cert_share}
+    key_text = generate_key_text()
+    key = parse_key_text(key_text, "bench")
+    pki = make_pki()
+    now = time.time()
+    shape = Shape(args.hosts, args.cert_share)
+    with contextlib.ExitStack() as stack:
+        reuse = False
+        if args.store == "sqlite":
+            path = args.store_file or workdir / "store.db"
+            url = f"sqlite:///{path}"
+            reuse = path.exists()
+            if args.store_file is not None:  # the same key each time: kept beside it
+                key_file = path.with_suffix(".key")
+                if not key_file.exists():
+                    key_file.write_text(key_text)
+                key_text = key_file.read_text()
+                key = parse_key_text(key_text, "bench")
+                pki_file = path.with_suffix(".pki.json")
+                if pki_file.exists():
+                    fields = json.loads(pki_file.read_text())
+                    pki = Pki(
+                        **{k: v.encode() if k.endswith("_pem") else v for k, v in fields.items()}
+                    )
+                else:
+                    fields = {
+                        k: v.decode() if isinstance(v, bytes) else v for k, v in vars(pki).items()
+                    }
+                    pki_file.write_text(json.dumps(fields))
+        else:
+            from support.postgres import PostgresServer
+
+            pg = PostgresServer()
+            pg.start()
+            stack.callback(pg.destroy)
+            url = pg.url(pg.create_database("scale"))
+        started = time.perf_counter()
+        await (await open_store(url, key)).close()  # the schema, as the backend makes it
+        if reuse:  # a store kept by --store-file (migrated now if this code is newer)
+            out["reused_store_open_s"] = round(time.perf_counter() - started, 1)
+        elif args.store == "sqlite":
+            fill_sqlite(path, key, shape, pki, now)
+        else:
+            await fill_postgresql(url, key, shape, pki, now)
+        if args.store == "sqlite":
+            out["store_bytes"] = path.stat().st_size
+        if not reuse:
+            out["fill_s"] = round(time.perf_counter() - started, 1)
+            print(f"filled {args.hosts} hosts in {out['fill_s']} s", file=sys.stderr, flush=True)
+        queries = await time_queries(url, key, now)
+        out["store_queries_ms"] = {k: round(v * 1000, 2) for k, v in queries.items()}
+        certified = [
+            i for i in range(int(args.hosts * args.cert_share)) if i % 1000 != 999
+        ]  # active ones (every 1000th is suspended)
+        picks = random.Random(1).sample(certified, args.lookups * 2 + 1)
+        lookups = await store_lookups(url, key, [hostname(i) for i in picks[args.lookups + 1 :]])
+        out["store_reads_of_a_cold_lookup"] = stats_ms(lookups)
+        out.update(
+            await serve_and_click(
+                args, url, key_text, pki, workdir, [hostname(i) for i in picks[: args.lookups + 1]]
+            )
+        )
+    return out
+
+
+@contextlib.contextmanager
+def _workdir(keep: bool) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="linkedge-bench-scale-"))
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"kept {path}", file=sys.stderr)
+        else:
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with _workdir(args.keep) as workdir:
+        results = asyncio.run(amain(args, workdir))
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
