@@ -21,7 +21,13 @@ from .issuer import (
     OrderBudget,
 )
 from .limits import HostVerdict, LimitSettings, OrderLimits, registered_domain
-from .solvers import ACME_TLS_ALPN, CHALLENGE_TYPES, ChallengeSink, tls_alpn01_certificate
+from .solvers import (
+    ACME_TLS_ALPN,
+    CHALLENGE_TYPES,
+    ChallengeSink,
+    PublishedAnswers,
+    tls_alpn01_certificate,
+)
 
 __all__ = [
     "ACME_TLS_ALPN",
@@ -45,6 +51,7 @@ __all__ = [
     "OrderBudget",
     "OrderLimitReached",
     "OrderLimits",
+    "PublishedAnswers",
     "RateLimited",
     "is_ca_failure",
     "registered_domain",

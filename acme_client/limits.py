@@ -46,6 +46,8 @@ class HostVerdict:
     reason: str
     retry_at: float | None = None  # when a refused host may be tried again
     authz_budget: int = 0  # failed authorizations this attempt may still cost
+    # whether a backoff record was there (expired): only then does a success clear it
+    had_backoff: bool = True
 
 
 @lru_cache(maxsize=1)
@@ -97,7 +99,7 @@ class OrderLimits:
                 f"{used} failed authorizations in the last hour; waiting until {_iso(retry_at)}",
                 retry_at=retry_at,
             )
-        return HostVerdict(True, "ok", authz_budget=budget)
+        return HostVerdict(True, "ok", authz_budget=budget, had_backoff=backoff is not None)
 
     async def before_new_order(self, hostname: str, *, exempt: bool = False) -> None:
         """Take one token from the registered-domain and the global bucket, or raise."""

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import josepy as jose
@@ -49,6 +52,81 @@ class TLSALPN01(challenges.KeyAuthorizationChallenge):
 
 # Where answers are published: the store's challenge role (every worker reads it).
 ChallengeSink = ChallengeStore
+
+
+class PublishedAnswers:
+    """The challenge store, remembering in memory the answers this process published.
+
+    The CA fetches an HTTP-01 token several times (Pebble three times, Let's Encrypt
+    from several vantage points), and each fetch was a store read; on a shared
+    PostgreSQL that is a round trip per fetch. The node whose order published the
+    answer keeps it here until the order deletes it (or `ttl` passes, in case a delete
+    never happens): a hit answers without the store. Every write still goes to the
+    store first, so any other worker or node the CA reaches answers from there, and a
+    miss here reads the store as before. Only exact tokens and names this process put
+    are answered from memory; nothing else is ever cached (made-up tokens, other
+    nodes' answers), so a delete elsewhere cannot leave a stale answer here.
+    """
+
+    def __init__(
+        self,
+        store: ChallengeStore,
+        ttl: float = 900.0,
+        capacity: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._ttl = ttl
+        self._capacity = capacity
+        self._clock = clock
+        self._http: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._alpn: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self.hits = 0  # answers served from memory (tests, benchmarks)
+
+    def __len__(self) -> int:
+        return len(self._http) + len(self._alpn)
+
+    async def put_challenge(self, token: str, key_authorization: str, hostname: str) -> None:
+        await self._store.put_challenge(token, key_authorization, hostname)
+        self._remember(self._http, token, key_authorization)
+
+    async def get_challenge(self, token: str) -> str | None:
+        found = self._recall(self._http, token)
+        return found if found is not None else await self._store.get_challenge(token)
+
+    async def delete_challenge(self, token: str) -> None:
+        # forgotten first: once the order is over this process never answers it again,
+        # even when the store's delete fails (its row then expires with the order)
+        self._http.pop(token, None)
+        await self._store.delete_challenge(token)
+
+    async def put_alpn_challenge(self, hostname: str, key_authorization: str) -> None:
+        await self._store.put_alpn_challenge(hostname, key_authorization)
+        self._remember(self._alpn, hostname, key_authorization)
+
+    async def get_alpn_challenge(self, hostname: str) -> str | None:
+        found = self._recall(self._alpn, hostname)
+        return found if found is not None else await self._store.get_alpn_challenge(hostname)
+
+    async def delete_alpn_challenge(self, hostname: str) -> None:
+        self._alpn.pop(hostname, None)
+        await self._store.delete_alpn_challenge(hostname)
+
+    def _remember(self, table: OrderedDict[str, tuple[str, float]], key: str, value: str) -> None:
+        table[key] = (value, self._clock() + self._ttl)
+        table.move_to_end(key)
+        while len(table) > self._capacity:
+            table.popitem(last=False)
+
+    def _recall(self, table: OrderedDict[str, tuple[str, float]], key: str) -> str | None:
+        entry = table.get(key)
+        if entry is None:
+            return None
+        if self._clock() >= entry[1]:
+            del table[key]
+            return None
+        self.hits += 1
+        return entry[0]
 
 
 class Solver(Protocol):

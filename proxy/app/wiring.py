@@ -423,7 +423,9 @@ class EdgeWorker:
             "max_headers": MAX_HEADERS,
         }
         runner = web.AppRunner(
-            make_http_app(store, self.forwarding, self.state_sync.is_suspended, policy),
+            make_http_app(
+                self.manager.challenges, self.forwarding, self.state_sync.is_suspended, policy
+            ),
             **handler_options,
         )
         await runner.setup()

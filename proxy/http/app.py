@@ -2,7 +2,9 @@
 
 Plain HTTP stays useful forever: links in mail already sent are `http://`, and the
 CA's HTTP-01 validation arrives here. Challenge answers come from the store, so
-whichever worker process the CA reaches can answer for an order another placed.
+whichever worker process the CA reaches can answer for an order another placed; the
+worker whose order published an answer has it in memory (`acme_client.PublishedAnswers`,
+passed in as `store`), so the CA's repeated fetches of a token cost no store reads there.
 What the edge answers itself for a host (app association files, HTTPS upgrade,
 HSTS) is decided in `proxy/http/host_policy.py`.
 """

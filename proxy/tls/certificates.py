@@ -37,6 +37,7 @@ from acme_client import (
     OrderBudget,
     OrderLimitReached,
     OrderLimits,
+    PublishedAnswers,
     RateLimited,
     is_ca_failure,
     tls_alpn01_certificate,
@@ -200,6 +201,9 @@ class CertificateManager:
             store, LimitSettings(first_backoff_seconds=settings.failure_backoff_seconds), clock
         )
         self._contexts = ContextCache(settings.cache_size)
+        # where this process's orders publish challenge answers, and where the listeners
+        # read them: the store, plus an in-memory copy of what this process published
+        self.challenges = PublishedAnswers(store)
         self._refusals = RefusalCache()
         self._inflight: dict[str, asyncio.Task[ssl.SSLContext]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -249,7 +253,7 @@ class CertificateManager:
     async def challenge_context_for(self, hostname: str) -> ssl.SSLContext:
         """TLS-ALPN-01 (RFC 8737): the CA's validation handshake offers only `acme-tls/1`."""
         try:
-            key_authorization = await self._store.get_alpn_challenge(hostname)
+            key_authorization = await self.challenges.get_alpn_challenge(hostname)
         except StoreUnavailable as exc:
             raise Refused(f"TLS-ALPN-01 challenge unknown: {exc}", INTERNAL_ERROR) from None
         if key_authorization is None:
@@ -283,11 +287,14 @@ class CertificateManager:
         replaces: str | None = None,
         exempt: bool = False,
         renewal: bool = False,
+        clear_backoff: bool = True,
     ) -> StoredCertificate:
         """Order a certificate (the caller holds the name's lease), store it, cache it.
 
         Failures update the host's backoff (except our own limiter saying "not now")
-        and the event log, then propagate as AcmeError.
+        and the event log, then propagate as AcmeError. `clear_backoff=False`: the caller
+        read no backoff record under this lease, and only the lease holder writes one, so
+        a success has nothing to clear (one store round trip less).
         """
         started = time.monotonic()
         what = "renewal" if renewal else "order"
@@ -305,7 +312,7 @@ class CertificateManager:
         try:
             issued = await self._issuer.issue(
                 hostname,
-                self._store,
+                self.challenges,
                 budget=self._limits,
                 replaces=replaces,
                 exempt=exempt,
@@ -356,7 +363,8 @@ class CertificateManager:
             directory_url=issued.directory_url,
         )
         await self._store.put_certificate(stored)
-        await self._limits.record_success(hostname)
+        if clear_backoff:
+            await self._limits.record_success(hostname)
         await self._limits.record_failed_authorizations(hostname, issued.failed_authorizations)
         await self._lifecycle.issued(hostname, f"certificate issued, serial {issued.serial}")
         await self._store.record_event(
@@ -447,7 +455,9 @@ class CertificateManager:
         return await self._obtain(hostname)
 
     async def _obtain(self, hostname: str) -> ssl.SSLContext:
-        await self._refuse_if_backing_off(hostname)
+        # The backoff is read once, under the lease (`_order_with_lease`): read before it
+        # as well, it cost two more store round trips on every first click, and a host
+        # that backs off is refused (and remembered) after taking and releasing the lease.
         lease = lease_name(hostname)
         while True:
             async with kept_lease(
@@ -480,7 +490,10 @@ class CertificateManager:
             if not verdict.allowed:
                 raise AcmeError(verdict.reason)
             return await self.issue_and_store(
-                hostname, authz_budget=verdict.authz_budget, renewal=True
+                hostname,
+                authz_budget=verdict.authz_budget,
+                renewal=True,
+                clear_backoff=verdict.had_backoff,
             )
 
     async def _order_with_lease(self, hostname: str) -> ssl.SSLContext:
@@ -490,7 +503,9 @@ class CertificateManager:
             return ctx
         verdict = await self._refuse_if_backing_off(hostname)
         try:
-            stored = await self.issue_and_store(hostname, authz_budget=verdict.authz_budget)
+            stored = await self.issue_and_store(
+                hostname, authz_budget=verdict.authz_budget, clear_backoff=verdict.had_backoff
+            )
         except AcmeError as exc:
             if is_ca_failure(exc):
                 # Remembered only briefly: the host must be served soon after the CA returns.

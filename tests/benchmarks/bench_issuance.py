@@ -459,6 +459,87 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
         )
 
 
+def count_store_calls(n: int) -> int:
+    """`--count-store N`: store calls per first-click issuance, by method and caller.
+
+    An in-process edge (the test suite's, SQLite store) clicks one warm-up host, then N
+    new hosts one after the other; every public coroutine method of the SQLite store
+    counts its calls meanwhile (and 0.5 s after the last click, for what an issuance
+    sets off). The caller is the first frame outside certstore. `last_event_id`,
+    `events_after` and `wait_for_events` are the event-log follower's SQLite polls:
+    time-based, not per issuance (PostgreSQL pushes instead).
+    """
+    import inspect
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: support
+    from support.clicks import edge_store, get_status, new_host
+    from support.edge import new_edge, register
+    from support.pebble import running_pebble
+
+    from certstore.sqlite import SQLiteStore
+    from proxy.demo.backend import start_backend
+    from proxy.demo.dnsserver import DNSServer
+
+    calls: Counter[str] = Counter()
+    callers: Counter[str] = Counter()
+    counting = [False]
+
+    def caller() -> str:
+        frame = sys._getframe(2)
+        while frame is not None:
+            module = str(frame.f_globals.get("__name__", ""))
+            if not module.startswith("certstore") and module != __name__:
+                return f"{module}.{frame.f_code.co_name}"
+            frame = frame.f_back  # type: ignore[assignment]
+        return "?"
+
+    def wrap(name: str, method: Any) -> Any:
+        async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if counting[0]:
+                calls[name] += 1
+                callers[f"{name} <- {caller()}"] += 1
+            return await method(self, *args, **kwargs)
+
+        return counted
+
+    for name, method in list(vars(SQLiteStore).items()):
+        if not name.startswith("_") and name != "open" and inspect.iscoroutinefunction(method):
+            setattr(SQLiteStore, name, wrap(name, method))
+
+    async def run(tmp: Path, pebble: Any, dns: Any) -> None:
+        runner, url = await start_backend()
+        edge = new_edge(tmp, pebble, dns, url)
+        await edge.start()
+        hosts = [new_host(edge) for _ in range(n + 1)]
+        async with edge_store(edge) as store:
+            for host in hosts:
+                await register(store, dns, host, edge.target)
+        assert await get_status(edge, pebble, hosts[0]) == 302  # warm-up: first order
+        await asyncio.sleep(0.5)
+        counting[0] = True
+        for host in hosts[1:]:
+            assert await get_status(edge, pebble, host) == 302
+        await asyncio.sleep(0.5)
+        counting[0] = False
+        await edge.stop()
+        await runner.cleanup()
+
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        DNSServer() as dns,
+        running_pebble(Path(tmp) / "pebble", dns) as pebble,
+    ):
+        asyncio.run(run(Path(tmp), pebble, dns))
+    polls = {"last_event_id", "events_after", "wait_for_events"}
+    total = sum(calls.values()) / n
+    print(f"store calls per new host: {total:.1f}")
+    print(f"  without the event-log polls: {total - sum(calls[p] for p in polls) / n:.1f}")
+    for key, count in callers.most_common():
+        print(f"{count / n:6.1f}  {key}")
+    return 0
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hosts", type=int, default=20, help="certificates per server per round (20)")
@@ -472,6 +553,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument("--gil", action="store_true", help="py-spy --gil (GIL holder only)")
     p.add_argument("--profile-hosts", type=int, default=40, help="certificates profiled (40)")
+    p.add_argument(
+        "--count-store", type=int, metavar="N", help="only count store calls over N issuances"
+    )
     args = p.parse_args(argv)
     if not 1 <= args.hosts <= 200 or not 1 <= args.rounds <= 20:
         p.error("--hosts 1..200, --rounds 1..20")
@@ -481,6 +565,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.count_store:
+        return count_store_calls(args.count_store)
     signal.signal(signal.SIGTERM, be._raise_on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     results: dict[str, Any] = {"params": {k: str(v) for k, v in vars(args).items()}}

@@ -33,6 +33,7 @@ class HostChecker:
         self._clock = clock
         resolver = make_resolver(list(settings.nameservers), settings.dns_timeout)
         self._resolver = resolver
+        self._dns_inflight: dict[tuple[str, str | None], asyncio.Future[CheckReport]] = {}
         self.cname_checker = CnameChecker([], resolver=resolver)
         self._https = HttpsProber(
             resolver,
@@ -45,7 +46,23 @@ class HostChecker:
         )
 
     async def check_dns(self, hostname: str, account_uri: str | None = None) -> CheckReport:
-        """cname and caa, concurrently: what decides whether we may issue."""
+        """cname and caa, concurrently: what decides whether we may issue.
+
+        Single-flight per host: a first click's live check and the verifier's pass that
+        catch the same pending host at the same moment share one set of lookups instead
+        of resolving everything twice. Nothing is kept once the lookups are done, so a
+        later check always sees DNS as it is then.
+        """
+        key = (hostname, account_uri)
+        running = self._dns_inflight.get(key)
+        if running is None:
+            running = asyncio.ensure_future(self._check_dns(hostname, account_uri))
+            self._dns_inflight[key] = running
+            running.add_done_callback(lambda _f: self._dns_inflight.pop(key, None))
+        # shield: one caller giving up must not cancel the lookups the other waits for
+        return await asyncio.shield(running)
+
+    async def _check_dns(self, hostname: str, account_uri: str | None) -> CheckReport:
         cname, caa = await asyncio.gather(
             check_cname(
                 self.cname_checker,
