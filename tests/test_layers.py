@@ -86,6 +86,10 @@ def test_counters_read_through_the_meter() -> None:
     assert meter.read("forward") == {}  # not running (yet)
     swapped[0] = forward
     assert meter.value("forward", "cancelled") == 1
-    assert set(meter.read("forward")) == {"per_source_limited", "body_timeouts", "deadlines",
-                                          "cancelled"}
+    assert set(meter.read("forward")) == {
+        "per_source_limited",
+        "body_timeouts",
+        "deadlines",
+        "cancelled",
+    }
     assert meter.read_all().keys() == {"https_listener", "forward"}

@@ -133,9 +133,7 @@ def make_config(
     return config
 
 
-def new_edge(
-    tmp_path: Path, pebble: PebbleServer, dns: DNSServer, backend_url: str
-) -> EdgeHandle:
+def new_edge(tmp_path: Path, pebble: PebbleServer, dns: DNSServer, backend_url: str) -> EdgeHandle:
     """A configured (not started) edge on a fresh 127.0.0.N whose target name resolves."""
     ip, target = next_edge_address()
     dns.set_a(target, [ip])
