@@ -13,6 +13,7 @@ No imports from the rest of proxy/: every lane may use it.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 
@@ -66,3 +67,25 @@ class Meter:
 
     def read_all(self) -> dict[str, dict[str, float]]:
         return {name: self.read(name) for name in self._sources}
+
+
+class LogBudget:
+    """At most one log line per `interval` seconds; counts the ones left out (so the
+    next line that goes out can say how many were suppressed)."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._last = -interval
+        self._suppressed = 0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            return True
+        self._suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        count, self._suppressed = self._suppressed, 0
+        return count

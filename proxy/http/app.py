@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -23,6 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from certstore import ChallengeStore
 from certstore.errors import StoreUnavailable
+from proxy.counters import LogBudget
 from proxy.http.forward import Forwarder
 from proxy.http.host_policy import HostPolicy
 from proxy.http.request_target import BadRequest, checked_host, origin_form
@@ -175,29 +175,8 @@ async def _challenge(store: ChallengeStore, token: str) -> web.Response:
     return web.Response(text=answer, content_type="application/octet-stream")
 
 
-class _RateLimited:
-    """At most one log line per `interval` seconds; counts the ones left out."""
-
-    def __init__(self, interval: float) -> None:
-        self._interval = interval
-        self._last = -interval
-        self._suppressed = 0
-
-    def due(self) -> bool:
-        now = time.monotonic()
-        if now - self._last >= self._interval:
-            self._last = now
-            return True
-        self._suppressed += 1
-        return False
-
-    def take_suppressed(self) -> int:
-        count, self._suppressed = self._suppressed, 0
-        return count
-
-
-_UNKNOWN_TOKENS = _RateLimited(10.0)
-_UNAVAILABLE = _RateLimited(10.0)
+_UNKNOWN_TOKENS = LogBudget(10.0)
+_UNAVAILABLE = LogBudget(10.0)
 
 
 def _is_token(token: str) -> bool:

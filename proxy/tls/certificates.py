@@ -45,7 +45,7 @@ from acme_client import (
 from acme_client.solvers import ChallengeSink
 from certstore import CertStore, DomainState, StoredCertificate
 from certstore.errors import StoreUnavailable
-from proxy.counters import Counters
+from proxy.counters import Counters, LogBudget
 from proxy.hosts.events import EventKind
 from proxy.hosts.leases import lease_name
 from proxy.hosts.lifecycle import Lifecycle
@@ -210,8 +210,8 @@ class CertificateManager:
         self._ca_refusal_logged: dict[str, float] = {}  # host -> when its refusal was logged
         # while the store is unreachable: one refusal line per second at most (a random-SNI
         # flood looks like new hosts), and one line per interval about kept contexts
-        self._store_refusals = _LogBudget(1.0)
-        self._kept_contexts = _LogBudget(settings.revalidate_seconds)
+        self._store_refusals = LogBudget(1.0)
+        self._kept_contexts = LogBudget(settings.revalidate_seconds)
         self.on_stored: Callable[[str], None] | None = None  # e.g. wake the maintenance loop
         self.holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stats = IssuanceStats()
@@ -588,27 +588,6 @@ class CertificateManager:
         if retry_at is not None:
             seconds = max(min(retry_at - now, seconds), 1.0)
         self._refuse(hostname, reason, seconds, INTERNAL_ERROR)
-
-
-class _LogBudget:
-    """At most one log line per `interval` seconds; counts the ones left out."""
-
-    def __init__(self, interval: float) -> None:
-        self._interval = interval
-        self._last = -interval
-        self._suppressed = 0
-
-    def due(self) -> bool:
-        now = time.monotonic()
-        if now - self._last >= self._interval:
-            self._last = now
-            return True
-        self._suppressed += 1
-        return False
-
-    def take_suppressed(self) -> int:
-        count, self._suppressed = self._suppressed, 0
-        return count
 
 
 def _challenge_context(hostname: str, key_authorization: str) -> ssl.SSLContext:
