@@ -931,6 +931,9 @@ async def test_compose_fleet_serves_every_host_on_every_edge_with_one_order_each
                         "LINKEDGE_LISTEN_HTTP": f"{ip}:{http_port}",
                         "LINKEDGE_ADMIN_LISTEN": f"{ip}:{_free_port()}",
                         "LINKEDGE_METRICS_LISTEN": f"{ip}:{metrics_port}",
+                        # each container has its own /var/lib/linkedge; processes on one
+                        # machine would share the default local copy (and other tests')
+                        "LINKEDGE_STORE_LOCAL_COPY": str(tmp_path / f"{name}.local-copy.db"),
                     }
                 ),
             )
