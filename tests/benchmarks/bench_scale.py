@@ -183,81 +183,107 @@ def host_rows(shape: Shape, now: float, seed: int = 11) -> Iterator[tuple[Any, .
         yield i, state, created, next_check, not_before
 
 
+def fill_records(
+    shape: Shape, pki: Pki, sealer: Sealer, now: float
+) -> Iterator[tuple[tuple[Any, ...], tuple[Any, ...] | None, tuple[Any, ...] | None]]:
+    """Per host, the rows both fills write, in their tables' column order: the domain
+    (DOMAIN_COLUMNS), its certificate and its renewal plan (CERT_COLUMNS, PLAN_COLUMNS;
+    None for a host without a certificate)."""
+    rnd = random.Random(7)
+    for i, state, created, next_check, not_before in host_rows(shape, now):
+        name = hostname(i)
+        verified = None if state is DomainState.PENDING else created + 60
+        domain = (
+            name,
+            f"acct-{i % 1000}",
+            state.value,
+            TARGET if verified else None,
+            verified,
+            verified,
+            "ok" if verified else None,
+            created,
+            state.value,
+            created,
+            None if state is DomainState.SUSPENDED else next_check,
+            0,
+        )
+        if not_before is None:
+            yield domain, None, None
+            continue
+        not_after = not_before + LIFETIME
+        cert = (
+            name,
+            pki.chain_pem,
+            sealer.seal(pki.key_pem, Sealer.row("cert", name)),
+            name,
+            not_before,
+            not_after,
+            pki.issuer,
+            not_before,
+            pki.serial,
+            "https://ca.invalid/dir",
+        )
+        due = ratio_window(not_before, not_after).pick(rnd.random)
+        yield domain, cert, (name, due, due, "ratio", None, not_before)
+
+
+DOMAIN_COLUMNS = [
+    "hostname",
+    "account",
+    "state",
+    "cname_target_seen",
+    "verified_at",
+    "last_check_at",
+    "last_check_reason",
+    "created_at",
+    "state_reason",
+    "state_changed_at",
+    "next_check_at",
+    "failed_checks",
+]
+CERT_COLUMNS = [
+    "hostname",
+    "chain_pem",
+    "key_sealed",
+    "names",
+    "not_before",
+    "not_after",
+    "issuer",
+    "created_at",
+    "serial",
+    "directory_url",
+]
+PLAN_COLUMNS = ["hostname", "due_at", "next_check_at", "source", "last_error", "updated_at"]
+FILL_TABLES = {"domains": DOMAIN_COLUMNS, "certificates": CERT_COLUMNS, "renewals": PLAN_COLUMNS}
+
+
+def _insert(table: str, columns: list[str]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({','.join('?' * len(columns))})"
+
+
 def fill_sqlite(path: Path, key: bytes, shape: Shape, pki: Pki, now: float) -> None:
-    sealer = Sealer(key)
     db = sqlite3.connect(path, isolation_level=None)
     # no journal while filling (a failed fill is thrown away); the store puts WAL back
     db.execute("PRAGMA journal_mode = OFF")
     db.execute("PRAGMA synchronous = OFF")
     db.execute("PRAGMA cache_size = -262144")
-    rnd = random.Random(7)
-    domains: list[tuple[Any, ...]] = []
-    certs: list[tuple[Any, ...]] = []
-    plans: list[tuple[Any, ...]] = []
+    chunk: dict[str, list[tuple[Any, ...]]] = {table: [] for table in FILL_TABLES}
 
     def flush() -> None:
         db.execute("BEGIN")
-        db.executemany(
-            "INSERT INTO domains (hostname, account, state, cname_target_seen, verified_at,"
-            " last_check_at, last_check_reason, created_at, state_reason, state_changed_at,"
-            " next_check_at, failed_checks) VALUES (?,?,?,?,?,?,?,?,?,?,?,0)",
-            domains,
-        )
-        db.executemany(
-            "INSERT INTO certificates (hostname, chain_pem, key_sealed, names, not_before,"
-            " not_after, issuer, created_at, serial, directory_url)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?)",
-            certs,
-        )
-        db.executemany(
-            "INSERT INTO renewals (hostname, due_at, next_check_at, source, last_error,"
-            " updated_at) VALUES (?,?,?,'ratio',NULL,?)",
-            plans,
-        )
+        for table, columns in FILL_TABLES.items():
+            db.executemany(_insert(table, columns), chunk[table])
+            chunk[table].clear()
         db.execute("COMMIT")
-        domains.clear()
-        certs.clear()
-        plans.clear()
 
-    for i, state, created, next_check, not_before in host_rows(shape, now):
-        name = hostname(i)
-        verified = None if state is DomainState.PENDING else created + 60
-        domains.append(
-            (
-                name,
-                f"acct-{i % 1000}",
-                state.value,
-                TARGET if verified else None,
-                verified,
-                verified,
-                "ok" if verified else None,
-                created,
-                state.value,
-                created,
-                None if state is DomainState.SUSPENDED else next_check,
-            )
-        )
-        if not_before is not None:
-            not_after = not_before + LIFETIME
-            certs.append(
-                (
-                    name,
-                    pki.chain_pem,
-                    sealer.seal(pki.key_pem, Sealer.row("cert", name)),
-                    name,
-                    not_before,
-                    not_after,
-                    pki.issuer,
-                    not_before,
-                    pki.serial,
-                    "https://ca.invalid/dir",
-                )
-            )
-            due = ratio_window(not_before, not_after).pick(rnd.random)
-            plans.append((name, due, due, not_before))
-        if len(domains) >= CHUNK:
+    for domain, cert, plan in fill_records(shape, pki, Sealer(key), now):
+        chunk["domains"].append(domain)
+        if cert is not None and plan is not None:
+            chunk["certificates"].append(cert)
+            chunk["renewals"].append(plan)
+        if len(chunk["domains"]) >= CHUNK:
             flush()
-    if domains:
+    if chunk["domains"]:
         flush()
     db.execute("ANALYZE")
     db.execute("PRAGMA journal_mode = WAL")
@@ -267,106 +293,25 @@ def fill_sqlite(path: Path, key: bytes, shape: Shape, pki: Pki, now: float) -> N
 async def fill_postgresql(url: str, key: bytes, shape: Shape, pki: Pki, now: float) -> None:
     import asyncpg  # type: ignore[import-untyped]
 
-    sealer = Sealer(key)
-    rnd = random.Random(7)
+    chunk: dict[str, list[tuple[Any, ...]]] = {table: [] for table in FILL_TABLES}
     conn = await asyncpg.connect(url)
     try:
-        domains: list[tuple[Any, ...]] = []
-        certs: list[tuple[Any, ...]] = []
-        plans: list[tuple[Any, ...]] = []
 
         async def flush() -> None:
             # COPY fires the row triggers: the `registered` events, the maintenance queue
             async with conn.transaction():
-                await conn.copy_records_to_table(
-                    "domains",
-                    records=domains,
-                    columns=[
-                        "hostname",
-                        "account",
-                        "state",
-                        "cname_target_seen",
-                        "verified_at",
-                        "last_check_at",
-                        "last_check_reason",
-                        "created_at",
-                        "state_reason",
-                        "state_changed_at",
-                        "next_check_at",
-                        "failed_checks",
-                    ],
-                )
-                await conn.copy_records_to_table(
-                    "certificates",
-                    records=certs,
-                    columns=[
-                        "hostname",
-                        "chain_pem",
-                        "key_sealed",
-                        "names",
-                        "not_before",
-                        "not_after",
-                        "issuer",
-                        "created_at",
-                        "serial",
-                        "directory_url",
-                    ],
-                )
-                await conn.copy_records_to_table(
-                    "renewals",
-                    records=plans,
-                    columns=[
-                        "hostname",
-                        "due_at",
-                        "next_check_at",
-                        "source",
-                        "last_error",
-                        "updated_at",
-                    ],
-                )
-            for rows in (domains, certs, plans):
-                rows.clear()
+                for table, columns in FILL_TABLES.items():
+                    await conn.copy_records_to_table(table, records=chunk[table], columns=columns)
+                    chunk[table].clear()
 
-        for i, state, created, next_check, not_before in host_rows(shape, now):
-            name = hostname(i)
-            verified = None if state is DomainState.PENDING else created + 60
-            domains.append(
-                (
-                    name,
-                    f"acct-{i % 1000}",
-                    state.value,
-                    TARGET if verified else None,
-                    verified,
-                    verified,
-                    "ok" if verified else None,
-                    created,
-                    state.value,
-                    created,
-                    None if state is DomainState.SUSPENDED else next_check,
-                    0,
-                )
-            )
-            if not_before is not None:
-                not_after = not_before + LIFETIME
-                certs.append(
-                    (
-                        name,
-                        pki.chain_pem,
-                        sealer.seal(pki.key_pem, Sealer.row("cert", name)),
-                        name,
-                        not_before,
-                        not_after,
-                        pki.issuer,
-                        not_before,
-                        pki.serial,
-                        "https://ca.invalid/dir",
-                    )
-                )
-                due = ratio_window(not_before, not_after).pick(rnd.random)
-                plans.append((name, due, due, "ratio", None, not_before))
-            if len(domains) >= CHUNK:
+        for domain, cert, plan in fill_records(shape, pki, Sealer(key), now):
+            chunk["domains"].append(domain)
+            if cert is not None and plan is not None:
+                chunk["certificates"].append(cert)
+                chunk["renewals"].append(plan)
+            if len(chunk["domains"]) >= CHUNK:
                 await flush()
-        if domains:
+        if chunk["domains"]:
             await flush()
         await conn.execute("ANALYZE")
     finally:
