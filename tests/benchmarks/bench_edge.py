@@ -116,6 +116,11 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def find_py_spy() -> str | None:
+    """py-spy from this venv (bootstrap --bench installs it there), else from PATH."""
+    return shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+
+
 def percentile(values: list[float], pct: float) -> float:
     """Nearest-rank percentile."""
     ordered = sorted(values)
@@ -802,9 +807,7 @@ class Bench:
     # -- profile -----------------------------------------------------------------
 
     def profile(self, host: str, outdir: Path) -> None:
-        spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which(
-            "py-spy"
-        )
+        spy = find_py_spy()
         if spy is None:
             print("py-spy not found; skipping --profile", file=sys.stderr)
             return

@@ -42,7 +42,6 @@ import math
 import os
 import pickle
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -232,9 +231,7 @@ class IssuanceBench(bp.PeerBench):
 
     def profile_issuance(self, outdir: Path) -> dict[str, Any]:
         """py-spy on every linkedge process during one more burst (all threads)."""
-        spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which(
-            "py-spy"
-        )
+        spy = be.find_py_spy()
         if spy is None:
             print("py-spy not found; no profile", file=sys.stderr)
             return {}

@@ -464,9 +464,7 @@ http:// {{
 
     def profile_edges(self, outdir: Path) -> dict[str, Any]:
         """py-spy (--nonblocking, 250 Hz) each linkedge process under each kind of load."""
-        spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which(
-            "py-spy"
-        )
+        spy = be.find_py_spy()
         if spy is None:
             print("py-spy not found; no profile", file=sys.stderr)
             return {}
