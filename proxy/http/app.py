@@ -25,8 +25,7 @@ from certstore.errors import StoreUnavailable
 from proxy.counters import LogBudget
 from proxy.http.forward import Forwarder
 from proxy.http.host_policy import HostPolicy
-from proxy.http.request_target import BadRequest, checked_host, origin_form
-from proxy.wire.peers import tls_host
+from proxy.http.request_target import BadRequest, checked_host, misdirected, origin_form
 
 log = logging.getLogger(__name__)
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
@@ -58,10 +57,8 @@ def make_http_app(
             return bad_request(request, str(exc))
         if path.startswith(CHALLENGE_PREFIX) and request.method in ("GET", "HEAD"):
             return await _challenge(store, path[len(CHALLENGE_PREFIX) :])
-        certified = tls_host()
-        if certified is not None and (host is None or host.lookup != certified):
-            # RFC 9110 §15.5.20: this connection's certificate is for another host; never
-            # answer for host B (its files, its HSTS) under host A's certificate
+        certified = misdirected(host)
+        if certified is not None:
             return web.Response(
                 status=421,
                 text=f"Misdirected Request: this connection is for {certified}.\n",

@@ -25,7 +25,7 @@ from aiohttp import web
 from certstore.errors import StoreUnavailable
 from proxy.hosts.association_files import SERVED_AT
 from proxy.http.host_views import HostView, HostViews
-from proxy.http.request_target import BadRequest, checked_host, origin_form
+from proxy.http.request_target import BadRequest, checked_host, misdirected, origin_form
 from proxy.wire.peers import TrustedNetworks, client_address
 
 log = logging.getLogger(__name__)
@@ -111,14 +111,14 @@ class HostPolicy:
         response.headers.popall(HSTS, None)
         if not self._is_https(request):  # RFC 6797 §7.2: meaningless over plain HTTP
             return
-        if response.status == 421:  # Host names another host than this connection's
-            return  # certificate: nothing of that host is said under this one's
         # answer() has just loaded the view (or the host is not registered), so this is
         # memory, unless the event feed dropped the entry while the request was at the
         # backend: then it is read again (peeking would send this response without HSTS)
         try:
             host = checked_host(request)
         except BadRequest:
+            return
+        if misdirected(host) is not None:  # the 421: no HSTS of another host
             return
         view = await self._views.get(host.lookup) if host is not None else None
         if view is not None and view.hsts_max_age is not None and view.serves_https(self._clock()):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.wire.hostnames import BadHostHeader, HostHeader, parse_host_header
+from proxy.wire.peers import tls_host
 
 __all__ = ["BadRequest", "checked_host", "origin_form"]
 
@@ -84,3 +85,13 @@ def checked_host(request: web.Request) -> HostHeader | None:
         raise BadRequest(str(exc)) from None
     request[_HOST_KEY] = host
     return host
+
+
+def misdirected(host: HostHeader | None) -> str | None:
+    """The host this TLS connection's certificate is for, when the request names another
+    one (RFC 9110 §15.5.20: nothing of host B, its files or its HSTS, is answered under
+    host A's certificate); None over plain HTTP or when they agree."""
+    certified = tls_host()
+    if certified is not None and (host is None or host.lookup != certified):
+        return certified
+    return None
