@@ -110,6 +110,35 @@ async def test_renewal_skipped_when_cname_moved_keeps_serving(
         await edge.stop()
 
 
+async def test_host_on_the_edges_own_address_is_renewed(
+    tmp_path: Path, short_pebble: PebbleServer, dns_server: DNSServer, backend
+) -> None:
+    # no CNAME, A records at the edge: issued on that ground (checks.issue_via_address,
+    # on by default), so it must be renewed on it too, not skipped until it expires
+    clock = FakeClock()
+    edge = await _edge(tmp_path, short_pebble, dns_server, backend[0], clock)
+    store = await edge.open_store()
+    try:
+        host = f"links.by-address-{edge.ip.split('.')[-1]}.test"
+        await store.add_domain(host, "acct")
+        dns_server.set_a(host, [edge.ip])
+        first = await edge.served_serial(host, short_pebble)
+        await edge.run_maintenance()
+        plan = await store.get_renewal(host)
+        assert plan is not None
+        orders = short_pebble.order_count()
+        clock.advance_to(plan.due_at + 1)
+        await edge.run_maintenance()
+        kinds = [e.kind for e in await store.list_events(host)]
+        assert "renewal_skipped" not in kinds and "renewed" in kinds, kinds
+        assert short_pebble.order_count() == orders + 1
+        renewed = await store.get_certificate(host)
+        assert renewed is not None and renewed.serial != first
+    finally:
+        await store.close()
+        await edge.stop()
+
+
 async def test_ca_down_during_renewal_then_back(
     tmp_path: Path, short_pebble: PebbleServer, dns_server: DNSServer, backend
 ) -> None:

@@ -114,6 +114,7 @@ def maintenance(config: Config) -> MaintenanceSettings:
         concurrency=config.renewal.concurrency,
         skip_recheck_seconds=config.renewal.skip_recheck_seconds,
         lease_seconds=config.acme.lease_seconds,
+        issue_via_address=config.checks.issue_via_address,
     )
 
 

@@ -121,6 +121,9 @@ class MaintenanceSettings:
     skip_recheck_seconds: float = 3600.0  # a skipped renewal is looked at again after this
     lease_seconds: float = 10.0  # kept alive while a visit runs (see certificates.kept_lease)
     level_renewals: bool = True  # RenewalPlanner: spread bursts (False: plain ratio pick)
+    # checks.issue_via_address: a host whose A/AAAA records are the edge's own (no CNAME)
+    # was issued on that ground, so it is renewed on the same ground
+    issue_via_address: bool = True
 
 
 class Maintainer:
@@ -270,7 +273,8 @@ class Maintainer:
             why = "not registered" if domain is None else f"host is {domain.state.value}"
             return await self._skip(plan, why)
         result = await self._checker.check(hostname, self._target)
-        if result.status is not CnameStatus.OK:
+        via_address = result.status is CnameStatus.VIA_ADDRESS and self._settings.issue_via_address
+        if result.status is not CnameStatus.OK and not via_address:
             return await self._skip(plan, f"CNAME check: {result.reason}")
         try:
             await self._manager.check_ca()  # an open breaker: not even the CNAME check
