@@ -23,6 +23,7 @@ import asyncio
 import enum
 import socket
 import time
+from asyncio.selector_events import BaseSelectorEventLoop
 from dataclasses import dataclass
 
 import dns.asyncbackend
@@ -71,7 +72,8 @@ class LeanNameserver(dns.nameserver.Do53Nameserver):
     before: the message is built and parsed by it, and answers are accepted by its rules
     (`ignore_unexpected`, `ignore_errors`: from the server's address, a response to this
     query, well formed; a truncated answer raises Truncated so the resolver retries over
-    TCP, which goes through dnspython unchanged, as do queries from a source address).
+    TCP, which goes through dnspython unchanged, as do queries from a source address
+    and queries on loops without `sock_recvfrom`, such as uvloop's).
     """
 
     async def async_query(
@@ -85,7 +87,9 @@ class LeanNameserver(dns.nameserver.Do53Nameserver):
         one_rr_per_rrset: bool = False,
         ignore_trailing: bool = False,
     ) -> dns.message.Message:
-        if max_size or source or source_port:
+        loop = asyncio.get_running_loop()
+        # uvloop has no sock_sendto/sock_recvfrom: dnspython's own transport there
+        if max_size or source or source_port or not isinstance(loop, BaseSelectorEventLoop):
             return await super().async_query(
                 request,
                 timeout,
@@ -96,7 +100,6 @@ class LeanNameserver(dns.nameserver.Do53Nameserver):
                 one_rr_per_rrset,
                 ignore_trailing,
             )
-        loop = asyncio.get_running_loop()
         wire = request.to_wire()
         begin = time.time()
         deadline = loop.time() + timeout
