@@ -28,6 +28,8 @@ Reported per server: median CPU ms per certificate over rounds with [min..max], 
 first-click latency (median over all clicks), and the per-round ratio to Caddy and (for
 variants) to linkedge. `--profile DIR` records one extra burst on linkedge with py-spy
 (all threads, `--native` with `--native`) and prints where the CPU per certificate goes.
+`--threads` splits each linkedge burst's CPU into the event loop's thread and the others;
+`--count-store N` counts store calls and DNS lookups per first click on an in-process edge.
 """
 
 from __future__ import annotations
