@@ -6,6 +6,7 @@ connections it accepts) and the session's Pebble for TLS.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import socket
@@ -203,3 +204,102 @@ def test_polling_honours_retry_after_up_to_the_cap() -> None:
     assert _paced(0.02, answer("0")) == 0.02  # never faster than the backoff
     assert _paced(0.02, answer("0.3")) == 0.3
     assert _paced(0.02, answer("30")) == 0.5  # capped: the order deadline still rules
+
+
+# -- the answer parser: framings a CA (or a front) may use ------------------------------
+
+
+@contextlib.contextmanager
+def _raw_server(answers: list[bytes]) -> Iterator[tuple[str, list[bytes]]]:
+    """One connection at a time; each request read (head + Content-Length body) is
+    answered with the next canned bytes; an answer ending the list closes the socket."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    requests_seen: list[bytes] = []
+
+    def serve() -> None:
+        pending = list(answers)
+        while pending:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                buf = b""
+                while pending:
+                    while b"\r\n\r\n" not in buf:
+                        data = conn.recv(65536)
+                        if not data:
+                            break
+                        buf += data
+                    if b"\r\n\r\n" not in buf:
+                        break
+                    head, buf = buf.split(b"\r\n\r\n", 1)
+                    length = 0
+                    for line in head.split(b"\r\n")[1:]:
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":", 1)[1])
+                    while len(buf) < length:
+                        buf += conn.recv(65536)
+                    requests_seen.append(head + b"\r\n\r\n" + buf[:length])
+                    buf = buf[length:]
+                    answer = pending.pop(0)
+                    conn.sendall(answer)
+                    if b"Connection: close" in answer or b"HTTP/1.0" in answer[:8]:
+                        break
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", requests_seen
+    finally:
+        listener.close()
+        thread.join(timeout=5)
+
+
+def test_answers_framed_every_way_http_allows() -> None:
+    answers = [
+        # 100 Continue first, then a chunked body with an extension and a trailer
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+        b"Link: <a>;rel=up\r\nlink: <b>;rel=index\r\n\r\n"
+        b'4;ext=1\r\n{"a"\r\n4\r\n: 1}\r\n0\r\nX-Trailer: t\r\n\r\n',
+        b"HTTP/1.1 204 No Content\r\nReplay-Nonce: n2\r\n\r\n",  # no body, no length
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nReplay-Nonce: n3\r\n\r\n",  # HEAD
+        b'HTTP/1.1 201 Created\r\nContent-Length: 7\r\nLocation: /o/1\r\n\r\n{"b":2}',
+        # HTTP/1.0 without a length: the body runs to the close
+        b"HTTP/1.0 200 OK\r\nContent-Type: application/pem-certificate-chain\r\n\r\nPEM",
+    ]
+    with _raw_server(answers) as (base, seen):
+        session = DirectSession()
+        chunked = session.request("GET", f"{base}/dir", timeout=5)
+        assert chunked.status_code == 200 and chunked.json() == {"a": 1}
+        assert chunked.headers["Link"] == "<a>;rel=up, <b>;rel=index"  # joined, as requests
+        empty = session.request("POST", f"{base}/x", data="{}", timeout=5)
+        assert empty.status_code == 204 and empty.content == b""
+        head = session.request("HEAD", f"{base}/nonce", timeout=5)
+        assert head.headers["replay-nonce"] == "n3" and head.content == b""
+        created = session.request("POST", f"{base}/new", data='{"k": "v"}', timeout=5)
+        assert created.status_code == 201 and created.json() == {"b": 2}
+        assert created.headers["Location"] == "/o/1"
+        chain = session.request("GET", f"{base}/cert", timeout=5)
+        assert chain.content == b"PEM"
+        session.close()
+    # one connection for all of them, each request one write: head, then its body
+    assert seen[1].startswith(b"POST /x HTTP/1.1\r\n") and seen[1].endswith(b"\r\n\r\n{}")
+    assert b"Content-Length: 2\r\n" in seen[1] and b"Host: 127.0.0.1:" in seen[1]
+    assert seen[2].startswith(b"HEAD /nonce HTTP/1.1\r\n")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",  # cut short
+        b"NOT-HTTP 200 OK\r\n\r\n",  # no status line
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",  # a malformed header line
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # bad chunk size
+        b"",  # closed without an answer
+    ],
+)
+def test_malformed_answers_are_connection_errors(answer: bytes) -> None:
+    with _raw_server([answer]) as (base, _):
+        with pytest.raises(requests.ConnectionError):
+            DirectSession().request("GET", f"{base}/dir", timeout=5)

@@ -28,6 +28,8 @@ Reported per server: median CPU ms per certificate over rounds with [min..max], 
 first-click latency (median over all clicks), and the per-round ratio to Caddy and (for
 variants) to linkedge. `--profile DIR` records one extra burst on linkedge with py-spy
 (all threads, `--native` with `--native`) and prints where the CPU per certificate goes.
+`--threads` splits each linkedge burst's CPU into the event loop's thread and the others;
+`--count-store N` counts store calls and DNS lookups per first click on an in-process edge.
 """
 
 from __future__ import annotations
@@ -177,6 +179,7 @@ class IssuanceBench(bp.PeerBench):
         # Sampled before the names exist: linkedge's verifier may notice a new name and
         # order its certificate before the click comes; that CPU is in the window too.
         c0 = self.server_cpu(server)
+        t0_threads = thread_cpu(self.pids[server]) if self.args.threads else {}
         if server == "caddy":
             for host in hosts:
                 self.dns.set_a(host, [bp.CADDY_IP])
@@ -199,6 +202,8 @@ class IssuanceBench(bp.PeerBench):
             took.append(time.perf_counter() - start)
         wall = time.perf_counter() - t0
         c1 = self.server_cpu(server)
+        if self.args.threads and server != "caddy":
+            print_threads(server, t0_threads, thread_cpu(self.pids[server]), n)
         self.latencies.setdefault(server, []).extend(took)
         return {
             "server": server,
@@ -264,6 +269,38 @@ class IssuanceBench(bp.PeerBench):
             found[server]["file"] = str(folded)
             print_profile(server, found[server])
         return found
+
+
+# ----------------------------------------------------------------------------------
+# CPU per thread kind (`--threads`): which threads of the edge the CPU is spent on
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """Seconds of CPU (utime + stime) per thread of the tree, keyed "pid/tid name"."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for p in bp.tree_pids(pid):
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{p}/task/{tid}/stat") as fh:
+                    stat = fh.read()
+                name = stat[stat.index("(") + 1 : stat.rindex(")")]
+                fields = stat[stat.rindex(")") + 2 :].split()
+                out[f"{p}/{tid} {name}"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def print_threads(server: str, before: dict[str, float], after: dict[str, float], n: int) -> None:
+    """CPU ms per certificate: each process's main thread (the event loop) against its
+    other threads (Python's threads carry no name of their own for /proc: the ACME pool,
+    the store's, `to_thread`'s). Threads that ended during the burst are lost."""
+    kinds: Counter[str] = Counter()
+    for key, cpu in after.items():
+        pid, tid = key.split(" ", 1)[0].split("/")
+        kind = "main thread" if pid == tid else "other threads"
+        kinds[kind] += cpu - before.get(key, 0.0)
+    parts = ", ".join(f"{k} {v * 1000 / n:.1f}" for k, v in kinds.most_common() if v > 0)
+    print(f"    {server} threads, CPU ms per certificate: {parts}", flush=True)
 
 
 # ----------------------------------------------------------------------------------
@@ -456,6 +493,20 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
         )
 
 
+def _named_thread_cpu() -> dict[str, float]:
+    """CPU seconds per thread of this process, by Python thread name (numbers dropped)."""
+    import threading
+
+    names = {t.native_id: re.sub(r"[_-]?\d+(_\d+)?$", "", t.name) for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: Counter[str] = Counter()
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+            out[names.get(int(tid), "?")] += (int(fields[11]) + int(fields[12])) / tick
+    return dict(out)
+
+
 def count_store_calls(n: int) -> int:
     """`--count-store N`: store calls per first-click issuance, by method and caller.
 
@@ -513,6 +564,19 @@ def count_store_calls(n: int) -> int:
         if not name.startswith("_") and name != "open" and inspect.iscoroutinefunction(method):
             setattr(backend, name, wrap(name, method))
 
+    # DNS lookups too (dnspython's per-query cost is a part of the CPU per certificate)
+    import dns.asyncresolver
+
+    lookups: Counter[str] = Counter()
+    resolve = dns.asyncresolver.Resolver.resolve
+
+    async def counted_resolve(self: Any, qname: Any, rdtype: Any = "A", *a: Any, **k: Any) -> Any:
+        if counting[0]:
+            lookups[f"{rdtype} <- {caller()}"] += 1
+        return await resolve(self, qname, rdtype, *a, **k)
+
+    dns.asyncresolver.Resolver.resolve = counted_resolve  # type: ignore[method-assign]
+
     async def run(tmp: Path, pebble: Any, dns: Any) -> None:
         runner, url = await start_backend()
         edge = new_edge(tmp, pebble, dns, url)
@@ -524,10 +588,17 @@ def count_store_calls(n: int) -> int:
         assert await get_status(edge, pebble, hosts[0]) == 302  # warm-up: first order
         await asyncio.sleep(0.5)
         counting[0] = True
+        before = _named_thread_cpu()
         for host in hosts[1:]:
             assert await get_status(edge, pebble, host) == 302
         await asyncio.sleep(0.5)
         counting[0] = False
+        after = _named_thread_cpu()
+        spent = {k: v - before.get(k, 0.0) for k, v in after.items()}
+        print("CPU ms per new host by thread (this process: edge, clicks, DNS server):")
+        for name, cpu in sorted(spent.items(), key=lambda kv: -kv[1]):
+            if cpu > 0:
+                print(f"  {cpu * 1000 / n:6.2f}  {name}")
         await edge.stop()
         await runner.cleanup()
 
@@ -542,6 +613,9 @@ def count_store_calls(n: int) -> int:
     print(f"store calls per new host: {total:.1f}")
     print(f"  without the event-log polls: {total - sum(calls[p] for p in polls) / n:.1f}")
     for key, count in callers.most_common():
+        print(f"{count / n:6.1f}  {key}")
+    print(f"DNS lookups per new host: {sum(lookups.values()) / n:.1f}")
+    for key, count in lookups.most_common():
         print(f"{count / n:6.1f}  {key}")
     return 0
 
@@ -558,6 +632,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", type=Path, metavar="DIR", help="py-spy one more linkedge burst")
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument("--gil", action="store_true", help="py-spy --gil (GIL holder only)")
+    p.add_argument("--threads", action="store_true", help="CPU per thread kind per burst")
     p.add_argument("--profile-hosts", type=int, default=40, help="certificates profiled (40)")
     p.add_argument(
         "--count-store", type=int, metavar="N", help="only count store calls over N issuances"
