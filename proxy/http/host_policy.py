@@ -75,14 +75,27 @@ class HostPolicy:
             return _text(503, "Temporarily unavailable, try again.", {"Retry-After": "10"})
         if kind is not None:
             return await self._association_file(request, view, kind)
-        if (
+        if self._upgrades(request, view):
+            assert view is not None
+            return self._upgrade(request, view.hostname)
+        return None
+
+    def forwards(self, request: web.Request, host: str) -> bool:
+        """`answer` would be None (forward it), known without waiting: False when the edge
+        answers itself or when the host's view is not in memory (`answer` reads it).
+        The lean click protocol asks this; everything it is False for goes to aiohttp."""
+        if origin_form(request.raw_path).partition("?")[0] in SERVED_AT:
+            return False
+        known, view = self._views.known(host) if host else (True, None)
+        return known and not self._upgrades(request, view)
+
+    def _upgrades(self, request: web.Request, view: HostView | None) -> bool:
+        return (
             view is not None
             and view.https_upgrade
             and not self._is_https(request)
             and view.serves_https(self._clock())
-        ):
-            return self._upgrade(request, view.hostname)
-        return None
+        )
 
     async def _association_file(
         self, request: web.Request, view: HostView | None, kind: str
@@ -109,20 +122,28 @@ class HostPolicy:
 
     async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         response.headers.popall(HSTS, None)
+        value = await self.hsts(request)
+        if value is not None:
+            response.headers[HSTS] = value
+
+    async def hsts(self, request: web.Request) -> str | None:
+        """The Strict-Transport-Security value every response to `request` gets (the
+        edge replaces a backend's own), or None for none."""
         if not self._is_https(request):  # RFC 6797 §7.2: meaningless over plain HTTP
-            return
+            return None
         # answer() has just loaded the view (or the host is not registered), so this is
         # memory, unless the event feed dropped the entry while the request was at the
         # backend: then it is read again (peeking would send this response without HSTS)
         try:
             host = checked_host(request)
         except BadRequest:
-            return
+            return None
         if misdirected(host) is not None:  # the 421: no HSTS of another host
-            return
+            return None
         view = await self._views.get(host.lookup) if host is not None else None
         if view is not None and view.hsts_max_age is not None and view.serves_https(self._clock()):
-            response.headers[HSTS] = f"max-age={view.hsts_max_age}"
+            return f"max-age={view.hsts_max_age}"
+        return None
 
 
 def _matches(if_none_match: tuple[str, ...] | list[str], etag: str) -> bool:

@@ -51,7 +51,7 @@ class BackendClosed(ClientConnectionError):
     """The connection ended before the head of the answer arrived."""
 
 
-class _Connection(BaseProtocol):
+class Connection(BaseProtocol):
     __slots__ = ("_parser", "_head", "_payload", "_got_bytes", "_reusable", "idle_since", "key")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: str) -> None:
@@ -164,6 +164,19 @@ class Answer:
     def content(self) -> Answer:
         return self
 
+    def ready(self) -> bool:
+        """A read would not wait: body bytes are buffered, or the body has ended."""
+        payload = self._payload
+        return payload.is_eof() or bool(payload._buffer)  # noqa: SLF001 (no public peek)
+
+    async def read_some(self) -> bytes:
+        """The next body bytes (b"" at the end), each read within `timeout`."""
+        payload = self._payload
+        if payload.is_eof() and not payload._buffer:  # noqa: SLF001
+            return b""
+        async with asyncio.timeout(self._timeout):
+            return await payload.readany()
+
     async def iter_any(self) -> AsyncIterator[bytes]:
         payload = self._payload
         while True:
@@ -190,8 +203,8 @@ class LeanClient:
         self._slots = asyncio.Semaphore(pool_size)
         self._pool_size = pool_size
         self._keepalive = keepalive
-        self._idle: dict[str, collections.deque[_Connection]] = {}
-        self._live: set[_Connection] = set()  # every open connection, idle or in use
+        self._idle: dict[str, collections.deque[Connection]] = {}
+        self._live: set[Connection] = set()  # every open connection, idle or in use
         self._closed = False
 
     async def close(self) -> None:
@@ -203,7 +216,7 @@ class LeanClient:
         self._live.clear()
         self._idle.clear()
 
-    def _take_idle(self, key: str) -> _Connection | None:
+    def _take_idle(self, key: str) -> Connection | None:
         conns = self._idle.get(key)
         now = time.monotonic()
         while conns:
@@ -215,7 +228,7 @@ class LeanClient:
             self._drop(conn)
         return None
 
-    def _give_back(self, conn: _Connection) -> None:
+    def _give_back(self, conn: Connection) -> None:
         if self._closed:
             self._drop(conn)
             return
@@ -225,7 +238,7 @@ class LeanClient:
         while len(conns) > self._pool_size:
             self._drop(conns.popleft())
 
-    async def exchange(self, url: URL, head: bytes) -> tuple[Answer, _Connection]:
+    async def exchange(self, url: URL, head: bytes) -> tuple[Answer, Connection]:
         """Send the request head; return the answer's head and its connection.
 
         `ConnectFailed` means nothing was sent (refused, unreachable, or the pool wait
@@ -264,13 +277,13 @@ class LeanClient:
             raise
         return Answer(message, payload, self._timeout), conn
 
-    async def _connect(self, url: URL, key: str) -> _Connection:
+    async def _connect(self, url: URL, key: str) -> Connection:
         loop = asyncio.get_running_loop()
         host, port = url.raw_host or "", url.port or 80
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _transport, conn = await loop.create_connection(
-                    lambda: _Connection(loop, key), host, port
+                    lambda: Connection(loop, key), host, port
                 )
         except TimeoutError as exc:
             raise ConnectFailed(f"connect to {key} timed out", timeout=True) from exc
@@ -282,7 +295,7 @@ class LeanClient:
         self._live.add(conn)
         return conn
 
-    def release(self, conn: _Connection) -> None:
+    def release(self, conn: Connection) -> None:
         """Pool the connection if its answer was read to the end, else close it."""
         try:
             if conn.finished_cleanly():
@@ -292,7 +305,7 @@ class LeanClient:
         finally:
             self._slots.release()
 
-    def _drop(self, conn: _Connection) -> None:
+    def _drop(self, conn: Connection) -> None:
         self._live.discard(conn)
         if conn.transport is not None:
             conn.transport.close()
