@@ -194,9 +194,11 @@ async def test_lean_answers_are_aiohttps_byte_for_byte(
         try:
             lean_before, handed_before = clicks.stats.lean, clicks.stats.handed_off
             lean = [await conn.get(host, path) for path in PATHS]
+            lean.append(await conn.get(host, "/c/last", "Connection: close\r\n"))
+            assert await conn.closed_by_server()
         finally:
             conn.close()
-        assert clicks.stats.lean - lean_before == len(PATHS)  # all on one lean connection
+        assert clicks.stats.lean - lean_before == len(PATHS) + 1  # all on one lean connection
         assert clicks.stats.handed_off == handed_before
 
         # the same requests through aiohttp: every connection handed to it at once
@@ -205,13 +207,15 @@ async def test_lean_answers_are_aiohttps_byte_for_byte(
             plain_conn = await Conn.open(edge, pebble, host, tls=tls)
             try:
                 reference = [await plain_conn.get(host, path) for path in PATHS]
+                reference.append(await plain_conn.get(host, "/c/last", "Connection: close\r\n"))
+                assert await plain_conn.closed_by_server()
             finally:
                 plain_conn.close()
         finally:
             clicks.access_logged = lambda: False
-        assert clicks.stats.lean - lean_before == len(PATHS)
+        assert clicks.stats.lean - lean_before == len(PATHS) + 1
         assert clicks.stats.handed_off == handed_before + 1
-    for path, mine, theirs in zip(PATHS, lean, reference, strict=True):
+    for path, mine, theirs in zip([*PATHS, "close"], lean, reference, strict=True):
         assert _without_date(mine) == _without_date(theirs), path
     first = lean[0]
     assert first.startswith(b"HTTP/1.1 302 Found\r\n")
@@ -219,6 +223,7 @@ async def test_lean_answers_are_aiohttps_byte_for_byte(
     assert (b"\r\nStrict-Transport-Security: max-age=600\r\n" in lean[3]) == tls
     assert b"preload" not in lean[3] and b"\r\nServer: backend/1.0\r\n" in lean[3]
     assert len(lean[2]) > BIG
+    assert b"\r\nConnection: close\r\n" in lean[-1]
 
 
 class _hsts:
@@ -311,7 +316,6 @@ async def test_a_kept_alive_connection_goes_to_aiohttp_at_a_request_boundary(
         f"GET /c/6 HTTP/1.1\r\nHost: {host}\r\n\r\nGET /c/7 HTTP/1.1\r\nHost: {host}\r\n\r\n",
         f"HEAD /c/6 HTTP/1.1\r\nHost: {host}\r\n\r\n",
         f"GET /c/6 HTTP/1.0\r\nHost: {host}\r\n\r\n",
-        f"GET /c/6 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n",
         f"GET /c/6 HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n",
         f"GET /c/6 HTTP/1.1\r\nHost: {host}\r\nExpect: 100-continue\r\n\r\n",
         "GET /c/6 HTTP/1.1\r\nHost: other.example.test\r\n\r\n",  # 421

@@ -130,11 +130,21 @@ class _Head(dict[Any, Any]):
     `forwarded_headers`, `HostPolicy`, the forwarder): the attributes of `web.Request`
     they use, from the parsed head. A dict, as `checked_host` caches on the request."""
 
-    __slots__ = ("method", "raw_path", "version", "headers", "transport", "protocol", "secure")
+    __slots__ = (
+        "method",
+        "raw_path",
+        "version",
+        "headers",
+        "transport",
+        "protocol",
+        "secure",
+        "host",
+        "read_view",
+        "keep_alive",
+    )
 
     body_exists = False
     content_length = None
-    keep_alive = True  # only a keep-alive request becomes a lean click
 
     def __init__(self, message: RawRequestMessage, conn: LeanClickProtocol) -> None:
         super().__init__()
@@ -145,6 +155,9 @@ class _Head(dict[Any, Any]):
         self.transport = conn.transport
         self.protocol = conn
         self.secure = conn.secure
+        self.keep_alive = not message.should_close  # `Connection: close` from the client
+        self.host = ""  # the checked host's lookup name (app.decide)
+        self.read_view = False  # its view must be read before the policy can say
 
 
 class LeanClickProtocol(asyncio.Protocol):
@@ -298,7 +311,6 @@ class LeanClickProtocol(asyncio.Protocol):
         if (
             message.method != "GET"
             or message.version != HttpVersion11
-            or message.should_close
             or message.upgrade
             or message.chunked
         ):
@@ -313,8 +325,12 @@ class LeanClickProtocol(asyncio.Protocol):
         step, host = decide(request, paths.is_suspended)
         if step is not Step.FORWARD:
             return None
-        if paths.policy is not None and not paths.policy.forwards(request, host):
-            return None
+        if paths.policy is not None:
+            forwards = paths.policy.forwards(request, host)
+            if forwards is False:
+                return None
+            head.host = host
+            head.read_view = forwards is None  # not in memory: read first, as aiohttp would
         if not paths.forwarding.lean_ready():
             return None
         return head
@@ -322,8 +338,17 @@ class LeanClickProtocol(asyncio.Protocol):
     async def _serve(self, head: _Head, data: bytes) -> None:
         request = cast(web.Request, head)
         respond = _Responder(self, head)
+        paths = self._paths
         try:
-            taken = await self._paths.forwarding.handle_lean(request, respond)
+            if head.read_view and paths.policy is not None:
+                # the host's view was not in memory (a first click, a change): read it
+                # (single-flight) and decide again; nothing was sent yet
+                if not await paths.policy.forwards_after_reading(request, head.host):
+                    self._task = None
+                    self._busy = False
+                    self._hand_off(data + self._buffer)
+                    return
+            taken = await paths.forwarding.handle_lean(request, respond)
         except asyncio.CancelledError:
             return  # the client left (connection_lost) or the drain's deadline
         except Exception:
@@ -374,7 +399,8 @@ class LeanClickProtocol(asyncio.Protocol):
         """aiohttp's RequestHandler serves this connection from here on, starting with
         `data` (a request's first bytes, or nothing)."""
         transport = self.transport
-        assert transport is not None
+        if transport is None or transport.is_closing():
+            return  # the client left meanwhile
         self._handed_off = True
         self._paths.stats.handed_off += 1
         handler = self._paths.fallback()
@@ -423,7 +449,8 @@ class _Responder:
         self.status = response.status
         self.started = True
         # these answers say `Connection: close`: the connection ends after them
-        self.close_after = headers.get("Connection", "").lower() == "close"
+        if headers.get("Connection", "").lower() == "close":
+            self.close_after = True
         self._write(_head_bytes(response.status, response.reason, headers) + body)
 
     async def relay(self, answer: Answer) -> None:
@@ -474,13 +501,17 @@ class _Responder:
             transport.close()
 
     def _finish_headers(self, headers: CIMultiDict[str], status: int, has_body: bool) -> None:
-        # aiohttp's StreamResponse._prepare_headers for a keep-alive HTTP/1.1 request, then
-        # the app's on_response_prepare hooks (Server; HSTS in _add_hsts)
+        # aiohttp's StreamResponse._prepare_headers for an HTTP/1.1 request, then the
+        # app's on_response_prepare hooks (Server; HSTS in _add_hsts)
         if has_body:
             headers.setdefault("Content-Type", "application/octet-stream")
         if "Date" not in headers:
             headers["Date"] = rfc822_formatted_time()
         headers.setdefault("Server", http_app.SERVER)
+        if not self._head.keep_alive:
+            self.close_after = True
+            if "Connection" not in headers:
+                headers["Connection"] = "close"
 
     @staticmethod
     def _add_hsts(headers: CIMultiDict[str], value: str | None) -> None:

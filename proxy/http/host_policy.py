@@ -63,13 +63,8 @@ class HostPolicy:
     async def answer(self, request: web.Request, host: str) -> web.StreamResponse | None:
         """The edge's own response, or None to forward the request to the backend."""
         kind = SERVED_AT.get(origin_form(request.raw_path).partition("?")[0])
-        try:
-            view = await self._views.get(host) if host else None
-        except Exception as exc:  # the store failing must not take clicks down with it
-            if isinstance(exc, StoreUnavailable):  # logged once by the store
-                log.debug("reading host %s: %s", host, exc)
-            else:
-                log.exception("reading host %s from the store failed", host)
+        read, view = await self._view(host)
+        if not read:
             if kind is None:
                 return None
             return _text(503, "Temporarily unavailable, try again.", {"Retry-After": "10"})
@@ -80,14 +75,33 @@ class HostPolicy:
             return self._upgrade(request, view.hostname)
         return None
 
-    def forwards(self, request: web.Request, host: str) -> bool:
-        """`answer` would be None (forward it), known without waiting: False when the edge
-        answers itself or when the host's view is not in memory (`answer` reads it).
-        The lean click protocol asks this; everything it is False for goes to aiohttp."""
+    def forwards(self, request: web.Request, host: str) -> bool | None:
+        """Whether `answer` would be None (forward it), known without waiting: False when
+        the edge answers itself, None when the host's view is not in memory
+        (`forwards_after_reading` reads it). The lean click protocol asks this; what it
+        says False for goes to aiohttp."""
         if origin_form(request.raw_path).partition("?")[0] in SERVED_AT:
             return False
         known, view = self._views.known(host) if host else (True, None)
-        return known and not self._upgrades(request, view)
+        if not known:
+            return None
+        return not self._upgrades(request, view)
+
+    async def forwards_after_reading(self, request: web.Request, host: str) -> bool:
+        """`forwards` once the host's view was read (as `answer` reads it)."""
+        read, view = await self._view(host)
+        return not read or not self._upgrades(request, view)  # a store failing: forward
+
+    async def _view(self, host: str) -> tuple[bool, HostView | None]:
+        """(True, the host's view or None: not registered), (False, None): unreadable."""
+        try:
+            return True, (await self._views.get(host) if host else None)
+        except Exception as exc:  # the store failing must not take clicks down with it
+            if isinstance(exc, StoreUnavailable):  # logged once by the store
+                log.debug("reading host %s: %s", host, exc)
+            else:
+                log.exception("reading host %s from the store failed", host)
+            return False, None
 
     def _upgrades(self, request: web.Request, view: HostView | None) -> bool:
         return (
