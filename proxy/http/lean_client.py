@@ -68,15 +68,18 @@ class Connection(BaseProtocol):
 
     def send(self, data: bytes) -> asyncio.Future[tuple[RawResponseMessage, StreamReader]]:
         loop = self._loop
-        self._parser = HttpResponseParser(
-            self,
-            loop,
-            READ_LIMIT,
-            payload_exception=ClientPayloadError,
-            response_with_body=True,
-            read_until_eof=True,
-            auto_decompress=False,
-        )
+        if self._parser is None:
+            # one parser for the connection's life: it is back at a message boundary
+            # after each answer read to the end (anything else closes the connection)
+            self._parser = HttpResponseParser(
+                self,
+                loop,
+                READ_LIMIT,
+                payload_exception=ClientPayloadError,
+                response_with_body=True,
+                read_until_eof=True,
+                auto_decompress=False,
+            )
         self._head = loop.create_future()
         self._payload = None
         self._got_bytes = False
@@ -84,6 +87,11 @@ class Connection(BaseProtocol):
         assert self.transport is not None
         self.transport.write(data)
         return self._head
+
+    def rest(self) -> None:
+        """Pooled: any byte from the backend until the next `send` closes the connection."""
+        self._head = None
+        self._payload = None
 
     @property
     def got_bytes(self) -> bool:
@@ -106,8 +114,8 @@ class Connection(BaseProtocol):
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
         parser = self._parser
-        if parser is None:  # bytes while idle: the backend is confused; drop the connection
-            if self.transport is not None:
+        if parser is None or self._head is None:  # bytes while idle: the backend is
+            if self.transport is not None:  # confused; drop the connection
                 self.transport.close()
             return
         try:
@@ -115,6 +123,11 @@ class Connection(BaseProtocol):
         except BaseException as exc:  # a malformed answer
             self._fail(exc)
             if self.transport is not None:
+                self.transport.close()
+            return
+        head = self._head
+        if head is None or head.done():  # bytes between answers: the backend is confused
+            if messages and self.transport is not None:
                 self.transport.close()
             return
         for message, payload in messages:
@@ -172,7 +185,9 @@ class Answer:
     async def read_some(self) -> bytes:
         """The next body bytes (b"" at the end), each read within `timeout`."""
         payload = self._payload
-        if payload.is_eof() and not payload._buffer:  # noqa: SLF001
+        if payload._buffer:  # noqa: SLF001 (no public peek): no wait, no timer
+            return await payload.readany()
+        if payload.is_eof():
             return b""
         async with asyncio.timeout(self._timeout):
             return await payload.readany()
@@ -233,6 +248,7 @@ class LeanClient:
             self._drop(conn)
             return
         conn.idle_since = time.monotonic()
+        conn.rest()
         conns = self._idle.setdefault(conn.key, collections.deque())
         conns.append(conn)
         while len(conns) > self._pool_size:
@@ -248,11 +264,14 @@ class LeanClient:
         if url.scheme != "http":
             raise ValueError("the lean client speaks plain HTTP only")
         key = f"{url.raw_host}:{url.port}"
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                await self._slots.acquire()
-        except TimeoutError as exc:
-            raise ConnectFailed("no free backend connection in time", timeout=True) from exc
+        if self._slots.locked():  # all in use: wait for one, bounded
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    await self._slots.acquire()
+            except TimeoutError as exc:
+                raise ConnectFailed("no free backend connection in time", timeout=True) from exc
+        else:
+            await self._slots.acquire()  # free: returns at once (no timer armed for it)
         try:
             conn = self._take_idle(key)
             reused = conn is not None
