@@ -44,7 +44,7 @@ async def _chunked(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"X-Kind": "chunked"})
     response.enable_chunked_encoding()
     await response.prepare(request)
-    for i in range(3):
+    for i in range(3 if request.method == "GET" else 0):  # aiohttp would send HEAD a body
         await response.write(b"part %d\n" % i)
         await asyncio.sleep(0.01)
     await response.write_eof()
@@ -55,7 +55,7 @@ async def _big(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     response.content_length = BIG
     await response.prepare(request)
-    for _ in range(BIG // 10_000):
+    for _ in range(BIG // 10_000 if request.method == "GET" else 0):
         await response.write(b"y" * 10_000)
     await response.write_eof()
     return response
@@ -160,6 +160,10 @@ class Conn:
         await self.send(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode())
         return await self.response()
 
+    async def head(self, host: str, path: str) -> bytes:
+        await self.send(f"HEAD {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        return await self.response(head_request=True)
+
     async def closed_by_server(self, timeout: float = 15) -> bool:
         try:
             data = await asyncio.wait_for(self.reader.read(1), timeout)
@@ -181,6 +185,7 @@ def _clicks(edge: EdgeHandle) -> ClickPaths:
 
 
 PATHS = ["/c/abc?utm=1&x=%2F", "/chunked", "/big", "/own", "/empty", "/notmod"]
+HEAD_PATHS = ["/c/h", "/chunked", "/big", "/empty"]
 
 
 @pytest.mark.parametrize("tls", [True, False], ids=["https", "http"])
@@ -194,11 +199,14 @@ async def test_lean_answers_are_aiohttps_byte_for_byte(
         try:
             lean_before, handed_before = clicks.stats.lean, clicks.stats.handed_off
             lean = [await conn.get(host, path) for path in PATHS]
+            for path in HEAD_PATHS:
+                lean.append(await conn.head(host, path))
             lean.append(await conn.get(host, "/c/last", "Connection: close\r\n"))
             assert await conn.closed_by_server()
         finally:
             conn.close()
-        assert clicks.stats.lean - lean_before == len(PATHS) + 1  # all on one lean connection
+        # all on one lean connection
+        assert clicks.stats.lean - lean_before == len(PATHS) + len(HEAD_PATHS) + 1
         assert clicks.stats.handed_off == handed_before
 
         # the same requests through aiohttp: every connection handed to it at once
@@ -207,15 +215,18 @@ async def test_lean_answers_are_aiohttps_byte_for_byte(
             plain_conn = await Conn.open(edge, pebble, host, tls=tls)
             try:
                 reference = [await plain_conn.get(host, path) for path in PATHS]
+                for path in HEAD_PATHS:
+                    reference.append(await plain_conn.head(host, path))
                 reference.append(await plain_conn.get(host, "/c/last", "Connection: close\r\n"))
                 assert await plain_conn.closed_by_server()
             finally:
                 plain_conn.close()
         finally:
             clicks.access_logged = lambda: False
-        assert clicks.stats.lean - lean_before == len(PATHS) + 1
+        assert clicks.stats.lean - lean_before == len(PATHS) + len(HEAD_PATHS) + 1
         assert clicks.stats.handed_off == handed_before + 1
-    for path, mine, theirs in zip([*PATHS, "close"], lean, reference, strict=True):
+    names = [*PATHS, *(f"HEAD {p}" for p in HEAD_PATHS), "close"]
+    for path, mine, theirs in zip(names, lean, reference, strict=True):
         assert _without_date(mine) == _without_date(theirs), path
     first = lean[0]
     assert first.startswith(b"HTTP/1.1 302 Found\r\n")
@@ -314,7 +325,6 @@ async def test_a_kept_alive_connection_goes_to_aiohttp_at_a_request_boundary(
     # each kind of request that is not a lean click goes to aiohttp on its first bytes
     cases = [
         f"GET /c/6 HTTP/1.1\r\nHost: {host}\r\n\r\nGET /c/7 HTTP/1.1\r\nHost: {host}\r\n\r\n",
-        f"HEAD /c/6 HTTP/1.1\r\nHost: {host}\r\n\r\n",
         f"GET /c/6 HTTP/1.0\r\nHost: {host}\r\n\r\n",
         f"GET /c/6 HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n",
         f"GET /c/6 HTTP/1.1\r\nHost: {host}\r\nExpect: 100-continue\r\n\r\n",

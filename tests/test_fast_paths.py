@@ -48,9 +48,9 @@ def lean_forced(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         kwargs["lean_client"] = True
         original_init(self, *args, **kwargs)
 
-    async def exchange(self: LeanClient, url: URL, head: bytes) -> Any:
+    async def exchange(self: LeanClient, url: URL, head: bytes, **kwargs: Any) -> Any:
         USED["exchanges"] += 1
-        return await original_exchange(self, url, head)
+        return await original_exchange(self, url, head, **kwargs)
 
     original_paths = ClickPaths.__init__
 

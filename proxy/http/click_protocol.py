@@ -9,7 +9,7 @@ and serves exactly that kind of request itself:
 
 * a request whose head arrived whole in the bytes at hand (nothing after it) is parsed
   by aiohttp's own C request parser (llhttp), with the same limits as aiohttp's;
-* it is a lean click when it is a `GET` in HTTP/1.1 without a body (no Content-Length,
+* it is a lean click when it is a `GET` or `HEAD` in HTTP/1.1 without a body (no Content-Length,
   Transfer-Encoding, Expect or Upgrade) and the edge's checks (`app.decide`: Host,
   target, ACME challenge, 421, suspension) and the host's policy
   (`HostPolicy.forwards`: association files, HTTPS upgrade, a host known in memory)
@@ -21,7 +21,7 @@ and serves exactly that kind of request itself:
   fields in the same order, Date, `Server: linkedge` unless the backend sent one,
   chunked when the backend gave no length.
 
-Anything else — a partial head, pipelined requests, a body, HEAD, HTTP/1.0, Expect,
+Anything else — a partial head, pipelined requests, a body, HTTP/1.0, Expect,
 upgrades, challenges, association files, redirects the edge makes itself, 400s, 421s,
 503s, a host not in memory, an https backend, an access log being written — is
 handed, at that request's first byte, to aiohttp's `RequestHandler` (the listeners'
@@ -309,7 +309,7 @@ class LeanClickProtocol(asyncio.Protocol):
             return None
         message = messages[0][0]
         if (
-            message.method != "GET"
+            message.method not in ("GET", "HEAD")
             or message.version != HttpVersion11
             or message.upgrade
             or message.chunked
@@ -443,6 +443,8 @@ class _Responder:
         body = response.body if isinstance(response.body, bytes) else b""
         headers: CIMultiDict[str] = CIMultiDict(response.headers)
         headers["Content-Length"] = str(len(body))
+        if self._head.method == "HEAD":  # the length of the GET's answer, no body
+            body = b""
         self._finish_headers(headers, response.status, bool(body))
         hsts = await self._hsts()
         self._add_hsts(headers, hsts)
@@ -457,11 +459,13 @@ class _Responder:
         """The backend's answer, streamed; one write when it is complete already."""
         self.started = True
         self.status = status = answer.status
+        method = self._head.method
         headers: CIMultiDict[str] = CIMultiDict(relayed_headers(answer.headers))
-        empty = must_be_empty_body("GET", status)
-        chunked = "Content-Length" not in answer.headers  # `_relay` enables chunking then
+        empty = must_be_empty_body(method, status)
+        # `_relay` enables chunking when the backend gave no length (not for HEAD)
+        chunked = "Content-Length" not in answer.headers and method != "HEAD"
         if empty:
-            if "Content-Length" in headers and should_remove_content_length("GET", status):
+            if "Content-Length" in headers and should_remove_content_length(method, status):
                 del headers["Content-Length"]
             headers.popall("Transfer-Encoding", None)
         elif chunked:

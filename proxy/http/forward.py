@@ -339,7 +339,11 @@ class Forwarder:
             if url.scheme != "http":
                 return None  # https backends: aiohttp's client
             try:
-                answer, conn = await self._lean.exchange(url, request_head("GET", url, headers))
+                answer, conn = await self._lean.exchange(
+                    url,
+                    request_head(request.method, url, headers),
+                    head_request=request.method == "HEAD",
+                )
             except ConnectFailed as exc:
                 log.warning("cannot connect to backend %s: %s", backend.base, exc)
                 if not exc.timeout:  # as in _forward: a timeout may be our own full pool

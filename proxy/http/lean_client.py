@@ -1,4 +1,4 @@
-"""A lean pooled HTTP/1.1 client for one job: a bodiless GET forwarded to a backend.
+"""A lean pooled HTTP/1.1 client for one job: a bodiless GET (or HEAD) forwarded to a backend.
 
 aiohttp's `ClientSession.request` does a lot per request that a click does not need
 (a request object, its writer task, tracing hooks, cookie and redirect logic, a
@@ -52,12 +52,22 @@ class BackendClosed(ClientConnectionError):
 
 
 class Connection(BaseProtocol):
-    __slots__ = ("_parser", "_head", "_payload", "_got_bytes", "_reusable", "idle_since", "key")
+    __slots__ = (
+        "_parser",
+        "_head_parser",
+        "_head",
+        "_payload",
+        "_got_bytes",
+        "_reusable",
+        "idle_since",
+        "key",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: str) -> None:
         super().__init__(loop)
         self.key = key
         self._parser: HttpResponseParser | None = None
+        self._head_parser = False  # the parser is for the answer to a HEAD
         self._head: asyncio.Future[tuple[RawResponseMessage, StreamReader]] | None = None
         self._payload: StreamReader | None = None
         self._got_bytes = False
@@ -66,20 +76,24 @@ class Connection(BaseProtocol):
 
     # -- one exchange --------------------------------------------------------------
 
-    def send(self, data: bytes) -> asyncio.Future[tuple[RawResponseMessage, StreamReader]]:
+    def send(
+        self, data: bytes, *, head_request: bool = False
+    ) -> asyncio.Future[tuple[RawResponseMessage, StreamReader]]:
         loop = self._loop
-        if self._parser is None:
+        if self._parser is None or head_request or self._head_parser:
             # one parser for the connection's life: it is back at a message boundary
-            # after each answer read to the end (anything else closes the connection)
+            # after each answer read to the end (anything else closes the connection);
+            # the answer to a HEAD has no body whatever its fields say: a parser of its own
             self._parser = HttpResponseParser(
                 self,
                 loop,
                 READ_LIMIT,
                 payload_exception=ClientPayloadError,
-                response_with_body=True,
+                response_with_body=not head_request,
                 read_until_eof=True,
                 auto_decompress=False,
             )
+            self._head_parser = head_request
         self._head = loop.create_future()
         self._payload = None
         self._got_bytes = False
@@ -180,12 +194,12 @@ class Answer:
     def ready(self) -> bool:
         """A read would not wait: body bytes are buffered, or the body has ended."""
         payload = self._payload
-        return payload.is_eof() or bool(payload._buffer)  # noqa: SLF001 (no public peek)
+        return payload.is_eof() or bool(_buffered(payload))
 
     async def read_some(self) -> bytes:
         """The next body bytes (b"" at the end), each read within `timeout`."""
         payload = self._payload
-        if payload._buffer:  # noqa: SLF001 (no public peek): no wait, no timer
+        if _buffered(payload):  # no wait, no timer
             return await payload.readany()
         if payload.is_eof():
             return b""
@@ -195,13 +209,20 @@ class Answer:
     async def iter_any(self) -> AsyncIterator[bytes]:
         payload = self._payload
         while True:
-            if payload.is_eof() and not payload._buffer:  # noqa: SLF001 (no public peek)
+            if payload.is_eof() and not _buffered(payload):
                 return
             async with asyncio.timeout(self._timeout):
                 chunk = await payload.readany()
             if not chunk:
                 return
             yield chunk
+
+
+def _buffered(payload: StreamReader) -> int:
+    """Body bytes the reader holds (StreamReader has no public peek; the empty reader of
+    a bodiless answer holds none)."""
+    buffer = getattr(payload, "_buffer", None)
+    return len(buffer) if buffer else 0
 
 
 class LeanClient:
@@ -254,7 +275,9 @@ class LeanClient:
         while len(conns) > self._pool_size:
             self._drop(conns.popleft())
 
-    async def exchange(self, url: URL, head: bytes) -> tuple[Answer, Connection]:
+    async def exchange(
+        self, url: URL, head: bytes, *, head_request: bool = False
+    ) -> tuple[Answer, Connection]:
         """Send the request head; return the answer's head and its connection.
 
         `ConnectFailed` means nothing was sent (refused, unreachable, or the pool wait
@@ -280,14 +303,14 @@ class LeanClient:
             try:
                 async with asyncio.timeout(self._timeout):
                     try:
-                        message, payload = await conn.send(head)
+                        message, payload = await conn.send(head, head_request=head_request)
                     except BackendClosed:
                         if not reused or conn.got_bytes:
                             raise
                         # a kept-alive connection the backend had closed: once more, fresh
                         self._drop(conn)
                         conn = await self._connect(url, key)
-                        message, payload = await conn.send(head)
+                        message, payload = await conn.send(head, head_request=head_request)
             except BaseException:
                 self._drop(conn)
                 raise
