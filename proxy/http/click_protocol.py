@@ -9,11 +9,12 @@ and serves exactly that kind of request itself:
 
 * a request whose head arrived whole in the bytes at hand (nothing after it) is parsed
   by aiohttp's own C request parser (llhttp), with the same limits as aiohttp's;
-* it is a lean click when it is a `GET` or `HEAD` in HTTP/1.1 without a body (no Content-Length,
-  Transfer-Encoding, Expect or Upgrade) and the edge's checks (`app.decide`: Host,
-  target, ACME challenge, 421, suspension) and the host's policy
-  (`HostPolicy.forwards`: association files, HTTPS upgrade, a host known in memory)
-  say "forward". The forward is `Forwarder.handle_lean`: the same per-source bound,
+* it is a lean click when it is a `GET` or `HEAD` in HTTP/1.1 without a body (no
+  Content-Length, Transfer-Encoding, Expect or Upgrade) and the edge's checks
+  (`app.decide`: Host, target, ACME challenge, 421, suspension) and the host's policy
+  (`HostPolicy.forwards`: association files, HTTPS upgrade; a host whose view is not in
+  memory is read first, single-flight, as aiohttp's handler would read it) say
+  "forward". The forward is `Forwarder.handle_lean`: the same per-source bound,
   deadline, cancellation when the client leaves, headers, failover and error answers
   as aiohttp's path, over the lean client; HSTS comes from `HostPolicy.hsts`;
 * the answer leaves in one write when the backend's answer is complete (a click's
@@ -23,7 +24,7 @@ and serves exactly that kind of request itself:
 
 Anything else — a partial head, pipelined requests, a body, HTTP/1.0, Expect,
 upgrades, challenges, association files, redirects the edge makes itself, 400s, 421s,
-503s, a host not in memory, an https backend, an access log being written — is
+503s, an https backend, an access log being written — is
 handed, at that request's first byte, to aiohttp's `RequestHandler` (the listeners'
 `BoundedHandler`) on the same transport, which then serves the connection to its end:
 behaviour stays exactly aiohttp's. Because a lean click never waits for more header
@@ -457,8 +458,7 @@ class _Responder:
 
     async def relay(self, answer: Answer) -> None:
         """The backend's answer, streamed; one write when it is complete already."""
-        self.started = True
-        self.status = status = answer.status
+        status = answer.status
         method = self._head.method
         headers: CIMultiDict[str] = CIMultiDict(relayed_headers(answer.headers))
         empty = must_be_empty_body(method, status)
@@ -473,6 +473,8 @@ class _Responder:
         length = None if chunked else headers.get("Content-Length")
         self._finish_headers(headers, status, not empty and length != "0")
         self._add_hsts(headers, await self._hsts())
+        self.started = True  # from here a failure cuts the connection (as `_relay`'s)
+        self.status = status
         parts = [_head_bytes(status, answer.reason, headers)]
         framed = chunked and not empty
         try:
