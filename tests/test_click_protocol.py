@@ -5,7 +5,8 @@ once to the lean path and once on a connection handed to aiohttp at once, over T
 plain HTTP, against a backend answering 302s with cookies, chunked bodies, 204, 304, a
 large streamed body and its own Server and HSTS fields. Then what it hands to aiohttp
 (a body, pipelining, a head in two pieces) on a kept-alive connection, and the bounds
-it keeps itself: the idle timeout, the per-source cap, the client leaving mid-forward.
+it keeps itself: the idle timeout, the per-source cap, the client leaving mid-forward,
+the drain on SIGTERM.
 The rest of the suite runs with it on (the default); tests/test_lean_clicks_off.py runs
 the forwarding tests again with it off.
 """
@@ -405,3 +406,32 @@ async def test_a_client_leaving_mid_forward_cancels_it(
         await asyncio.sleep(0.02)
     assert forwarder.in_flight() == 0
     assert forwarder.stats.cancelled == cancelled + 1
+
+
+async def test_drain_closes_idle_lean_connections_and_finishes_clicks_in_flight(
+    edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer
+) -> None:
+    host = await certify(edge, pebble, dns_server)
+    clicks = _clicks(edge)
+    idle = await lean_conn(edge, pebble, host)
+    busy = await lean_conn(edge, pebble, host, tls=False)
+    try:
+        lean_before = clicks.stats.lean
+        await busy.send(f"GET /slow?s=1 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        forwarder = edge.worker.forwarder if edge.worker is not None else None
+        assert forwarder is not None
+        for _ in range(200):  # the click is at the backend
+            if forwarder.in_flight():
+                break
+            await asyncio.sleep(0.02)
+        assert edge.worker is not None
+        drain = asyncio.ensure_future(edge.worker.drain(10))
+        assert await idle.closed_by_server()  # idle: closed at once
+        answer = await busy.response()  # in flight: answered, then closed
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"late\n")
+        assert await busy.closed_by_server()
+        await asyncio.wait_for(drain, 15)
+        assert clicks.stats.lean == lean_before + 1
+    finally:
+        idle.close()
+        busy.close()
