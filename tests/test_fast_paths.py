@@ -1,5 +1,8 @@
-"""Issue 12: the optional fast paths keep every forwarding rule.
+"""Issue 12: the fast paths keep every forwarding rule.
 
+* `listen.lean_clicks` (on by default): the rerun tests below count the clicks the lean
+  click protocol answered (its own tests: test_click_protocol.py; the same tests with it
+  off: test_lean_clicks_off.py);
 * `backend.lean_client`: every test of test_forwarding.py, test_forward_bounds.py and
   test_reload_units.py runs again here with the lean client forced on (bodiless GETs go through
   `proxy/lean_client.py`; HEAD and bodies still through aiohttp's client), plus its own
@@ -27,10 +30,12 @@ from yarl import URL
 from proxy.demo.client import edge_session
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.http.click_protocol import ClickPaths
 from proxy.http.forward import Forwarder
 from proxy.http.lean_client import ConnectFailed, LeanClient, request_head
 
 USED = {"exchanges": 0}
+CLICKS: list[ClickPaths] = []  # every lean click protocol of the rerun tests' edges
 
 
 @pytest.fixture(autouse=True)
@@ -43,12 +48,19 @@ def lean_forced(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         kwargs["lean_client"] = True
         original_init(self, *args, **kwargs)
 
-    async def exchange(self: LeanClient, url: URL, head: bytes) -> Any:
+    async def exchange(self: LeanClient, url: URL, head: bytes, **kwargs: Any) -> Any:
         USED["exchanges"] += 1
-        return await original_exchange(self, url, head)
+        return await original_exchange(self, url, head, **kwargs)
+
+    original_paths = ClickPaths.__init__
+
+    def paths(self: ClickPaths, *args: Any, **kwargs: Any) -> None:
+        original_paths(self, *args, **kwargs)
+        CLICKS.append(self)
 
     monkeypatch.setattr(Forwarder, "__init__", init)
     monkeypatch.setattr(LeanClient, "exchange", exchange)
+    monkeypatch.setattr(ClickPaths, "__init__", paths)
     yield
 
 
@@ -163,6 +175,9 @@ async def test_lean_client_times_out_a_silent_backend() -> None:
 def test_the_lean_client_was_used_by_the_rerun_tests() -> None:
     # runs after the rerun tests of this module (pytest keeps definition order)
     assert USED["exchanges"] > 10
+    # most of the rerun tests' GETs are lean clicks (their first click on a new host,
+    # and every request of other kinds, are aiohttp's)
+    assert sum(paths.stats.lean for paths in CLICKS) > 10
 
 
 # -- uvloop ---------------------------------------------------------------------------

@@ -46,6 +46,9 @@ class ListenConfig:
     header_timeout: float = 10.0  # first byte of a request -> end of its headers
     max_connections: int = 0  # per worker; 0: derived from the descriptor limit
     max_connections_per_source: int = 256  # per worker; over it the oldest idle one is closed
+    # the common click (bodiless GET, known host, forwarded) served by the lean click
+    # protocol (proxy/http/click_protocol.py); false: every request through aiohttp's server
+    lean_clicks: bool = True
 
 
 @dataclass

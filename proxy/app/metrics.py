@@ -77,7 +77,7 @@ from acme_client.breaker import CaBreaker
 from acme_client.solvers import ACME_TLS_ALPN, ChallengeSink
 from certstore import CertStore, DomainState
 from certstore.errors import StoreUnavailable
-from proxy.http.forward import Forwarder
+from proxy.http.forward import Forwarder, LeanResponder
 from proxy.tls.refusals import Refused
 from proxy.wire.clienthello import HANDSHAKE_FAILURE, ClientHello
 
@@ -343,6 +343,13 @@ class MeteredForwarder(Forwarder):
         response = await super().handle(request)
         _CLICKS.record(response.status, time.monotonic() - started)
         return response
+
+    async def handle_lean(self, request: web.Request, respond: LeanResponder) -> bool:
+        started = time.monotonic()
+        taken = await super().handle_lean(request, respond)
+        if taken and respond.status:
+            _CLICKS.record(respond.status, time.monotonic() - started)
+        return taken
 
 
 # -- copying in-memory counters --------------------------------------------------

@@ -61,6 +61,7 @@ from proxy.hosts.verifier import Verifier
 from proxy.hosts.webhooks import WebhookSender
 from proxy.http.app import MAX_HEADERS, hide_server_version, make_http_app, server_log
 from proxy.http.backends import BackendPool
+from proxy.http.click_protocol import ClickPaths
 from proxy.http.forward import Forwarder, ForwarderSlot
 from proxy.http.host_policy import HostPolicy, arrived_over_https
 from proxy.http.host_views import CHANGE_EVENTS, HostViews
@@ -73,7 +74,7 @@ from proxy.tls.accept import (
     raise_descriptor_limit,
 )
 from proxy.tls.certificates import CertificateManager
-from proxy.tls.connections import ConnectionLimits, MemoryTrimmer
+from proxy.tls.connections import ConnectionLimits, MemoryTrimmer, break_transport_cycle
 from proxy.tls.contexts import new_server_context
 from proxy.tls.gate import IssuanceGate
 from proxy.tls.handshake import HandshakePolicy
@@ -237,6 +238,7 @@ async def build_forwarder(config: Config) -> tuple[Forwarder, BackendPool]:
         deadline=backend.deadline,
         max_per_source=backend.max_per_source,
         lean_client=backend.lean_client,
+        lean_clicks=config.listen.lean_clicks,
     )
     try:
         await forwarder.start()
@@ -264,6 +266,7 @@ class EdgeWorker:
         self.tls_listener: TLSListener | None = None
         self.http_listener: PlainListener | None = None  # only with listen.http_proxy_protocol
         self.connections: ConnectionLimits | None = None
+        self.clicks: ClickPaths | None = None  # the lean click protocol, listen.lean_clicks
         self.descriptors: DescriptorBudget | None = None
         self.backends: BackendPool | None = None
         self.forwarding: ForwarderSlot | None = None  # swapped on reload (proxy/http/forward.py)
@@ -451,7 +454,23 @@ class EdgeWorker:
             settings.connections(config, max_total=budget.max_connections),
             exempt=forwarded_trusted,
         )
-        protocol_factory = self.connections.protocol_factory(runner.server, **handler_options)
+        protocol_factory: Callable[[], asyncio.Protocol] = self.connections.protocol_factory(
+            runner.server, **handler_options
+        )
+        if config.listen.lean_clicks:  # the common click without aiohttp's server machinery
+            access = handler_options["access_log"]
+            self.clicks = ClickPaths(
+                forwarding=self.forwarding,
+                is_suspended=self.state_sync.is_suspended,
+                policy=policy,
+                fallback=protocol_factory,
+                limits=self.connections,
+                server=runner.server,
+                idle_timeout=config.listen.idle_timeout,
+                access_logged=lambda: access.isEnabledFor(logging.INFO),  # AccessLogger.enabled
+                release_transport=break_transport_cycle,
+            )
+            protocol_factory = self.clicks.protocol_factory()
         trimmer = MemoryTrimmer(self.connections.stats)
         trimmer.start()
         self._closers.append(trimmer.close)

@@ -11,6 +11,7 @@ HSTS) is decided in `proxy/http/host_policy.py`.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import sys
@@ -48,32 +49,26 @@ def make_http_app(
     policy: HostPolicy | None = None,
 ) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
-        if request.version not in _HTTP1:  # "GET / HTTP/2.0" is not HTTP/2
-            return bad_request(request, f"HTTP/{request.version[0]}.{request.version[1]}")
-        try:
-            host = checked_host(request)
-            path = origin_form(request.raw_path).partition("?")[0]
-        except BadRequest as exc:
-            return bad_request(request, str(exc))
-        if path.startswith(CHALLENGE_PREFIX) and request.method in ("GET", "HEAD"):
-            return await _challenge(store, path[len(CHALLENGE_PREFIX) :])
-        certified = misdirected(host)
-        if certified is not None:
+        step, detail = decide(request, is_suspended)
+        if step is Step.BAD:
+            return bad_request(request, detail)
+        if step is Step.CHALLENGE:
+            return await _challenge(store, detail)
+        if step is Step.MISDIRECTED:
             return web.Response(
                 status=421,
-                text=f"Misdirected Request: this connection is for {certified}.\n",
+                text=f"Misdirected Request: this connection is for {detail}.\n",
                 headers={"Cache-Control": "no-store"},
             )
-        name = host.lookup if host is not None else ""
-        if name and is_suspended(name):
+        if step is Step.SUSPENDED:
             # the operator's kill switch; also reaches keep-alive HTTPS connections
             return web.Response(
                 status=503,
-                text=f"{name} is suspended on this edge.\n",
+                text=f"{detail} is suspended on this edge.\n",
                 headers={"Cache-Control": "no-store"},
             )
         if policy is not None:  # association files, HTTPS upgrade
-            own = await policy.answer(request, name)
+            own = await policy.answer(request, detail)
             if own is not None:
                 return own
         return await forwarder.handle(request)
@@ -84,6 +79,37 @@ def make_http_app(
     if policy is not None:
         policy.install(app)  # HSTS
     return app
+
+
+class Step(enum.Enum):
+    """What the edge does with a request, before the host's policy (`decide`)."""
+
+    BAD = "bad"  # 400; detail: why
+    CHALLENGE = "challenge"  # an ACME HTTP-01 answer; detail: the token
+    MISDIRECTED = "misdirected"  # 421; detail: the host the TLS connection is for
+    SUSPENDED = "suspended"  # 503; detail: the host
+    FORWARD = "forward"  # the host's policy, then the backend; detail: the host ("" none)
+
+
+def decide(request: web.Request, is_suspended: Callable[[str], bool]) -> tuple[Step, str]:
+    """The one order of the edge's checks, for aiohttp's handler and the lean click
+    protocol (proxy/http/click_protocol.py) alike. Nothing is counted or logged here."""
+    if request.version not in _HTTP1:  # "GET / HTTP/2.0" is not HTTP/2
+        return Step.BAD, f"HTTP/{request.version[0]}.{request.version[1]}"
+    try:
+        host = checked_host(request)
+        path = origin_form(request.raw_path).partition("?")[0]
+    except BadRequest as exc:
+        return Step.BAD, str(exc)
+    if path.startswith(CHALLENGE_PREFIX) and request.method in ("GET", "HEAD"):
+        return Step.CHALLENGE, path[len(CHALLENGE_PREFIX) :]
+    certified = misdirected(host)
+    if certified is not None:
+        return Step.MISDIRECTED, certified
+    name = host.lookup if host is not None else ""
+    if name and is_suspended(name):
+        return Step.SUSPENDED, name
+    return Step.FORWARD, name
 
 
 async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:

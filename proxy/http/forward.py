@@ -29,6 +29,7 @@ import functools
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -37,7 +38,7 @@ from yarl import URL
 
 from proxy.counters import Counters
 from proxy.http.backends import BackendPool
-from proxy.http.lean_client import ConnectFailed, LeanClient, request_head
+from proxy.http.lean_client import Answer, ConnectFailed, Connection, LeanClient, request_head
 from proxy.http.request_target import checked_host, origin_form
 from proxy.wire.peers import TrustedNetworks, client_address, source_key
 
@@ -60,6 +61,27 @@ HOP_BY_HOP = frozenset(
 )
 # answered by the edge itself (aiohttp's expect handler), never relayed
 EDGE_ANSWERED = frozenset({"expect"})
+TOO_MANY = "Too Many Requests: too many clicks in flight from your address"
+GATEWAY_TIMEOUT = "Gateway Timeout: the tracking backend did not answer in time"
+BAD_GATEWAY = "Bad Gateway: the tracking backend is unavailable"
+
+
+class LeanResponder(Protocol):
+    """How `Forwarder.handle_lean` answers: the lean click protocol writes it."""
+
+    @property
+    def started(self) -> bool: ...  # the answer's head has been taken (cut, not 504)
+
+    @property
+    def status(self) -> int: ...  # the status answered (0: none yet)
+
+    async def edge(self, response: web.Response) -> None: ...  # the edge's own answer
+
+    async def relay(self, answer: Answer) -> None: ...  # the backend's answer, streamed
+
+    def cut(self) -> None: ...  # end the connection mid-answer
+
+
 UNTRUSTED_FORWARDING = frozenset(
     h.lower()
     for h in ("Forwarded", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
@@ -79,6 +101,7 @@ class Forwarder:
         deadline: float = 60.0,
         max_per_source: int = 64,
         lean_client: bool = False,
+        lean_clicks: bool = False,
     ) -> None:
         self._backends = backends
         self._timeout = aiohttp.ClientTimeout(
@@ -91,7 +114,9 @@ class Forwarder:
         self._deadline = deadline
         self._max_per_source = max_per_source
         self._in_flight: dict[str, int] = {}  # source -> forwards
-        self._lean_wanted = lean_client
+        self._lean_wanted = lean_client  # aiohttp's requests' bodiless GETs too
+        # the lean click protocol (proxy/http/click_protocol.py) forwards over it only
+        self._lean_clicks = lean_clicks
         self._lean: LeanClient | None = None  # bodiless GETs, when `backend.lean_client`
         self.stats = ForwardStats()
 
@@ -106,7 +131,7 @@ class Forwarder:
             cookie_jar=aiohttp.DummyCookieJar(),  # never keep one recipient's cookies
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
         )
-        if self._lean_wanted:
+        if self._lean_wanted or self._lean_clicks:
             self._lean = LeanClient(
                 connect_timeout=self._timeout.connect or 5.0,
                 timeout=self._timeout.sock_read or 30.0,
@@ -127,26 +152,17 @@ class Forwarder:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None, "Forwarder.start() not awaited"
         source = self._source(request)
-        count = self._in_flight.get(source, 0)
-        if count >= self._max_per_source:
-            self.stats.per_source_limited += 1
-            return _error(429, "Too Many Requests: too many clicks in flight from your address")
-        self._in_flight[source] = count + 1
-        # the client going away cancels the forward, which frees the backend connection
-        task = asyncio.current_task()
-        when_lost = getattr(request.protocol, "call_when_lost", None)
-        unwatch: Callable[[], None] | None = None
-        if task is not None and when_lost is not None:
-            unwatch = when_lost(lambda: self._client_left(task))
+        if not self._admit(source):
+            return _error(429, TOO_MANY)
+        unwatch = self._watch(request.protocol)
         progress = _Progress()
         try:
             async with asyncio.timeout(self._deadline):
                 return await self._forward(request, progress)
         except TimeoutError:
-            self.stats.deadlines += 1
-            log.warning("forward deadline reached for %s %s", request.method, request.raw_path)
+            self._deadline_reached(request)
             if progress.response is None:
-                return _error(504, "Gateway Timeout: the tracking backend did not answer in time")
+                return _error(504, GATEWAY_TIMEOUT)
             # headers are gone already: cut the connection (a truncated response)
             if request.transport is not None:
                 request.transport.close()
@@ -154,11 +170,79 @@ class Forwarder:
         finally:
             if unwatch is not None:
                 unwatch()
-            remaining = self._in_flight[source] - 1
-            if remaining:
-                self._in_flight[source] = remaining
-            else:
-                del self._in_flight[source]
+            self._leave(source)
+
+    def lean_ready(self) -> bool:
+        """Whether `handle_lean` may take a click (the lean client is running)."""
+        return self._lean is not None
+
+    async def handle_lean(self, request: web.Request, respond: LeanResponder) -> bool:
+        """`handle` for the lean click protocol (a bodiless GET of a known host): the same
+        per-source bound, deadline, cancellation, failover and answers, the answer written
+        by `respond` instead of an aiohttp response. False: not taken, nothing was sent
+        (an https backend: aiohttp's client, so the protocol hands the request to aiohttp)."""
+        source = self._source(request)
+        if not self._admit(source):
+            await respond.edge(_error(429, TOO_MANY))
+            return True
+        unwatch = self._watch(request.protocol)
+        try:
+            async with asyncio.timeout(self._deadline):
+                headers = forwarded_headers(request, self._trusted)
+                path_qs = origin_form(request.raw_path)
+                exchanged = await self._lean_exchange(request, headers, path_qs)
+                if exchanged is None:
+                    return False
+                if isinstance(exchanged, web.Response):
+                    await respond.edge(exchanged)
+                    return True
+                answer, conn = exchanged
+                assert self._lean is not None
+                try:
+                    await respond.relay(answer)
+                finally:
+                    self._lean.release(conn)
+                return True
+        except TimeoutError:
+            self._deadline_reached(request)
+            if not respond.started:
+                await respond.edge(_error(504, GATEWAY_TIMEOUT))
+            else:  # headers are gone already: a truncated response
+                respond.cut()
+            return True
+        finally:
+            if unwatch is not None:
+                unwatch()
+            self._leave(source)
+
+    def _admit(self, source: str) -> bool:
+        """One more forward for `source`, unless it has `max_per_source` in flight."""
+        count = self._in_flight.get(source, 0)
+        if count >= self._max_per_source:
+            self.stats.per_source_limited += 1
+            return False
+        self._in_flight[source] = count + 1
+        return True
+
+    def _leave(self, source: str) -> None:
+        remaining = self._in_flight[source] - 1
+        if remaining:
+            self._in_flight[source] = remaining
+        else:
+            del self._in_flight[source]
+
+    def _watch(self, protocol: object) -> Callable[[], None] | None:
+        """The client going away cancels the forward, which frees the backend connection."""
+        task = asyncio.current_task()
+        when_lost = getattr(protocol, "call_when_lost", None)
+        if task is None or when_lost is None:
+            return None
+        unwatch: Callable[[], None] = when_lost(lambda: self._client_left(task))
+        return unwatch
+
+    def _deadline_reached(self, request: web.Request) -> None:
+        self.stats.deadlines += 1
+        log.warning("forward deadline reached for %s %s", request.method, request.raw_path)
 
     def _client_left(self, task: asyncio.Task[object]) -> None:
         if not task.done():
@@ -218,14 +302,12 @@ class Forwarder:
                     return _error(408, "Request Timeout: the request body stopped arriving")
                 if isinstance(exc, TimeoutError):
                     log.warning("backend timeout for %s %s", request.method, request.raw_path)
-                    return _error(
-                        504, "Gateway Timeout: the tracking backend did not answer in time"
-                    )
+                    return _error(504, GATEWAY_TIMEOUT)
                 log.warning("backend error for %s %s: %s", request.method, request.raw_path, exc)
-                return _error(502, "Bad Gateway: the tracking backend is unavailable")
+                return _error(502, BAD_GATEWAY)
             async with upstream:
                 return await _relay(request, upstream, progress)
-        return _error(502, "Bad Gateway: the tracking backend is unavailable")
+        return _error(502, BAD_GATEWAY)
 
     async def _forward_lean(
         self,
@@ -236,13 +318,32 @@ class Forwarder:
     ) -> web.StreamResponse | None:
         """`_forward` for a bodiless GET over the lean client: same failover and answers.
         None: an https backend, left to aiohttp's client."""
+        exchanged = await self._lean_exchange(request, headers, path_qs)
+        if exchanged is None or isinstance(exchanged, web.Response):
+            return exchanged
+        answer, conn = exchanged
+        assert self._lean is not None
+        try:
+            return await _relay(request, answer, progress)  # type: ignore[arg-type]
+        finally:
+            self._lean.release(conn)
+
+    async def _lean_exchange(
+        self, request: web.Request, headers: CIMultiDict[str], path_qs: str
+    ) -> tuple[Answer, Connection] | web.Response | None:
+        """The backend's answer head over the lean client (the caller releases the
+        connection), or the edge's error answer; None: an https backend."""
         assert self._lean is not None
         for backend in self._backends.candidates():
             url = backend_url(backend.base, path_qs)
             if url.scheme != "http":
                 return None  # https backends: aiohttp's client
             try:
-                answer, conn = await self._lean.exchange(url, request_head("GET", url, headers))
+                answer, conn = await self._lean.exchange(
+                    url,
+                    request_head(request.method, url, headers),
+                    head_request=request.method == "HEAD",
+                )
             except ConnectFailed as exc:
                 log.warning("cannot connect to backend %s: %s", backend.base, exc)
                 if not exc.timeout:  # as in _forward: a timeout may be our own full pool
@@ -250,15 +351,12 @@ class Forwarder:
                 continue
             except TimeoutError:
                 log.warning("backend timeout for %s %s", request.method, request.raw_path)
-                return _error(504, "Gateway Timeout: the tracking backend did not answer in time")
+                return _error(504, GATEWAY_TIMEOUT)
             except (aiohttp.ClientError, OSError) as exc:
                 log.warning("backend error for %s %s: %s", request.method, request.raw_path, exc)
-                return _error(502, "Bad Gateway: the tracking backend is unavailable")
-            try:
-                return await _relay(request, answer, progress)  # type: ignore[arg-type]
-            finally:
-                self._lean.release(conn)
-        return _error(502, "Bad Gateway: the tracking backend is unavailable")
+                return _error(502, BAD_GATEWAY)
+            return answer, conn
+        return _error(502, BAD_GATEWAY)
 
 
 @functools.lru_cache(maxsize=64)
@@ -394,14 +492,21 @@ def forwarded_headers(
     return headers
 
 
+def relayed_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """The backend's answer fields the client gets: all but the hop-by-hop ones."""
+    listed = connection_listed(upstream)
+    return [
+        (name, value)
+        for name, value in upstream.items()
+        if name.lower() not in HOP_BY_HOP and name.lower() not in listed
+    ]
+
+
 async def _relay(
     request: web.Request, upstream: aiohttp.ClientResponse, progress: _Progress
 ) -> web.StreamResponse:
     response = _RelayedResponse(status=upstream.status, reason=upstream.reason)
-    listed = connection_listed(upstream.headers)
-    for name, value in upstream.headers.items():
-        if name.lower() in HOP_BY_HOP or name.lower() in listed:
-            continue
+    for name, value in relayed_headers(upstream.headers):
         response.headers.add(name, value)
     if "Content-Length" not in upstream.headers and request.method != "HEAD":
         response.enable_chunked_encoding()
@@ -432,6 +537,7 @@ def _forwarded_node(ip: str) -> str:
     return ip
 
 
+@functools.lru_cache(maxsize=4096)  # the same few hosts on every click: ~5 µs each otherwise
 def _quote(value: str) -> str:
     if all(c.isalnum() or c in "-._~" for c in value):
         return value
@@ -458,6 +564,9 @@ class ForwarderSlot:
         self._retiring: set[asyncio.Task[None]] = set()
         self._retired: dict[int, tuple[Forwarder, BackendPool]] = {}  # not closed yet
 
+    def lean_ready(self) -> bool:
+        return self.forwarder.lean_ready()
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         forwarder = self.forwarder
         key = id(forwarder)
@@ -465,11 +574,23 @@ class ForwarderSlot:
         try:
             return await forwarder.handle(request)
         finally:
-            left = self._active.get(key, 1) - 1
-            if key in self._active:
-                self._active[key] = left
-            if left == 0 and key in self._idle:
-                self._idle[key].set()
+            self._done(key)
+
+    async def handle_lean(self, request: web.Request, respond: LeanResponder) -> bool:
+        forwarder = self.forwarder
+        key = id(forwarder)
+        self._active[key] = self._active.get(key, 0) + 1
+        try:
+            return await forwarder.handle_lean(request, respond)
+        finally:
+            self._done(key)
+
+    def _done(self, key: int) -> None:
+        left = self._active.get(key, 1) - 1
+        if key in self._active:
+            self._active[key] = left
+        if left == 0 and key in self._idle:
+            self._idle[key].set()
 
     def replace(self, forwarder: Forwarder, backends: BackendPool, grace: float) -> None:
         old = (self.forwarder, self.backends)

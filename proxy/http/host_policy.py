@@ -63,26 +63,53 @@ class HostPolicy:
     async def answer(self, request: web.Request, host: str) -> web.StreamResponse | None:
         """The edge's own response, or None to forward the request to the backend."""
         kind = SERVED_AT.get(origin_form(request.raw_path).partition("?")[0])
-        try:
-            view = await self._views.get(host) if host else None
-        except Exception as exc:  # the store failing must not take clicks down with it
-            if isinstance(exc, StoreUnavailable):  # logged once by the store
-                log.debug("reading host %s: %s", host, exc)
-            else:
-                log.exception("reading host %s from the store failed", host)
+        read, view = await self._view(host)
+        if not read:
             if kind is None:
                 return None
             return _text(503, "Temporarily unavailable, try again.", {"Retry-After": "10"})
         if kind is not None:
             return await self._association_file(request, view, kind)
-        if (
+        if self._upgrades(request, view):
+            assert view is not None
+            return self._upgrade(request, view.hostname)
+        return None
+
+    def forwards(self, request: web.Request, host: str) -> bool | None:
+        """Whether `answer` would be None (forward it), known without waiting: False when
+        the edge answers itself, None when the host's view is not in memory
+        (`forwards_after_reading` reads it). The lean click protocol asks this; what it
+        says False for goes to aiohttp."""
+        if origin_form(request.raw_path).partition("?")[0] in SERVED_AT:
+            return False
+        known, view = self._views.known(host) if host else (True, None)
+        if not known:
+            return None
+        return not self._upgrades(request, view)
+
+    async def forwards_after_reading(self, request: web.Request, host: str) -> bool:
+        """`forwards` once the host's view was read (as `answer` reads it)."""
+        read, view = await self._view(host)
+        return not read or not self._upgrades(request, view)  # a store failing: forward
+
+    async def _view(self, host: str) -> tuple[bool, HostView | None]:
+        """(True, the host's view or None: not registered), (False, None): unreadable."""
+        try:
+            return True, (await self._views.get(host) if host else None)
+        except Exception as exc:  # the store failing must not take clicks down with it
+            if isinstance(exc, StoreUnavailable):  # logged once by the store
+                log.debug("reading host %s: %s", host, exc)
+            else:
+                log.exception("reading host %s from the store failed", host)
+            return False, None
+
+    def _upgrades(self, request: web.Request, view: HostView | None) -> bool:
+        return (
             view is not None
             and view.https_upgrade
             and not self._is_https(request)
             and view.serves_https(self._clock())
-        ):
-            return self._upgrade(request, view.hostname)
-        return None
+        )
 
     async def _association_file(
         self, request: web.Request, view: HostView | None, kind: str
@@ -109,20 +136,28 @@ class HostPolicy:
 
     async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         response.headers.popall(HSTS, None)
+        value = await self.hsts(request)
+        if value is not None:
+            response.headers[HSTS] = value
+
+    async def hsts(self, request: web.Request) -> str | None:
+        """The Strict-Transport-Security value every response to `request` gets (the
+        edge replaces a backend's own), or None for none."""
         if not self._is_https(request):  # RFC 6797 §7.2: meaningless over plain HTTP
-            return
+            return None
         # answer() has just loaded the view (or the host is not registered), so this is
         # memory, unless the event feed dropped the entry while the request was at the
         # backend: then it is read again (peeking would send this response without HSTS)
         try:
             host = checked_host(request)
         except BadRequest:
-            return
+            return None
         if misdirected(host) is not None:  # the 421: no HSTS of another host
-            return
+            return None
         view = await self._views.get(host.lookup) if host is not None else None
         if view is not None and view.hsts_max_age is not None and view.serves_https(self._clock()):
-            response.headers[HSTS] = f"max-age={view.hsts_max_age}"
+            return f"max-age={view.hsts_max_age}"
+        return None
 
 
 def _matches(if_none_match: tuple[str, ...] | list[str], etag: str) -> bool:

@@ -95,6 +95,14 @@ class HostViews:
             pending.add_done_callback(lambda done: self._loaded(hostname, done))
         return await asyncio.shield(pending)
 
+    def known(self, hostname: str) -> tuple[bool, HostView | None]:
+        """(True, the view or None when not registered) if memory knows the host;
+        (False, None) when only a store read could tell (no LRU update either way)."""
+        entry = self._entries.get(hostname)
+        if entry is not None:
+            return True, entry.view
+        return hostname in self._unknown, None
+
     def peek(self, hostname: str) -> HostView | None:
         """The view if it is in memory (no store read, no LRU update)."""
         entry = self._entries.get(hostname)

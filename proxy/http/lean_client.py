@@ -1,4 +1,4 @@
-"""A lean pooled HTTP/1.1 client for one job: a bodiless GET forwarded to a backend.
+"""A lean pooled HTTP/1.1 client for one job: a bodiless GET (or HEAD) forwarded to a backend.
 
 aiohttp's `ClientSession.request` does a lot per request that a click does not need
 (a request object, its writer task, tracing hooks, cookie and redirect logic, a
@@ -51,13 +51,23 @@ class BackendClosed(ClientConnectionError):
     """The connection ended before the head of the answer arrived."""
 
 
-class _Connection(BaseProtocol):
-    __slots__ = ("_parser", "_head", "_payload", "_got_bytes", "_reusable", "idle_since", "key")
+class Connection(BaseProtocol):
+    __slots__ = (
+        "_parser",
+        "_head_parser",
+        "_head",
+        "_payload",
+        "_got_bytes",
+        "_reusable",
+        "idle_since",
+        "key",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: str) -> None:
         super().__init__(loop)
         self.key = key
         self._parser: HttpResponseParser | None = None
+        self._head_parser = False  # the parser is for the answer to a HEAD
         self._head: asyncio.Future[tuple[RawResponseMessage, StreamReader]] | None = None
         self._payload: StreamReader | None = None
         self._got_bytes = False
@@ -66,17 +76,24 @@ class _Connection(BaseProtocol):
 
     # -- one exchange --------------------------------------------------------------
 
-    def send(self, data: bytes) -> asyncio.Future[tuple[RawResponseMessage, StreamReader]]:
+    def send(
+        self, data: bytes, *, head_request: bool = False
+    ) -> asyncio.Future[tuple[RawResponseMessage, StreamReader]]:
         loop = self._loop
-        self._parser = HttpResponseParser(
-            self,
-            loop,
-            READ_LIMIT,
-            payload_exception=ClientPayloadError,
-            response_with_body=True,
-            read_until_eof=True,
-            auto_decompress=False,
-        )
+        if self._parser is None or head_request or self._head_parser:
+            # one parser for the connection's life: it is back at a message boundary
+            # after each answer read to the end (anything else closes the connection);
+            # the answer to a HEAD has no body whatever its fields say: a parser of its own
+            self._parser = HttpResponseParser(
+                self,
+                loop,
+                READ_LIMIT,
+                payload_exception=ClientPayloadError,
+                response_with_body=not head_request,
+                read_until_eof=True,
+                auto_decompress=False,
+            )
+            self._head_parser = head_request
         self._head = loop.create_future()
         self._payload = None
         self._got_bytes = False
@@ -84,6 +101,11 @@ class _Connection(BaseProtocol):
         assert self.transport is not None
         self.transport.write(data)
         return self._head
+
+    def rest(self) -> None:
+        """Pooled: any byte from the backend until the next `send` closes the connection."""
+        self._head = None
+        self._payload = None
 
     @property
     def got_bytes(self) -> bool:
@@ -106,8 +128,8 @@ class _Connection(BaseProtocol):
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
         parser = self._parser
-        if parser is None:  # bytes while idle: the backend is confused; drop the connection
-            if self.transport is not None:
+        if parser is None or self._head is None:  # bytes while idle: the backend is
+            if self.transport is not None:  # confused; drop the connection
                 self.transport.close()
             return
         try:
@@ -115,6 +137,11 @@ class _Connection(BaseProtocol):
         except BaseException as exc:  # a malformed answer
             self._fail(exc)
             if self.transport is not None:
+                self.transport.close()
+            return
+        head = self._head
+        if head is None or head.done():  # bytes between answers: the backend is confused
+            if messages and self.transport is not None:
                 self.transport.close()
             return
         for message, payload in messages:
@@ -164,16 +191,38 @@ class Answer:
     def content(self) -> Answer:
         return self
 
+    def ready(self) -> bool:
+        """A read would not wait: body bytes are buffered, or the body has ended."""
+        payload = self._payload
+        return payload.is_eof() or bool(_buffered(payload))
+
+    async def read_some(self) -> bytes:
+        """The next body bytes (b"" at the end), each read within `timeout`."""
+        payload = self._payload
+        if _buffered(payload):  # no wait, no timer
+            return await payload.readany()
+        if payload.is_eof():
+            return b""
+        async with asyncio.timeout(self._timeout):
+            return await payload.readany()
+
     async def iter_any(self) -> AsyncIterator[bytes]:
         payload = self._payload
         while True:
-            if payload.is_eof() and not payload._buffer:  # noqa: SLF001 (no public peek)
+            if payload.is_eof() and not _buffered(payload):
                 return
             async with asyncio.timeout(self._timeout):
                 chunk = await payload.readany()
             if not chunk:
                 return
             yield chunk
+
+
+def _buffered(payload: StreamReader) -> int:
+    """Body bytes the reader holds (StreamReader has no public peek; the empty reader of
+    a bodiless answer holds none)."""
+    buffer = getattr(payload, "_buffer", None)
+    return len(buffer) if buffer else 0
 
 
 class LeanClient:
@@ -190,8 +239,8 @@ class LeanClient:
         self._slots = asyncio.Semaphore(pool_size)
         self._pool_size = pool_size
         self._keepalive = keepalive
-        self._idle: dict[str, collections.deque[_Connection]] = {}
-        self._live: set[_Connection] = set()  # every open connection, idle or in use
+        self._idle: dict[str, collections.deque[Connection]] = {}
+        self._live: set[Connection] = set()  # every open connection, idle or in use
         self._closed = False
 
     async def close(self) -> None:
@@ -203,7 +252,7 @@ class LeanClient:
         self._live.clear()
         self._idle.clear()
 
-    def _take_idle(self, key: str) -> _Connection | None:
+    def _take_idle(self, key: str) -> Connection | None:
         conns = self._idle.get(key)
         now = time.monotonic()
         while conns:
@@ -215,17 +264,20 @@ class LeanClient:
             self._drop(conn)
         return None
 
-    def _give_back(self, conn: _Connection) -> None:
+    def _give_back(self, conn: Connection) -> None:
         if self._closed:
             self._drop(conn)
             return
         conn.idle_since = time.monotonic()
+        conn.rest()
         conns = self._idle.setdefault(conn.key, collections.deque())
         conns.append(conn)
         while len(conns) > self._pool_size:
             self._drop(conns.popleft())
 
-    async def exchange(self, url: URL, head: bytes) -> tuple[Answer, _Connection]:
+    async def exchange(
+        self, url: URL, head: bytes, *, head_request: bool = False
+    ) -> tuple[Answer, Connection]:
         """Send the request head; return the answer's head and its connection.
 
         `ConnectFailed` means nothing was sent (refused, unreachable, or the pool wait
@@ -235,11 +287,14 @@ class LeanClient:
         if url.scheme != "http":
             raise ValueError("the lean client speaks plain HTTP only")
         key = f"{url.raw_host}:{url.port}"
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                await self._slots.acquire()
-        except TimeoutError as exc:
-            raise ConnectFailed("no free backend connection in time", timeout=True) from exc
+        if self._slots.locked():  # all in use: wait for one, bounded
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    await self._slots.acquire()
+            except TimeoutError as exc:
+                raise ConnectFailed("no free backend connection in time", timeout=True) from exc
+        else:
+            await self._slots.acquire()  # free: returns at once (no timer armed for it)
         try:
             conn = self._take_idle(key)
             reused = conn is not None
@@ -248,14 +303,14 @@ class LeanClient:
             try:
                 async with asyncio.timeout(self._timeout):
                     try:
-                        message, payload = await conn.send(head)
+                        message, payload = await conn.send(head, head_request=head_request)
                     except BackendClosed:
                         if not reused or conn.got_bytes:
                             raise
                         # a kept-alive connection the backend had closed: once more, fresh
                         self._drop(conn)
                         conn = await self._connect(url, key)
-                        message, payload = await conn.send(head)
+                        message, payload = await conn.send(head, head_request=head_request)
             except BaseException:
                 self._drop(conn)
                 raise
@@ -264,13 +319,13 @@ class LeanClient:
             raise
         return Answer(message, payload, self._timeout), conn
 
-    async def _connect(self, url: URL, key: str) -> _Connection:
+    async def _connect(self, url: URL, key: str) -> Connection:
         loop = asyncio.get_running_loop()
         host, port = url.raw_host or "", url.port or 80
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _transport, conn = await loop.create_connection(
-                    lambda: _Connection(loop, key), host, port
+                    lambda: Connection(loop, key), host, port
                 )
         except TimeoutError as exc:
             raise ConnectFailed(f"connect to {key} timed out", timeout=True) from exc
@@ -282,7 +337,7 @@ class LeanClient:
         self._live.add(conn)
         return conn
 
-    def release(self, conn: _Connection) -> None:
+    def release(self, conn: Connection) -> None:
         """Pool the connection if its answer was read to the end, else close it."""
         try:
             if conn.finished_cleanly():
@@ -292,7 +347,7 @@ class LeanClient:
         finally:
             self._slots.release()
 
-    def _drop(self, conn: _Connection) -> None:
+    def _drop(self, conn: Connection) -> None:
         self._live.discard(conn)
         if conn.transport is not None:
             conn.transport.close()

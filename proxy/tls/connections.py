@@ -85,6 +85,9 @@ class BoundedHandler(RequestHandler):
         self._lost_callbacks: list[Callable[[], object]] = []
         self._raw_transport: asyncio.BaseTransport | None = None
         self.opened_at = 0.0
+        # the lean click protocol this handler takes the connection over from (its
+        # place among the source's connections is this handler's: not a new connection)
+        self.taking_over: object | None = None
 
     # -- what the limits ask ------------------------------------------------------------
 
@@ -122,7 +125,11 @@ class BoundedHandler(RequestHandler):
         self.opened_at = time.monotonic()
         self._raw_transport = transport
         super().connection_made(transport)
-        self._limits.opened(self)
+        if self.taking_over is not None:
+            self._limits.replace(self.taking_over, self)
+            self.taking_over = None
+        else:
+            self._limits.opened(self)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_header_timer()
@@ -215,6 +222,15 @@ class ConnectionLimits:
             if victim is not None:
                 self.stats.evicted_total += 1
                 victim.abort()
+
+    def replace(self, old: object, conn: BoundedHandler) -> None:
+        """`conn` serves `old`'s connection from now on, in its place (least recently
+        used order, counts); `opened(conn)` if `old` is gone already."""
+        conns = self._by_source.get(conn.source)
+        if conns is None or old not in conns:
+            self.opened(conn)
+            return
+        self._by_source[conn.source] = {conn if c is old else c: None for c in conns}
 
     def touched(self, conn: BoundedHandler) -> None:
         """A request arrived: the connection becomes its source's most recently used."""

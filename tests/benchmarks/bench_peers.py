@@ -14,7 +14,8 @@ binary is missing is left out of the table. Everything runs on loopback:
 * nginx 1.22 (`worker_processes 1`), linkedge's Pebble certificate as a static
   certificate, `proxy_pass` with an upstream keep-alive pool, HTTPS and plain HTTP;
 * optional extra linkedge variants (`--variants`): `uvloop` (uvloop's loop), and any
-  `key=value` edits of the Config (e.g. `tls.num_tickets=0`), each its own process.
+  `key=value` edits of the Config (e.g. `tls.num_tickets=0`, `listen.lean_clicks=false`:
+  every click through aiohttp's server), each its own process.
 
 Units (CPU time of the server's whole process tree from /proc, utime + stime, divided by
 the successful operations; the load clients are Python processes pinned to the other CPU):
