@@ -570,30 +570,31 @@ class ReadThroughStore:
 
     async def _snapshot(self, hostname: str) -> None:
         assert self.copy is not None
-        self._stale.discard(hostname)  # an event from here on reads the host again
-        await asyncio.sleep(SNAPSHOT_DELAY)
-        given = self._given.pop(hostname, {})
-        try:
-            domain = given.get("get_domain") or await self._call("get_domain", hostname)
-            if domain is None:
-                self._forget_copied(hostname)
-                self._write(self.copy.delete_host, hostname)
+        while True:
+            self._stale.discard(hostname)  # an event from here on reads the host again
+            await asyncio.sleep(SNAPSHOT_DELAY)
+            given = self._given.pop(hostname, {})
+            try:
+                domain = given.get("get_domain") or await self._call("get_domain", hostname)
+                if domain is None:
+                    self._forget_copied(hostname)
+                    self._write(self.copy.delete_host, hostname)
+                    return
+                if "get_certificate" in given:
+                    cert = given["get_certificate"]
+                else:
+                    cert = await self._call("get_certificate", hostname)
+                options = await self._call("get_options", hostname)
+                files = await self._call("list_host_files", hostname)
+            except StoreUnavailable:
+                return  # copied again when it is next read
+            except Exception as exc:  # never the caller's problem; the next read tries again
+                log.debug("copying %s failed: %s: %s", hostname, type(exc).__name__, exc)
                 return
-            if "get_certificate" in given:
-                cert = given["get_certificate"]
-            else:
-                cert = await self._call("get_certificate", hostname)
-            options = await self._call("get_options", hostname)
-            files = await self._call("list_host_files", hostname)
-        except StoreUnavailable:
-            return  # copied again when it is next read
-        except Exception as exc:  # never the caller's problem; the next read tries again
-            log.debug("copying %s failed: %s: %s", hostname, type(exc).__name__, exc)
-            return
-        if hostname in self._stale:  # an event arrived meanwhile: read it again
-            self._stale.discard(hostname)
-            asyncio.get_running_loop().call_soon(self._snapshot_soon, hostname)
-            return
+            # An event arrived meanwhile: read it again, in this task (a new one would
+            # find this one still registered in `_snapshots`, and never run).
+            if hostname not in self._stale:
+                break
         now = self._clock()
         snap = HostSnapshot(domain, cert, options, {f.kind: f for f in files})
         self._write(self.copy.put_host, snap, now)
