@@ -59,6 +59,10 @@ RETRY_SECONDS = 1.0  # while the circuit is open, the store is probed this often
 REFRESH_SECONDS = 600.0  # a host read again is re-copied at most this often (events: at once)
 CHALLENGE_SECONDS = 86_400.0  # challenges older than this leave the copy
 MAX_PENDING_WRITES = 1_000  # the copy is best effort: beyond this, new writes are skipped
+# A host's snapshot waits this long after the read that asked for it: the click path's
+# reads (certificate and domain) are done by then and handed over (`_given`), so the
+# snapshot reads only the rest, and never competes with the handshake that read the host.
+SNAPSHOT_DELAY = 0.05
 _SCHEMA_VERSION = "1"
 
 
@@ -459,6 +463,8 @@ class ReadThroughStore:
         self._max_copied = copy._max_hosts if copy is not None else 0
         self._snapshots: dict[str, asyncio.Task[None]] = {}
         self._stale: set[str] = set()  # changed while its snapshot was being read
+        # what the click path has just read about a host, for that host's snapshot
+        self._given: dict[str, dict[str, Any]] = {}
         self._writes: set[asyncio.Future[Any]] = set()
         self._copy_failed = False
         self.copy_reads = 0  # answers given from the copy (tests, benchmarks)
@@ -544,13 +550,15 @@ class ReadThroughStore:
         self.copy_reads += 1
         return snap
 
-    def _seen(self, hostname: str) -> None:
-        """The store answered about this host: make sure the copy has it, fresh enough."""
+    def _seen(self, hostname: str, **read: Any) -> None:
+        """The store answered about this host (`read`: what it answered, by method): make
+        sure the copy has it, fresh enough."""
         if self.copy is None:
             return
         copied = self._copied.get(hostname)
         if copied is not None and self._clock() - copied < self._refresh:
             return
+        self._given.setdefault(hostname, {}).update(read)
         self._snapshot_soon(hostname)
 
     def _snapshot_soon(self, hostname: str) -> None:
@@ -562,25 +570,31 @@ class ReadThroughStore:
 
     async def _snapshot(self, hostname: str) -> None:
         assert self.copy is not None
-        self._stale.discard(hostname)
-        try:
-            domain = await self._call("get_domain", hostname)
-            if domain is None:
-                self._forget_copied(hostname)
-                self._write(self.copy.delete_host, hostname)
+        while True:
+            self._stale.discard(hostname)  # an event from here on reads the host again
+            await asyncio.sleep(SNAPSHOT_DELAY)
+            given = self._given.pop(hostname, {})
+            try:
+                domain = given.get("get_domain") or await self._call("get_domain", hostname)
+                if domain is None:
+                    self._forget_copied(hostname)
+                    self._write(self.copy.delete_host, hostname)
+                    return
+                if "get_certificate" in given:
+                    cert = given["get_certificate"]
+                else:
+                    cert = await self._call("get_certificate", hostname)
+                options = await self._call("get_options", hostname)
+                files = await self._call("list_host_files", hostname)
+            except StoreUnavailable:
+                return  # copied again when it is next read
+            except Exception as exc:  # never the caller's problem; the next read tries again
+                log.debug("copying %s failed: %s: %s", hostname, type(exc).__name__, exc)
                 return
-            cert = await self._call("get_certificate", hostname)
-            options = await self._call("get_options", hostname)
-            files = await self._call("list_host_files", hostname)
-        except StoreUnavailable:
-            return  # copied again when it is next read
-        except Exception as exc:  # never the caller's problem; the next read tries again
-            log.debug("copying %s failed: %s: %s", hostname, type(exc).__name__, exc)
-            return
-        if hostname in self._stale:  # an event arrived meanwhile: read it again
-            self._stale.discard(hostname)
-            asyncio.get_running_loop().call_soon(self._snapshot_soon, hostname)
-            return
+            # An event arrived meanwhile: read it again, in this task (a new one would
+            # find this one still registered in `_snapshots`, and never run).
+            if hostname not in self._stale:
+                break
         now = self._clock()
         snap = HostSnapshot(domain, cert, options, {f.kind: f for f in files})
         self._write(self.copy.put_host, snap, now)
@@ -598,6 +612,7 @@ class ReadThroughStore:
         if self.copy is None:
             return
         self._forget_copied(hostname)
+        self._given.pop(hostname, None)  # read before the change
         if hostname in self._snapshots:
             self._stale.add(hostname)
         if len(self._writes) >= MAX_PENDING_WRITES:
@@ -621,7 +636,7 @@ class ReadThroughStore:
         except StoreUnavailable as exc:
             return (await self._copied_host(hostname, exc)).domain
         if domain is not None:
-            self._seen(hostname)
+            self._seen(hostname, get_domain=domain)
         elif hostname in self._copied:  # removed: the event will say so too
             self.host_changed(hostname)
         return domain
@@ -632,7 +647,7 @@ class ReadThroughStore:
         except StoreUnavailable as exc:
             return (await self._copied_host(hostname, exc)).certificate
         if cert is not None:
-            self._seen(hostname)
+            self._seen(hostname, get_certificate=cert)
         return cert
 
     async def certificate_serial(self, hostname: str) -> str | None:

@@ -133,6 +133,29 @@ async def test_planner_rereads_the_load_after_its_cache_time(store) -> None:  # 
     assert slot_index(second) == slot_index(bound) - 1
 
 
+async def test_planner_levels_on_fresh_counts_after_plans_are_dropped(store) -> None:  # type: ignore[no-untyped-def]
+    """Certificates re-issued out of turn drop their plans: a planner told so reads the
+    load again, instead of piling the re-issued burst onto the slots past the dropped
+    plans (which its snapshot still counts)."""
+    s, now = store
+    issued = now[0]
+    bound = ratio_window(issued, issued + LIFETIME).end
+    last = slot_index(bound)
+    # the bound's slot holds 3 plans, the 2 slots before it 2 each
+    for i, slot in enumerate([last, last, last, last - 1, last - 1, last - 2, last - 2]):
+        moment = slot * SLOT_SECONDS + 1
+        await s.put_renewal(RenewalPlan(f"p{i}.test", moment, moment, "ratio"))
+    planner = RenewalPlanner(s, lambda: now[0], random.Random(4).random, cache_seconds=DAY)
+    first = await planner.due_at(issued, issued + LIFETIME)
+    assert slot_index(first) == last - 3  # the three latest slots are the loaded ones
+    for i in range(3):  # re-issued: the bound's plans leave the window (planned again later)
+        await s.put_renewal(RenewalPlan(f"p{i}.test", issued, issued, "ratio"))
+    planner.invalidate()
+    second = await planner.due_at(issued, issued + LIFETIME)
+    assert planner.reads == 2
+    assert slot_index(second) == last  # the emptied slot at the bound, seen at once
+
+
 async def test_short_lived_certificates_keep_the_ratio_pick(store) -> None:  # type: ignore[no-untyped-def]
     s, now = store
     planner = RenewalPlanner(s, lambda: now[0], lambda: 0.0)

@@ -18,6 +18,7 @@ import copy as copying
 import logging
 import ssl
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ class FlakyStore:
         self._inner = inner
         self._switch = switch
         self.calls = 0
+        self.names: Counter[str] = Counter()  # the calls that reached it, by method
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._inner, name)
@@ -67,6 +69,7 @@ class FlakyStore:
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1
+            self.names[name] += 1
             if self._switch.down:
                 await asyncio.sleep(self._switch.delay)
                 raise StoreUnavailable("connection refused (database down)")
@@ -213,6 +216,29 @@ async def test_click_path_reads_answer_from_the_copy_while_the_store_is_away(
     assert "unreachable" in lines[0].getMessage()
     assert "reachable again" in lines[1].getMessage()
     assert store.circuit.last_outage_seconds is not None
+
+
+async def test_the_click_paths_reads_are_handed_to_the_copy_not_read_again(
+    wrapped: Wrapped,
+) -> None:
+    """A cold lookup reads the certificate and the domain (at once, as the click path
+    does); the host's snapshot takes those two and reads only the options and files."""
+    host = "links.once.test"
+    await registered(wrapped, host, files=True)
+    store = wrapped.store
+    before = Counter(wrapped.flaky.names)
+    cert, domain = await asyncio.gather(store.get_certificate(host), store.get_domain(host))
+    assert cert is not None and domain is not None
+    await store.settle()
+    assert wrapped.flaky.names - before == Counter(
+        get_certificate=1, get_domain=1, get_options=1, list_host_files=1
+    )
+    wrapped.switch.down = True  # and the copy holds the host whole
+    copied = await store.get_certificate(host)
+    assert copied is not None and copied.key_pem == cert.key_pem
+    assert (await store.get_domain(host)) == domain
+    found = await store.get_host_file(host, "assetlinks.json")
+    assert found is not None and found.content == b"[]"
 
 
 async def test_the_private_key_is_sealed_in_the_copy_and_a_foreign_key_empties_it(

@@ -206,6 +206,13 @@ class PostgresStore:
         """Apply missing migrations. The advisory lock serialises processes starting at
         once: the second waits, then finds the schema current."""
         async with self._conn() as conn:
+            # Every start asks first, in one read without the lock: a current schema
+            # (nearly always) costs one round trip instead of a locked transaction per
+            # migration, before the first click. Anything else takes the locked path.
+            with contextlib.suppress(asyncpg.UndefinedTableError):
+                current = await conn.fetchval("SELECT max(version) FROM schema_version")
+                if current == SCHEMA_VERSION:
+                    return
             for target in range(1, SCHEMA_VERSION + 1):
                 async with conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)

@@ -26,6 +26,7 @@ from typing import Any
 import requests
 
 from acme_client import AcmeError
+from certstore import Store
 from proxy.app import logging_setup, metrics
 from proxy.app.config import Config
 from proxy.app.reload import ConfigSource, supervisor_reload
@@ -43,7 +44,9 @@ _FAST_EXIT_SECONDS = 5.0  # a worker dying this soon after start is broken, not 
 _PREFLIGHT_CA_SECONDS = 10.0  # how long start-up waits for the CA before starting anyway
 
 
-async def preflight(config: Config) -> None:
+async def preflight(config: Config, *, keep_store: bool = False) -> Store | None:
+    """Check what a worker needs before any starts; with `keep_store`, return the store
+    it opened (still open: the caller owns it) instead of closing it."""
     for address, what in (
         (config.listen.https, "listen.https"),
         (config.listen.http, "listen.http"),
@@ -57,6 +60,7 @@ async def preflight(config: Config) -> None:
         if config.admin.tls_cert:
             admin_tls_context(config.admin.tls_cert, config.admin.tls_key)
     store = await open_store(config)
+    kept = False
     try:
         issuer = make_issuer(config, store)
         try:
@@ -72,8 +76,11 @@ async def preflight(config: Config) -> None:
         finally:
             with contextlib.suppress(Exception):
                 await issuer.close()
+        kept = keep_store
     finally:
-        await store.close()
+        if not kept:
+            await store.close()
+    return store if kept else None
 
 
 def run_on_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
@@ -95,12 +102,22 @@ def serve(config: Config, source: ConfigSource | None = None) -> int:
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     configure_logging("warning", config.log_format)  # retries during the preflight are not news
+    if config.workers == 1:
+        run_on_loop(config, _preflight_and_run(config, source))
+        return 0
     asyncio.run(preflight(config))
     configure_logging(config.log_level, config.log_format, config)
-    if config.workers == 1:
-        run_on_loop(config, run_worker(config, source=source))
-        return 0
     return _supervise(config, source)
+
+
+async def _preflight_and_run(config: Config, source: ConfigSource | None) -> None:
+    """One process: the preflight and the worker share a loop, and the store the
+    preflight opened is the worker's (one connection, schema and key check at start
+    instead of two: on a remote database each is round trips before the first click)."""
+    store = await preflight(config, keep_store=True)
+    assert store is not None
+    configure_logging(config.log_level, config.log_format, config)
+    await run_worker(config, source=source, store=store)
 
 
 def _worker_main(config: Config, primary: bool, source: ConfigSource | None) -> None:

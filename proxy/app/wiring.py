@@ -311,7 +311,9 @@ class EdgeWorker:
         ):
             self.meter.register(source, stats_of(attribute))
 
-    async def start(self) -> None:
+    async def start(self, store: Store | None = None) -> None:
+        """Open the store (or take `store`, already open: the worker owns it from here
+        on), then everything else."""
         config = self.config
         tlscontexts.SESSION_TICKETS = config.tls.session_tickets
         admin_token = None
@@ -322,7 +324,8 @@ class EdgeWorker:
         for secret in (admin_token, config.acme.eab_hmac_key, config.fallback.eab_hmac_key):
             if secret:
                 redact(secret)  # never in a log line (proxy/app/logging_setup.py)
-        store = await open_store(config, self._clock)
+        if store is None:
+            store = await open_store(config, self._clock)
         if needs_read_through(config.store.location()):
             # The database is not in the click path: fail fast while it is away, answer
             # from the node's local copy (certstore/readthrough.py). SQLite is local already.
@@ -718,8 +721,10 @@ async def run_worker(
     *,
     primary: bool = True,
     source: ConfigSource | None = None,
+    store: Store | None = None,
 ) -> None:
     """Run one worker until SIGTERM/SIGINT (drained, see `EdgeWorker.drain`); SIGHUP reloads.
+    `store`: an open store for the worker to use (and close), e.g. the preflight's.
 
     A second SIGINT (Ctrl-C twice) stops without waiting for the requests in flight.
 
@@ -762,7 +767,7 @@ async def run_worker(
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     try:
-        await worker.start()
+        await worker.start(store)
         started.set()
         if ready is not None:
             ready()

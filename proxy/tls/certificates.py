@@ -428,9 +428,12 @@ class CertificateManager:
             raise Refused(reason, INTERNAL_ERROR) from None
 
     async def _resolve_from_store(self, hostname: str) -> ssl.SSLContext:
-        stored = await self._store.get_certificate(hostname)
+        # Both reads at once: on a database over the network (PostgreSQL) a cold lookup
+        # then waits for one round trip instead of two in a row.
+        stored, domain = await asyncio.gather(
+            self._store.get_certificate(hostname), self._store.get_domain(hostname)
+        )
         if stored is not None and stored.is_valid_at(self._clock()):
-            domain = await self._store.get_domain(hostname)
             if domain is not None and domain.state is not DomainState.SUSPENDED:
                 return await self._remember(stored)
         decision = await self._gate.decide(hostname)

@@ -94,6 +94,13 @@ class RenewalPlanner:
             load = await self._current(window)
             return load.place(window, self._uniform)
 
+    def invalidate(self) -> None:
+        """Plans left the store that this planner did not place (certificates re-issued
+        out of turn drop theirs): read the load again at the next placement instead of
+        leveling on counts that include them (which piles a burst onto the slots past
+        the dropped plans)."""
+        self._load = None
+
     async def _current(self, window: RenewalWindow) -> SlotLoad:
         now = self._clock()
         load = self._load

@@ -21,14 +21,21 @@ What it measures (goals from the issue, compared by eye: the machine is small an
 3. **Start to first click**: `linkedge serve` (one worker) is exec'd against the
    filled store, Pebble and a DNS server on loopback; the time from exec to the first
    successful HTTPS GET on one host (TLS verified against the run's CA, answer from
-   the backend). Goal: < 2 s.
+   the backend), and the worker's CPU seconds until then. The code is byte-compiled
+   first, as on a deployed node. `--starts N` times only this, N times, interleaved
+   with other checkouts' code (`--start-root`, e.g. main's): same store, same machine.
+   Goal: < 2 s.
 4. **Cold lookups**: `--lookups` random certified hosts, one new TLS connection each
    (the worker has no context for them: its handshake reads the store), then the same
-   hosts again (cached). Reported: handshake p50 / p95 / max, cold and warm, and the
-   store reads alone (get_certificate + get_domain, as the click path does them) in
-   this process. Goal: the cold lookup < 5 ms. Then the worker's RSS.
-5. **Renewal year** (`--simulate`): see :func:`simulate`. Goal: the peak of renewal
-   orders per 3 h within 1.2x of the year's mean.
+   hosts again (cached). Reported: handshake p50 / p95 / max, cold and warm, the
+   worker's CPU per handshake, and the store reads alone (get_certificate and
+   get_domain at once, as the click path does them; and one after the other) in this
+   process. Goal: the cold lookup < 5 ms. Then the worker's RSS. `--edge-root` serves
+   with another checkout's code.
+5. **Renewal year** (`--simulate`, `--scenario growth|steady`): see :func:`simulate`.
+   Goal: the peak of renewal orders per 3 h within 1.2x of the mean: of the 30 days
+   around it for the growing fleet (whose year's mean is below its late months by
+   construction), of the whole year for the steady one.
 """
 
 from __future__ import annotations
@@ -356,15 +363,24 @@ async def time_queries(url: str, key: bytes, now: float) -> dict[str, float]:
     return out
 
 
-async def store_lookups(url: str, key: bytes, hosts: list[str]) -> list[float]:
-    """The store reads of a cold handshake (proxy/tls/certificates.py `_resolve`)."""
+async def store_lookups(
+    url: str, key: bytes, hosts: list[str], *, concurrent: bool = True
+) -> list[float]:
+    """The store reads of a cold handshake (proxy/tls/certificates.py `_resolve`): the
+    certificate and the domain, at once (`concurrent`, as the click path reads them) or
+    one after the other (as it did before)."""
     store = await open_store(url, key)
     samples = []
     try:
         for host in hosts:
             started = time.perf_counter()
-            cert = await store.get_certificate(host)
-            domain = await store.get_domain(host)
+            if concurrent:
+                cert, domain = await asyncio.gather(
+                    store.get_certificate(host), store.get_domain(host)
+                )
+            else:
+                cert = await store.get_certificate(host)
+                domain = await store.get_domain(host)
             samples.append(time.perf_counter() - started)
             assert cert is not None and domain is not None, host
     finally:
@@ -476,31 +492,23 @@ async def serve_and_click(
             "LINKEDGE_METRICS_LISTEN": f"{EDGE_IP}:{free_port(EDGE_IP)}",
             "LINKEDGE_LOG_LEVEL": "warning",
             "LINKEDGE_ADMIN_LISTEN": "",
+            # the node's local copy of a PostgreSQL store: the run's own, not the default path
+            "LINKEDGE_STORE_LOCAL_COPY": str(workdir / "local-copy.db"),
+            # no background re-checks: the run's DNS server knows none of the million names,
+            # so the verifier would move every host it re-checks (and change the kept store)
+            "LINKEDGE_VERIFY_POLL_SECONDS": "0",
         }
         ctx = ssl.create_default_context(cadata=pki.ca_pem.decode())
         first = hosts[0]
-        log_path = workdir / "serve.log"
-        with log_path.open("wb") as log:
-            started = time.perf_counter()
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy.app.cli", "serve", "--workers", "1"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=ROOT,
-            )
+        if args.starts:  # the start alone, N times per code root, interleaved
+            result["starts"] = await repeated_starts(args, env, ctx, https_port, first, workdir)
+            await runner.cleanup()
+            return result
+        root = args.edge_root or ROOT
+        compile_bytecode(root)
+        proc, took, status = await start_edge(env, ctx, https_port, first, workdir, root)
         stack.callback(_stop, proc)
-        deadline = started + 120
-        status = 0
-        while time.perf_counter() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"serve exited {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                status = await click(ctx, https_port, first)
-                break
-            except (OSError, TimeoutError, ssl.SSLError):
-                await asyncio.sleep(0.01)
-        result["start_to_first_click_s"] = round(time.perf_counter() - started, 3)
+        result["start_to_first_click_s"] = round(took, 3)
         # CPU seconds the serve process spent until then (user + system): what the start
         # costs, less sensitive than wall time to a busy machine
         result["serve_cpu_to_first_click_s"] = cpu_seconds(proc.pid)
@@ -524,9 +532,82 @@ async def serve_and_click(
         result["rss_after_lookups_kib"] = proc_status(proc.pid)
         await asyncio.sleep(args.idle)  # the background loops' first passes at scale
         result[f"rss_after_{args.idle:.0f}s_kib"] = proc_status(proc.pid)
-        result["serve_log_tail"] = log_path.read_text(errors="replace").splitlines()[-5:]
+        result["serve_log_tail"] = (
+            (workdir / "serve.log").read_text(errors="replace").splitlines()[-5:]
+        )
         await runner.cleanup()
     return result
+
+
+def compile_bytecode(root: Path) -> None:
+    """Byte-compile a checkout's packages, as `pip install` does on a deployed node: this
+    machine sets PYTHONDONTWRITEBYTECODE, so a worktree never gets its .pyc files and
+    every start would compile the whole edge from source first (~0.3 s of CPU)."""
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "-j0", "proxy", "certstore", "acme_client"],
+        cwd=root,
+        check=True,
+    )
+
+
+async def start_edge(
+    env: dict[str, str], ctx: Any, port: int, host: str, workdir: Path, root: Path
+) -> tuple[subprocess.Popen[bytes], float, int]:
+    """Exec `linkedge serve --workers 1` from `root`'s code; poll until `host` answers
+    over HTTPS. Returns the process (running), the seconds from exec to that answer,
+    and its status."""
+    import ssl
+
+    log_path = workdir / "serve.log"
+    with log_path.open("wb") as log:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.app.cli", "serve", "--workers", "1"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**env, "PYTHONPATH": str(root)},
+            cwd=root,
+        )
+    deadline = started + 120
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"serve exited {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            status = await click(ctx, port, host)
+            return proc, time.perf_counter() - started, status
+        except (OSError, TimeoutError, ssl.SSLError):
+            await asyncio.sleep(0.01)
+    _stop(proc)
+    raise SystemExit(f"no answer from the edge within 120 s:\n{log_path.read_text()}")
+
+
+async def repeated_starts(
+    args: argparse.Namespace, env: dict[str, str], ctx: Any, port: int, host: str, workdir: Path
+) -> dict[str, Any]:
+    """`--starts N`: start to first click N times for each code root (this checkout and
+    every `--start-root`), interleaved so that each sees the same machine; the worker's
+    CPU seconds beside the wall time."""
+    roots = [ROOT, *args.start_root]
+    for root in roots:
+        compile_bytecode(root)
+    runs: dict[str, dict[str, list[float]]] = {str(r): {"wall_s": [], "cpu_s": []} for r in roots}
+    for _ in range(args.starts):
+        for root in roots:
+            proc, took, status = await start_edge(env, ctx, port, host, workdir, root)
+            cpu = cpu_seconds(proc.pid, precise=True)
+            _stop(proc)
+            if status != 302:
+                raise SystemExit(f"first click answered {status}")
+            runs[str(root)]["wall_s"].append(round(took, 3))
+            runs[str(root)]["cpu_s"].append(round(cpu, 2))
+    return {
+        root: {
+            **samples,
+            "wall_median_s": round(statistics.median(samples["wall_s"]), 3),
+            "cpu_median_s": round(statistics.median(samples["cpu_s"]), 2),
+        }
+        for root, samples in runs.items()
+    }
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -542,41 +623,111 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 # -- the renewal year ---------------------------------------------------------------------
 
 
-def simulate_arrivals(hosts: int, start: float, seed: int = 5) -> list[float]:
-    """First issuance times, sorted: the fleet's history and its year.
+MEAN_CYCLE = 56.25 * DAY  # the uniform ratio rule's mean: the middle of days 52.5-60
 
-    - 40 % of the hosts exist at the start, (re)issued steadily over the 52.5 days
-      before it (a fleet in its steady state: none is past its ratio window yet), each
-      with a plan as the uniform ratio rule made it;
+
+def steady_history(start: float, rnd: random.Random) -> tuple[float, float]:
+    """(not_before, due_at) at `start` of a host renewed by the uniform ratio rule for
+    several cycles: first issued at a uniformly random phase of one mean cycle three
+    cycles back, then renewed at each plan's moment until the plan lies ahead. A fleet
+    of these renews at a steady rate from the first day (no ramp, no gap)."""
+    nb = start - (3 + rnd.random()) * MEAN_CYCLE
+    due = ratio_window(nb, nb + LIFETIME).pick(rnd.random)
+    while due < start:
+        nb = due
+        due = ratio_window(nb, nb + LIFETIME).pick(rnd.random)
+    return nb, due
+
+
+@dataclass
+class Scenario:
+    """What the renewal year replays: issuance events (moment, host index; a host seen
+    again is re-issued: a new certificate, its plan dropped, as ``put_certificate``
+    does), how many hosts exist before the loop with plans the uniform rule made, and
+    when the loop starts (before `start`: a warm-up whose orders are not counted)."""
+
+    events: list[tuple[float, int]]
+    initial_hosts: int
+    loop_start: float
+    description: str
+
+
+def growth_scenario(hosts: int, start: float, seed: int = 5) -> Scenario:
+    """The growing fleet:
+
+    - 40 % of the hosts exist at the start, in the steady state of the uniform ratio
+      rule (``steady_history``: renewals at a steady rate from day 0), each with a plan
+      as that rule made it (the store the leveling scheduler is deployed onto);
     - 20 % arrive in one day at day 30 (a platform migrating to the edge);
     - 10 % arrive in one day at day 200 (a second, smaller migration);
     - 30 % arrive steadily over the year (organic growth).
     """
     rnd = random.Random(seed)
-    out = []
     base = int(hosts * 0.4)
     burst1 = int(hosts * 0.2)
     burst2 = int(hosts * 0.1)
     growth = hosts - base - burst1 - burst2
-    out += [start - rnd.random() * 52.5 * DAY for _ in range(base)]
-    out += [start + 30 * DAY + rnd.random() * DAY for _ in range(burst1)]
-    out += [start + 200 * DAY + rnd.random() * DAY for _ in range(burst2)]
-    out += [start + rnd.random() * YEAR for _ in range(growth)]
-    out.sort()
-    return out
+    times = [start + 30 * DAY + rnd.random() * DAY for _ in range(burst1)]
+    times += [start + 200 * DAY + rnd.random() * DAY for _ in range(burst2)]
+    times += [start + rnd.random() * YEAR for _ in range(growth)]
+    times.sort()
+    return Scenario(
+        [(t, base + i) for i, t in enumerate(times)],
+        base,
+        start,
+        "growth: 40 % steady at the start (uniform plans), +20 % in one day at day 30,"
+        " +10 % in one day at day 200, +30 % steadily over the year",
+    )
+
+
+STEADY_WARMUP = 120 * DAY
+
+
+def steady_scenario(hosts: int, start: float, seed: int = 5) -> Scenario:
+    """No growth, certificates issued in bursts, every plan the scheduler's:
+
+    - the loop starts 120 days before the year (a warm-up, not counted): 40 % of the
+      hosts get their first certificate steadily over its first 60 days, 30 % in one
+      day 50 days before the year, 30 % in one day 20 days before it;
+    - during the year nobody arrives, but 30 % of the certificates (a random third of
+      the fleet) are re-issued in one day at day 100 (a CA's mass revocation, a key
+      rotation): their plans are dropped and made again.
+    """
+    rnd = random.Random(seed)
+    loop_start = start - STEADY_WARMUP
+    steady = int(hosts * 0.4)
+    burst1 = int(hosts * 0.3)
+    events = [(loop_start + rnd.random() * 60 * DAY, i) for i in range(steady)]
+    events += [(start - 50 * DAY + rnd.random() * DAY, steady + i) for i in range(burst1)]
+    events += [(start - 20 * DAY + rnd.random() * DAY, i) for i in range(steady + burst1, hosts)]
+    reissued = rnd.sample(range(hosts), int(hosts * 0.3))
+    events += [(start + 100 * DAY + rnd.random() * DAY, i) for i in reissued]
+    events.sort()
+    return Scenario(
+        events,
+        0,
+        loop_start,
+        "steady: no growth; 40 % steadily, 30 % in one day (day -50), 30 % in one day"
+        " (day -20), planned by the scheduler from a 120-day warm-up; 30 % re-issued in"
+        " one day at day 100",
+    )
 
 
 async def simulate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """A year of renewals on the real schema, with a simulated clock.
 
-    The store is the real backend (its tables, indexes and queries). Every `--step`
-    seconds of simulated time:
-      1. hosts whose first certificate is issued by then get it (certificate row, as
-         ``put_certificate`` writes it: no plan yet);
+    The fleet is a :class:`Scenario` (``--scenario``: :func:`growth_scenario`,
+    :func:`steady_scenario`). The store is the real backend (its tables, indexes and
+    queries). From the scenario's loop start (the year's start, or a warm-up before it
+    whose orders are not counted), every `--step` seconds of simulated time:
+      1. hosts whose certificate is issued by then get it (certificate row, as
+         ``put_certificate`` writes it: no plan yet; a re-issued one loses its plan,
+         and the planner is told to read the load again);
       2. the scheduler's own query, ``hosts_needing_maintenance(now, batch)``, is asked
          until it returns nothing; for each host it returns:
          - no plan yet: plan it (the planner under test: ``--scheduler``),
-         - a plan due: "renew" it (one order, counted in the 3-hour bucket of `now`):
+         - a plan due: "renew" it (one order, counted in the 3-hour bucket of its plan's
+           moment, as the real loop wakes then):
            a new certificate from now, 90 days, and a new plan the same way;
       3. writes go back in bulk through the driver (what ``put_certificate`` and
          ``put_renewal`` write, without sealing a key per renewal: for speed).
@@ -602,7 +753,10 @@ async def simulate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     )
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA synchronous = OFF")
-    arrivals = simulate_arrivals(args.sim_hosts, start)
+    db.execute("PRAGMA cache_size = -262144")  # the million rows' indexes stay in memory
+    make = steady_scenario if args.scenario == "steady" else growth_scenario
+    scenario = make(args.sim_hosts, start)
+    events = scenario.events
     pki_chain = b"-----BEGIN CERTIFICATE-----\nsim\n-----END CERTIFICATE-----\n"
     sealed = Sealer(key).seal(b"sim", "cert:sim")  # never opened: the simulation reads no key
     orders: Counter[int] = Counter()
@@ -634,30 +788,32 @@ async def simulate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         db.execute("COMMIT")
 
     # The hosts that exist at the start: certificates and plans as the uniform rule
-    # made them (the store the leveling scheduler is deployed onto).
+    # made them, in its steady state (the store the leveling scheduler is deployed onto).
     rnd = random.Random(3)
     initial: list[tuple[str, float, float, float | None]] = []
-    while next_arrival < len(arrivals) and arrivals[next_arrival] <= start:
-        b = arrivals[next_arrival]
-        h = hostname(next_arrival)
+    for i in range(scenario.initial_hosts):
+        h = hostname(i)
+        b, due = steady_history(start, rnd)
         nb[h] = b
-        due = ratio_window(b, b + LIFETIME).pick(rnd.random)
         initial.append((h, b, due, b))
-        next_arrival += 1
     for i in range(0, len(initial), CHUNK):
         write(initial[i : i + CHUNK])
     db.execute("ANALYZE")
     end = start + YEAR
-    now = start
+    now = scenario.loop_start
     while now < end:
         now += args.step
         sim_now[0] = now
         steps += 1
         new: list[tuple[str, float, float, float | None]] = []
-        while next_arrival < len(arrivals) and arrivals[next_arrival] <= now:
-            h = hostname(next_arrival)
-            nb[h] = arrivals[next_arrival]
-            new.append((h, nb[h], 0.0, nb[h]))
+        again: list[str] = []
+        while next_arrival < len(events) and events[next_arrival][0] <= now:
+            moment, index = events[next_arrival]
+            h = hostname(index)
+            if h in nb:
+                again.append(h)
+            nb[h] = moment
+            new.append((h, moment, 0.0, moment))
             first_issues[math.floor(now / SLOT_SECONDS)] += 1
             next_arrival += 1
         if new:  # certificate rows without a plan, as put_certificate leaves them
@@ -665,10 +821,15 @@ async def simulate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             db.executemany(
                 "INSERT INTO certificates (hostname, chain_pem, key_sealed, names, not_before,"
                 " not_after, issuer, created_at, serial, directory_url) VALUES"
-                " (?, ?, ?, ?, ?, ?, 'sim', ?, '', '')",
+                " (?, ?, ?, ?, ?, ?, 'sim', ?, '', '') ON CONFLICT (hostname) DO UPDATE SET"
+                " not_before = excluded.not_before, not_after = excluded.not_after",
                 [(h, pki_chain, sealed, h, b, b + LIFETIME, b) for h, b, _d, _r in new],
             )
+            # a re-issued certificate's plan goes, as put_certificate drops it
+            db.executemany("DELETE FROM renewals WHERE hostname = ?", [(h,) for h in again])
             db.execute("COMMIT")
+            if again:  # the planner's day-long snapshot still counts the dropped plans
+                planner.invalidate()
         while True:
             t0 = time.perf_counter()
             batch = await store.hosts_needing_maintenance(now, args.batch)
@@ -717,23 +878,26 @@ async def simulate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     mean = statistics.fmean(buckets)
     if args.json:  # the year bucket by bucket, beside the summary
         args.json.with_suffix(".buckets.json").write_text(json.dumps(buckets))
+    local = local_peak(buckets, 120)
     return {
         "scheduler": args.scheduler,
+        "scenario": scenario.description,
         "hosts": args.sim_hosts,
         "step_s": args.step,
         "renewal_orders": sum(buckets),
         "renewals_per_3h_mean": round(mean, 1),
         "renewals_per_3h_peak": max(buckets),
+        # the goal of a fleet that does not grow: the peak over the whole year's mean
         "peak_over_mean": round(max(buckets) / mean, 3) if mean else None,
         "all_orders_peak_over_mean (first issuance incl.)": round(
             max(both) / statistics.fmean(both), 3
         ),
-        # the fleet grows over the year (30 % organic growth, two migrations), so the
-        # year's mean is below what the fleet of any late month implies: the peak over
-        # the mean of the 30 days around it is what spreading can change
-        "peak_over_local_30d_mean": round(local_peak(buckets, 120), 3),
-        # the first 60 days replay the plans the uniform rule made before the year (the
-        # store the scheduler is deployed onto); from day 60 every plan is the scheduler's
+        # the goal of a growing fleet (30 % organic growth, two migrations): its year's
+        # mean is below what the fleet of any late month implies however well spread,
+        # so each bucket is compared with the mean of the 30 days around it, over the
+        # WHOLE year (its first days included: the window is clipped at the year's ends)
+        "peak_over_local_30d_mean": round(local, 3),
+        "local_peak_day": round(local_peak_at(buckets, 120) * SLOT_SECONDS / DAY, 1),
         "from_day_60": {
             "peak_over_mean": round(max(buckets[480:]) / statistics.fmean(buckets[480:]), 3),
             "peak_over_local_30d_mean": round(local_peak(buckets, 120, first=480), 3),
@@ -749,21 +913,29 @@ async def simulate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
-def local_peak(buckets: list[int], half: int, first: int = 0) -> float:
-    """The largest bucket (from `first` on) over the mean of the buckets within `half`
-    of it (centered, clipped at the year's ends)."""
+def local_ratios(buckets: list[int], half: int) -> list[float]:
+    """Each bucket over the mean of the buckets within `half` of it (centered, clipped
+    at the year's ends)."""
     prefix = [0]
     for b in buckets:
         prefix.append(prefix[-1] + b)
-    worst = 0.0
+    out = []
     for k, b in enumerate(buckets):
-        if k < first:
-            continue
         lo, hi = max(0, k - half), min(len(buckets), k + half + 1)
         mean = (prefix[hi] - prefix[lo]) / (hi - lo)
-        if mean:
-            worst = max(worst, b / mean)
-    return worst
+        out.append(b / mean if mean else 0.0)
+    return out
+
+
+def local_peak(buckets: list[int], half: int, first: int = 0) -> float:
+    """The largest bucket (from `first` on) over the mean of the 2 * `half` + 1 around it."""
+    return max(local_ratios(buckets, half)[first:], default=0.0)
+
+
+def local_peak_at(buckets: list[int], half: int) -> int:
+    """The bucket where :func:`local_peak` is found (whole year)."""
+    ratios = local_ratios(buckets, half)
+    return ratios.index(max(ratios))
 
 
 # -- main ---------------------------------------------------------------------------------
@@ -780,15 +952,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only-simulate", action="store_true")
     p.add_argument("--scheduler", choices=("uniform", "level"), default="level")
     p.add_argument("--sim-hosts", type=int, default=1_000_000)
+    p.add_argument(
+        "--scenario",
+        choices=("growth", "steady"),
+        default="growth",
+        help="the renewal year's fleet: growing (bursts of new hosts), or steady (no"
+        " growth, certificates issued in bursts)",
+    )
     p.add_argument("--step", type=float, default=SLOT_SECONDS, help="simulated s per step")
     p.add_argument("--batch", type=int, default=5000, help="hosts_needing_maintenance limit")
     p.add_argument("--json", type=Path)
     p.add_argument(
         "--store-file",
         type=Path,
-        help="SQLite: fill this file once (with its .key and .pki.json beside it), reuse it after",
+        help="SQLite: fill this file once (with its .key and .pki.json beside it), reuse it after;"
+        " with --store-url: where that database's .key and .pki.json are kept",
+    )
+    p.add_argument(
+        "--store-url",
+        help="PostgreSQL: an existing database (filled on the first run, when --store-file's"
+        " .key does not exist yet; reused after) instead of a throwaway server",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument(
+        "--starts",
+        type=int,
+        default=0,
+        help="only time start to first click, N times (no store queries, no lookups)",
+    )
+    p.add_argument(
+        "--edge-root",
+        type=Path,
+        help="serve (start, lookups) with this checkout's code instead of this one's",
+    )
+    p.add_argument(
+        "--start-root",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --starts: also start this checkout's code (e.g. main), interleaved",
+    )
     return p.parse_args(argv)
 
 
@@ -811,27 +1014,18 @@ async def scale(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     shape = Shape(args.hosts, args.cert_share)
     with contextlib.ExitStack() as stack:
         reuse = False
+        sidecar: Path | None = None  # where the key and the PKI of a kept store live
         if args.store == "sqlite":
             path = args.store_file or workdir / "store.db"
             url = f"sqlite:///{path}"
             reuse = path.exists()
-            if args.store_file is not None:  # the same key each time: kept beside it
-                key_file = path.with_suffix(".key")
-                if not key_file.exists():
-                    key_file.write_text(key_text)
-                key_text = key_file.read_text()
-                key = parse_key_text(key_text, "bench")
-                pki_file = path.with_suffix(".pki.json")
-                if pki_file.exists():
-                    fields = json.loads(pki_file.read_text())
-                    pki = Pki(
-                        **{k: v.encode() if k.endswith("_pem") else v for k, v in fields.items()}
-                    )
-                else:
-                    fields = {
-                        k: v.decode() if isinstance(v, bytes) else v for k, v in vars(pki).items()
-                    }
-                    pki_file.write_text(json.dumps(fields))
+            sidecar = path if args.store_file is not None else None
+        elif args.store_url:  # a PostgreSQL database kept between runs (filled by the first)
+            url = args.store_url
+            sidecar = args.store_file
+            if sidecar is None:
+                raise SystemExit("--store-url needs --store-file (where its key is kept)")
+            reuse = sidecar.with_suffix(".key").exists()
         else:
             from support.postgres import PostgresServer
 
@@ -839,6 +1033,21 @@ async def scale(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             pg.start()
             stack.callback(pg.destroy)
             url = pg.url(pg.create_database("scale"))
+        if sidecar is not None:  # the same key and PKI each time: kept beside it
+            key_file = sidecar.with_suffix(".key")
+            if not key_file.exists():
+                key_file.write_text(key_text)
+            key_text = key_file.read_text()
+            key = parse_key_text(key_text, "bench")
+            pki_file = sidecar.with_suffix(".pki.json")
+            if pki_file.exists():
+                fields = json.loads(pki_file.read_text())
+                pki = Pki(**{k: v.encode() if k.endswith("_pem") else v for k, v in fields.items()})
+            else:
+                fields = {
+                    k: v.decode() if isinstance(v, bytes) else v for k, v in vars(pki).items()
+                }
+                pki_file.write_text(json.dumps(fields))
         started = time.perf_counter()
         await (await open_store(url, key)).close()  # the schema, as the backend makes it
         if reuse:  # a store kept by --store-file (migrated now if this code is newer)
@@ -852,14 +1061,22 @@ async def scale(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if not reuse:
             out["fill_s"] = round(time.perf_counter() - started, 1)
             print(f"filled {args.hosts} hosts in {out['fill_s']} s", file=sys.stderr, flush=True)
-        queries = await time_queries(url, key, now)
-        out["store_queries_ms"] = {k: round(v * 1000, 2) for k, v in queries.items()}
+        if not args.starts:
+            queries = await time_queries(url, key, now)
+            out["store_queries_ms"] = {k: round(v * 1000, 2) for k, v in queries.items()}
         certified = [
             i for i in range(int(args.hosts * args.cert_share)) if i % 1000 != 999
         ]  # active ones (every 1000th is suspended)
         picks = random.Random(1).sample(certified, args.lookups * 2 + 1)
-        lookups = await store_lookups(url, key, [hostname(i) for i in picks[args.lookups + 1 :]])
-        out["store_reads_of_a_cold_lookup"] = stats_ms(lookups)
+        if not args.starts:
+            reads = [hostname(i) for i in picks[args.lookups + 1 :]]
+            half = len(reads) // 2  # other hosts for each way: both cold
+            out["store_reads_of_a_cold_lookup"] = stats_ms(
+                await store_lookups(url, key, reads[:half])
+            )
+            out["store_reads_of_a_cold_lookup_one_after_the_other"] = stats_ms(
+                await store_lookups(url, key, reads[half:], concurrent=False)
+            )
         out.update(
             await serve_and_click(
                 args, url, key_text, pki, workdir, [hostname(i) for i in picks[: args.lookups + 1]]
