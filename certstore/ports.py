@@ -430,6 +430,12 @@ class EventLog(Protocol):
 
     async def put_meta(self, key: str, value: str) -> None: ...
 
+    def events_pushed(self) -> bool:
+        """Whether :meth:`wait_for_events` is woken by the store itself right now (a new
+        event ends the wait within moments, whatever its timeout), so a follower may wait
+        long between reads; False: it must read every poll interval. Never blocks."""
+        ...
+
 
 class StoreSummaries(Protocol):
     """Read models for metrics and the status page: aggregates, never a key opened."""
