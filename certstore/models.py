@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 
 class DomainState(StrEnum):
@@ -147,3 +148,42 @@ class CaBreakerState:
     opened_at: float | None = None
     next_probe_at: float | None = None  # open: when the next probe may go
     last_error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HostRecord:
+    """One registered host with every record a copy of the store carries
+    (:meth:`certstore.ports.HostTransfer.export_hosts`); private keys opened."""
+
+    domain: Domain
+    options: dict[str, Any] | None = None
+    files: tuple[HostFile, ...] = ()  # by kind
+    certificate: StoredCertificate | None = None
+    renewal: RenewalPlan | None = None
+    pending_order: PendingOrder | None = None
+    backoff: HostBackoff | None = None
+
+    @property
+    def hostname(self) -> str:
+        return self.domain.hostname
+
+
+@dataclass(slots=True)
+class HostImport:
+    """The writes that make a page of hosts in a store what they are in another
+    (:meth:`certstore.ports.HostTransfer.import_hosts`), applied in one step in this
+    order: a certificate is stored before its host's plan and order in flight, as storing
+    one drops both (:meth:`certstore.ports.CertificateStore.put_certificate`)."""
+
+    new_domains: list[Domain] = field(default_factory=list)  # inserted: `registered`
+    domains: list[Domain] = field(default_factory=list)  # overwritten: `state` if changed
+    options: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    files: list[HostFile] = field(default_factory=list)  # with their own updated_at
+    files_removed: list[tuple[str, str]] = field(default_factory=list)  # (hostname, kind)
+    certificates_removed: list[str] = field(default_factory=list)  # with their plans
+    certificates: list[StoredCertificate] = field(default_factory=list)
+    renewals: list[RenewalPlan] = field(default_factory=list)
+    pending_orders_removed: list[tuple[str, str]] = field(default_factory=list)  # (host, url)
+    pending_orders: list[PendingOrder] = field(default_factory=list)
+    backoffs_removed: list[str] = field(default_factory=list)
+    backoffs: list[HostBackoff] = field(default_factory=list)

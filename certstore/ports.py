@@ -34,6 +34,8 @@ from .models import (
     Event,
     HostBackoff,
     HostFile,
+    HostImport,
+    HostRecord,
     PendingOrder,
     RenewalPlan,
     StoredCertificate,
@@ -430,6 +432,12 @@ class EventLog(Protocol):
 
     async def put_meta(self, key: str, value: str) -> None: ...
 
+    def events_pushed(self) -> bool:
+        """Whether :meth:`wait_for_events` is woken by the store itself right now (a new
+        event ends the wait within moments, whatever its timeout), so a follower may wait
+        long between reads; False: it must read every poll interval. Never blocks."""
+        ...
+
 
 class StoreSummaries(Protocol):
     """Read models for metrics and the status page: aggregates, never a key opened."""
@@ -450,6 +458,36 @@ class StoreSummaries(Protocol):
         ...
 
 
+class HostTransfer(Protocol):
+    """Whole hosts in pages, for copying a store into another (``certstore.transfer``):
+    each call reads or writes a page of hosts in a few statements instead of a dozen per
+    host, so a million hosts move in minutes, not hours."""
+
+    async def export_hosts(
+        self, *, after: str | None = None, through: str | None = None, limit: int | None = None
+    ) -> list[HostRecord]:
+        """Registered hosts with hostname > `after` (and <= `through`), ascending in byte
+        order, at most `limit`, each with its options, files, certificate, renewal plan,
+        order in flight and backoff (keys opened, as the single reads give them). One
+        consistent read: a page never shows half of a concurrent change."""
+        ...
+
+    async def import_hosts(self, changes: HostImport) -> None:
+        """Apply the writes in the order :class:`HostImport` lists them, as one atomic
+        step, with the events each kind of write emits on its own (``registered`` for a
+        new host, ``state`` for a changed state, ``options_changed``, ``file_updated``
+        at the file's own ``updated_at``, ``file_deleted``). Keys are sealed for this
+        store. A new host that exists meanwhile, or a changed one that is gone, is left
+        alone (a copy's next run sees it)."""
+        ...
+
+    async def count_host_records(self) -> dict[str, int]:
+        """Per kind, the records that registered hosts have: ``options``, ``files``,
+        ``renewals``, ``backoffs``, ``pending_orders`` (aggregates: the counts a copy is
+        verified with, without visiting every host)."""
+        ...
+
+
 class Store(
     HostStore,
     HostContentStore,
@@ -459,6 +497,7 @@ class Store(
     Coordination,
     EventLog,
     StoreSummaries,
+    HostTransfer,
     Protocol,
 ):
     """Every role, as one object: what :func:`certstore.open_store` returns."""
@@ -481,4 +520,5 @@ ROLES: tuple[type, ...] = (
     PendingOrderStore,
     EventLog,
     StoreSummaries,
+    HostTransfer,
 )

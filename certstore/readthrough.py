@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -769,14 +768,7 @@ class ReadThroughStore:
 
     def events_pushed(self) -> bool:
         """The wrapped store's (False while the circuit is open: followers poll)."""
-        pushed = getattr(self.primary, "events_pushed", None)
-        if pushed is None or self.circuit.down:
-            return False
-        answer = pushed()
-        if inspect.iscoroutine(answer):  # a wrapper forwarding every name as a coroutine
-            answer.close()
-            return False
-        return bool(answer)
+        return not self.circuit.down and self.primary.events_pushed()
 
     def as_store(self) -> Store:
         """This object as the composite it implements (its role methods are generated)."""

@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -32,6 +32,8 @@ from .models import (
     Event,
     HostBackoff,
     HostFile,
+    HostImport,
+    HostRecord,
     PendingOrder,
     RenewalPlan,
     StoredCertificate,
@@ -42,6 +44,7 @@ from .ports import KEEP, DomainExists, Keep
 from .schema import MIGRATIONS, RENEWAL_SLOT_SECONDS, SCHEMA_VERSION
 
 Clock = Callable[[], float]
+T = TypeVar("T")
 _WAIT_POLL = 0.1  # wait_for_events: how often the newest event id is looked at (idle cost)
 
 
@@ -574,8 +577,9 @@ class SQLiteStore:
             " created_at FROM pending_orders WHERE hostname = ?",
             (hostname,),
         )
-        if row is None:
-            return None
+        return None if row is None else self._pending_order(row)
+
+    def _pending_order(self, row: sqlite3.Row) -> PendingOrder:
         return PendingOrder(
             hostname=row[0],
             directory_url=row[1],
@@ -883,6 +887,212 @@ class SQLiteStore:
             (f"v:{key}", value),
         )
 
+    # -- whole hosts in pages (copying a store) -------------------------------------
+
+    async def _in_transaction(self, work: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
+        """`work` on the connection's own thread, inside one transaction, in one call:
+        no other call of this store object can run between its statements (the methods
+        above are single statements; this is for the few that need several at once).
+        aiosqlite has no public way to run a function on its thread; `_execute` is the
+        one its own `iterdump` and `backup` use."""
+        db = self._db
+
+        def run() -> T:
+            conn = db._conn
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                result = work(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        result: T = await db._execute(run)
+        return result
+
+    async def export_hosts(
+        self, *, after: str | None = None, through: str | None = None, limit: int | None = None
+    ) -> list[HostRecord]:
+        """One read transaction (one snapshot): the page's hosts, then each other kind
+        of record as one range of its primary key over the page's hostnames."""
+        return await self._in_transaction(
+            lambda conn: self._export(conn, after or "", through, limit), write=False
+        )
+
+    def _export(
+        self, conn: sqlite3.Connection, after: str, through: str | None, limit: int | None
+    ) -> list[HostRecord]:
+        where, args = "hostname > ?", [after]
+        if through is not None:
+            where += " AND hostname <= ?"
+            args.append(through)
+        sql = f"SELECT {_DOMAIN_COLS} FROM domains WHERE {where} ORDER BY hostname"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        domains = [_domain(r) for r in conn.execute(sql, args)]
+        if not domains:
+            return []
+        span = (after, domains[-1].hostname)
+        page = "WHERE hostname > ? AND hostname <= ?"
+        options = {
+            r[0]: json.loads(r[1])
+            for r in conn.execute(f"SELECT hostname, options FROM host_options {page}", span)
+        }
+        files: dict[str, list[HostFile]] = {}
+        for r in conn.execute(f"SELECT {_FILE_COLS} FROM host_files {page} ORDER BY 1, 2", span):
+            files.setdefault(r[0], []).append(_host_file(r))
+        certs = {
+            r[0]: self._certificate(r)
+            for r in conn.execute(f"SELECT {_CERT_COLS} FROM certificates {page}", span)
+        }
+        plans = {
+            r[0]: _renewal(r)
+            for r in conn.execute(
+                f"SELECT hostname, due_at, next_check_at, source, last_error FROM renewals {page}",
+                span,
+            )
+        }
+        orders = {
+            r[0]: self._pending_order(r)
+            for r in conn.execute(f"SELECT {_ORDER_COLS} FROM pending_orders {page}", span)
+        }
+        backoffs = {
+            r[0]: HostBackoff(r[0], r[1], r[2], r[3])
+            for r in conn.execute(
+                f"SELECT hostname, failures, next_attempt_at, last_error FROM host_backoff {page}",
+                span,
+            )
+        }
+        return [
+            HostRecord(
+                domain=d,
+                options=options.get(d.hostname),
+                files=tuple(files.get(d.hostname, ())),
+                certificate=certs.get(d.hostname),
+                renewal=plans.get(d.hostname),
+                pending_order=orders.get(d.hostname),
+                backoff=backoffs.get(d.hostname),
+            )
+            for d in domains
+        ]
+
+    async def import_hosts(self, changes: HostImport) -> None:
+        """One write transaction of a few executemany: each statement and trigger is the
+        one the single-host method runs, so every event is emitted as it would be."""
+        now = self._clock()
+        c = changes
+        # sealed for this store (the record carries the key opened by the source's)
+        certs = [
+            (
+                x.hostname, x.chain_pem,
+                self._sealer.seal(x.key_pem, Sealer.row("cert", x.hostname)),
+                ",".join(x.names), x.not_before, x.not_after, x.issuer, x.created_at, x.serial,
+                x.directory_url,
+            )
+            for x in c.certificates
+        ]  # fmt: skip
+        orders = [
+            (
+                o.hostname, o.directory_url, o.order_url, o.account_uri,
+                self._sealer.seal(o.key_pem, Sealer.row("order", o.hostname)),
+                ",".join(o.names), o.created_at,
+            )
+            for o in c.pending_orders
+        ]  # fmt: skip
+        columns = [col.strip() for col in _DOMAIN_COLS.split(",")]
+        sets = ", ".join(f"{col} = ?" for col in columns[1:])
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                f"INSERT INTO domains ({_DOMAIN_COLS}) VALUES ({', '.join('?' * len(columns))})"
+                " ON CONFLICT (hostname) DO NOTHING",
+                [_domain_row(d) for d in c.new_domains],
+            )
+            conn.executemany(
+                f"UPDATE domains SET {sets} WHERE hostname = ?",
+                [(*_domain_row(d)[1:], d.hostname) for d in c.domains],
+            )
+            conn.executemany(
+                "INSERT INTO host_options (hostname, options, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (hostname) DO UPDATE SET options = excluded.options,"
+                " updated_at = excluded.updated_at",
+                [(h, json.dumps(o, sort_keys=True), now) for h, o in c.options],
+            )
+            conn.executemany(
+                "INSERT INTO host_files (hostname, kind, content, etag, updated_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (hostname, kind) DO UPDATE SET"
+                " content = excluded.content, etag = excluded.etag,"
+                " updated_at = excluded.updated_at",
+                [(f.hostname, f.kind, f.content, f.etag, f.updated_at) for f in c.files],
+            )
+            conn.executemany(
+                "DELETE FROM host_files WHERE hostname = ? AND kind = ?", c.files_removed
+            )
+            removed = [(h,) for h in c.certificates_removed]
+            conn.executemany("DELETE FROM certificates WHERE hostname = ?", removed)
+            conn.executemany("DELETE FROM renewals WHERE hostname = ?", removed)
+            conn.executemany(
+                "INSERT INTO certificates (hostname, chain_pem, key_sealed, names, not_before,"
+                " not_after, issuer, created_at, serial, directory_url)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (hostname) DO UPDATE SET chain_pem = excluded.chain_pem,"
+                " key_sealed = excluded.key_sealed, names = excluded.names,"
+                " not_before = excluded.not_before, not_after = excluded.not_after,"
+                " issuer = excluded.issuer, created_at = excluded.created_at,"
+                " serial = excluded.serial, directory_url = excluded.directory_url",
+                certs,
+            )
+            conn.executemany("DELETE FROM renewals WHERE hostname = ?", [(x[0],) for x in certs])
+            conn.executemany(
+                "INSERT INTO renewals"
+                " (hostname, due_at, next_check_at, source, last_error, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hostname) DO UPDATE SET"
+                " due_at = excluded.due_at, next_check_at = excluded.next_check_at,"
+                " source = excluded.source, last_error = excluded.last_error,"
+                " updated_at = excluded.updated_at",
+                [
+                    (p.hostname, p.due_at, p.next_check_at, p.source, p.last_error, now)
+                    for p in c.renewals
+                ],
+            )
+            conn.executemany(
+                "DELETE FROM pending_orders WHERE hostname = ? AND order_url = ?",
+                c.pending_orders_removed,
+            )
+            conn.executemany(
+                f"INSERT OR REPLACE INTO pending_orders ({_ORDER_COLS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                orders,
+            )
+            conn.executemany(
+                "DELETE FROM host_backoff WHERE hostname = ?", [(h,) for h in c.backoffs_removed]
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO host_backoff"
+                " (hostname, failures, next_attempt_at, last_error, updated_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [
+                    (b.hostname, b.failures, b.next_attempt_at, b.last_error, now)
+                    for b in c.backoffs
+                ],
+            )
+
+        await self._in_transaction(apply, write=True)
+
+    async def count_host_records(self) -> dict[str, int]:
+        registered = "WHERE hostname IN (SELECT hostname FROM domains)"
+        row = await self._one(
+            f"SELECT (SELECT COUNT(*) FROM host_options {registered}),"
+            f" (SELECT COUNT(*) FROM host_files {registered}),"
+            f" (SELECT COUNT(*) FROM renewals {registered}),"
+            f" (SELECT COUNT(*) FROM host_backoff {registered}),"
+            f" (SELECT COUNT(*) FROM pending_orders {registered})"
+        )
+        assert row is not None
+        kinds = ("options", "files", "renewals", "backoffs", "pending_orders")
+        return {kind: int(n) for kind, n in zip(kinds, row, strict=True)}
+
 
 _DOMAIN_COLS = (
     "hostname, account, state, cname_target_seen, verified_at, last_check_at,"
@@ -891,6 +1101,7 @@ _DOMAIN_COLS = (
 )
 _EVENT_COLS = "id, at, hostname, kind, detail, from_state, to_state"
 _FILE_COLS = "hostname, kind, content, etag, updated_at"
+_ORDER_COLS = "hostname, directory_url, order_url, account_uri, key_sealed, names, created_at"
 _CERT_COLS = (
     "hostname, chain_pem, key_sealed, names, not_before, not_after, issuer, created_at,"
     " serial, directory_url"
@@ -925,6 +1136,15 @@ def _domain(row: sqlite3.Row) -> Domain:
         failed_checks=row[11],
         last_report=row[12],
     )
+
+
+def _domain_row(d: Domain) -> tuple[Any, ...]:
+    """A domain as the values of _DOMAIN_COLS, in order."""
+    return (
+        d.hostname, d.account, d.state.value, d.cname_target_seen, d.verified_at,
+        d.last_check_at, d.last_check_reason, d.created_at, d.state_reason,
+        d.state_changed_at, d.next_check_at, d.failed_checks, d.last_report,
+    )  # fmt: skip
 
 
 def _event(r: sqlite3.Row) -> Event:

@@ -355,7 +355,7 @@ async def test_a_differing_count_fails_with_the_kinds_that_differ(
 
 
 async def test_a_killed_copy_resumes_where_it_stopped(site: Site) -> None:
-    hosts = 3 * PAGE
+    hosts = 4 * PAGE
     store = await site.open()
     try:
         await store.save_account(ACCOUNTS[0])
@@ -378,10 +378,10 @@ async def test_a_killed_copy_resumes_where_it_stopped(site: Site) -> None:
         env={**os.environ, **site.env},
     )
     try:
-        copied = 0
-        while copied <= PAGE and proc.poll() is None:  # past the first resume point
-            await asyncio.sleep(0.02)
-            copied = count_rows(target_path, "domains")
+        # killed as soon as the first resume point is recorded: pages go in one
+        # transaction each, a few hundred milliseconds apart, so several are still to come
+        while not resume_point(target_path, missing="") and proc.poll() is None:
+            await asyncio.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
@@ -407,9 +407,20 @@ async def test_a_killed_copy_resumes_where_it_stopped(site: Site) -> None:
         await target.close()
 
 
-def resume_point(path: Path) -> str:
-    with sqlite3.connect(path, timeout=10) as db:
-        row = db.execute("SELECT value FROM meta WHERE key LIKE 'v:migrate.cursor.%'").fetchone()
+def resume_point(path: Path, missing: str | None = None) -> str:
+    """The recorded resume point; `missing` when there is none yet (None: fail)."""
+    if missing is not None and not path.exists():
+        return missing  # not created here: sqlite3.connect would make an empty file
+    try:
+        with sqlite3.connect(path, timeout=10) as db:
+            row = db.execute(
+                "SELECT value FROM meta WHERE key LIKE 'v:migrate.cursor.%'"
+            ).fetchone()
+    except sqlite3.OperationalError:  # the schema is being created
+        row = None
+    if row is None and missing is not None:
+        return missing
+    assert row is not None, "no resume point recorded"
     return str(row[0])
 
 

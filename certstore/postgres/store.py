@@ -37,6 +37,8 @@ from ..models import (
     Event,
     HostBackoff,
     HostFile,
+    HostImport,
+    HostRecord,
     PendingOrder,
     RenewalPlan,
     StoredCertificate,
@@ -46,7 +48,14 @@ from ..nodes import process_alive
 from ..ports import KEEP, DomainExists, Keep
 from .connect import BROKEN, connect, connect_kwargs, mask_url, translate
 from .listener import EventListener
-from .schema import MIGRATION_LOCK, MIGRATIONS, NOTIFY_CHANNEL, RATE_LOCK_CLASS, SCHEMA_VERSION
+from .schema import (
+    EXPIRY_BUCKET_SECONDS,
+    MIGRATION_LOCK,
+    MIGRATIONS,
+    NOTIFY_CHANNEL,
+    RATE_LOCK_CLASS,
+    SCHEMA_VERSION,
+)
 
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
@@ -313,7 +322,8 @@ class PostgresStore:
         return [_domain(r) for r in rows]
 
     async def count_domains_by_state(self) -> dict[DomainState, int]:
-        rows = await self._fetch("SELECT state, count(*) FROM domains GROUP BY state")
+        # kept by triggers (migration 4): a few rows, not a scan of every host
+        rows = await self._fetch("SELECT state, n FROM domain_counts WHERE n > 0")
         return {DomainState(r[0]): int(r[1]) for r in rows}
 
     async def transition_domain(
@@ -540,7 +550,7 @@ class PostgresStore:
         return self._certificate(row) if row else None
 
     async def put_certificate(self, cert: StoredCertificate) -> None:
-        """Store (or replace); the trigger `certificate_stored` ends the host's pending
+        """Store (or replace); the trigger `certificates_stored` ends the host's pending
         order and drops its renewal plan in the same statement."""
         sealed = self._sealer.seal(cert.key_pem, Sealer.row("cert", cert.hostname))
         await self._execute(
@@ -604,14 +614,18 @@ class PostgresStore:
         return [self._certificate(r) for r in rows]
 
     async def certificate_summary(self, now: float, horizon: float) -> dict[str, Any]:
+        """From the counters per hour of expiry (migration 4): certificates expired by
+        a time t are those of the hours before t's, plus those of t's own hour up to t
+        (an index range of one hour's expiries); no scan of every certificate."""
         row = await self._fetchrow(
-            "SELECT count(*), count(*) FILTER (WHERE not_after <= $1),"
-            " count(*) FILTER (WHERE not_after > $1 AND not_after <= $2), min(not_after)"
-            " FROM certificates",
-            now,
-            now + horizon,
+            "SELECT (SELECT COALESCE(sum(n), 0) FROM certificate_expiry_counts),"
+            f" {_EXPIRED_BY.format(t='$1')}, {_EXPIRED_BY.format(t='$2')},"
+            " (SELECT min(not_after) FROM certificates)",
+            float(now),
+            float(now + horizon),
         )
-        total, expired, expiring = int(row[0]), int(row[1]), int(row[2])
+        total, expired = int(row[0]), int(row[1])
+        expiring = int(row[2]) - expired
         return {
             "valid": total - expired - expiring,
             "expiring": expiring,
@@ -741,12 +755,11 @@ class PostgresStore:
 
     async def get_pending_order(self, hostname: str) -> PendingOrder | None:
         row = await self._fetchrow(
-            "SELECT hostname, directory_url, order_url, account_uri, key_sealed, names,"
-            " created_at FROM pending_orders WHERE hostname = $1",
-            hostname,
+            f"SELECT {_ORDER_COLS} FROM pending_orders WHERE hostname = $1", hostname
         )
-        if row is None:
-            return None
+        return None if row is None else self._pending_order(row)
+
+    def _pending_order(self, row: Any) -> PendingOrder:
         return PendingOrder(
             hostname=row[0],
             directory_url=row[1],
@@ -1031,6 +1044,234 @@ class PostgresStore:
             value.encode(),
         )
 
+    # -- whole hosts in pages (copying a store) ----------------------------------------------
+
+    async def export_hosts(
+        self, *, after: str | None = None, through: str | None = None, limit: int | None = None
+    ) -> list[HostRecord]:
+        """One read-only REPEATABLE READ transaction (one snapshot): the page's hosts,
+        then each other kind of record as one range of its primary key."""
+        args: list[Any] = [after or ""]
+        where = "hostname > $1"
+        if through is not None:
+            args.append(through)
+            where += f" AND hostname <= ${len(args)}"
+        sql = f"SELECT {_DOMAIN_COLS} FROM domains WHERE {where} ORDER BY hostname"
+        if limit is not None:
+            args.append(limit)
+            sql += f" LIMIT ${len(args)}"
+        async with (
+            self._conn() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            domains = [_domain(r) for r in await conn.fetch(sql, *args, timeout=BULK_TIMEOUT)]
+            if not domains:
+                return []
+            span = (after or "", domains[-1].hostname)
+            page = "WHERE hostname > $1 AND hostname <= $2"
+
+            async def rows(sql: str) -> list[Any]:
+                return list(await conn.fetch(sql, *span, timeout=BULK_TIMEOUT))
+
+            options = {
+                r[0]: json.loads(r[1])
+                for r in await rows(f"SELECT hostname, options FROM host_options {page}")
+            }
+            files: dict[str, list[HostFile]] = {}
+            for r in await rows(f"SELECT {_FILE_COLS} FROM host_files {page} ORDER BY 1, 2"):
+                files.setdefault(r[0], []).append(_host_file(r))
+            certs = {
+                r[0]: self._certificate(r)
+                for r in await rows(f"SELECT {_CERT_COLS} FROM certificates {page}")
+            }
+            plans = {
+                r[0]: _renewal(r)
+                for r in await rows(
+                    "SELECT hostname, due_at, next_check_at, source, last_error FROM renewals"
+                    f" {page}"
+                )
+            }
+            orders = {
+                r[0]: self._pending_order(r)
+                for r in await rows(f"SELECT {_ORDER_COLS} FROM pending_orders {page}")
+            }
+            backoffs = {
+                r[0]: HostBackoff(r[0], r[1], r[2], r[3])
+                for r in await rows(
+                    "SELECT hostname, failures, next_attempt_at, last_error FROM host_backoff"
+                    f" {page}"
+                )
+            }
+        return [
+            HostRecord(
+                domain=d,
+                options=options.get(d.hostname),
+                files=tuple(files.get(d.hostname, ())),
+                certificate=certs.get(d.hostname),
+                renewal=plans.get(d.hostname),
+                pending_order=orders.get(d.hostname),
+                backoff=backoffs.get(d.hostname),
+            )
+            for d in domains
+        ]
+
+    async def import_hosts(self, changes: HostImport) -> None:
+        """One transaction. Hosts, certificates and plans go in one statement per kind
+        over arrays (``unnest``): their triggers that keep counters and queues (migration
+        4) work per statement, so once per page, not once per row. The other kinds are
+        pipelined executemany (one round trip per kind). Each row meets the row triggers
+        the single-host methods meet, so every event is emitted as they would emit it.
+        The event lock (migration 1) is held from the first event to the commit, so
+        other writers that emit events wait for the page: a copy's target should be
+        quiet."""
+        now = self._clock()
+        c = changes
+        cert_rows = [
+            (
+                x.hostname, x.chain_pem,
+                self._sealer.seal(x.key_pem, Sealer.row("cert", x.hostname)),
+                ",".join(x.names), float(x.not_before), float(x.not_after), x.issuer,
+                float(x.created_at), x.serial, x.directory_url,
+            )
+            for x in c.certificates
+        ]  # fmt: skip
+        order_rows = [
+            (
+                o.hostname, o.directory_url, o.order_url, o.account_uri,
+                self._sealer.seal(o.key_pem, Sealer.row("order", o.hostname)),
+                ",".join(o.names), float(o.created_at),
+            )
+            for o in c.pending_orders
+        ]  # fmt: skip
+        domain_columns = [col.strip() for col in _DOMAIN_COLS.split(",")]
+        from_domains = (
+            f"unnest({', '.join(f'${i}::{t}[]' for i, t in enumerate(_DOMAIN_TYPES, 1))})"
+            f" AS u ({_DOMAIN_COLS})"
+        )
+        from_certs = (
+            f"unnest({', '.join(f'${i}::{t}[]' for i, t in enumerate(_CERT_TYPES, 1))})"
+            f" AS u ({_CERT_COLS})"
+        )
+        # In HostImport's order; certificates first also keeps the lock order of a
+        # host's removal (certificate counters, then the event lock, then host counters).
+        bulk: list[tuple[str, list[tuple[Any, ...]]]] = [
+            ("DELETE FROM certificates WHERE hostname = ANY($1::text[])",
+             [(h,) for h in c.certificates_removed]),
+            ("DELETE FROM renewals WHERE hostname = ANY($1::text[])",
+             [(h,) for h in c.certificates_removed]),
+            (
+                f"INSERT INTO certificates ({_CERT_COLS}) SELECT * FROM {from_certs}"
+                " ON CONFLICT (hostname) DO UPDATE SET chain_pem = EXCLUDED.chain_pem,"
+                " key_sealed = EXCLUDED.key_sealed, names = EXCLUDED.names,"
+                " not_before = EXCLUDED.not_before, not_after = EXCLUDED.not_after,"
+                " issuer = EXCLUDED.issuer, created_at = EXCLUDED.created_at,"
+                " serial = EXCLUDED.serial, directory_url = EXCLUDED.directory_url",
+                cert_rows,
+            ),
+            (
+                "INSERT INTO renewals (hostname, due_at, next_check_at, source, last_error,"
+                " updated_at) SELECT * FROM unnest($1::text[], $2::float8[], $3::float8[],"
+                " $4::text[], $5::text[], $6::float8[])"
+                " ON CONFLICT (hostname) DO UPDATE SET due_at = EXCLUDED.due_at,"
+                " next_check_at = EXCLUDED.next_check_at, source = EXCLUDED.source,"
+                " last_error = EXCLUDED.last_error, updated_at = EXCLUDED.updated_at",
+                [
+                    (p.hostname, float(p.due_at), float(p.next_check_at), p.source,
+                     p.last_error, now)
+                    for p in c.renewals
+                ],
+            ),
+        ]  # fmt: skip
+        many: list[tuple[str, list[tuple[Any, ...]]]] = [
+            (
+                "DELETE FROM pending_orders WHERE hostname = $1 AND order_url = $2",
+                list(c.pending_orders_removed),
+            ),
+            (
+                f"INSERT INTO pending_orders ({_ORDER_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+                " ON CONFLICT (hostname) DO UPDATE SET directory_url = EXCLUDED.directory_url,"
+                " order_url = EXCLUDED.order_url, account_uri = EXCLUDED.account_uri,"
+                " key_sealed = EXCLUDED.key_sealed, names = EXCLUDED.names,"
+                " created_at = EXCLUDED.created_at",
+                order_rows,
+            ),
+            (
+                "DELETE FROM host_backoff WHERE hostname = $1",
+                [(h,) for h in c.backoffs_removed],
+            ),
+            (
+                "INSERT INTO host_backoff (hostname, failures, next_attempt_at, last_error,"
+                " updated_at) VALUES ($1, $2, $3, $4, $5)"
+                " ON CONFLICT (hostname) DO UPDATE SET failures = EXCLUDED.failures,"
+                " next_attempt_at = EXCLUDED.next_attempt_at, last_error = EXCLUDED.last_error,"
+                " updated_at = EXCLUDED.updated_at",
+                [
+                    (b.hostname, b.failures, float(b.next_attempt_at), b.last_error, now)
+                    for b in c.backoffs
+                ],
+            ),
+        ]
+        hosts: list[tuple[str, list[tuple[Any, ...]]]] = [
+            (
+                f"INSERT INTO domains ({_DOMAIN_COLS}) SELECT * FROM {from_domains}"
+                " ON CONFLICT (hostname) DO NOTHING",
+                [_domain_row(d) for d in c.new_domains],
+            ),
+            (
+                "UPDATE domains AS d SET "
+                + ", ".join(f"{col} = u.{col}" for col in domain_columns[1:])
+                + f" FROM {from_domains} WHERE d.hostname = u.hostname",
+                [_domain_row(d) for d in c.domains],
+            ),
+        ]
+        content: list[tuple[str, list[tuple[Any, ...]]]] = [
+            (
+                "INSERT INTO host_options (hostname, options, updated_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT (hostname) DO UPDATE SET options = EXCLUDED.options,"
+                " updated_at = EXCLUDED.updated_at",
+                [(h, json.dumps(o, sort_keys=True), now) for h, o in c.options],
+            ),
+            (
+                "INSERT INTO host_files (hostname, kind, content, etag, updated_at)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (hostname, kind) DO UPDATE SET"
+                " content = EXCLUDED.content, etag = EXCLUDED.etag,"
+                " updated_at = EXCLUDED.updated_at",
+                [(f.hostname, f.kind, f.content, f.etag, float(f.updated_at)) for f in c.files],
+            ),
+            (
+                "DELETE FROM host_files WHERE hostname = $1 AND kind = $2",
+                list(c.files_removed),
+            ),
+        ]
+        async with self._tx(now=now) as conn:
+            for statements, arrays in (
+                (bulk, True),
+                (many, False),
+                (hosts, True),
+                (content, False),
+            ):
+                for sql, rows in statements:
+                    if not rows:
+                        continue
+                    if arrays:
+                        await conn.execute(sql, *_columns(rows), timeout=BULK_TIMEOUT)
+                    else:
+                        await conn.executemany(sql, rows, timeout=BULK_TIMEOUT)
+
+    async def count_host_records(self) -> dict[str, int]:
+        registered = "WHERE hostname IN (SELECT hostname FROM domains)"
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                f"SELECT (SELECT count(*) FROM host_options {registered}),"
+                f" (SELECT count(*) FROM host_files {registered}),"
+                f" (SELECT count(*) FROM renewals {registered}),"
+                f" (SELECT count(*) FROM host_backoff {registered}),"
+                f" (SELECT count(*) FROM pending_orders {registered})",
+                timeout=BULK_TIMEOUT,
+            )
+        kinds = ("options", "files", "renewals", "backoffs", "pending_orders")
+        return {kind: int(n) for kind, n in zip(kinds, row, strict=True)}
+
 
 async def _no_reset(_conn: asyncpg.Connection) -> None:
     """The pool's reset on release: nothing to undo (see PostgresStore.open)."""
@@ -1053,10 +1294,38 @@ _DOMAIN_COLS = (
 )
 _EVENT_COLS = "id, at, hostname, kind, detail, from_state, to_state"
 _FILE_COLS = "hostname, kind, content, etag, updated_at"
+_ORDER_COLS = "hostname, directory_url, order_url, account_uri, key_sealed, names, created_at"
 _CERT_COLS = (
     "hostname, chain_pem, key_sealed, names, not_before, not_after, issuer, created_at,"
     " serial, directory_url"
 )
+
+# Certificates expired by the time {t} (see certificate_summary): the counters of the hours
+# before t's, plus t's own hour up to t. The index range of that hour is a second wider on
+# each side; which hour a certificate is in is decided by the trigger's own function,
+# float rounding included.
+_EXPIRED_BY = (
+    "((SELECT COALESCE(sum(n), 0) FROM certificate_expiry_counts"
+    "   WHERE hour < linkedge_expiry_hour({t}))"
+    " + (SELECT count(*) FROM certificates"
+    f"   WHERE not_after >= (linkedge_expiry_hour({{t}}) * {EXPIRY_BUCKET_SECONDS} - 1)::float8"
+    f"   AND not_after < ((linkedge_expiry_hour({{t}}) + 1) * {EXPIRY_BUCKET_SECONDS} + 1)::float8"
+    "   AND linkedge_expiry_hour(not_after) = linkedge_expiry_hour({t}) AND not_after <= {t}))"
+)
+
+# the columns' types, for arrays of them (import_hosts)
+_DOMAIN_TYPES = (
+    "text", "text", "text", "text", "float8", "float8", "text", "float8", "text", "float8",
+    "float8", "int4", "text",
+)  # fmt: skip
+_CERT_TYPES = (
+    "text", "bytea", "bytea", "text", "float8", "float8", "text", "float8", "text", "text"
+)  # fmt: skip
+
+
+def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows as one list per column (the arrays an ``unnest`` statement takes)."""
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def _count(status: str) -> int:
@@ -1097,6 +1366,16 @@ def _domain(row: Any) -> Domain:
         failed_checks=row[11],
         last_report=row[12],
     )
+
+
+def _domain_row(d: Domain) -> tuple[Any, ...]:
+    """A domain as the values of _DOMAIN_COLS, in order."""
+    return (
+        d.hostname, d.account, d.state.value, d.cname_target_seen,
+        _float_or_none(d.verified_at), _float_or_none(d.last_check_at), d.last_check_reason,
+        float(d.created_at), d.state_reason, _float_or_none(d.state_changed_at),
+        _float_or_none(d.next_check_at), d.failed_checks, d.last_report,
+    )  # fmt: skip
 
 
 def _event(r: Any) -> Event:

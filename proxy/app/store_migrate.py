@@ -20,7 +20,6 @@ from certstore.crypto import parse_key_text
 from certstore.transfer import (
     CONCURRENCY,
     COUNTED,
-    ReplayClock,
     compare,
     copy_store,
     inventory,
@@ -71,7 +70,7 @@ async def run(config: Config, args: argparse.Namespace) -> int:
         raise StoreError(f"source and target are the same store ({redact(args.to)})")
     source = await _open("source", source_url, key, store_password(config))
     try:
-        target = await _open("target", args.to, target_key, _target_password(args), ReplayClock())
+        target = await _open("target", args.to, target_key, _target_password(args))
         try:
             return await _migrate(source, target, source_url, args)
         finally:
@@ -125,13 +124,12 @@ async def _open(
     url: str,
     key: bytes,
     password: str | None,
-    clock: Callable[[], float] = time.time,
 ) -> Store:
     """Open one side, naming it in every error (which store had the wrong key?)."""
     if password is not None:
         redact_secret(password)  # never in a log line either
     try:
-        return await open_store(url, key, clock=clock, password=password, pool_size=CONCURRENCY)
+        return await open_store(url, key, password=password, pool_size=CONCURRENCY)
     except StoreKeyError as exc:
         raise StoreKeyError(f"{role} store {redact(url)}: {exc}") from None
     except StoreError as exc:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Collection
 
-from certstore import CertStore, DomainState, Event, StoreUnavailable
+from certstore import CertStore, DomainState, Event, EventLog, StoreUnavailable
 from proxy.hosts.events import HANDSHAKE_EVENTS, EventKind
 
 log = logging.getLogger(__name__)
@@ -26,10 +26,9 @@ log = logging.getLogger(__name__)
 PUSHED_WAIT_SECONDS = 30.0
 
 
-def follow_wait(store: object, interval: float) -> float:
+def follow_wait(store: EventLog, interval: float) -> float:
     """How long a follower of the event feed may wait for the next event."""
-    pushed = getattr(store, "events_pushed", None)
-    return max(interval, PUSHED_WAIT_SECONDS) if pushed is not None and pushed() else interval
+    return max(interval, PUSHED_WAIT_SECONDS) if store.events_pushed() else interval
 
 
 class StateSync:
