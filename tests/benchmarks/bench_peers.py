@@ -13,7 +13,8 @@ binary is missing is left out of the table. Everything runs on loopback:
   on Pebble's HTTP-01 port), `reverse_proxy` to the backend, HTTPS and plain HTTP;
 * nginx 1.22 (`worker_processes 1`), linkedge's Pebble certificate as a static
   certificate, `proxy_pass` with an upstream keep-alive pool, HTTPS and plain HTTP;
-* optional extra linkedge variants (`--variants`): `uvloop` (uvloop's loop), and any
+* optional extra linkedge variants (`--variants`): `uvloop` (uvloop's loop), `malloc`
+  (`PYTHONMALLOC=malloc`: glibc's allocator for Python's small objects), and any
   `key=value` edits of the Config (e.g. `tls.num_tickets=0`, `listen.lean_clicks=false`:
   every click through aiohttp's server), each its own process.
 
@@ -75,6 +76,8 @@ def edge_variant_main(
     for part in parts:
         if part.startswith("src="):
             sys.path.insert(0, part[4:])
+    if "malloc" in parts and os.environ.get("PYTHONMALLOC") != "malloc":
+        raise SystemExit("variant malloc: PYTHONMALLOC did not reach the edge process")
     if "uvloop" in parts:
         import uvloop
 
@@ -205,9 +208,20 @@ class PeerBench(be.Bench):
         import pickle
 
         workers = next((int(p[8:]) for p in parts if p.startswith("workers=")), 1)
-        proc, _ = self.children.start_server(
-            name, edge_variant_main, spec, pickle.dumps(config), str(log)
-        )
+        # `malloc`: CPython's small objects from glibc's malloc instead of pymalloc (issue 9:
+        # memory after a burst); a spawned child reads PYTHONMALLOC from the inherited env
+        saved = os.environ.get("PYTHONMALLOC")
+        if "malloc" in parts:
+            os.environ["PYTHONMALLOC"] = "malloc"
+        try:
+            proc, _ = self.children.start_server(
+                name, edge_variant_main, spec, pickle.dumps(config), str(log)
+            )
+        finally:
+            if saved is None:
+                os.environ.pop("PYTHONMALLOC", None)
+            else:
+                os.environ["PYTHONMALLOC"] = saved
         for i in range(1, workers):  # SO_REUSEPORT on the same addresses, like --workers
             more, _ = self.children.start_server(
                 f"{name}-{i}",
