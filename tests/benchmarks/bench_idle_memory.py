@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import multiprocessing.connection
 import os
+import pickle
 import signal
 import socket
 import ssl
@@ -44,23 +45,37 @@ TARGET = "edge-idle-bench.linkedge.test"
 
 
 def edge_variant_main(
-    config: Any,
+    config_pickle: bytes,
     variant: str,
     log_path: str,
     ready: multiprocessing.connection.Connection,
     lifeline: multiprocessing.connection.Connection,
 ) -> None:
+    if variant.startswith("src="):  # another tree's `proxy` (imported by unpickling)
+        sys.path.insert(0, variant[4:])
+    config = pickle.loads(config_pickle)  # noqa: S301 (our own parent's bytes)
+    from proxy.tls import connections
+
     if variant == "stock-buffer":
         from proxy.tls import listener as tls_listener
 
         tls_listener._CompactSSLProtocol.max_size = 256 * 1024
     elif variant == "no-trim":
-        from proxy.tls import connections
-
         connections.MemoryTrimmer.start = lambda self: None  # type: ignore[method-assign]
+    elif variant == "trim-only":  # malloc_trim as soon as a burst is seen, as before
+
+        async def at_once(self: Any, now: int) -> int:
+            return now
+
+        connections.empty_free_lists = lambda loop: None  # type: ignore[assignment]
+        connections.MemoryTrimmer._closing_stopped = at_once  # type: ignore[method-assign]
     if os.environ.get("BENCH_MALLOC_STATS"):  # SIGUSR1: Python allocator stats to a file
+        dumps = [0]
 
         def dump(_sig: int, _frame: Any) -> None:
+            dumps[0] += 1
+            if os.environ.get("BENCH_MALLOC_STATS") == "trace":
+                _trace(dumps[0], f"/tmp/linkedge-trace-{os.getpid()}")
             with open(f"{log_path}.mallocstats", "w") as fh:
                 saved = os.dup(2)
                 os.dup2(fh.fileno(), 2)
@@ -72,6 +87,99 @@ def edge_variant_main(
 
         signal.signal(signal.SIGUSR1, dump)
     be.edge_main(config, log_path, ready, lifeline)
+
+
+def _arenas() -> int:
+    """pymalloc arenas allocated now (from sys._debugmallocstats, which writes to fd 2)."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as fh:
+        saved = os.dup(2)
+        os.dup2(fh.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        fh.seek(0)
+        for line in fh:
+            if line.startswith("# arenas allocated current"):
+                return int(line.split("=")[1].replace(",", ""))
+    return -1
+
+
+def _survivors(out: Any, title: str) -> None:
+    import tracemalloc
+
+    stats = sorted(tracemalloc.take_snapshot().statistics("traceback"), key=lambda st: -st.count)
+    out.write(
+        f"\n== {title}: {sum(st.count for st in stats)} live blocks allocated since"
+        f" the baseline, {_arenas()} arenas\n"
+    )
+    for st in stats[:25]:
+        out.write(f"{st.count} blocks {st.size} B\n")
+        out.write("".join(f"  {f.filename}:{f.lineno}\n" for f in list(st.traceback)[-10:]))
+        out.write("\n")
+
+
+def _pool_of(address: int) -> tuple[int, int]:
+    """(arena index, blocks in use in its pool) of a pymalloc block, from the header of
+    its 16 KiB pool (CPython 3.11's obmalloc.c: `struct pool_header`)."""
+    import ctypes
+
+    pool = address & ~(16 * 1024 - 1)
+    count = ctypes.c_uint.from_address(pool).value
+    arena = ctypes.c_uint.from_address(pool + 32).value
+    return arena, count
+
+
+def _trace(dump: int, path: str) -> None:
+    """Diagnostics: the first call starts tracemalloc, the second writes what was allocated
+    since and is still alive, by traceback, and which pymalloc arenas hold objects
+    allocated since and nothing older (what keeps them from being returned)."""
+    import collections
+    import gc
+    import tracemalloc
+
+    if dump == 1:
+        tracemalloc.start(25)
+        return
+    with open(f"{path}-{dump}.part", "w") as out:
+        _survivors(out, "settled")
+        seen: dict[int, object] = {}
+        for obj in gc.get_objects():
+            seen[id(obj)] = obj
+            for ref in gc.get_referents(obj):
+                seen.setdefault(id(ref), ref)
+        arenas: dict[int, list[str]] = collections.defaultdict(list)
+        old: collections.Counter[int] = collections.Counter()
+        for addr, obj in seen.items():
+            try:
+                size = sys.getsizeof(obj)
+            except Exception:
+                continue
+            if size > 480 or isinstance(obj, type):  # from malloc (with any pre-header)
+                continue
+            tb = tracemalloc.get_object_traceback(obj)
+            arena, _ = _pool_of(addr)
+            if tb is None:
+                old[arena] += 1
+            else:
+                where = " <- ".join(
+                    f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in reversed(tb[-5:])
+                )
+                arenas[arena].append(f"{type(obj).__name__} {where}")
+        pinned = {a: objs for a, objs in arenas.items() if not old[a]}
+        out.write(
+            f"\n{len(arenas)} arenas hold reachable objects allocated since the baseline,"
+            f" {len(pinned)} of them nothing older; {len(old)} hold older objects\n"
+        )
+        kinds = collections.Counter(w for objs in pinned.values() for w in set(objs))
+        for where, count in kinds.most_common(40):
+            out.write(f"{count:5d} arenas: {where}\n")
+        tracemalloc.stop()
+        out.write(f"\n{_arenas()} arenas allocated (tracemalloc stopped)\n")
+    os.rename(f"{path}-{dump}.part", f"{path}-{dump}.txt")  # what the bench waits for
 
 
 def holder_main(
@@ -195,7 +303,7 @@ def run_variant(
     children = be.Children()
     stack.callback(children.stop_all)
     _, backend_url = children.start_server("idle-backend", be.backend_main)
-    vdir = workdir / variant
+    vdir = workdir / variant.replace("/", "_")
     vdir.mkdir()
     key_text = generate_key_text()
     (vdir / "store.key").write_text(key_text)
@@ -216,7 +324,11 @@ def run_variant(
     config.renewal.interval_seconds = 0
     config.verify.poll_seconds = 0
     edge_proc, _ = children.start_server(
-        f"idle-edge-{variant}", edge_variant_main, config, variant, str(vdir / "edge.log")
+        f"idle-edge-{vdir.name}",
+        edge_variant_main,
+        pickle.dumps(config),
+        variant,
+        str(vdir / "edge.log"),
     )
     pid = int(edge_proc.pid or 0)
     port = int(config.listen.https.rsplit(":", 1)[1])
@@ -227,6 +339,9 @@ def run_variant(
     time.sleep(1)
     baseline = be.rss_kib(pid)
     split = {"baseline": rss_split_mib(pid)}
+    if os.environ.get("BENCH_MALLOC_STATS") == "trace":
+        os.kill(pid, signal.SIGUSR1)  # tracemalloc from here on
+        time.sleep(1)
 
     bursts = [_burst(args, port, pid) for _ in range(args.bursts)]
     opened, errors, open_s, with_open, alive, after, split_open, split_settled = bursts[0]
@@ -234,6 +349,12 @@ def run_variant(
     if os.environ.get("BENCH_MALLOC_STATS"):
         os.kill(pid, signal.SIGUSR1)
         time.sleep(1)
+        trace = Path(f"/tmp/linkedge-trace-{pid}-2.txt")
+        for _ in range(300):
+            if os.environ.get("BENCH_MALLOC_STATS") != "trace" or trace.exists():
+                break
+            time.sleep(1)
+        time.sleep(2)
         stats = Path(f"{vdir / 'edge.log'}.mallocstats").read_text()
         print("\n".join(line for line in stats.splitlines() if line.startswith("#")), flush=True)
     children.stop_all()
