@@ -293,12 +293,15 @@ def empty_free_lists(loop: asyncio.AbstractEventLoop) -> None:
     it has nothing to traverse (microseconds, where a real one held the loop ~280 ms
     after 10,000 connections). `unfreeze` puts the objects back in the oldest
     generation. The C asyncio module's list of future iterators is not among them.
+    Skipped if something else froze objects (a pre-fork `gc.freeze()`): unfreezing
+    would undo it.
     """
-    gc.freeze()
-    try:
-        gc.collect()
-    finally:
-        gc.unfreeze()
+    if not gc.get_freeze_count():
+        gc.freeze()
+        try:
+            gc.collect()
+        finally:
+            gc.unfreeze()
     _renew_future_iterators(loop)
 
 
