@@ -1,7 +1,7 @@
 """Memory of idle TLS connections: RSS per connection, and RSS after they close.
 
-Run:  PYTHONPATH=. /work/venv/bin/python tests/benchmarks/bench_idle_memory.py [-n 10000]
-      [--variants linkedge,stock-buffer,no-trim] [--click] [--settle 60]
+Run:  PYTHONPATH=. .venv/bin/python tests/benchmarks/bench_idle_memory.py [-n 10000]
+      [--variants linkedge,stock-buffer,no-trim,trim-only,src=DIR] [--click] [--settle 60]
 
 For each variant a fresh edge process (`proxy.app.wiring.run_worker`, real Pebble,
 DNS and backend from bench_edge.py) serves one certified host. Client
@@ -15,6 +15,10 @@ Variants (monkeypatched in the edge process only, to show what each measure buys
   linkedge      the edge as shipped (32 KiB TLS read buffer, malloc_trim after bursts)
   stock-buffer  asyncio's own 256 KiB TLS read buffer, trimming on
   no-trim       32 KiB buffer, no malloc_trim
+  trim-only     malloc_trim at the first look that sees a burst, free lists kept (as before)
+  src=DIR       another tree's `proxy` (e.g. a `git archive` of main) for a before/after
+BENCH_MALLOC_STATS=1 prints pymalloc's arena counts after the burst; =trace writes what
+was allocated during it and is still alive (see tests/benchmarks/README.md).
 Goal (issue 9): 10,000 idle TLS connections cost at most 1 GiB, and RSS returns
 within 10 % of the baseline within a minute of their closing.
 """
