@@ -287,11 +287,12 @@ def empty_free_lists(loop: asyncio.AbstractEventLoop) -> None:
     ... and `await` iterators for reuse instead of freeing them. After 10,000 connections
     closed, those kept are the ones the last connections freed, one or two per arena
     the burst allocated: tracemalloc found ~7,500 blocks allocated during the burst and
-    still alive, ~6,600 of them in free lists, and they held 46 arenas (+46 MiB).
+    still alive, ~6,600 of them in free lists; emptying them returned ~18 MiB of arenas
+    (`tests/benchmarks/bench_idle_memory.py`).
 
     Only a full collection empties the interpreter's lists; with every object frozen
-    it has nothing to traverse (microseconds, where a real one held the loop ~280 ms
-    after 10,000 connections). `unfreeze` puts the objects back in the oldest
+    it has nothing to traverse (5-8 ms in all after 10,000 connections, where a real
+    one held the loop ~280 ms). `unfreeze` puts the objects back in the oldest
     generation. The C asyncio module's list of future iterators is not among them.
     Skipped if something else froze objects (a pre-fork `gc.freeze()`): unfreezing
     would undo it.
