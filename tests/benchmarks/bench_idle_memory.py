@@ -27,13 +27,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import ctypes
+import gc
 import multiprocessing.connection
 import os
 import pickle
 import signal
 import socket
 import ssl
+import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,7 +76,7 @@ def edge_variant_main(
         async def at_once(self: Any, now: int) -> int:
             return now
 
-        connections.empty_free_lists = lambda loop: None  # type: ignore[assignment]
+        connections.empty_free_lists = lambda loop: None
         connections.MemoryTrimmer._closing_stopped = at_once  # type: ignore[method-assign]
     if os.environ.get("BENCH_MALLOC_STATS"):  # SIGUSR1: Python allocator stats to a file
         dumps = [0]
@@ -80,6 +85,8 @@ def edge_variant_main(
             dumps[0] += 1
             if os.environ.get("BENCH_MALLOC_STATS") == "trace":
                 _trace(dumps[0], f"/tmp/linkedge-trace-{os.getpid()}")
+            if os.environ.get("BENCH_MALLOC_STATS") == "census":
+                _census(f"/tmp/linkedge-census-{os.getpid()}-{dumps[0]}.txt")
             with open(f"{log_path}.mallocstats", "w") as fh:
                 saved = os.dup(2)
                 os.dup2(fh.fileno(), 2)
@@ -124,6 +131,104 @@ def _survivors(out: Any, title: str) -> None:
         out.write(f"{st.count} blocks {st.size} B\n")
         out.write("".join(f"  {f.filename}:{f.lineno}\n" for f in list(st.traceback)[-10:]))
         out.write("\n")
+
+
+# -- BENCH_MALLOC_STATS=census: pymalloc's arenas and what holds the nearly empty ones --
+# CPython 3.11 only, and needs libpython's symbol table (`nm`): reads obmalloc.c's static
+# `arenas` array and each pool's header (struct arena_object, struct pool_header).
+
+_POOL = 16 * 1024
+_POOL_OVERHEAD = 48
+
+
+def _libpython() -> tuple[str, int]:
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            if "libpython3.11" in line:
+                parts = line.split()
+                if int(parts[2], 16) == 0:
+                    return parts[5], int(parts[0].split("-")[0], 16)
+    raise RuntimeError("no libpython")
+
+
+def _census(out_path: str, lonely_max: int = 40) -> None:
+    path, base = _libpython()
+    syms: dict[str, int] = {}
+    for line in subprocess.run(["nm", path], capture_output=True, text=True).stdout.splitlines():
+        p = line.split()
+        if len(p) == 3 and p[2] in ("arenas", "maxarenas"):
+            syms[p[2]] = int(p[0], 16)
+    arenas_ptr = ctypes.c_void_p.from_address(base + syms["arenas"]).value or 0
+    maxarenas = ctypes.c_uint.from_address(base + syms["maxarenas"]).value
+    types: dict[int, type] = {id(o): o for o in gc.get_objects() if isinstance(o, type)}
+    for o in gc.get_objects():
+        types.setdefault(id(type(o)), type(o))
+        for r in gc.get_referents(o):
+            types.setdefault(id(type(r)), type(r))
+    for t in (int, str, bytes, float, tuple, type(None), bool, complex, frozenset, range, slice):
+        types[id(t)] = t
+    lines = []
+    summary: collections.Counter[int] = collections.Counter()
+    lonely_blocks: collections.Counter[tuple[int, str]] = collections.Counter()
+    allocated = 0
+    for i in range(maxarenas):
+        ao = arenas_ptr + i * 48
+        address = ctypes.c_size_t.from_address(ao).value
+        if not address:
+            continue
+        allocated += 1
+        pool_address = ctypes.c_size_t.from_address(ao + 8).value
+        first = (address + _POOL - 1) & ~(_POOL - 1)
+        blocks = []
+        pools_used = 0
+        for pool in range(first, pool_address, _POOL):
+            raw = ctypes.string_at(pool, _POOL)  # one consistent copy (the walk allocates)
+            count, freeblock = struct.unpack_from("<IxxxxQ", raw, 0)
+            if not count:
+                continue
+            pools_used += 1
+            szidx, nextoffset = struct.unpack_from("<II", raw, 36)
+            size = (szidx + 1) * 16
+            free = set()
+            fb = freeblock
+            while fb and pool <= fb < pool + _POOL and fb not in free:
+                free.add(fb)
+                fb = struct.unpack_from("<Q", raw, fb - pool)[0]
+            for off in range(_POOL_OVERHEAD, min(nextoffset, _POOL), size):
+                b = pool + off
+                if b in free:
+                    continue
+                blocks.append((b, size, raw[off : off + min(size, 64)]))
+        summary[min(len(blocks), 1000) // 10 * 10 if len(blocks) < 100 else 100] += 1
+        if len(blocks) <= lonely_max:
+            for b, size, head in blocks:
+                lonely_blocks[(size, _kind(b, size, head, types))] += 1
+    lines.append(f"arenas allocated: {allocated}")
+    lines.append(
+        "arenas by used blocks (bucket of 10; 100 = 100 or more): "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(summary.items()))
+    )
+    lines.append(f"blocks in arenas holding at most {lonely_max}, by size and what they look like:")
+    for (size, kind), n in lonely_blocks.most_common(60):
+        lines.append(f"{n:6d}  {size:4d} B  {kind}")
+    with open(out_path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def _kind(block: int, size: int, head: bytes, types: dict[int, type]) -> str:
+    """A guess at what a block holds: an object's type (with or without a GC header or a
+    managed-dict pre-header), else 'raw'."""
+    for off, label in ((8, ""), (24, "gc "), (40, "gc+dict ")):
+        if off + 8 > len(head):
+            break
+        tp = struct.unpack_from("<Q", head, off)[0]
+        t = types.get(tp)
+        if t is not None:
+            extra = ""
+            if t is str and not label:
+                extra = " " + repr(head[48:64])
+            return f"{label}{t.__module__}.{t.__qualname__}{extra}"
+    return "raw " + head[:16].hex()
 
 
 def _pool_of(address: int) -> tuple[int, int]:
@@ -343,7 +448,7 @@ def run_variant(
     time.sleep(1)
     baseline = be.rss_kib(pid)
     split = {"baseline": rss_split_mib(pid)}
-    if os.environ.get("BENCH_MALLOC_STATS") == "trace":
+    if os.environ.get("BENCH_MALLOC_STATS") in ("trace", "census"):
         os.kill(pid, signal.SIGUSR1)  # tracemalloc from here on
         time.sleep(1)
 
