@@ -1,7 +1,7 @@
 """Memory of idle TLS connections: RSS per connection, and RSS after they close.
 
-Run:  PYTHONPATH=. /work/venv/bin/python tests/benchmarks/bench_idle_memory.py [-n 10000]
-      [--variants linkedge,stock-buffer,no-trim] [--click] [--settle 60]
+Run:  PYTHONPATH=. .venv/bin/python tests/benchmarks/bench_idle_memory.py [-n 10000]
+      [--variants linkedge,stock-buffer,no-trim,trim-only,src=DIR] [--click] [--settle 60]
 
 For each variant a fresh edge process (`proxy.app.wiring.run_worker`, real Pebble,
 DNS and backend from bench_edge.py) serves one certified host. Client
@@ -15,6 +15,10 @@ Variants (monkeypatched in the edge process only, to show what each measure buys
   linkedge      the edge as shipped (32 KiB TLS read buffer, malloc_trim after bursts)
   stock-buffer  asyncio's own 256 KiB TLS read buffer, trimming on
   no-trim       32 KiB buffer, no malloc_trim
+  trim-only     malloc_trim at the first look that sees a burst, free lists kept (as before)
+  src=DIR       another tree's `proxy` (e.g. a `git archive` of main) for a before/after
+BENCH_MALLOC_STATS=1 prints pymalloc's arena counts after the burst; =trace writes what
+was allocated during it and is still alive (see tests/benchmarks/README.md).
 Goal (issue 9): 10,000 idle TLS connections cost at most 1 GiB, and RSS returns
 within 10 % of the baseline within a minute of their closing.
 """
@@ -23,12 +27,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import ctypes
+import gc
 import multiprocessing.connection
 import os
+import pickle
 import signal
 import socket
 import ssl
+import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,23 +54,39 @@ TARGET = "edge-idle-bench.linkedge.test"
 
 
 def edge_variant_main(
-    config: Any,
+    config_pickle: bytes,
     variant: str,
     log_path: str,
     ready: multiprocessing.connection.Connection,
     lifeline: multiprocessing.connection.Connection,
 ) -> None:
+    if variant.startswith("src="):  # another tree's `proxy` (imported by unpickling)
+        sys.path.insert(0, variant[4:])
+    config = pickle.loads(config_pickle)  # noqa: S301 (our own parent's bytes)
+    from proxy.tls import connections
+
     if variant == "stock-buffer":
         from proxy.tls import listener as tls_listener
 
         tls_listener._CompactSSLProtocol.max_size = 256 * 1024
     elif variant == "no-trim":
-        from proxy.tls import connections
-
         connections.MemoryTrimmer.start = lambda self: None  # type: ignore[method-assign]
+    elif variant == "trim-only":  # malloc_trim as soon as a burst is seen, as before
+
+        async def at_once(self: Any, now: int) -> int:
+            return now
+
+        connections.empty_free_lists = lambda loop: None
+        connections.MemoryTrimmer._closing_stopped = at_once  # type: ignore[method-assign]
     if os.environ.get("BENCH_MALLOC_STATS"):  # SIGUSR1: Python allocator stats to a file
+        dumps = [0]
 
         def dump(_sig: int, _frame: Any) -> None:
+            dumps[0] += 1
+            if os.environ.get("BENCH_MALLOC_STATS") == "trace":
+                _trace(dumps[0], f"/tmp/linkedge-trace-{os.getpid()}")
+            if os.environ.get("BENCH_MALLOC_STATS") == "census":
+                _census(f"/tmp/linkedge-census-{os.getpid()}-{dumps[0]}.txt")
             with open(f"{log_path}.mallocstats", "w") as fh:
                 saved = os.dup(2)
                 os.dup2(fh.fileno(), 2)
@@ -72,6 +98,197 @@ def edge_variant_main(
 
         signal.signal(signal.SIGUSR1, dump)
     be.edge_main(config, log_path, ready, lifeline)
+
+
+def _arenas() -> int:
+    """pymalloc arenas allocated now (from sys._debugmallocstats, which writes to fd 2)."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as fh:
+        saved = os.dup(2)
+        os.dup2(fh.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        fh.seek(0)
+        for line in fh:
+            if line.startswith("# arenas allocated current"):
+                return int(line.split("=")[1].replace(",", ""))
+    return -1
+
+
+def _survivors(out: Any, title: str) -> None:
+    import tracemalloc
+
+    stats = sorted(tracemalloc.take_snapshot().statistics("traceback"), key=lambda st: -st.count)
+    out.write(
+        f"\n== {title}: {sum(st.count for st in stats)} live blocks allocated since"
+        f" the baseline, {_arenas()} arenas\n"
+    )
+    for st in stats[:25]:
+        out.write(f"{st.count} blocks {st.size} B\n")
+        out.write("".join(f"  {f.filename}:{f.lineno}\n" for f in list(st.traceback)[-10:]))
+        out.write("\n")
+
+
+# -- BENCH_MALLOC_STATS=census: pymalloc's arenas and what holds the nearly empty ones --
+# CPython 3.11 only, and needs libpython's symbol table (`nm`): reads obmalloc.c's static
+# `arenas` array and each pool's header (struct arena_object, struct pool_header).
+
+_POOL = 16 * 1024
+_POOL_OVERHEAD = 48
+
+
+def _libpython() -> tuple[str, int]:
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            if "libpython3.11" in line:
+                parts = line.split()
+                if int(parts[2], 16) == 0:
+                    return parts[5], int(parts[0].split("-")[0], 16)
+    raise RuntimeError("no libpython")
+
+
+def _census(out_path: str, lonely_max: int = 40) -> None:
+    path, base = _libpython()
+    syms: dict[str, int] = {}
+    for line in subprocess.run(["nm", path], capture_output=True, text=True).stdout.splitlines():
+        p = line.split()
+        if len(p) == 3 and p[2] in ("arenas", "maxarenas"):
+            syms[p[2]] = int(p[0], 16)
+    arenas_ptr = ctypes.c_void_p.from_address(base + syms["arenas"]).value or 0
+    maxarenas = ctypes.c_uint.from_address(base + syms["maxarenas"]).value
+    types: dict[int, type] = {id(o): o for o in gc.get_objects() if isinstance(o, type)}
+    for o in gc.get_objects():
+        types.setdefault(id(type(o)), type(o))
+        for r in gc.get_referents(o):
+            types.setdefault(id(type(r)), type(r))
+    for t in (int, str, bytes, float, tuple, type(None), bool, complex, frozenset, range, slice):
+        types[id(t)] = t
+    lines = []
+    summary: collections.Counter[int] = collections.Counter()
+    lonely_blocks: collections.Counter[tuple[int, str]] = collections.Counter()
+    allocated = 0
+    for i in range(maxarenas):
+        ao = arenas_ptr + i * 48
+        address = ctypes.c_size_t.from_address(ao).value
+        if not address:
+            continue
+        allocated += 1
+        pool_address = ctypes.c_size_t.from_address(ao + 8).value
+        first = (address + _POOL - 1) & ~(_POOL - 1)
+        blocks = []
+        pools_used = 0
+        for pool in range(first, pool_address, _POOL):
+            raw = ctypes.string_at(pool, _POOL)  # one consistent copy (the walk allocates)
+            count, freeblock = struct.unpack_from("<IxxxxQ", raw, 0)
+            if not count:
+                continue
+            pools_used += 1
+            szidx, nextoffset = struct.unpack_from("<II", raw, 36)
+            size = (szidx + 1) * 16
+            free = set()
+            fb = freeblock
+            while fb and pool <= fb < pool + _POOL and fb not in free:
+                free.add(fb)
+                fb = struct.unpack_from("<Q", raw, fb - pool)[0]
+            for off in range(_POOL_OVERHEAD, min(nextoffset, _POOL), size):
+                b = pool + off
+                if b in free:
+                    continue
+                blocks.append((b, size, raw[off : off + min(size, 64)]))
+        summary[min(len(blocks), 1000) // 10 * 10 if len(blocks) < 100 else 100] += 1
+        if len(blocks) <= lonely_max:
+            for b, size, head in blocks:
+                lonely_blocks[(size, _kind(b, size, head, types))] += 1
+    lines.append(f"arenas allocated: {allocated}")
+    lines.append(
+        "arenas by used blocks (bucket of 10; 100 = 100 or more): "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(summary.items()))
+    )
+    lines.append(f"blocks in arenas holding at most {lonely_max}, by size and what they look like:")
+    for (size, kind), n in lonely_blocks.most_common(60):
+        lines.append(f"{n:6d}  {size:4d} B  {kind}")
+    with open(out_path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def _kind(block: int, size: int, head: bytes, types: dict[int, type]) -> str:
+    """A guess at what a block holds: an object's type (with or without a GC header or a
+    managed-dict pre-header), else 'raw'."""
+    for off, label in ((8, ""), (24, "gc "), (40, "gc+dict ")):
+        if off + 8 > len(head):
+            break
+        tp = struct.unpack_from("<Q", head, off)[0]
+        t = types.get(tp)
+        if t is not None:
+            extra = ""
+            if t is str and not label:
+                extra = " " + repr(head[48:64])
+            return f"{label}{t.__module__}.{t.__qualname__}{extra}"
+    return "raw " + head[:16].hex()
+
+
+def _pool_of(address: int) -> tuple[int, int]:
+    """(arena index, blocks in use in its pool) of a pymalloc block, from the header of
+    its 16 KiB pool (CPython 3.11's obmalloc.c: `struct pool_header`)."""
+    import ctypes
+
+    pool = address & ~(16 * 1024 - 1)
+    count = ctypes.c_uint.from_address(pool).value
+    arena = ctypes.c_uint.from_address(pool + 32).value
+    return arena, count
+
+
+def _trace(dump: int, path: str) -> None:
+    """Diagnostics: the first call starts tracemalloc, the second writes what was allocated
+    since and is still alive, by traceback, and which pymalloc arenas hold objects
+    allocated since and nothing older (what keeps them from being returned)."""
+    import collections
+    import gc
+    import tracemalloc
+
+    if dump == 1:
+        tracemalloc.start(25)
+        return
+    with open(f"{path}-{dump}.part", "w") as out:
+        _survivors(out, "settled")
+        seen: dict[int, object] = {}
+        for obj in gc.get_objects():
+            seen[id(obj)] = obj
+            for ref in gc.get_referents(obj):
+                seen.setdefault(id(ref), ref)
+        arenas: dict[int, list[str]] = collections.defaultdict(list)
+        old: collections.Counter[int] = collections.Counter()
+        for addr, obj in seen.items():
+            try:
+                size = sys.getsizeof(obj)
+            except Exception:
+                continue
+            if size > 480 or isinstance(obj, type):  # from malloc (with any pre-header)
+                continue
+            tb = tracemalloc.get_object_traceback(obj)
+            arena, _ = _pool_of(addr)
+            if tb is None:
+                old[arena] += 1
+            else:
+                where = " <- ".join(
+                    f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in reversed(tb[-5:])
+                )
+                arenas[arena].append(f"{type(obj).__name__} {where}")
+        pinned = {a: objs for a, objs in arenas.items() if not old[a]}
+        out.write(
+            f"\n{len(arenas)} arenas hold reachable objects allocated since the baseline,"
+            f" {len(pinned)} of them nothing older; {len(old)} hold older objects\n"
+        )
+        kinds = collections.Counter(w for objs in pinned.values() for w in set(objs))
+        for where, count in kinds.most_common(40):
+            out.write(f"{count:5d} arenas: {where}\n")
+        tracemalloc.stop()
+        out.write(f"\n{_arenas()} arenas allocated (tracemalloc stopped)\n")
+    os.rename(f"{path}-{dump}.part", f"{path}-{dump}.txt")  # what the bench waits for
 
 
 def holder_main(
@@ -195,7 +412,7 @@ def run_variant(
     children = be.Children()
     stack.callback(children.stop_all)
     _, backend_url = children.start_server("idle-backend", be.backend_main)
-    vdir = workdir / variant
+    vdir = workdir / variant.replace("/", "_")
     vdir.mkdir()
     key_text = generate_key_text()
     (vdir / "store.key").write_text(key_text)
@@ -216,7 +433,11 @@ def run_variant(
     config.renewal.interval_seconds = 0
     config.verify.poll_seconds = 0
     edge_proc, _ = children.start_server(
-        f"idle-edge-{variant}", edge_variant_main, config, variant, str(vdir / "edge.log")
+        f"idle-edge-{vdir.name}",
+        edge_variant_main,
+        pickle.dumps(config),
+        variant,
+        str(vdir / "edge.log"),
     )
     pid = int(edge_proc.pid or 0)
     port = int(config.listen.https.rsplit(":", 1)[1])
@@ -227,6 +448,9 @@ def run_variant(
     time.sleep(1)
     baseline = be.rss_kib(pid)
     split = {"baseline": rss_split_mib(pid)}
+    if os.environ.get("BENCH_MALLOC_STATS") in ("trace", "census"):
+        os.kill(pid, signal.SIGUSR1)  # tracemalloc from here on
+        time.sleep(1)
 
     bursts = [_burst(args, port, pid) for _ in range(args.bursts)]
     opened, errors, open_s, with_open, alive, after, split_open, split_settled = bursts[0]
@@ -234,6 +458,12 @@ def run_variant(
     if os.environ.get("BENCH_MALLOC_STATS"):
         os.kill(pid, signal.SIGUSR1)
         time.sleep(1)
+        trace = Path(f"/tmp/linkedge-trace-{pid}-2.txt")
+        for _ in range(300):
+            if os.environ.get("BENCH_MALLOC_STATS") != "trace" or trace.exists():
+                break
+            time.sleep(1)
+        time.sleep(2)
         stats = Path(f"{vdir / 'edge.log'}.mallocstats").read_text()
         print("\n".join(line for line in stats.splitlines() if line.startswith("#")), flush=True)
     children.stop_all()
