@@ -17,6 +17,7 @@ from support.net import free_port
 
 from certstore import generate_key_text
 from proxy.app.cli import main
+from proxy.app.launch import wants_reexec
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 
@@ -192,6 +193,38 @@ def test_serve_with_unreachable_acme_server_starts_anyway(
     assert "edge worker ready" in text and "Traceback" not in text
 
 
+@pytest.mark.parametrize("chosen", [None, "pymalloc"])
+def test_serve_runs_on_glibc_malloc_unless_the_operator_chose(
+    store_env: dict[str, str], pebble: PebbleServer, tmp_path: Path, chosen: str | None
+) -> None:
+    """Issue 9: memory returns after bursts only with glibc's allocator for Python's small
+    objects; `linkedge serve` re-executes itself with it (same process id)."""
+    env = {**os.environ, **_serve_env(store_env, pebble.directory_url, str(pebble.ca_bundle))}
+    env.pop("PYTHONMALLOC", None)
+    if chosen is not None:
+        env["PYTHONMALLOC"] = chosen
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.app.launch", "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "edge worker ready" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    assert f"PYTHONMALLOC={chosen or 'malloc'}".encode() in environ
+    assert proc.returncode == 0, log_path.read_text()
+
+
 def test_serve_with_untrusted_acme_certificate(
     store_env: dict[str, str], pebble: PebbleServer
 ) -> None:
@@ -293,3 +326,12 @@ def test_serve_refuses_admin_listener_without_token(
     env["LINKEDGE_ADMIN_TOKEN"] = "short"
     assert_clean_error(run_cli("serve", env=env), 2, "shorter than 16")
     assert "short" not in run_cli("serve", env=env).stderr.replace("shorter", "")  # never echoed
+
+
+def test_launcher_reexecutes_only_long_running_commands_without_a_chosen_allocator() -> None:
+    assert wants_reexec(["linkedge", "serve"], {})
+    assert wants_reexec(["linkedge", "-c", "/etc/linkedge.toml", "serve", "--workers", "2"], {})
+    assert wants_reexec(["linkedge", "demo", "--keep"], {})
+    assert not wants_reexec(["linkedge", "serve"], {"PYTHONMALLOC": "pymalloc"})
+    assert not wants_reexec(["linkedge", "domains", "list"], {})
+    assert not wants_reexec(["linkedge"], {})

@@ -16,7 +16,9 @@ Variants (monkeypatched in the edge process only, to show what each measure buys
   stock-buffer  asyncio's own 256 KiB TLS read buffer, trimming on
   no-trim       32 KiB buffer, no malloc_trim
   trim-only     malloc_trim at the first look that sees a burst, free lists kept (as before)
-  src=DIR       another tree's `proxy` (e.g. a `git archive` of main) for a before/after
+  src=DIR       another tree's `proxy` (e.g. a `git archive` of main) for a before/after,
+                on CPython's own allocator (pymalloc), as trees before the launcher ran
+  pymalloc      as shipped, but on pymalloc instead of the launcher's PYTHONMALLOC=malloc
 BENCH_MALLOC_STATS=1 prints pymalloc's arena counts after the burst; =trace writes what
 was allocated during it and is still alive (see tests/benchmarks/README.md).
 Goal (issue 9): 10,000 idle TLS connections cost at most 1 GiB, and RSS returns
@@ -432,13 +434,25 @@ def run_variant(
     config.admin.listen = ""
     config.renewal.interval_seconds = 0
     config.verify.poll_seconds = 0
-    edge_proc, _ = children.start_server(
-        f"idle-edge-{vdir.name}",
-        edge_variant_main,
-        pickle.dumps(config),
-        variant,
-        str(vdir / "edge.log"),
-    )
+    # The allocator `linkedge serve` gives its processes (proxy/app/launch.py): glibc's
+    # malloc; `pymalloc` and the `src=` trees (run as they shipped) on CPython's own. A
+    # spawned child reads PYTHONMALLOC from the inherited environment.
+    pymalloc = variant == "pymalloc" or variant.startswith("src=")
+    saved_allocator = os.environ.get("PYTHONMALLOC")
+    os.environ["PYTHONMALLOC"] = "pymalloc" if pymalloc else "malloc"
+    try:
+        edge_proc, _ = children.start_server(
+            f"idle-edge-{vdir.name}",
+            edge_variant_main,
+            pickle.dumps(config),
+            variant,
+            str(vdir / "edge.log"),
+        )
+    finally:
+        if saved_allocator is None:
+            os.environ.pop("PYTHONMALLOC", None)
+        else:
+            os.environ["PYTHONMALLOC"] = saved_allocator
     pid = int(edge_proc.pid or 0)
     port = int(config.listen.https.rsplit(":", 1)[1])
     asyncio.run(register(config, key_text, DNS))
