@@ -36,7 +36,6 @@ import http.client
 import json
 import logging
 import os
-import re
 import select
 import socket
 import ssl
@@ -109,142 +108,6 @@ def _tls_context(verify: bool | str) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=where)
 
 
-_MAX_HEAD = 65536  # bytes of status line + headers (http.client's line limit)
-_MAX_HEADERS = 100  # as http.client
-_NO_BODY = frozenset({204, 304})
-_SAFE_TARGET = re.compile(r"[!-~]+")  # printable ASCII, no space: else through requests
-
-
-class _Exchange:
-    """One keep-alive HTTP/1.1 connection for the CA's small requests and answers.
-
-    http.client spends more CPU around a request than the request costs: headers and
-    body go out in two writes (two TLS records, two releases of the GIL, each of which
-    waits for the busy event loop thread to hand it back), and the answer's headers are
-    parsed by the email package. Here the request is one write and the answer is read
-    in as few reads as the server's writes allow, then split by hand: a status line,
-    `Name: value` lines, a body by Content-Length, chunked, or up to the close. Answers
-    to HEAD, 1xx, 204 and 304 have no body. A malformed answer is an error, as in
-    http.client (raised as its exceptions, so the callers' handling is unchanged)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock: socket.socket | None = sock
-        self._buf = b""
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    def send(self, head: bytes, body: bytes | None) -> None:
-        assert self.sock is not None
-        self.sock.sendall(head + body if body else head)
-
-    def _fill(self) -> bool:
-        assert self.sock is not None
-        data = self.sock.recv(65536)
-        if not data:
-            return False
-        self._buf += data
-        return True
-
-    def receive(self, method: str) -> tuple[int, str, dict[str, str], bytes, bool]:
-        """(status, reason, headers, body, whether the connection must close after it).
-
-        A field sent more than once is one entry, its values joined with ", " (as
-        requests presents them), under the name as first received."""
-        while True:
-            status, reason, version, headers = self._head()
-            if not 100 <= status < 200:
-                break  # a 1xx is followed by the real answer
-        fields: dict[str, str] = {}  # lower-case name -> value
-        names: dict[str, str] = {}  # lower-case name -> as received
-        for name, value in headers:
-            key = name.lower()
-            if key in fields:
-                fields[key] = f"{fields[key]}, {value}"
-            else:
-                fields[key], names[key] = value, name
-        connection = fields.get("connection", "").lower()
-        close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
-        if method == "HEAD" or status in _NO_BODY:
-            body = b""
-        elif "chunked" in fields.get("transfer-encoding", "").lower():
-            body = self._chunked()
-        elif "content-length" in fields:
-            try:
-                length = int(fields["content-length"])
-            except ValueError:
-                raise http.client.HTTPException("bad Content-Length") from None
-            if length < 0:
-                raise http.client.HTTPException("bad Content-Length")
-            body = self._exactly(length)
-        else:
-            while self._fill():
-                pass
-            body, self._buf, close = self._buf, b"", True
-        return status, reason, {names[k]: v for k, v in fields.items()}, body, close
-
-    def _head(self) -> tuple[int, str, str, list[tuple[str, str]]]:
-        first = True
-        while True:
-            end = self._buf.find(b"\r\n\r\n")
-            if end >= 0:
-                break
-            if len(self._buf) > _MAX_HEAD:
-                raise http.client.LineTooLong("header section")
-            if not self._fill():
-                if first and not self._buf:
-                    raise http.client.RemoteDisconnected("closed without an answer")
-                raise http.client.IncompleteRead(self._buf)
-            first = False
-        head, self._buf = self._buf[:end].decode("iso-8859-1"), self._buf[end + 4 :]
-        lines = head.split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/") or len(code) != 3 or not code.isdigit():
-            raise http.client.BadStatusLine(lines[0])
-        if len(lines) > _MAX_HEADERS + 1:
-            raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
-        headers = []
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip():
-                raise http.client.HTTPException(f"malformed header line {line!r}")
-            headers.append((name, value.strip()))
-        return int(code), reason.strip(), version, headers
-
-    def _exactly(self, length: int) -> bytes:
-        while len(self._buf) < length:
-            if not self._fill():
-                raise http.client.IncompleteRead(self._buf, length - len(self._buf))
-        body, self._buf = self._buf[:length], self._buf[length:]
-        return body
-
-    def _line(self) -> bytes:
-        while (end := self._buf.find(b"\r\n")) < 0:
-            if len(self._buf) > _MAX_HEAD or not self._fill():
-                raise http.client.IncompleteRead(self._buf)
-        line, self._buf = self._buf[:end], self._buf[end + 2 :]
-        return line
-
-    def _chunked(self) -> bytes:
-        parts: list[bytes] = []
-        while True:
-            size_text = self._line().split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise http.client.HTTPException("bad chunk size") from None
-            if size == 0:
-                while self._line():  # trailer fields, up to the empty line
-                    pass
-                return b"".join(parts)
-            parts.append(self._exactly(size))
-            if self._line():
-                raise http.client.HTTPException("chunk not followed by CRLF")
-
-
 class DirectSession(EnvOnceSession):
     """Keep-alive http.client connections for the plain requests an ACME client makes.
 
@@ -252,7 +115,7 @@ class DirectSession(EnvOnceSession):
 
     def __init__(self) -> None:
         super().__init__()
-        self._conns: dict[tuple[str, str, int, bool | str], _Exchange] = {}
+        self._conns: dict[tuple[str, str, int, bool | str], http.client.HTTPConnection] = {}
         self._merged: dict[tuple[str, str, Any], tuple[bool, Any]] = {}
 
     def request(  # type: ignore[override]
@@ -267,11 +130,6 @@ class DirectSession(EnvOnceSession):
     ) -> requests.Response:
         parts = urlsplit(url)
         if kwargs or parts.scheme not in ("http", "https") or not parts.hostname:
-            return self._through_requests(method, url, data, headers, timeout, verify, kwargs)
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        if not _SAFE_TARGET.fullmatch(target) or not _SAFE_TARGET.fullmatch(method):
             return self._through_requests(method, url, data, headers, timeout, verify, kwargs)
         # what requests would use for this host: a proxy or client certificate sends the
         # request through requests; else the CA bundle (remembered: the inputs are fixed)
@@ -290,26 +148,20 @@ class DirectSession(EnvOnceSession):
             timeout = max(t for t in timeout if t is not None) if any(timeout) else None
         port = parts.port or (443 if parts.scheme == "https" else 80)
         key = (parts.scheme, parts.hostname, port, verify if parts.scheme == "https" else False)
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
         body = data.encode() if isinstance(data, str) else data
         sent = {"Host": parts.netloc, "Accept-Encoding": "identity", **(headers or {})}
-        if body is not None or method in ("POST", "PUT", "PATCH"):
-            sent["Content-Length"] = str(len(body or b""))  # as http.client adds it
-        lines = [f"{method} {target} HTTP/1.1"]
-        for name, value in sent.items():
-            value = str(value)
-            if not _SAFE_TARGET.fullmatch(name) or "\r" in value or "\n" in value:
-                raise ValueError(f"invalid header {name!r}")  # as http.client refuses it
-            lines.append(f"{name}: {value}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         prepared = requests.PreparedRequest()
         prepared.method, prepared.url, prepared.body = method, url, body
         prepared.headers = CaseInsensitiveDict(sent)
         for attempt in (0, 1):
-            reused = False
+            conn, reused = self._connection(key, timeout)
             try:
-                conn, reused = self._connection(key, timeout)
-                conn.send(head, body)
-                status, reason, received, content, close = conn.receive(method)
+                conn.request(method, target, body=body, headers=sent)
+                raw = conn.getresponse()
+                content = raw.read()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 self._drop(key)
                 if reused and attempt == 0:
@@ -319,19 +171,21 @@ class DirectSession(EnvOnceSession):
                 self._drop(key)
                 raise _as_requests_error(exc, prepared) from exc
             break
-        if close:
+        if raw.will_close:
             self._drop(key)
         response = requests.Response()
-        response.status_code = status
-        response.reason = reason
-        response.headers = CaseInsensitiveDict(received)
+        response.status_code = raw.status
+        response.reason = raw.reason
+        response.headers = CaseInsensitiveDict(
+            {k: ", ".join(raw.msg.get_all(k) or ()) for k in dict.fromkeys(raw.msg.keys())}
+        )
         response._content = content
         response._content_consumed = True
         response.url = url
         response.request = prepared
         response.encoding = requests.utils.get_encoding_from_headers(response.headers)
         response.elapsed = datetime.timedelta(0)
-        if status in _REDIRECTS and "location" in response.headers and method != "POST":
+        if raw.status in _REDIRECTS and "location" in response.headers and method != "POST":
             # as requests would: follow it (ACME servers do not redirect, some fronts may).
             # A POST is not sent twice: its nonce is spent, and RFC 8555 servers never
             # redirect one; the library reports the answer as the error it is.
@@ -340,23 +194,22 @@ class DirectSession(EnvOnceSession):
 
     def _connection(
         self, key: tuple[str, str, int, bool | str], timeout: float | None
-    ) -> tuple[_Exchange, bool]:
+    ) -> tuple[http.client.HTTPConnection, bool]:
         conn = self._conns.get(key)
         if conn is not None and conn.sock is not None:
             if not _dropped(conn.sock):
+                conn.timeout = timeout
                 conn.sock.settimeout(timeout)
                 return conn, True
             self._drop(key)
         scheme, host, port, verify = key
-        sock = socket.create_connection((host, port), timeout)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if scheme == "https":
-                sock = _tls_context(verify).wrap_socket(sock, server_hostname=host)
-        except BaseException:
-            sock.close()
-            raise
-        conn = self._conns[key] = _Exchange(sock)
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(
+                host, port, timeout=timeout, context=_tls_context(verify)
+            )
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        self._conns[key] = conn
         return conn, False
 
     def _drop(self, key: tuple[str, str, int, bool | str]) -> None:
