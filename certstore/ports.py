@@ -191,11 +191,14 @@ class CertificateStore(Protocol):
         a sealed key copied from another row)."""
         ...
 
-    async def put_certificate(self, cert: StoredCertificate) -> None:
+    async def put_certificate(
+        self, cert: StoredCertificate, event: tuple[str, str] | None = None
+    ) -> None:
         """Store or replace the host's certificate. In the same atomic step: the host's
-        renewal plan is dropped (a new certificate gets a new plan) and its pending order
-        (:meth:`PendingOrderStore.put_pending_order`) ends. Emits nothing: the caller
-        records ``issued``/``renewed``."""
+        renewal plan is dropped (a new certificate gets a new plan), its pending order
+        (:meth:`PendingOrderStore.put_pending_order`) ends, and `event` (kind, detail),
+        if given, is recorded for the host (``issued``/``renewed``): a process killed
+        right after the certificate was stored cannot leave it without its event."""
         ...
 
     async def delete_certificate(self, hostname: str) -> bool:

@@ -69,6 +69,18 @@ def _private_files(path: Path) -> None:
             pass
 
 
+_PUT_CERTIFICATE = (
+    "INSERT INTO certificates (hostname, chain_pem, key_sealed, names, not_before,"
+    " not_after, issuer, created_at, serial, directory_url)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (hostname) DO UPDATE SET chain_pem = excluded.chain_pem,"
+    " key_sealed = excluded.key_sealed, names = excluded.names,"
+    " not_before = excluded.not_before, not_after = excluded.not_after,"
+    " issuer = excluded.issuer, created_at = excluded.created_at,"
+    " serial = excluded.serial, directory_url = excluded.directory_url"
+)
+
+
 class SQLiteStore:
     def __init__(self, db: aiosqlite.Connection, sealer: Sealer, clock: Clock) -> None:
         self._db = db
@@ -401,32 +413,36 @@ class SQLiteStore:
         )
         return self._certificate(row) if row else None
 
-    async def put_certificate(self, cert: StoredCertificate) -> None:
-        """Store (or replace) a host's certificate; a new certificate starts a new renewal plan."""
+    async def put_certificate(
+        self, cert: StoredCertificate, event: tuple[str, str] | None = None
+    ) -> None:
+        """Store (or replace) a host's certificate; a new certificate starts a new renewal
+        plan. With `event`, its event is recorded in the same transaction."""
         sealed = self._sealer.seal(cert.key_pem, Sealer.row("cert", cert.hostname))
-        await self._db.execute(
-            "INSERT INTO certificates (hostname, chain_pem, key_sealed, names, not_before,"
-            " not_after, issuer, created_at, serial, directory_url)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (hostname) DO UPDATE SET chain_pem = excluded.chain_pem,"
-            " key_sealed = excluded.key_sealed, names = excluded.names,"
-            " not_before = excluded.not_before, not_after = excluded.not_after,"
-            " issuer = excluded.issuer, created_at = excluded.created_at,"
-            " serial = excluded.serial, directory_url = excluded.directory_url",
-            (
-                cert.hostname,
-                cert.chain_pem,
-                sealed,
-                ",".join(cert.names),
-                cert.not_before,
-                cert.not_after,
-                cert.issuer,
-                cert.created_at,
-                cert.serial,
-                cert.directory_url,
-            ),
+        row = (
+            cert.hostname,
+            cert.chain_pem,
+            sealed,
+            ",".join(cert.names),
+            cert.not_before,
+            cert.not_after,
+            cert.issuer,
+            cert.created_at,
+            cert.serial,
+            cert.directory_url,
         )
-        await self._db.execute("DELETE FROM renewals WHERE hostname = ?", (cert.hostname,))
+        at = self._clock()
+
+        def store(conn: sqlite3.Connection) -> None:
+            conn.execute(_PUT_CERTIFICATE, row)
+            conn.execute("DELETE FROM renewals WHERE hostname = ?", (cert.hostname,))
+            if event is not None:
+                conn.execute(
+                    "INSERT INTO events (at, hostname, kind, detail) VALUES (?, ?, ?, ?)",
+                    (at, cert.hostname, *event),
+                )
+
+        await self._in_transaction(store, write=True)
 
     async def delete_certificate(self, hostname: str) -> bool:
         """Purge a certificate and its sealed key (after revocation)."""

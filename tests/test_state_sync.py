@@ -50,6 +50,16 @@ def emitted_event_kinds() -> set[str]:
                     found = _string_constants(node.args[1])
                     assert found, f"{path}:{node.lineno}: event kind is not a literal"
                     kinds |= found
+                if (  # put_certificate(cert, event=(kind, detail)): stored with its event
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "put_certificate"
+                ):
+                    for keyword in node.keywords:
+                        if keyword.arg == "event" and isinstance(keyword.value, ast.Tuple):
+                            found = _string_constants(keyword.value.elts[0])
+                            assert found, f"{path}:{node.lineno}: event kind is not a literal"
+                            kinds |= found
     schema = (ROOT / "certstore" / "schema.py").read_text()
     for insert in re.findall(r"INSERT INTO events.*?VALUES\s*\((.*?)\);", schema, flags=re.S):
         kinds |= set(re.findall(r"\b(?:new|old)\.hostname,\s*'([a-z_]+)'", insert))

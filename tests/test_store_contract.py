@@ -149,7 +149,7 @@ async def test_every_event_the_store_emits_itself(store: Store) -> None:
     assert await store.delete_host_file("links.a.test", "assetlinks.json")
     assert not await store.delete_host_file("links.a.test", "assetlinks.json")  # no event
     await store.transition_domain("links.a.test", [S.PENDING], S.VERIFIED, "ok")
-    await store.put_certificate(cert("links.a.test"))  # no event: the caller logs issued
+    await store.put_certificate(cert("links.a.test"))  # no event unless the caller gives one
     await store.update_checks("links.a.test", reason="x", passed=True)  # no event
     assert await store.remove_domain("links.a.test")
     assert not await store.remove_domain("links.a.test")  # no event
@@ -550,6 +550,22 @@ async def test_ca_breaker_probe_is_claimed_exactly_once(backend: Backend, clock:
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_a_certificate_and_its_event_are_stored_together(store: Store) -> None:
+    # issue 9 (crash safety): the issuer passes its "issued" event with the certificate,
+    # so a process killed between the two cannot leave a certificate no event tells of
+    await store.add_domain("links.a.test", "acct")
+    start = await store.last_event_id()
+    await store.put_certificate(cert("links.a.test"), event=("issued", "serial 01"))
+    stored = await store.get_certificate("links.a.test")
+    assert stored is not None and stored.serial == cert("links.a.test").serial
+    events = await store.events_after(start)
+    assert [(e.hostname, e.kind, e.detail) for e in events] == [
+        ("links.a.test", "issued", "serial 01")
+    ]
+    await store.put_certificate(cert("links.a.test", b"key-2"))  # no event given: none
+    assert len(await store.events_after(start)) == 1
 
 
 async def test_storing_the_certificate_ends_the_pending_order(store: Store) -> None:

@@ -549,11 +549,28 @@ class PostgresStore:
         )
         return self._certificate(row) if row else None
 
-    async def put_certificate(self, cert: StoredCertificate) -> None:
+    async def put_certificate(
+        self, cert: StoredCertificate, event: tuple[str, str] | None = None
+    ) -> None:
         """Store (or replace); the trigger `certificates_stored` ends the host's pending
-        order and drops its renewal plan in the same statement."""
+        order and drops its renewal plan in the same statement. With `event`, its event
+        is recorded in the same transaction."""
         sealed = self._sealer.seal(cert.key_pem, Sealer.row("cert", cert.hostname))
-        await self._execute(
+        async with self._tx() as conn:
+            await self._put_certificate(conn, cert, sealed)
+            if event is not None:
+                await conn.execute(
+                    "INSERT INTO events (at, hostname, kind, detail) VALUES ($1, $2, $3, $4)",
+                    self._clock(),
+                    cert.hostname,
+                    *event,
+                )
+
+    @staticmethod
+    async def _put_certificate(
+        conn: asyncpg.Connection, cert: StoredCertificate, sealed: bytes
+    ) -> None:
+        await conn.execute(
             "INSERT INTO certificates (hostname, chain_pem, key_sealed, names, not_before,"
             " not_after, issuer, created_at, serial, directory_url)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"

@@ -362,18 +362,21 @@ class CertificateManager:
             serial=issued.serial,
             directory_url=issued.directory_url,
         )
-        await self._store.put_certificate(stored)
+        done = EventKind.RENEWED if renewal else EventKind.ISSUED
+        # the event in the certificate's own transaction: a process killed between the
+        # two would leave a served certificate that no event (follower, webhook) tells of
+        await self._store.put_certificate(
+            stored,
+            event=(
+                EventKind.RENEWED if renewal else EventKind.ISSUED,
+                f"by {issued.issuer} ({issued.directory_url}), serial {issued.serial}, valid "
+                f"until {_iso(issued.not_after)}, took {elapsed * 1000:.0f} ms",
+            ),
+        )
         if clear_backoff:
             await self._limits.record_success(hostname)
         await self._limits.record_failed_authorizations(hostname, issued.failed_authorizations)
         await self._lifecycle.issued(hostname, f"certificate issued, serial {issued.serial}")
-        await self._store.record_event(
-            hostname,
-            EventKind.RENEWED if renewal else EventKind.ISSUED,
-            f"by {issued.issuer} ({issued.directory_url}), serial {issued.serial}, valid until "
-            f"{_iso(issued.not_after)}, took {elapsed * 1000:.0f} ms",
-        )
-        done = EventKind.RENEWED if renewal else EventKind.ISSUED
         log.info(
             "%s certificate for %s in %.0f ms",
             done,
