@@ -1048,17 +1048,7 @@ class SQLiteStore:
             removed = [(h,) for h in c.certificates_removed]
             conn.executemany("DELETE FROM certificates WHERE hostname = ?", removed)
             conn.executemany("DELETE FROM renewals WHERE hostname = ?", removed)
-            conn.executemany(
-                "INSERT INTO certificates (hostname, chain_pem, key_sealed, names, not_before,"
-                " not_after, issuer, created_at, serial, directory_url)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (hostname) DO UPDATE SET chain_pem = excluded.chain_pem,"
-                " key_sealed = excluded.key_sealed, names = excluded.names,"
-                " not_before = excluded.not_before, not_after = excluded.not_after,"
-                " issuer = excluded.issuer, created_at = excluded.created_at,"
-                " serial = excluded.serial, directory_url = excluded.directory_url",
-                certs,
-            )
+            conn.executemany(_PUT_CERTIFICATE, certs)
             conn.executemany("DELETE FROM renewals WHERE hostname = ?", [(x[0],) for x in certs])
             conn.executemany(
                 "INSERT INTO renewals"
