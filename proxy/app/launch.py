@@ -34,9 +34,8 @@ def main() -> int:
     if wants_reexec(sys.argv, os.environ):
         # the same command again (the console script, or `-m proxy.app.launch`), now
         # with the allocator set, which this check then lets through
-        how = ["-m", __name__ if __name__ != "__main__" else "proxy.app.launch"]
-        if os.path.abspath(sys.argv[0]) != os.path.abspath(__file__):
-            how = [sys.argv[0]]
+        as_module = os.path.abspath(sys.argv[0]) == os.path.abspath(__file__)
+        how = ["-m", "proxy.app.launch"] if as_module else [sys.argv[0]]
         os.execve(  # noqa: S606 (our own interpreter and command line, no shell)
             sys.executable,
             [sys.executable, *how, *sys.argv[1:]],

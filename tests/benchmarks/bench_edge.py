@@ -84,6 +84,22 @@ REFERENCE_FIGURES = {
 # small helpers
 
 
+@contextlib.contextmanager
+def allocator_env(allocator: str | None) -> Iterator[None]:
+    """PYTHONMALLOC for the processes spawned inside (a spawned child reads the inherited
+    environment at its start); None leaves it as it is."""
+    saved = os.environ.get("PYTHONMALLOC")
+    if allocator is not None:
+        os.environ["PYTHONMALLOC"] = allocator
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONMALLOC", None)
+        else:
+            os.environ["PYTHONMALLOC"] = saved
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

@@ -438,9 +438,7 @@ def run_variant(
     # malloc; `pymalloc` and the `src=` trees (run as they shipped) on CPython's own. A
     # spawned child reads PYTHONMALLOC from the inherited environment.
     pymalloc = variant == "pymalloc" or variant.startswith("src=")
-    saved_allocator = os.environ.get("PYTHONMALLOC")
-    os.environ["PYTHONMALLOC"] = "pymalloc" if pymalloc else "malloc"
-    try:
+    with be.allocator_env("pymalloc" if pymalloc else "malloc"):
         edge_proc, _ = children.start_server(
             f"idle-edge-{vdir.name}",
             edge_variant_main,
@@ -448,11 +446,6 @@ def run_variant(
             variant,
             str(vdir / "edge.log"),
         )
-    finally:
-        if saved_allocator is None:
-            os.environ.pop("PYTHONMALLOC", None)
-        else:
-            os.environ["PYTHONMALLOC"] = saved_allocator
     pid = int(edge_proc.pid or 0)
     port = int(config.listen.https.rsplit(":", 1)[1])
     asyncio.run(register(config, key_text, DNS))

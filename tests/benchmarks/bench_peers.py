@@ -210,18 +210,10 @@ class PeerBench(be.Bench):
         workers = next((int(p[8:]) for p in parts if p.startswith("workers=")), 1)
         # `malloc`: CPython's small objects from glibc's malloc instead of pymalloc (issue 9:
         # memory after a burst); a spawned child reads PYTHONMALLOC from the inherited env
-        saved = os.environ.get("PYTHONMALLOC")
-        if "malloc" in parts:
-            os.environ["PYTHONMALLOC"] = "malloc"
-        try:
+        with be.allocator_env("malloc" if "malloc" in parts else None):
             proc, _ = self.children.start_server(
                 name, edge_variant_main, spec, pickle.dumps(config), str(log)
             )
-        finally:
-            if saved is None:
-                os.environ.pop("PYTHONMALLOC", None)
-            else:
-                os.environ["PYTHONMALLOC"] = saved
         for i in range(1, workers):  # SO_REUSEPORT on the same addresses, like --workers
             more, _ = self.children.start_server(
                 f"{name}-{i}",
