@@ -541,6 +541,10 @@ def test_compose_fleet_is_three_edges_postgres_pebble_dns_and_backend() -> None:
         assert edge["image"] == services["backend"]["image"]  # one image for the fleet
         assert "./linkedge.toml:" + image["LINKEDGE_CONFIG"] + ":ro" in edge["volumes"]
         assert edge["depends_on"]["postgres"]["condition"] == "service_healthy"
+        # hosts registered before every edge listens: the first edge up orders, and a CA
+        # validating through an edge not yet up fails the order (a minute's backoff)
+        assert "register" not in edge["depends_on"], name
+        assert services["register"]["depends_on"][name]["condition"] == "service_healthy"
         assert edge["read_only"] is True and "/tmp" in edge["tmpfs"]
     # each edge reachable from the host on its own ports, loopback only
     published = [p for edge in edges.values() for p in edge["ports"]]
@@ -901,23 +905,13 @@ async def test_compose_fleet_serves_every_host_on_every_edge_with_one_order_each
             "LINKEDGE_CHECKS_HTTPS_PORT": str(https_port),
             "LINKEDGE_WORKERS": "1",  # 3 nodes on a 2-core machine; workers are not the point
         }
-        # the two one-shot services the edges wait for, side by side as compose runs them
-        one_shots = {
-            "pebble-root": start(
-                "pebble-root",
-                [sys.executable, str(FLEET), "pebble-root", str(state)],
-                _child_env({"FLEET_PEBBLE_MANAGEMENT": f"https://localhost:{management_port}"}),
-            ),
-            "register": start(
-                "register",
-                [sys.executable, str(FLEET), "register"],
-                _child_env(
-                    {**overrides, "FLEET_HOSTS": services["register"]["environment"]["FLEET_HOSTS"]}
-                ),
-            ),
-        }
-        for name, proc in one_shots.items():
-            assert proc.wait(120) == 0, (logs / f"{name}.log").read_text()
+        # the one-shot service the edges wait for
+        pebble_root = start(
+            "pebble-root",
+            [sys.executable, str(FLEET), "pebble-root", str(state)],
+            _child_env({"FLEET_PEBBLE_MANAGEMENT": f"https://localhost:{management_port}"}),
+        )
+        assert pebble_root.wait(120) == 0, (logs / "pebble-root.log").read_text()
         ready = []
         for name, ip in edges.items():
             metrics_port = _free_port()
@@ -941,6 +935,15 @@ async def test_compose_fleet_serves_every_host_on_every_edge_with_one_order_each
                 _wait_ready(proc, f"http://{ip}:{metrics_port}/readyz", logs / f"{name}.log")
             )
         await asyncio.gather(*ready)  # /readyz: listeners bound, store read, backend healthy
+        # the hosts are registered once every edge is up, as compose orders it
+        register = start(
+            "register",
+            [sys.executable, str(FLEET), "register"],
+            _child_env(
+                {**overrides, "FLEET_HOSTS": services["register"]["environment"]["FLEET_HOSTS"]}
+            ),
+        )
+        assert register.wait(120) == 0, (logs / "register.log").read_text()
 
         hosts = services["register"]["environment"]["FLEET_HOSTS"].split(",")
         root = str(state / "pebble" / "root.pem")
