@@ -84,6 +84,10 @@ from proxy.tls.refusals import Refused
 from proxy.wire.peers import TrustedNetworks
 
 log = logging.getLogger(__name__)
+# Each shutdown step (a listener, a runner, the store, ...) gets this long, then the next
+# one runs: a step that never ends must not keep the process from exiting (a CI teardown
+# once waited 180 s on one; which step was not seen). `drain` has already had its deadline.
+CLOSE_STEP_SECONDS = 10.0
 
 
 def listening_socket(address: str, what: str, *, reuse_port: bool) -> socket.socket:
@@ -705,7 +709,13 @@ class EdgeWorker:
             try:
                 result = closer()
                 if asyncio.iscoroutine(result):
-                    await result
+                    await asyncio.wait_for(result, CLOSE_STEP_SECONDS)
+            except TimeoutError:
+                log.warning(
+                    "shutting down: %s did not finish within %.0f s; cancelled, going on",
+                    getattr(closer, "__qualname__", repr(closer)),
+                    CLOSE_STEP_SECONDS,
+                )
             except Exception:  # keep closing the rest
                 log.exception("error while shutting down")
 
