@@ -48,6 +48,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -478,6 +479,7 @@ async def serve_and_click(
         stack.callback(pebble.stop)
         runner, backend_url = await run_backend("127.0.0.1")
         https_port = free_port(EDGE_IP)
+        metrics_port = free_port(EDGE_IP)
         env = {
             **os.environ,
             "LINKEDGE_LISTEN_HTTPS": f"{EDGE_IP}:{https_port}",
@@ -489,7 +491,7 @@ async def serve_and_click(
             "LINKEDGE_STORE_URL": url,
             "LINKEDGE_STORE_KEY": key_text,
             "LINKEDGE_DNS_NAMESERVERS": dns.nameserver,
-            "LINKEDGE_METRICS_LISTEN": f"{EDGE_IP}:{free_port(EDGE_IP)}",
+            "LINKEDGE_METRICS_LISTEN": f"{EDGE_IP}:{metrics_port}",
             "LINKEDGE_LOG_LEVEL": "warning",
             "LINKEDGE_ADMIN_LISTEN": "",
             # the node's local copy of a PostgreSQL store: the run's own, not the default path
@@ -517,6 +519,9 @@ async def serve_and_click(
         cpu0 = cpu_seconds(proc.pid, precise=True)
         cold = [await handshake_time(ctx, https_port, h) for h in hosts[1:]]
         cpu1 = cpu_seconds(proc.pid, precise=True)
+        # the edge's own measure of a cold lookup: ClientHello to the host's context
+        # chosen (store reads and the context built), apart from the handshake around it
+        result["certificate_wait"] = await certificate_waits(metrics_port)
         warm = [await handshake_time(ctx, https_port, h) for h in hosts[1:]]
         cpu2 = cpu_seconds(proc.pid, precise=True)
         # the worker's CPU per handshake (ms): a cold one reads the store and builds the
@@ -539,6 +544,32 @@ async def serve_and_click(
     return result
 
 
+async def certificate_waits(metrics_port: int) -> dict[str, Any]:
+    """`linkedge_tls_certificate_wait_seconds` from the worker's /metrics: every handshake
+    whose context was not in memory, by bucket (cumulative counts) and the share within
+    5 ms."""
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{EDGE_IP}:{metrics_port}/metrics") as resp,
+    ):
+        text = await resp.text()
+    name = "linkedge_tls_certificate_wait_seconds"
+    buckets = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(rf'^{name}_bucket{{le="([^"]+)"}} (\S+)$', text, re.M)
+    }
+    count = buckets.get("+Inf", 0.0)
+    return {
+        "handshakes": int(count),
+        "within_5ms_share": round(buckets.get("0.005", 0.0) / count, 3) if count else None,
+        "share_by_bucket": {
+            le: round(n / count, 3) for le, n in buckets.items() if count and float(le) <= 0.1
+        },
+    }
+
+
 def compile_bytecode(root: Path) -> None:
     """Byte-compile a checkout's packages, as `pip install` does on a deployed node: this
     machine sets PYTHONDONTWRITEBYTECODE, so a worktree never gets its .pyc files and
@@ -555,14 +586,16 @@ async def start_edge(
 ) -> tuple[subprocess.Popen[bytes], float, int]:
     """Exec `linkedge serve --workers 1` from `root`'s code; poll until `host` answers
     over HTTPS. Returns the process (running), the seconds from exec to that answer,
-    and its status."""
+    and its status. The console script's module where the checkout has it: its
+    re-exec with the allocator set is part of every start."""
     import ssl
 
     log_path = workdir / "serve.log"
+    launch = "proxy.app.launch" if (root / "proxy/app/launch.py").exists() else "proxy.app.cli"
     with log_path.open("wb") as log:
         started = time.perf_counter()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.app.cli", "serve", "--workers", "1"],
+            [sys.executable, "-m", launch, "serve", "--workers", "1"],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**env, "PYTHONPATH": str(root)},
