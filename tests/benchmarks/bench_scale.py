@@ -794,6 +794,7 @@ async def simulate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     sealed = Sealer(key).seal(b"sim", "cert:sim")  # never opened: the simulation reads no key
     orders: Counter[int] = Counter()
     first_issues: Counter[int] = Counter()
+    arrivals: Counter[int] = Counter()  # hosts new to the fleet (not re-issues), per slot
     nb: dict[str, float] = {}
     next_arrival = 0
     steps = 0
@@ -845,6 +846,8 @@ async def simulate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             h = hostname(index)
             if h in nb:
                 again.append(h)
+            else:
+                arrivals[math.floor(now / SLOT_SECONDS)] += 1
             nb[h] = moment
             new.append((h, moment, 0.0, moment))
             first_issues[math.floor(now / SLOT_SECONDS)] += 1
@@ -909,6 +912,17 @@ async def simulate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for k in range(int(YEAR / SLOT_SECONDS))
     ]
     mean = statistics.fmean(buckets)
+    # The rate the fleet of each slot needs if every certificate renewed once per cycle
+    # at the ratio rule's bound (60 days for 90-day certificates: the longest a plan may
+    # wait): fleet size / slots per cycle. A growing fleet's renewals must rise with it;
+    # this says how far above that need a slot's orders went.
+    cycle_slots = (ratio_window(0.0, LIFETIME).end) / SLOT_SECONDS
+    fleet = scenario.initial_hosts + sum(n for k, n in arrivals.items() if k < first_bucket)
+    need: list[float] = []
+    for k in range(len(buckets)):
+        fleet += arrivals.get(first_bucket + k, 0)
+        need.append(fleet / cycle_slots)
+    over_need = [b / n for b, n in zip(buckets, need, strict=True)]
     if args.json:  # the year bucket by bucket, beside the summary
         args.json.with_suffix(".buckets.json").write_text(json.dumps(buckets))
     local = local_peak(buckets, 120)
@@ -935,6 +949,9 @@ async def simulate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "peak_over_mean": round(max(buckets[480:]) / statistics.fmean(buckets[480:]), 3),
             "peak_over_local_30d_mean": round(local_peak(buckets, 120, first=480), 3),
         },
+        # orders per 3 h over the fleet's own need in that slot (see above)
+        "peak_over_fleet_need": round(max(over_need), 3),
+        "peak_over_fleet_need_day": round(over_need.index(max(over_need)) * SLOT_SECONDS / DAY, 1),
         "renewed_after_ratio_bound": late,
         "peak_day": round((buckets.index(max(buckets)) * SLOT_SECONDS) / DAY, 1),
         "peak_over_mean_per_30_days": [
