@@ -110,10 +110,15 @@ def dns(port: int) -> None:
     server.set_a(CNAME_TARGET, edges)
     for host in _hosts():
         server.set_cname(host, CNAME_TARGET)
+    # Blocked before the server's threads start (they inherit the mask) and before the
+    # line that says it is up: a stop that follows at once waits in sigwait instead of
+    # killing the process by the default action (a test saw exit -15 under load).
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     server.start()
     print(f"fleet: DNS on {server.nameserver}: {CNAME_TARGET} A {', '.join(edges)}", flush=True)
     try:
-        _wait_for_signal()
+        signal.sigwait(stops)
     finally:
         server.stop()
 
@@ -122,12 +127,12 @@ def backend(port: int) -> None:
     async def serve() -> None:
         from proxy.demo.backend import start_backend
 
-        runner, url = await start_backend(os.environ.get("FLEET_BACKEND_LISTEN", "0.0.0.0"), port)
-        print(f"fleet: sample backend on {url}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT):  # before saying it is up (see dns)
             loop.add_signal_handler(sig, stop.set)
+        runner, url = await start_backend(os.environ.get("FLEET_BACKEND_LISTEN", "0.0.0.0"), port)
+        print(f"fleet: sample backend on {url}", flush=True)
         try:
             await stop.wait()
         finally:
@@ -176,15 +181,6 @@ def register() -> None:
         if host not in known and linkedge(["domains", "add", host, "--account", "fleet"]):
             sys.exit(f"fleet: linkedge domains add {host} failed")
     print(f"fleet: hosts registered: {', '.join(_hosts())}", flush=True)
-
-
-def _wait_for_signal() -> None:
-    """Block the main thread until SIGTERM (docker compose stop) or SIGINT."""
-    received: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda number, _frame: received.append(number))
-    while not received:
-        signal.pause()
 
 
 def main(argv: list[str]) -> None:
