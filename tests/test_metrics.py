@@ -70,8 +70,8 @@ async def test_first_click_shows_in_metrics(
     try:
         before = await metrics(admin)
         host = await certify(edge_config, pebble, dns_server)  # a real first click
-        # The worker follows its own "issued" event, which drops the context it cached;
-        # once it has, one more handshake caches it again (else the gauge below races).
+        # Let the worker follow its own "issued" and "state" events first (they keep the
+        # context it cached: tests/test_own_issuance_cache.py), so the gauge below is settled.
         async with edge_store(edge_config) as store:
             issued = await store.last_event_id()
         await followed(edge_config, issued)

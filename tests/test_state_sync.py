@@ -92,3 +92,19 @@ async def test_state_sync_forgets_the_host_for_every_handshake_event(tmp_path: P
         await store.close()
     expected = sorted(f"{k.replace('_', '-')}.shop.test" for k in HANDSHAKE_EVENTS)
     assert sorted(forgotten) == expected
+
+
+async def test_events_the_worker_applied_itself_are_not_forgotten(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db", parse_key_text(generate_key_text(), "t"))
+    forgotten: list[str] = []
+    sync = StateSync(
+        store, forgotten.append, interval=0.1, applied=lambda e: e.hostname == "own.shop.test"
+    )
+    try:
+        await sync.start()
+        for host in ("own.shop.test", "other.shop.test"):
+            await store.record_event(host, EventKind.ISSUED, "test")
+        await sync.poll()
+    finally:
+        await store.close()
+    assert forgotten == ["other.shop.test"]

@@ -393,7 +393,12 @@ class EdgeWorker:
             clock=self._clock,
         )
         self.manager.on_stored = self.maintainer.wake
-        self.state_sync = StateSync(store, self.manager.forget, config.lifecycle.sync_seconds)
+        self.state_sync = StateSync(
+            store,
+            self.manager.forget,
+            config.lifecycle.sync_seconds,
+            applied=self.manager.caused_here,
+        )
         await self.state_sync.start()
         # a certificate stored by another worker changes when this one's loop must wake
         self.state_sync.follow({EventKind.ISSUED, EventKind.RENEWED}, self.maintainer.wake)

@@ -99,9 +99,11 @@ class Lifecycle:
             _log_transition(domain, to, reason)
         return changed
 
-    async def issued(self, hostname: str, reason: str) -> None:
+    async def issued(self, hostname: str, reason: str) -> bool:
+        """The host has its certificate: active. False if it was not verified, failed or
+        moved (already active: a renewal), so no transition was written."""
         now = self._clock()
-        await self._store.transition_domain(
+        return await self._store.transition_domain(
             hostname,
             [S.VERIFIED, S.FAILED, S.MOVED],
             S.ACTIVE,

@@ -33,10 +33,18 @@ def follow_wait(store: EventLog, interval: float) -> float:
 
 class StateSync:
     def __init__(
-        self, store: CertStore, forget: Callable[[str], None], interval: float = 1.0
+        self,
+        store: CertStore,
+        forget: Callable[[str], None],
+        interval: float = 1.0,
+        *,
+        applied: Callable[[Event], bool] | None = None,
     ) -> None:
+        """`applied(event)`: True for an event whose effect on the handshake cache this
+        worker made itself (its own issuance): `forget` is not called for it."""
         self._store = store
         self._forget = forget
+        self._applied = applied
         self._interval = interval
         self._cursor = 0
         self._followers: list[tuple[frozenset[str], Callable[[str], None]]] = []
@@ -107,7 +115,8 @@ class StateSync:
                 forget(event.hostname)
         if event.kind not in HANDSHAKE_EVENTS:
             return
-        self._forget(event.hostname)
+        if self._applied is None or not self._applied(event):
+            self._forget(event.hostname)
         if event.kind == EventKind.REMOVED or (
             event.kind == EventKind.STATE and event.to_state != DomainState.SUSPENDED
         ):

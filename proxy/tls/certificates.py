@@ -23,6 +23,7 @@ import os
 import ssl
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,7 +44,7 @@ from acme_client import (
     tls_alpn01_certificate,
 )
 from acme_client.solvers import ChallengeSink
-from certstore import CertStore, DomainState, StoredCertificate
+from certstore import CertStore, DomainState, Event, StoredCertificate
 from certstore.errors import StoreUnavailable
 from proxy.counters import Counters, LogBudget
 from proxy.hosts.events import EventKind
@@ -145,6 +146,13 @@ async def kept_lease(store: CertStore, name: str, holder: str, ttl: float) -> As
             await store.release_lease(name, holder)
 
 
+OWN_EVENTS_MAX = 10_000  # own events expected but not yet followed (normally a handful)
+
+
+def _own_key(hostname: str, kind: str, to_state: str | None) -> tuple[str, str]:
+    return (hostname, f"{kind}:{to_state}" if kind == EventKind.STATE else kind)
+
+
 LEASE_RETRY_SECONDS = 0.5  # after a failed refresh: again this soon, doubling
 
 
@@ -205,6 +213,9 @@ class CertificateManager:
         # read them: the store, plus an in-memory copy of what this process published
         self.challenges = PublishedAnswers(store)
         self._refusals = RefusalCache()
+        # events this process's own issuance is about to write (host, kind[:to_state]),
+        # whose effect it applies itself: see `caused_here`
+        self._own_events: Counter[tuple[str, str]] = Counter()
         self._inflight: dict[str, asyncio.Task[ssl.SSLContext]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._ca_refusal_logged: dict[str, float] = {}  # host -> when its refusal was logged
@@ -269,6 +280,37 @@ class CertificateManager:
         """Drop cached state for a host (after removal, suspension, renewal)."""
         self._contexts.discard(hostname)
         self._refusals.discard(hostname)
+
+    def caused_here(self, event: Event) -> bool:
+        """Whether `event` is one this process's own issuance wrote (its certificate's
+        `issued`/`renewed`, the host's move to active), which the event follower then
+        need not apply: this process cached that very certificate's context, and
+        dropping it cost a store read and a context build at the host's next handshake.
+
+        Counted, not matched: an own write is expected before it is made, so whichever
+        of the host's events of that kind comes first is taken as the own one. If another
+        process's older certificate comes first, keeping the cache is still right (ours
+        is newer) and the own event then drops it (harmless); a newer one comes after ours
+        and is applied."""
+        if event.hostname is None:
+            return False
+        key = _own_key(event.hostname, event.kind, event.to_state)
+        if not self._own_events.get(key):
+            return False
+        self._expect_done(key)
+        return True
+
+    def _expect(self, hostname: str, kind: str, to_state: str | None = None) -> tuple[str, str]:
+        if len(self._own_events) > OWN_EVENTS_MAX:  # only ever costs a store read
+            self._own_events.clear()
+        key = _own_key(hostname, kind, to_state)
+        self._own_events[key] += 1
+        return key
+
+    def _expect_done(self, key: tuple[str, str]) -> None:
+        self._own_events[key] -= 1
+        if self._own_events[key] <= 0:
+            del self._own_events[key]
 
     async def close(self) -> None:
         # Orders still running are cancelled too: their `finally` releases the name's
@@ -363,20 +405,35 @@ class CertificateManager:
             directory_url=issued.directory_url,
         )
         done = EventKind.RENEWED if renewal else EventKind.ISSUED
-        # the event in the certificate's own transaction: a process killed between the
-        # two would leave a served certificate that no event (follower, webhook) tells of
-        await self._store.put_certificate(
-            stored,
-            event=(
-                EventKind.RENEWED if renewal else EventKind.ISSUED,
-                f"by {issued.issuer} ({issued.directory_url}), serial {issued.serial}, valid "
-                f"until {_iso(issued.not_after)}, took {elapsed * 1000:.0f} ms",
-            ),
-        )
+        # expected before it is written: the follower may read the event before this
+        # coroutine resumes (see `caused_here`)
+        stored_event = self._expect(hostname, done)
+        try:
+            # the event in the certificate's own transaction: a process killed between the
+            # two would leave a served certificate that no event (follower, webhook) tells of
+            await self._store.put_certificate(
+                stored,
+                event=(
+                    EventKind.RENEWED if renewal else EventKind.ISSUED,
+                    f"by {issued.issuer} ({issued.directory_url}), serial {issued.serial}, "
+                    f"valid until {_iso(issued.not_after)}, took {elapsed * 1000:.0f} ms",
+                ),
+            )
+        except BaseException:
+            self._expect_done(stored_event)
+            raise
         if clear_backoff:
             await self._limits.record_success(hostname)
         await self._limits.record_failed_authorizations(hostname, issued.failed_authorizations)
-        await self._lifecycle.issued(hostname, f"certificate issued, serial {issued.serial}")
+        activated = self._expect(hostname, EventKind.STATE, DomainState.ACTIVE.value)
+        moved = False
+        try:
+            moved = await self._lifecycle.issued(
+                hostname, f"certificate issued, serial {issued.serial}"
+            )
+        finally:
+            if not moved:  # already active (a renewal), or it failed: no event of ours
+                self._expect_done(activated)
         log.info(
             "%s certificate for %s in %.0f ms",
             done,
