@@ -63,3 +63,32 @@ async def test_own_issuance_keeps_its_context_and_anothers_replaces_it(
         assert entry is not None and entry.serial == "another-process"
     finally:
         await edge_config.stop()
+
+
+async def test_a_click_that_verifies_the_host_keeps_its_context_too(
+    edge_config: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer
+) -> None:
+    """The first click finds the host pending: its live check verifies it (a `state`
+    event of this worker's) before the order. Whenever the follower reads that event,
+    before the order ends or after, the context stays, and every expected own event is
+    taken exactly once (none left over to swallow a later event of another process)."""
+    await edge_config.start()
+    try:
+        assert edge_config.worker is not None and edge_config.worker.manager is not None
+        manager = edge_config.worker.manager
+        host = new_host(edge_config)
+        async with edge_store(edge_config) as store:
+            # the registration is another process's event, followed before the click (as
+            # when a customer registers first and clicks come later): read only after the
+            # order, it would drop the new context, not knowing it is older
+            await register(store, dns_server, host, edge_config.target)
+            await followed(edge_config, await store.last_event_id())
+        assert await get_status(edge_config, pebble, host) == 302  # verifies, then orders
+        async with edge_store(edge_config) as store:
+            states = [e.to_state for e in await store.list_events(host, limit=20)]
+            assert "verified" in states and "active" in states, states
+            await followed(edge_config, await store.last_event_id())
+        assert manager.cached_context(host) is not None
+        assert not manager._own_events
+    finally:
+        await edge_config.stop()

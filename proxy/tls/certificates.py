@@ -44,14 +44,14 @@ from acme_client import (
     tls_alpn01_certificate,
 )
 from acme_client.solvers import ChallengeSink
-from certstore import CertStore, DomainState, Event, StoredCertificate
+from certstore import CertStore, Domain, DomainState, Event, StoredCertificate
 from certstore.errors import StoreUnavailable
 from proxy.counters import Counters, LogBudget
 from proxy.hosts.events import EventKind
 from proxy.hosts.leases import lease_name
 from proxy.hosts.lifecycle import Lifecycle
 from proxy.tls.contexts import CachedContext, ContextCache, build_server_context
-from proxy.tls.gate import IssuanceGate
+from proxy.tls.gate import Decision, IssuanceGate
 from proxy.tls.refusals import Refusal, RefusalCache, Refused
 from proxy.wire.clienthello import INTERNAL_ERROR, UNRECOGNIZED_NAME
 
@@ -496,7 +496,7 @@ class CertificateManager:
         if stored is not None and stored.is_valid_at(self._clock()):
             if domain is not None and domain.state is not DomainState.SUSPENDED:
                 return await self._remember(stored)
-        decision = await self._gate.decide(hostname)
+        decision = await self._verified_here(hostname, domain)
         if not decision.allowed:
             if decision.registered:
                 await self._store.record_event(hostname, EventKind.REFUSED, decision.reason)
@@ -516,6 +516,22 @@ class CertificateManager:
             self._refuse(hostname, decision.reason, self._settings.refusal_seconds)
             raise Refused(decision.reason)
         return await self._obtain(hostname)
+
+    async def _verified_here(self, hostname: str, domain: Domain | None) -> Decision:
+        """The gate's decision. When its live check verifies the host (pending or failed
+        until now), that `state` event is ours too (see `caused_here`): following it while
+        the order runs, or after, would only drop the context the order is about to cache
+        (nothing is cached for the host before: it had no valid certificate here)."""
+        if domain is None or domain.state not in (DomainState.PENDING, DomainState.FAILED):
+            return await self._gate.decide(hostname)
+        verified = self._expect(hostname, EventKind.STATE, DomainState.VERIFIED.value)
+        decision = None
+        try:
+            decision = await self._gate.decide(hostname)
+            return decision
+        finally:
+            if decision is None or not decision.verified_now:
+                self._expect_done(verified)
 
     async def _obtain(self, hostname: str) -> ssl.SSLContext:
         # The backoff is read once, under the lease (`_order_with_lease`): read before it

@@ -28,6 +28,7 @@ class Decision:
     reason: str
     registered: bool = True
     state: DomainState | None = None  # the host's state when refused
+    verified_now: bool = False  # this decision's live check moved the host to verified
 
 
 class IssuanceGate:
@@ -68,7 +69,7 @@ class IssuanceGate:
             extra={"event": "check", "host": hostname, "reason": report.summary},
         )
         if domain.state is DomainState.VERIFIED:
-            return Decision(True, report.summary)
+            return Decision(True, report.summary, verified_now=True)
         return _refusal(domain, report.summary)
 
 
