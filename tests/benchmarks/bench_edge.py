@@ -325,8 +325,9 @@ def read_response(sock: socket.socket) -> int:
 def connect(ip: str, port: int, timeout: float) -> socket.socket:
     """A client TCP connection with Nagle off, as browsers and curl have it. With Nagle on,
     a request written right after the handshake waits for the server to acknowledge the
-    client's Finished: a server that sends nothing then (no session tickets, e.g. Caddy to
-    a client that offers none) delays that ACK ~40 ms, and the run measured the delay."""
+    client's Finished: a server that sends nothing then (no session tickets: Caddy to this
+    client, linkedge with `tls.session_tickets=0`) delays that ACK ~40 ms, and the run
+    measured the delay."""
     raw = socket.create_connection((ip, port), timeout=timeout)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return raw
