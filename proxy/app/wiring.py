@@ -699,6 +699,12 @@ class EdgeWorker:
         for plain in self._accepting:
             plain.close()
         self._accepting.clear()
+        # said once it is true: a client that reads this line and connects is refused
+        log.info(
+            "stopping: no new connections, up to %.0f s for requests in flight",
+            seconds,
+            extra={"event": "draining", "duration": seconds},
+        )
         for listener in listeners:
             await listener.wait_idle(max(0.0, deadline - loop.time()))
         for server in self._servers:
@@ -789,13 +795,7 @@ async def run_worker(
         if ready is not None:
             ready()
         await stop.wait()
-        timeout = worker.config.shutdown_timeout
-        log.info(
-            "stopping: no new connections, up to %.0f s for requests in flight",
-            timeout,
-            extra={"event": "draining", "duration": timeout},
-        )
-        drain = loop.create_task(worker.drain(timeout))
+        drain = loop.create_task(worker.drain(worker.config.shutdown_timeout))
         again = loop.create_task(now.wait())
         await asyncio.wait({drain, again}, return_when=asyncio.FIRST_COMPLETED)
         drain.cancel()
