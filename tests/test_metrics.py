@@ -45,16 +45,6 @@ async def scrape(base: str, path: str = "/metrics", **headers: str) -> tuple[int
         return resp.status, await resp.text()
 
 
-async def followed(edge: EdgeHandle, event_id: int) -> None:
-    """Wait until the in-process worker has applied the store's events up to event_id."""
-    assert edge.worker is not None and edge.worker.state_sync is not None
-    for _ in range(200):
-        if edge.worker.state_sync.cursor >= event_id:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the worker did not follow event {event_id} within 10 s")
-
-
 async def metrics(base: str) -> Samples:
     status, text = await scrape(base)
     assert status == 200, text
@@ -74,7 +64,7 @@ async def test_first_click_shows_in_metrics(
         # context it cached: tests/test_own_issuance_cache.py), so the gauge below is settled.
         async with edge_store(edge_config) as store:
             issued = await store.last_event_id()
-        await followed(edge_config, issued)
+        await edge_config.followed(issued)
         await tls_handshake(edge_config.ip, edge_config.https_port, host, client_context(pebble))
         # a name nobody registered is refused at the handshake
         with pytest.raises((ssl.SSLError, ConnectionError)):

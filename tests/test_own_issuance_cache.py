@@ -5,7 +5,6 @@ a certificate stored by another process still replaces it."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 from support.clicks import edge_store, get_status, new_host
@@ -14,15 +13,6 @@ from support.edge import EdgeHandle, client_context, register, tls_handshake
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 from proxy.hosts.events import EventKind
-
-
-async def followed(edge: EdgeHandle, event_id: int) -> None:
-    assert edge.worker is not None and edge.worker.state_sync is not None
-    for _ in range(200):
-        if edge.worker.state_sync.cursor >= event_id:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the worker did not follow event {event_id} within 10 s")
 
 
 async def test_own_issuance_keeps_its_context_and_anothers_replaces_it(
@@ -41,12 +31,12 @@ async def test_own_issuance_keeps_its_context_and_anothers_replaces_it(
             # verification after the issuance would drop the context, as it should)
             await register(store, dns_server, host, edge_config.target)
             await worker.verifier.verify(host, https=False, issue=False)
-            await followed(edge_config, await store.last_event_id())
+            await edge_config.followed(await store.last_event_id())
         assert await get_status(edge_config, pebble, host) == 302  # a real first click
         async with edge_store(edge_config) as store:
             kinds = [e.kind for e in await store.list_events(host, limit=20)]
             assert EventKind.ISSUED in kinds and EventKind.STATE in kinds, kinds
-            await followed(edge_config, await store.last_event_id())
+            await edge_config.followed(await store.last_event_id())
             own = manager.cached_context(host)
             assert own is not None  # still cached after following its own events
             assert not manager._own_events  # each expected event was taken once
@@ -55,7 +45,7 @@ async def test_own_issuance_keeps_its_context_and_anothers_replaces_it(
             assert cert is not None
             newer = dataclasses.replace(cert, serial="another-process")
             await store.put_certificate(newer, event=(EventKind.RENEWED, "by another process"))
-            await followed(edge_config, await store.last_event_id())
+            await edge_config.followed(await store.last_event_id())
         assert manager.cached_context(host) is None
         # and the next handshake reads the newer one
         await tls_handshake(edge_config.ip, edge_config.https_port, host, client_context(pebble))
@@ -82,12 +72,12 @@ async def test_a_click_that_verifies_the_host_keeps_its_context_too(
             # when a customer registers first and clicks come later): read only after the
             # order, it would drop the new context, not knowing it is older
             await register(store, dns_server, host, edge_config.target)
-            await followed(edge_config, await store.last_event_id())
+            await edge_config.followed(await store.last_event_id())
         assert await get_status(edge_config, pebble, host) == 302  # verifies, then orders
         async with edge_store(edge_config) as store:
             states = [e.to_state for e in await store.list_events(host, limit=20)]
             assert "verified" in states and "active" in states, states
-            await followed(edge_config, await store.last_event_id())
+            await edge_config.followed(await store.last_event_id())
         assert manager.cached_context(host) is not None
         assert not manager._own_events
     finally:

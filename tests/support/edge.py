@@ -63,6 +63,15 @@ class EdgeHandle:
             self.config.store.path, parse_key_text(self.key_text, "test"), clock=self.clock
         )
 
+    async def followed(self, event_id: int) -> None:
+        """Wait until the in-process worker has applied the store's events up to event_id."""
+        assert self.worker is not None and self.worker.state_sync is not None
+        for _ in range(200):
+            if self.worker.state_sync.cursor >= event_id:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the worker did not follow event {event_id} within 10 s")
+
     async def run_maintenance(self) -> int:
         """One pass of the renewal loop (tests that set renewal.interval_seconds = 0)."""
         assert self.worker is not None and self.worker.maintainer is not None
