@@ -40,6 +40,7 @@ from proxy.counters import Counters
 from proxy.http.backends import BackendPool
 from proxy.http.lean_client import Answer, ConnectFailed, Connection, LeanClient, request_head
 from proxy.http.request_target import checked_host, origin_form
+from proxy.wire.coarse_timeouts import CoarseTimeouts
 from proxy.wire.peers import TrustedNetworks, client_address, source_key
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ class Forwarder:
         # the lean click protocol (proxy/http/click_protocol.py) forwards over it only
         self._lean_clicks = lean_clicks
         self._lean: LeanClient | None = None  # bodiless GETs, when `backend.lean_client`
+        # the forward deadline and the lean client's answer timeout: no timer per click
+        self._timeouts = CoarseTimeouts()
         self.stats = ForwardStats()
 
     async def start(self) -> None:
@@ -136,6 +139,7 @@ class Forwarder:
                 connect_timeout=self._timeout.connect or 5.0,
                 timeout=self._timeout.sock_read or 30.0,
                 pool_size=self._pool_size,
+                timeouts=self._timeouts,
             )
 
     async def close(self) -> None:
@@ -157,7 +161,7 @@ class Forwarder:
         unwatch = self._watch(request.protocol)
         progress = _Progress()
         try:
-            async with asyncio.timeout(self._deadline):
+            async with self._timeouts.timeout(self._deadline):
                 return await self._forward(request, progress)
         except TimeoutError:
             self._deadline_reached(request)
@@ -187,7 +191,7 @@ class Forwarder:
             return True
         unwatch = self._watch(request.protocol)
         try:
-            async with asyncio.timeout(self._deadline):
+            async with self._timeouts.timeout(self._deadline):
                 headers = forwarded_headers(request, self._trusted)
                 path_qs = origin_form(request.raw_path)
                 exchanged = await self._lean_exchange(request, headers, path_qs)

@@ -36,6 +36,8 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.wire.coarse_timeouts import CoarseTimeouts
+
 READ_LIMIT = 2**16
 
 
@@ -178,14 +180,21 @@ class Connection(BaseProtocol):
 class Answer:
     """What `_relay` reads of an answer: status, reason, headers, and the body."""
 
-    __slots__ = ("status", "reason", "headers", "_payload", "_timeout")
+    __slots__ = ("status", "reason", "headers", "_payload", "_timeout", "_timeouts")
 
-    def __init__(self, message: RawResponseMessage, payload: StreamReader, timeout: float) -> None:
+    def __init__(
+        self,
+        message: RawResponseMessage,
+        payload: StreamReader,
+        timeout: float,
+        timeouts: CoarseTimeouts,
+    ) -> None:
         self.status = message.code
         self.reason = message.reason
         self.headers: CIMultiDictProxy[str] = message.headers
         self._payload = payload
         self._timeout = timeout
+        self._timeouts = timeouts
 
     @property
     def content(self) -> Answer:
@@ -203,7 +212,7 @@ class Answer:
             return await payload.readany()
         if payload.is_eof():
             return b""
-        async with asyncio.timeout(self._timeout):
+        async with self._timeouts.timeout(self._timeout):
             return await payload.readany()
 
     async def iter_any(self) -> AsyncIterator[bytes]:
@@ -211,7 +220,7 @@ class Answer:
         while True:
             if payload.is_eof() and not _buffered(payload):
                 return
-            async with asyncio.timeout(self._timeout):
+            async with self._timeouts.timeout(self._timeout):
                 chunk = await payload.readany()
             if not chunk:
                 return
@@ -233,12 +242,14 @@ class LeanClient:
         timeout: float,
         pool_size: int,
         keepalive: float = 30.0,
+        timeouts: CoarseTimeouts | None = None,
     ) -> None:
         self._connect_timeout = connect_timeout
         self._timeout = timeout
         self._slots = asyncio.Semaphore(pool_size)
         self._pool_size = pool_size
         self._keepalive = keepalive
+        self._timeouts = timeouts or CoarseTimeouts()
         self._idle: dict[str, collections.deque[Connection]] = {}
         self._live: set[Connection] = set()  # every open connection, idle or in use
         self._closed = False
@@ -301,7 +312,7 @@ class LeanClient:
             if conn is None:
                 conn = await self._connect(url, key)
             try:
-                async with asyncio.timeout(self._timeout):
+                async with self._timeouts.timeout(self._timeout):
                     try:
                         message, payload = await conn.send(head, head_request=head_request)
                     except BackendClosed:
@@ -317,7 +328,7 @@ class LeanClient:
         except BaseException:
             self._slots.release()
             raise
-        return Answer(message, payload, self._timeout), conn
+        return Answer(message, payload, self._timeout, self._timeouts), conn
 
     async def _connect(self, url: URL, key: str) -> Connection:
         loop = asyncio.get_running_loop()
