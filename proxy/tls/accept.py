@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # longer v2 header makes the next peek ask for the maximum.
 _PROXY_PEEK = 536
 _DISCARD_BYTES = 65536
+# Connections taken per wake of the listening socket: a burst is drained in a few turns
+# of the loop, and what is already accepted gets served between them.
+ACCEPT_BATCH = 64
+ACCEPT_PAUSE = 0.1  # seconds without accepting after an error (out of descriptors)
 
 
 @dataclass
@@ -82,18 +86,18 @@ class Listener:
         self._max_pending = max_pending
         self._proxy = proxy_protocol
         self._tasks: set[asyncio.Task[None]] = set()
-        self._accept_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watching = False  # the listening socket's reader is registered
+        self._resume: asyncio.TimerHandle | None = None  # after an accept error's pause
         self.stats = ListenerStats()
 
     def start(self) -> None:
         self._sock.setblocking(False)
-        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._loop = asyncio.get_running_loop()
+        self._watch()
 
     async def close(self) -> None:
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accept_task
+        self._unwatch()
         self._sock.close()
         for task in list(self._tasks):
             task.cancel()
@@ -102,11 +106,7 @@ class Listener:
 
     async def stop_accepting(self) -> None:
         """Close the listening socket; connections already accepted carry on (graceful stop)."""
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accept_task
-            self._accept_task = None
+        self._unwatch()
         self._sock.close()
 
     async def wait_idle(self, seconds: float) -> None:
@@ -114,31 +114,60 @@ class Listener:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=seconds)
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+    # A reader on the listening socket and a batch of accept() calls per wake, as
+    # asyncio's own servers do, rather than `await loop.sock_accept()` per connection:
+    # that costs a future, a task step and, whenever no connection is queued, a reader
+    # registered and removed again (two epoll_ctl, more under uvloop) for each one.
+
+    def _watch(self) -> None:
+        assert self._loop is not None
+        self._resume = None
+        if self._sock.fileno() >= 0 and not self._watching:
+            self._loop.add_reader(self._sock.fileno(), self._accept_ready)
+            self._watching = True
+
+    def _unwatch(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        if self._watching and self._loop is not None:
+            self._watching = False
+            self._loop.remove_reader(self._sock.fileno())
+
+    def _accept_ready(self) -> None:
+        for _ in range(ACCEPT_BATCH):
             try:
-                conn, peer = await loop.sock_accept(self._sock)
-            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                conn, peer = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:  # reset by the client while queued: next one
+                continue
+            except OSError as exc:  # EMFILE and friends: pause instead of spinning
                 log.warning("accept failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
-            self.stats.accepted += 1
-            if self.stats.pending >= self._max_pending:
-                conn.close()
-                self._count("overloaded")
-                continue
-            if self._proxy is not None and peer[0] not in self._proxy.trusted:
-                # Anyone else could claim any client address.
-                self.stats.proxy_untrusted += 1
-                log.debug("PROXY listener: %s is not a trusted balancer, closed", peer[0])
-                conn.close()
-                continue
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(self._serve_connection(conn, peer[:2]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+                assert self._loop is not None
+                self._unwatch()
+                self._resume = self._loop.call_later(ACCEPT_PAUSE, self._watch)
+                return
+            self._accepted(conn, peer)
+
+    def _accepted(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        self.stats.accepted += 1
+        if self.stats.pending >= self._max_pending:
+            conn.close()
+            self._count("overloaded")
+            return
+        if self._proxy is not None and peer[0] not in self._proxy.trusted:
+            # Anyone else could claim any client address.
+            self.stats.proxy_untrusted += 1
+            log.debug("PROXY listener: %s is not a trusted balancer, closed", peer[0])
+            conn.close()
+            return
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert self._loop is not None
+        task = self._loop.create_task(self._serve_connection(conn, peer[:2]))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _serve_connection(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         raise NotImplementedError
