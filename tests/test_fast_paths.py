@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 import test_process_signals as signals_test
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -31,7 +33,7 @@ from proxy.demo.client import edge_session
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 from proxy.http.click_protocol import ClickPaths
-from proxy.http.forward import Forwarder
+from proxy.http.forward import Forwarder, backend_target, backend_url
 from proxy.http.lean_client import ConnectFailed, LeanClient, request_head
 
 USED = {"exchanges": 0}
@@ -86,7 +88,7 @@ async def _backend(handler: Any) -> tuple[web.AppRunner, str]:
 
 async def _get(client: LeanClient, url: URL) -> tuple[int, bytes]:
     headers: CIMultiDict[str] = CIMultiDict({"Host": "links.example.test", "X-Test": "1"})
-    answer, conn = await client.exchange(url, request_head("GET", url, headers))
+    answer, conn = await client.exchange(url, request_head("GET", url.raw_path_qs, headers))
     try:
         body = b"".join([chunk async for chunk in answer.content.iter_any()])
     finally:
@@ -231,3 +233,27 @@ async def test_serve_on_uvloop_with_the_lean_client(
     finally:
         serve.stop()
         await backend.stop()
+
+
+# -- the lean client's request line ------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.sampled_from(
+        [
+            "http://127.0.0.1:8080",
+            "http://127.0.0.1:8080/",
+            "http://b.test/prefix/",
+            "http://[::1]:81/p",
+        ]
+    ),
+    path=st.text(alphabet="/abc.%2e;~-_é ", max_size=20),
+    query=st.none() | st.text(alphabet="ab=&%20?é", max_size=12),
+)
+def test_lean_request_line_is_the_url_aiohttp_would_request(
+    base: str, path: str, query: str | None
+) -> None:
+    """`backend_target` (the lean client's, no URL built) says what `backend_url` says."""
+    path_qs = "/" + path + ("" if query is None else "?" + query)
+    assert backend_target(URL(base), path_qs) == backend_url(base, path_qs).raw_path_qs

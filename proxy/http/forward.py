@@ -339,13 +339,13 @@ class Forwarder:
         connection), or the edge's error answer; None: an https backend."""
         assert self._lean is not None
         for backend in self._backends.candidates():
-            url = backend_url(backend.base, path_qs)
-            if url.scheme != "http":
+            base = _parsed_base(backend.base)
+            if base.scheme != "http":
                 return None  # https backends: aiohttp's client
             try:
                 answer, conn = await self._lean.exchange(
-                    url,
-                    request_head(request.method, url, headers),
+                    base,  # where to connect; the path is in the head
+                    request_head(request.method, backend_target(base, path_qs), headers),
                     head_request=request.method == "HEAD",
                 )
             except ConnectFailed as exc:
@@ -366,6 +366,13 @@ class Forwarder:
 @functools.lru_cache(maxsize=64)
 def _parsed_base(base: str) -> URL:
     return URL(base)
+
+
+def backend_target(base: URL, path_qs: str) -> str:
+    """`backend_url(base, path_qs).raw_path_qs` without building a URL (the lean client's
+    request line): the base's path prefix, then the request's path and query as sent."""
+    path, _sep, query = path_qs.partition("?")
+    return base.raw_path.rstrip("/") + path + ("?" + query if query else "")
 
 
 def backend_url(base: str, path_qs: str) -> URL:
@@ -442,8 +449,13 @@ def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
 
     Host is never dropped this way: the backend needs it to tell customers apart.
     """
+    if "Connection" not in headers:  # most requests and answers: no set built
+        return _NONE_LISTED
     tokens = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
     return frozenset(tokens - {"", "host"})
+
+
+_NONE_LISTED: frozenset[str] = frozenset()
 
 
 def forwarded_headers(

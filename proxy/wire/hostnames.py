@@ -7,6 +7,7 @@ are the same host), lower case, no trailing dot.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -93,6 +94,9 @@ class HostHeader:
         return self.name if self.port is None else f"{self.name}:{self.port}"
 
 
+# Every click parses its Host, and clicks come from few hosts: the parsed (immutable)
+# values of the most recent ones are kept. Refusals raise, so they are never cached.
+@functools.lru_cache(maxsize=1024)
 def parse_host_header(value: str) -> HostHeader:
     """RFC 9110 §7.2 / RFC 3986 §3.2.2: `host [ ":" port ]`, strictly.
 
