@@ -80,8 +80,9 @@ class EdgeConfig:
     # the port recipients reach HTTPS on (behind a port-mapping load balancer it differs
     # from listen.https); HTTPS-upgrade redirects name it unless it is 443
     https_public_port: int = 443
-    # each worker's event loop: "asyncio" (the standard library's) or "uvloop"
-    event_loop: str = "asyncio"
+    # each worker's event loop: "uvloop" (less CPU per keep-alive click, the same per new
+    # connection: tests/benchmarks/README.md) or "asyncio" (the standard library's)
+    event_loop: str = "uvloop"
 
 
 @dataclass

@@ -209,6 +209,7 @@ def edge_main(
     _watch_parent(lifeline)
     import logging
 
+    from proxy.app.supervisor import run_on_loop
     from proxy.app.wiring import run_worker
 
     logging.basicConfig(
@@ -217,7 +218,7 @@ def edge_main(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    asyncio.run(run_worker(config, ready=lambda: ready.send("ready")))
+    run_on_loop(config, run_worker(config, ready=lambda: ready.send("ready")))
 
 
 class _NoStore:

@@ -19,6 +19,8 @@ Variants (monkeypatched in the edge process only, to show what each measure buys
   src=DIR       another tree's `proxy` (e.g. a `git archive` of main) for a before/after,
                 on CPython's own allocator (pymalloc), as trees before the launcher ran
   pymalloc      as shipped, but on pymalloc instead of the launcher's PYTHONMALLOC=malloc
+  uvloop        on uvloop (`edge.event_loop`), whose own TLS protocol has a 256 KiB
+                malloc'd read buffer per connection
 BENCH_MALLOC_STATS=1 prints pymalloc's arena counts after the burst; =trace writes what
 was allocated during it and is still alive (see tests/benchmarks/README.md).
 Goal (issue 9): 10,000 idle TLS connections cost at most 1 GiB, and RSS returns
@@ -67,6 +69,8 @@ def edge_variant_main(
     config = pickle.loads(config_pickle)  # noqa: S301 (our own parent's bytes)
     from proxy.tls import connections
 
+    if variant == "uvloop":  # uvloop, and its own TLS (proxy/tls/listener.py)
+        config.edge.event_loop = "uvloop"
     if variant == "stock-buffer":
         from proxy.tls import listener as tls_listener
 
