@@ -12,15 +12,14 @@ RSS at baseline (after the first click), with N open, per connection, and at
 1, 10, 30 and 60 s (--settle) after they all closed.
 
 Variants (monkeypatched in the edge process only, to show what each measure buys):
-  linkedge      the edge as shipped (32 KiB TLS read buffer, malloc_trim after bursts)
+  linkedge      the edge as shipped (uvloop, 32 KiB TLS read buffer, malloc_trim after bursts)
   stock-buffer  asyncio's own 256 KiB TLS read buffer, trimming on
   no-trim       32 KiB buffer, no malloc_trim
   trim-only     malloc_trim at the first look that sees a burst, free lists kept (as before)
   src=DIR       another tree's `proxy` (e.g. a `git archive` of main) for a before/after,
                 on CPython's own allocator (pymalloc), as trees before the launcher ran
   pymalloc      as shipped, but on pymalloc instead of the launcher's PYTHONMALLOC=malloc
-  uvloop        on uvloop (`edge.event_loop`), whose own TLS protocol has a 256 KiB
-                malloc'd read buffer per connection
+  asyncio       on asyncio's loop instead of uvloop (`edge.event_loop`, the default)
 BENCH_MALLOC_STATS=1 prints pymalloc's arena counts after the burst; =trace writes what
 was allocated during it and is still alive (see tests/benchmarks/README.md).
 Goal (issue 9): 10,000 idle TLS connections cost at most 1 GiB, and RSS returns
@@ -69,8 +68,8 @@ def edge_variant_main(
     config = pickle.loads(config_pickle)  # noqa: S301 (our own parent's bytes)
     from proxy.tls import connections
 
-    if variant == "uvloop":  # uvloop, and its own TLS (proxy/tls/listener.py)
-        config.edge.event_loop = "uvloop"
+    if variant == "asyncio":  # the standard library's loop instead of uvloop (the default)
+        config.edge.event_loop = "asyncio"
     if variant == "stock-buffer":
         from proxy.tls import listener as tls_listener
 
