@@ -479,10 +479,12 @@ class _Responder:
         framed = chunked and not empty
         try:
             while True:
-                if parts and not answer.ready():
-                    self._write(b"".join(parts))  # the rest is not here yet: send what is
-                    parts = []
-                chunk = await answer.read_some()
+                chunk = answer.read_now()
+                if chunk is None:  # the rest is not here yet: send what is, then wait
+                    if parts:
+                        self._write(b"".join(parts))
+                        parts = []
+                    chunk = await answer.read_some()
                 if not chunk:
                     break
                 if empty:

@@ -200,10 +200,15 @@ class Answer:
     def content(self) -> Answer:
         return self
 
-    def ready(self) -> bool:
-        """A read would not wait: body bytes are buffered, or the body has ended."""
+    def read_now(self) -> bytes | None:
+        """The next body bytes if no wait is needed (b"" at the end); None: `read_some`.
+        A click's complete 302 is read this way: no coroutine per read."""
         payload = self._payload
-        return payload.is_eof() or bool(_buffered(payload))
+        if _buffered(payload):
+            return payload.read_nowait(-1)
+        if payload.is_eof():
+            return b""
+        return None
 
     async def read_some(self) -> bytes:
         """The next body bytes (b"" at the end), each read within `timeout`."""
