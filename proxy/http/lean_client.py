@@ -373,7 +373,8 @@ def request_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
     """The request line (`target`: path and query, percent-encoded) and the header
     block, as one buffer, as aiohttp's client writes them: Host first, then the other
     fields in their order (UTF-8)."""
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {headers['Host']}"]
-    lines.extend(f"{name}: {value}" for name, value in headers.items() if name.lower() != "host")
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+    fields = "".join(
+        [f"{name}: {value}\r\n" for name, value in headers.items() if name.lower() != "host"]
+    )
+    head = f"{method} {target} HTTP/1.1\r\nHost: {headers['Host']}\r\n{fields}\r\n"
+    return head.encode("utf-8", "surrogateescape")
