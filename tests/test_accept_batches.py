@@ -21,14 +21,17 @@ from proxy.tls.accept import ACCEPT_PAUSE, Listener
 
 
 class _Recorder(Listener):
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(sock, max_pending=100, proxy_protocol=None)
+    def __init__(self, sock: socket.socket, max_pending: int = 100) -> None:
+        super().__init__(sock, max_pending=max_pending, proxy_protocol=None)
         self.served: list[socket.socket] = []
         self.arrived = asyncio.Event()
+        self.hold = asyncio.Event()  # connections stay pending until it is set
+        self.hold.set()
 
     async def _serve_connection(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         self.served.append(conn)
         self.arrived.set()
+        await self.hold.wait()
 
 
 class _ScriptedSocket:
@@ -124,6 +127,27 @@ async def test_a_burst_is_taken_in_batches_and_stop_accepting_stops(
         await listener.stop_accepting()
         assert listening.fileno() == -1  # closed: nothing more is accepted
     finally:
+        await listener.close()
+        for conn in [*clients, *listener.served]:
+            conn.close()
+
+
+async def test_max_pending_holds_within_one_batch(listening: socket.socket) -> None:
+    """Five connections queued at once, two may be pending: three are closed at accept,
+    although the two pending ones' tasks have not run yet when the batch is taken."""
+    listener = _Recorder(listening, max_pending=2)
+    listener.hold.clear()
+    clients = [_connect(listening) for _ in range(5)]
+    await asyncio.sleep(0.05)  # all five queued before the listener looks
+    listener.start()
+    try:
+        await _served(listener, 2, within=5)
+        await asyncio.sleep(0.1)
+        assert len(listener.served) == 2
+        assert listener.stats.errors == {"overloaded": 3}
+        assert listener.stats.accepted == 5
+    finally:
+        listener.hold.set()
         await listener.close()
         for conn in [*clients, *listener.served]:
             conn.close()

@@ -152,7 +152,9 @@ class Listener:
 
     def _accepted(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         self.stats.accepted += 1
-        if self.stats.pending >= self._max_pending:
+        # every accepted connection not yet handed off has its task, including those of
+        # this batch that have not started: the bound holds within a batch too
+        if len(self._tasks) >= self._max_pending:
             conn.close()
             self._count("overloaded")
             return
