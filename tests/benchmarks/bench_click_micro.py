@@ -16,6 +16,13 @@ backend protocol.
     ... --profile out.prof   # cProfile of one round (slower; for the ranking only)
 
 Prints the median and [min..max] µs of process CPU per click over the rounds.
+
+`--conns N` measures new connections instead: the real HTTPS listener
+(`proxy/tls/listener.TLSListener`: accept, ClientHello peek and parse, a context from a
+test certificate, the compact TLS protocol) in front of the same click protocol, and a
+client process (not traced by callgrind) making N connections one after another, each a
+full TLS 1.3 handshake without tickets, one `GET /c/<n>`, the 302, close. Under callgrind,
+(instructions at N=300 − at N=100) / 200 is the edge's per connection, OpenSSL included.
 """
 
 from __future__ import annotations
@@ -23,8 +30,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import socket
+import ssl
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +44,8 @@ from aiohttp import web
 from proxy.http.backends import BackendPool
 from proxy.http.click_protocol import ClickPaths
 from proxy.http.forward import Forwarder
+from proxy.tls.contexts import build_server_context
+from proxy.tls.listener import ListenerSettings, TLSListener
 
 ANSWER = (
     b"HTTP/1.1 302 Found\r\nLocation: https://shop.example/landing?a=1\r\n"
@@ -81,6 +95,10 @@ class _ClientTransport(asyncio.Transport):
         raise AssertionError("handed off to aiohttp: not a lean click")
 
 
+async def _never_called(_request: web.BaseRequest) -> web.StreamResponse:
+    raise AssertionError("every request here is a lean click")
+
+
 class _Book:
     def opened(self, conn: Any) -> None:
         pass
@@ -104,13 +122,62 @@ async def _round(protocol: asyncio.Protocol, transport: _ClientTransport, clicks
     return (time.process_time() - start) / clicks * 1e6
 
 
+HOST = "links.shop.test"
+CLIENT = """
+import socket, ssl, sys
+port, count, ca = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.options |= ssl.OP_NO_TICKET
+for i in range(count):
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with ctx.wrap_socket(raw, server_hostname=sys.argv[4]) as tls:
+            assert not tls.session_reused
+            tls.sendall(b"GET /c/%d HTTP/1.1\\r\\nHost: %s\\r\\n\\r\\n" % (i, sys.argv[4].encode()))
+            answer = b""
+            while b"\\r\\n\\r\\n" not in answer:
+                chunk = tls.recv(4096)
+                assert chunk, answer
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 302"), answer
+"""
+
+
+async def _conns(paths: ClickPaths, count: int) -> float:
+    """`count` new TLS connections + click from a client process; µs CPU per connection."""
+    import trustme  # a test dependency: a CA and a certificate for HOST
+
+    ca = trustme.CA()
+    cert = ca.issue_cert(HOST)
+    chain = b"".join(blob.bytes() for blob in cert.cert_chain_pems)
+    ctx = build_server_context(chain, cert.private_key_pem.bytes())
+
+    async def select(_hello: object) -> ssl.SSLContext:
+        return ctx
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    listener = TLSListener(sock, select, paths.protocol_factory(), ListenerSettings())
+    listener.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        ca_file = Path(tmp) / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        command = [sys.executable, "-c", CLIENT, str(sock.getsockname()[1])]
+        start = time.process_time()
+        client = await asyncio.create_subprocess_exec(*command, str(count), str(ca_file), HOST)
+        if await client.wait() != 0:
+            raise SystemExit("the client failed")
+        spent = time.process_time() - start
+    await listener.close()
+    return spent / count * 1e6
+
+
 async def main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     backend = await loop.create_server(_Backend, "127.0.0.1", 0)
     port = backend.sockets[0].getsockname()[1]
     forwarder = Forwarder(BackendPool([f"http://127.0.0.1:{port}"]), lean_clicks=True)
     await forwarder.start()
-    server = web.Server(lambda request: web.Response())
+    server = web.Server(_never_called)
     paths = ClickPaths(
         forwarding=forwarder,
         is_suspended=lambda _name: False,
@@ -120,6 +187,12 @@ async def main(args: argparse.Namespace) -> None:
         server=server,
         idle_timeout=60.0,
     )
+    if args.conns:
+        figure = await _conns(paths, args.conns)
+        print(f"new TLS connection + click, µs CPU per connection: {figure:.0f} ({args.conns})")
+        await forwarder.close()
+        backend.close()
+        return
     protocol = paths.protocol_factory()()
     transport = _ClientTransport()
     protocol.connection_made(transport)
@@ -147,6 +220,7 @@ if __name__ == "__main__":
     parser.add_argument("--clicks", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument("--conns", type=int, default=0, help="new connections instead")
     parser.add_argument("--profile", help="cProfile one more round into this file")
     arguments = parser.parse_args()
     if arguments.uvloop:
