@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from proxy.admin.api import ROUTES
 from proxy.admin.openapi import SCHEMAS, document
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.hosts.leases import lease_name
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -269,6 +272,61 @@ async def test_checks_now_then_certificate_renewal_and_events(
     assert [k for k, _ in kinds].count("issued") == 1  # the first certificate
     assert [k for k, _ in kinds].count("renewed") == 1  # the forced renewal
     assert_schema(events, "Events")
+
+
+async def _active_host(edge: EdgeHandle, api: aiohttp.ClientSession, dns_server: DNSServer) -> str:
+    host = f"links.busy-{n(edge)}.test"
+    await call(api, "POST", "/v1/hosts", json={"hostname": host, "account": "shop"})
+    dns_server.set_cname(host, edge.target)
+    status, body = await call(api, "POST", f"/v1/hosts/{host}/checks")
+    assert status == 200 and body["state"] == "active", body
+    return host
+
+
+async def test_renewal_waits_for_another_holders_lease(admin, api, dns_server) -> None:
+    """The host's issuance lease is held elsewhere (a proactive order that finds the
+    certificate stored, a first click in another worker) and released soon: the forced
+    renewal waits for it instead of answering 409 (seen in CI under load, right after
+    the host's first certificate)."""
+    edge, _ = admin
+    host = await _active_host(edge, api, dns_server)
+    _, first = await call(api, "GET", f"/v1/hosts/{host}/certificate")
+    store = await edge.open_store()
+    try:
+        assert await store.try_acquire_lease(lease_name(host), "another-worker", 30)
+
+        async def release_soon() -> None:
+            await asyncio.sleep(0.5)
+            await store.release_lease(lease_name(host), "another-worker")
+
+        releaser = asyncio.create_task(release_soon())
+        status, renewed = await call(api, "POST", f"/v1/hosts/{host}/renew")
+        await releaser
+    finally:
+        await store.close()
+    assert status == 200, renewed
+    assert renewed["serial"] != first["serial"]
+
+
+async def test_renewal_answers_409_while_another_order_keeps_the_lease(
+    admin, api, dns_server
+) -> None:
+    edge, _ = admin
+    host = await _active_host(edge, api, dns_server)
+    _, first = await call(api, "GET", f"/v1/hosts/{host}/certificate")
+    manager = edge.worker.manager
+    assert manager is not None
+    manager._settings = dataclasses.replace(manager._settings, renew_wait_seconds=0.5)
+    store = await edge.open_store()
+    try:
+        assert await store.try_acquire_lease(lease_name(host), "another-worker", 30)
+        status, body = await call(api, "POST", f"/v1/hosts/{host}/renew")
+        await store.release_lease(lease_name(host), "another-worker")
+    finally:
+        await store.close()
+    assert status == 409 and body["error"] == "order_in_progress", body
+    _, after = await call(api, "GET", f"/v1/hosts/{host}/certificate")
+    assert after["serial"] == first["serial"]  # nothing was ordered or replaced
 
 
 async def test_renewal_refused_for_a_host_that_does_not_verify(admin, api, dns_server) -> None:

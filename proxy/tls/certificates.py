@@ -84,6 +84,10 @@ class ManagerSettings:
     # expires within this many seconds
     lease_seconds: float = 10.0
     lease_poll_seconds: float = 0.1
+    # an operator's forced renewal waits this long for another holder's lease (a first
+    # click's order, or a proactive one that just found the certificate stored) before
+    # answering "order in progress"
+    renew_wait_seconds: float = 10.0
     cache_size: int = 10_000
     revalidate_seconds: float = 30.0  # cached contexts are compared with the store this often
     ca_refusal_seconds: float = 1.0  # a click refused for a CA outage is remembered this long
@@ -559,21 +563,32 @@ class CertificateManager:
         they are (an `renewal_failed` event) and raises AcmeError.
         """
         lease = lease_name(hostname)
-        async with kept_lease(
-            self._store, lease, self.holder, self._settings.lease_seconds
-        ) as held:
-            if not held:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._settings.renew_wait_seconds
+        while True:
+            async with kept_lease(
+                self._store, lease, self.holder, self._settings.lease_seconds
+            ) as held:
+                if held:
+                    return await self._renew_with_lease(hostname)
+            # Held by another order. Often it ends at once: the proactive issuance of a
+            # host that has just verified holds the lease while it finds the certificate
+            # stored; an operator's renewal right after it must not be refused for that.
+            if loop.time() >= give_up:
                 raise RenewalBusy(f"an order for {hostname} is already in progress")
-            # The CA's limits bind operators too: no forced order while the host backs off.
-            verdict = await self._limits.check_host(hostname)
-            if not verdict.allowed:
-                raise AcmeError(verdict.reason)
-            return await self.issue_and_store(
-                hostname,
-                authz_budget=verdict.authz_budget,
-                renewal=True,
-                clear_backoff=verdict.had_backoff,
-            )
+            await asyncio.sleep(self._settings.lease_poll_seconds)
+
+    async def _renew_with_lease(self, hostname: str) -> StoredCertificate:
+        # The CA's limits bind operators too: no forced order while the host backs off.
+        verdict = await self._limits.check_host(hostname)
+        if not verdict.allowed:
+            raise AcmeError(verdict.reason)
+        return await self.issue_and_store(
+            hostname,
+            authz_budget=verdict.authz_budget,
+            renewal=True,
+            clear_backoff=verdict.had_backoff,
+        )
 
     async def _order_with_lease(self, hostname: str) -> ssl.SSLContext:
         # The previous holder may have finished (or failed) between our miss and our lease.
