@@ -10,6 +10,7 @@ cancellation, and wakes for a short limit registered after a long one.
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -88,4 +89,43 @@ async def test_many_expire_together() -> None:
 
     results = await asyncio.gather(*(guarded() for _ in range(50)))
     assert results == ["timed out"] * 50
+    assert timeouts.pending() == 0
+
+
+class _Entry:
+    expired = False
+
+    def _expire(self) -> None:
+        self.expired = True
+
+
+class _Clock:
+    """What `_sweep` and `_arm` use of a loop, at a fixed time."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.armed: list[float] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, *_args: object) -> _Clock:
+        self.armed.append(when)
+        return self  # as the handle: `_arm` may cancel it
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_a_sweep_at_the_ticks_moment_takes_it() -> None:
+    """43 * 0.1 / 0.1 is 42.99…: counted in ticks, the sweep at the very moment the timer
+    was armed for found nothing due and re-armed for that moment."""
+    tick = next(t for t in range(1, 1000) if math.floor(t * RESOLUTION / RESOLUTION) != t)
+    timeouts = CoarseTimeouts()
+    entry = _Entry()
+    timeouts._buckets[tick] = {entry: None}  # type: ignore[dict-item]
+    clock = _Clock(tick * RESOLUTION)
+    timeouts._sweep(clock)  # type: ignore[arg-type]
+    assert entry.expired
+    assert clock.armed == []  # nothing left, nothing re-armed
     assert timeouts.pending() == 0

@@ -21,6 +21,7 @@ import math
 from types import TracebackType
 
 RESOLUTION = 0.1  # seconds per tick
+_EARLY = 1e-6  # a sweep this much before a tick's moment still takes the tick
 
 
 class CoarseTimeouts:
@@ -66,8 +67,12 @@ class CoarseTimeouts:
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         self._handle = None
-        now = math.floor(loop.time() / self._resolution)
-        for tick in sorted(t for t in self._buckets if t <= now):
+        # in seconds, as `_arm` computed the moment: `floor(time / resolution)` can come
+        # out one tick short at that very moment (floating point), and the loop may run
+        # a timer up to its clock resolution early; either only re-armed for the same
+        # moment, a few callbacks more
+        now = loop.time() + _EARLY
+        for tick in sorted(t for t in self._buckets if t * self._resolution <= now):
             for entry in list(self._buckets.pop(tick)):
                 entry._expire()  # noqa: SLF001 (this module's own class)
         if self._buckets:
