@@ -198,7 +198,7 @@ class BurstBench(bp.PeerBench):
         right_after = sum(_statm_rss_kib(p) for p in pids)
         hwm = sum(_status_kib(p, "VmHWM") for p in pids)
         out = proc.stdout
-        counts = _h2load_counts(out)
+        counts = bp.h2load_counts(out)
         time.sleep(a.settle)
         settled = sum(_statm_rss_kib(p) for p in pids)
         tls = re.search(r"TLS Protocol: (\S+)", out)
@@ -304,27 +304,6 @@ def _edge_counters(port: int) -> dict[str, float]:
         for name, _, value in (line.rpartition(" ") for line in text.splitlines())
         if name.startswith(wanted) and float(value)
     }
-
-
-def _h2load_counts(out: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    m = re.search(
-        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
-        r"(\d+) errored, (\d+) timeout",
-        out,
-    )
-    if m:
-        for key, value in zip(
-            ("total", "started", "done", "succeeded", "failed", "errored", "timeout"),
-            m.groups(),
-            strict=True,
-        ):
-            counts[key] = int(value)
-    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
-    if m:
-        for key, value in zip(("2xx", "3xx", "4xx", "5xx"), m.groups(), strict=True):
-            counts[key] = int(value)
-    return counts
 
 
 def _mib(kib: float) -> str:

@@ -549,6 +549,9 @@ class Bench:
 
     # -- setup -------------------------------------------------------------------
 
+    def adjust_config(self, config: Any) -> None:
+        """A subclass's edits of the measured edge's Config (variants copy it)."""
+
     def start_stack(self) -> None:
         from certstore import generate_key_text
         from proxy.app.config import Config
@@ -594,6 +597,7 @@ class Bench:
         config.tls.issuance_wait = 30
         config.tls.hello_timeout = 2
         config.admin.listen = ""  # no admin API in the benchmark
+        self.adjust_config(config)
         self.config = config
         self.edge_log = self.workdir / "edge.log"
         try:

@@ -19,13 +19,21 @@ binary is missing is left out of the table. Everything runs on loopback:
   every click through aiohttp's server), each its own process.
 
 Units (CPU time of the server's whole process tree from /proc, utime + stime, divided by
-the successful operations; the load clients are Python processes pinned to the other CPU):
+the successful operations; the load client is pinned to the other CPU with the backend):
 
-* `conns`: new TCP + full TLS 1.3 handshake (client sends OP_NO_TICKET and no session;
-  `session_reused` is checked on every connection and a resumed one aborts the run) +
-  one `GET /c/<id>` + read the 302 + close;
-* `keepalive`: one TLS connection per client, sequential GETs;
-* `plain`: one plain-HTTP connection per client, sequential GETs.
+* `conns`: new TCP + full TLS 1.3 handshake + one `GET /c/<id>` + read the 302 + close;
+* `keepalive`: `--clients` TLS connections, sequential GETs on each;
+* `plain`: `--clients` plain-HTTP connections, sequential GETs on each.
+
+The load client (`--load`): `h2load` (Debian `nghttp2-client`; the default when installed)
+is C and cheap per connection, so the servers, not the client, set the pace: `conns`
+opens `--conn-rate` connections per second (in tenths of a second), one click each; it
+never offers a session, which the run checks first against a TLS server of its own that
+would resume one (`check_h2load_full_handshakes`). Its load comes from one address that
+stands for many recipients, so the measured linkedge has its per-source caps raised
+above it (`PeerBench.adjust_config`). `python`: two Python processes (`bench_edge.py`'s
+clients; OP_NO_TICKET, `session_reused` checked on every connection), which cap every
+server at ~250-300 new connections per second on this machine.
 
 Rounds rotate the server order; per kind the table shows the median over rounds, its
 [min..max], and the per-round ratio to each peer (median [min..max]).
@@ -126,6 +134,81 @@ def tree_rss_kib(pid: int) -> int:
     return sum(be.rss_kib(p) for p in tree_pids(pid))
 
 
+H2LOAD = shutil.which("h2load") or "h2load"
+
+
+def h2load_counts(out: str) -> dict[str, int]:
+    """h2load's request and status counts from its report."""
+    counts: dict[str, int] = {}
+    m = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+        r"(\d+) errored, (\d+) timeout",
+        out,
+    )
+    if m:
+        for key, value in zip(
+            ("total", "started", "done", "succeeded", "failed", "errored", "timeout"),
+            m.groups(),
+            strict=True,
+        ):
+            counts[key] = int(value)
+    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if m:
+        for key, value in zip(("2xx", "3xx", "4xx", "5xx"), m.groups(), strict=True):
+            counts[key] = int(value)
+    return counts
+
+
+def check_h2load_full_handshakes(n: int = 40) -> dict[str, int]:
+    """h2load's new connections are full handshakes: it is pointed at a TLS server of
+    this process whose session cache and tickets would let a client resume; every
+    connection must be a full handshake (no cache hit) with the SNI asked for."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("links.h2load-check.test")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(ctx)
+    names: set[str] = set()
+    ctx.sni_callback = lambda _s, name, _c: names.add(name or "")
+    listener = socket.create_server(("127.0.0.1", 0), backlog=n)
+    port = listener.getsockname()[1]
+    served = 0
+
+    def serve() -> None:
+        nonlocal served
+        listener.settimeout(10)
+        for _ in range(n):
+            raw, _addr = listener.accept()
+            with ctx.wrap_socket(raw, server_side=True) as tls:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += tls.recv(4096) or b"\r\n\r\n"
+                tls.sendall(b"HTTP/1.1 302 Found\r\nLocation: /\r\nContent-Length: 0\r\n\r\n")
+                served += 1
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    out = subprocess.run(  # noqa: S603 (our own arguments)
+        [H2LOAD, "--h1", "-c", str(n), "-n", str(n), "-r", str(n // 4), "--rate-period", "100ms"]
+        + ["--connect-to", f"127.0.0.1:{port}", "https://links.h2load-check.test/c/1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    thread.join(15)
+    listener.close()
+    stats = ctx.session_stats()
+    counts = h2load_counts(out)
+    if counts.get("3xx") != n or served != n or stats["hits"] or stats["accept_good"] != n:
+        raise RuntimeError(f"h2load check: {counts} served {served} session stats {stats}")
+    if names != {"links.h2load-check.test"}:
+        raise RuntimeError(f"h2load check: SNI {names}")
+    return {"connections": n, "full_handshakes": stats["accept_good"] - stats["hits"]}
+
+
 class _Ask(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         self.send_response(200)
@@ -175,6 +258,15 @@ class PeerBench(be.Bench):
         self.stack.callback(stop)
         self.popen[name] = proc
         return proc
+
+    def adjust_config(self, config: Any) -> None:
+        if self.args.load == "h2load":
+            # h2load is one client address standing for many recipients: linkedge's caps
+            # per source (there to stop one hostile client) raised above its load
+            cap = max(1024, 4 * self.args.conn_rate)
+            config.listen.max_connections_per_source = cap
+            config.tls.max_pending_per_source = cap
+            config.backend.max_per_source = cap
 
     def setup_linkedge(self) -> None:
         self.start_stack()
@@ -392,6 +484,8 @@ http:// {{
     # -- load --------------------------------------------------------------------
 
     def load(self, server: str, kind: str, duration: float) -> dict[str, Any]:
+        if self.args.load == "h2load":
+            return self.load_h2load(server, kind, duration)
         ip = self.ips[server]
         port = self.plain_ports[server] if kind == "plain" else self.ports[server]
         kwargs = {
@@ -442,6 +536,71 @@ http:// {{
                 (r.get("tls_version") for r in results if r.get("tls_version")), ""
             ),
         }
+
+    def load_h2load(self, server: str, kind: str, duration: float) -> dict[str, Any]:
+        """`load` with h2load as the client: C, one thread on the clients' CPU.
+
+        `conns`: `--conn-rate` new connections per second (opened in tenths of a second),
+        one click each, then h2load closes it; it never offers a TLS session
+        (`check_h2load_full_handshakes`). Keep-alive kinds: `--clients` connections,
+        sequential requests for `duration` seconds."""
+        a = self.args
+        ip = self.ips[server]
+        plain = kind == "plain"
+        port = self.plain_ports[server] if plain else self.ports[server]
+        url = f"{'http' if plain else 'https'}://{self.hosts[server]}:{port}{be.CLICK_PATH}"
+        cmd = [H2LOAD, "--h1", "-t", "1", "--connect-to", f"{ip}:{port}"]
+        if kind == "conns":
+            per_tenth = max(1, round(a.conn_rate / 10))
+            total = max(per_tenth, round(a.conn_rate * duration))
+            cmd += ["-c", str(total), "-n", str(total), "-r", str(per_tenth)]
+            cmd += ["--rate-period", "100ms"]
+        else:
+            cmd += ["-c", str(a.clients), "-D", f"{round(duration * 1000)}ms"]
+        b0 = be.cpu_of(self.pids["backend"])
+        c0 = self.server_cpu(server)
+        t0 = time.perf_counter()
+        proc = subprocess.run(  # noqa: S603 (our own arguments)
+            [*cmd, url],
+            capture_output=True,
+            text=True,
+            timeout=duration * 4 + 60,
+            preexec_fn=self._on_client_cpus,
+        )
+        wall = time.perf_counter() - t0
+        c1 = self.server_cpu(server)
+        b1 = be.cpu_of(self.pids["backend"])
+        counts = h2load_counts(proc.stdout)
+        if proc.returncode != 0 or "3xx" not in counts:
+            raise RuntimeError(
+                f"h2load failed ({server}, {kind}): {proc.stdout[-2000:]}{proc.stderr[-1000:]}"
+            )
+        ok = counts["3xx"]
+        elapsed = re.search(r"finished in ([0-9.]+)s", proc.stdout)
+        seconds = float(elapsed.group(1)) if elapsed else wall
+        tls = re.search(r"TLS Protocol: (\S+)", proc.stdout)
+        per = 1e6 / ok if ok else math.nan
+        errors = {
+            k: counts[k] for k in ("2xx", "4xx", "5xx", "failed", "errored", "timeout") if counts[k]
+        }
+        return {
+            "server": server,
+            "kind": kind,
+            "ok": ok,
+            "errors": errors,
+            "rate_per_s": ok / seconds if seconds else math.nan,
+            "cpu_us": (c1.total - c0.total) * per,
+            "user_us": (c1.utime - c0.utime) * per,
+            "sys_us": (c1.stime - c0.stime) * per,
+            "backend_us": (b1.total - b0.total) * per,
+            "wall_s": wall,
+            "tls_version": tls.group(1) if tls else "",
+        }
+
+    def _on_client_cpus(self) -> None:
+        cpus = sorted(os.sched_getaffinity(0))
+        if self.args.pin and len(cpus) > 1:
+            os.sched_setaffinity(0, set(cpus[1:]))
 
     def rounds(self) -> dict[str, list[dict[str, Any]]]:
         a = self.args
@@ -609,6 +768,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=float, default=0.5)
     p.add_argument("--clients", type=int, default=2)
+    p.add_argument(
+        "--load",
+        choices=("h2load", "python"),
+        default="h2load" if shutil.which("h2load") else "python",
+        help="load client: h2load (C, default when installed) or the Python clients",
+    )
+    p.add_argument(
+        "--conn-rate", type=int, default=600, help="h2load: new connections per second (600)"
+    )
     p.add_argument("--kinds", default="conns,keepalive,plain")
     p.add_argument("--peers", default="nginx,caddy", help="comma list of nginx,caddy ('' for none)")
     p.add_argument(
@@ -653,6 +821,8 @@ def main(argv: list[str] | None = None) -> int:
             workdir = stack.enter_context(be._workdir(args.keep))
             bench = PeerBench(args, workdir, stack)
             bench.results = results
+            if args.load == "h2load":  # before anything else: its handshakes are full ones
+                results["h2load_check"] = check_h2load_full_handshakes()
             print("starting DNS, Pebble, backend, linkedge, clients ...", flush=True)
             bench.setup_linkedge()
             for i, spec in enumerate(v for v in args.variants.split(",") if v):
