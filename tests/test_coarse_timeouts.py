@@ -129,3 +129,18 @@ def test_a_sweep_at_the_ticks_moment_takes_it() -> None:
     assert entry.expired
     assert clock.armed == []  # nothing left, nothing re-armed
     assert timeouts.pending() == 0
+
+
+async def test_a_call_later_fires_once_within_a_tick_unless_cancelled() -> None:
+    timeouts = CoarseTimeouts()
+    loop = asyncio.get_running_loop()
+    fired: list[float] = []
+    started = loop.time()
+    timeouts.call_later(loop, 0.2, lambda: fired.append(loop.time() - started))
+    cancelled = timeouts.call_later(loop, 0.2, lambda: fired.append(-1.0))
+    cancelled.cancel()
+    cancelled.cancel()  # twice: nothing more
+    assert timeouts.pending() == 1
+    await asyncio.sleep(0.2 + RESOLUTION + 0.2)
+    assert len(fired) == 1 and 0.2 <= fired[0] < 0.2 + RESOLUTION + 0.2
+    assert timeouts.pending() == 0

@@ -58,14 +58,22 @@ class BackendPool:
         self._task: asyncio.Task[None] | None = None
 
     def candidates(self) -> list[Backend]:
-        """Healthy backends, the next one in the rotation first."""
+        """Healthy backends, the next one in the rotation first; the rotation moves on."""
+        healthy = self.next_candidates()
+        self.rotate()
+        return healthy
+
+    def next_candidates(self) -> list[Backend]:
+        """What `candidates` would return, without moving the rotation on."""
         backends = self.backends
         if len(backends) == 1:
             return [backends[0]] if backends[0].healthy else []
         start = self._next
-        self._next = (start + 1) % len(backends)
-        rotated = backends[start:] + backends[:start]
-        return [b for b in rotated if b.healthy]
+        return [b for b in backends[start:] + backends[:start] if b.healthy]
+
+    def rotate(self) -> None:
+        if len(self.backends) > 1:
+            self._next = (self._next + 1) % len(self.backends)
 
     def connect_failed(self, backend: Backend, reason: object) -> None:
         """Passive check: a connect that failed while forwarding takes the backend out."""

@@ -16,7 +16,12 @@ and serves exactly that kind of request itself:
   memory is read first, single-flight, as aiohttp's handler would read it) say
   "forward". The forward is `Forwarder.handle_lean`: the same per-source bound,
   deadline, cancellation when the client leaves, headers, failover and error answers
-  as aiohttp's path, over the lean client; HSTS comes from `HostPolicy.hsts`;
+  as aiohttp's path, over the lean client; HSTS comes from `HostPolicy.hsts`. When
+  nothing needs a wait (the host's view and HSTS in memory, an idle pooled backend
+  connection, a free slot), `Forwarder.forward_now` forwards a GET without a task:
+  the request leaves from this `data_received`, and a whole answer is written from the
+  backend connection's (`_DirectClick`); the rest of such a click (a body still
+  arriving, a failure, a timeout) finishes in a task, as `handle_lean` would;
 * the answer leaves in one write when the backend's answer is complete (a click's
   302), framed as aiohttp frames a relayed answer (`_RelayedResponse`): the same
   fields in the same order, Date, `Server: linkedge` unless the backend sent one,
@@ -38,8 +43,9 @@ aiohttp's `web.Server` like a handler) hold on the lean path too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, cast
 
 from aiohttp import HttpVersion11, web
@@ -53,7 +59,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.http import app as http_app
 from proxy.http.app import MAX_HEADERS, Step, decide
-from proxy.http.forward import LeanResponder, relayed_headers
+from proxy.http.forward import DirectClick, LeanResponder, relayed_headers
 from proxy.http.host_policy import HSTS, HostPolicy
 from proxy.http.lean_client import Answer
 from proxy.wire.peers import connection_client, source_key
@@ -68,6 +74,10 @@ _MAX_BUFFERED = 2**16
 
 class LeanForwarding(Protocol):
     def lean_ready(self) -> bool: ...
+
+    def forward_now(
+        self, request: web.Request, respond: LeanResponder, click: DirectClick
+    ) -> bool: ...
 
     async def handle_lean(self, request: web.Request, respond: LeanResponder) -> bool: ...
 
@@ -119,10 +129,11 @@ class ClickPaths:
 
 
 class ClickStats:
-    __slots__ = ("lean", "handed_off")
+    __slots__ = ("lean", "direct", "handed_off")
 
     def __init__(self) -> None:
         self.lean = 0  # clicks answered by the lean protocol
+        self.direct = 0  # clicks forwarded without a task (`Forwarder.forward_now`)
         self.handed_off = 0  # connections handed to aiohttp's RequestHandler
 
 
@@ -175,6 +186,7 @@ class LeanClickProtocol(asyncio.Protocol):
         self._closing = False  # drain: close after the click in progress
         self._handed_off = False
         self._task: asyncio.Task[None] | None = None
+        self._direct: _DirectClick | None = None  # a click forwarded without a task
         self._idle_handle: asyncio.TimerHandle | None = None
         self._last_used = 0.0
         self._lost_callbacks: list[Callable[[], object]] = []
@@ -212,6 +224,9 @@ class LeanClickProtocol(asyncio.Protocol):
             self.transport.close()
 
     async def shutdown(self, timeout: float | None) -> None:  # noqa: ASYNC109 (web.Server's call)
+        direct = self._direct
+        if direct is not None:  # may go on in a task (then awaited below)
+            await asyncio.wait({direct.over()}, timeout=timeout)
         task = self._task
         if task is not None and not task.done():
             await asyncio.wait({task}, timeout=timeout)
@@ -273,6 +288,8 @@ class LeanClickProtocol(asyncio.Protocol):
         task = self._task
         if task is not None and not task.done():
             task.cancel()
+        if self._direct is not None:  # its forward was called off by the callbacks above
+            self._direct.finished()
         transport, self.transport = self.transport, None
         paths.release_transport(transport)
 
@@ -284,8 +301,18 @@ class LeanClickProtocol(asyncio.Protocol):
             self._hand_off(data)
             return
         self._busy = True
-        self._paths.limits.touched(self)
-        self._task = self._loop.create_task(self._serve(head, data))
+        paths = self._paths
+        paths.limits.touched(self)
+        respond = _Responder(self, head)
+        if not head.read_view:
+            click = _DirectClick(self, head, data, respond)
+            if paths.forwarding.forward_now(cast(web.Request, head), respond, click):
+                self._direct = click
+                paths.stats.direct += 1
+                return
+        self._task = self._loop.create_task(
+            self._complete(functools.partial(self._forward, head, respond), data, respond)
+        )
 
     def _lean_click(self, data: bytes) -> _Head | None:
         """The parsed request when it is a lean click, else None (aiohttp's)."""
@@ -336,20 +363,23 @@ class LeanClickProtocol(asyncio.Protocol):
             return None
         return head
 
-    async def _serve(self, head: _Head, data: bytes) -> None:
+    async def _forward(self, head: _Head, respond: _Responder) -> bool:
+        """The click forwarded in this task: False, nothing sent (aiohttp's then)."""
         request = cast(web.Request, head)
-        respond = _Responder(self, head)
         paths = self._paths
+        if head.read_view and paths.policy is not None:
+            # the host's view was not in memory (a first click, a change): read it
+            # (single-flight) and decide again; nothing was sent yet
+            if not await paths.policy.forwards_after_reading(request, head.host):
+                return False
+        return await paths.forwarding.handle_lean(request, respond)
+
+    async def _complete(
+        self, forwarding: Callable[[], Coroutine[Any, Any, bool]], data: bytes, respond: _Responder
+    ) -> None:
+        """Run the click's forwarding (this task's), then end the click as it says."""
         try:
-            if head.read_view and paths.policy is not None:
-                # the host's view was not in memory (a first click, a change): read it
-                # (single-flight) and decide again; nothing was sent yet
-                if not await paths.policy.forwards_after_reading(request, head.host):
-                    self._task = None
-                    self._busy = False
-                    self._hand_off(data + self._buffer)
-                    return
-            taken = await paths.forwarding.handle_lean(request, respond)
+            taken = await forwarding()
         except asyncio.CancelledError:
             return  # the client left (connection_lost) or the drain's deadline
         except Exception:
@@ -365,6 +395,10 @@ class LeanClickProtocol(asyncio.Protocol):
             self._busy = False
             self._hand_off(data + self._buffer)
             return
+        self._answered(respond)
+
+    def _answered(self, respond: _Responder) -> None:
+        """A click is answered: the connection waits for the next one (or closes)."""
         self._paths.stats.lean += 1
         self._busy = False
         transport = self.transport
@@ -423,6 +457,51 @@ class LeanClickProtocol(asyncio.Protocol):
         self.transport = None
 
 
+class _DirectClick:
+    """A click `Forwarder.forward_now` took (no task): what became of it."""
+
+    __slots__ = ("_conn", "_head", "_data", "_respond", "_over")
+
+    def __init__(
+        self, conn: LeanClickProtocol, head: _Head, data: bytes, respond: _Responder
+    ) -> None:
+        self._conn = conn
+        self._head = head
+        self._data = data
+        self._respond = respond
+        self._over: asyncio.Future[None] | None = None  # made if the drain waits for it
+
+    def done(self) -> None:
+        self.finished()
+        self._conn._answered(self._respond)  # noqa: SLF001 (the connection's own)
+
+    def adopt(self, rest: Callable[[], Coroutine[Any, Any, bool]]) -> None:
+        self._in_task(rest)
+
+    def retry(self) -> None:
+        self._in_task(functools.partial(self._conn._forward, self._head, self._respond))  # noqa: SLF001
+
+    def _in_task(self, forwarding: Callable[[], Coroutine[Any, Any, bool]]) -> None:
+        conn = self._conn
+        self.finished()
+        finish = conn._complete(forwarding, self._data, self._respond)  # noqa: SLF001
+        conn._task = conn._loop.create_task(finish)  # noqa: SLF001
+
+    def over(self) -> asyncio.Future[None]:
+        """Done once the connection is no longer waiting on this click without a task."""
+        if self._over is None:
+            self._over = self._conn._loop.create_future()  # noqa: SLF001
+            if self._conn._direct is not self:  # noqa: SLF001
+                self._over.set_result(None)
+        return self._over
+
+    def finished(self) -> None:
+        if self._conn._direct is self:  # noqa: SLF001
+            self._conn._direct = None  # noqa: SLF001
+        if self._over is not None and not self._over.done():
+            self._over.set_result(None)
+
+
 class _Responder:
     """Writes a lean click's answer as aiohttp would have framed it (see the module doc)."""
 
@@ -456,8 +535,26 @@ class _Responder:
             self.close_after = True
         self._write(_head_bytes(response.status, response.reason, headers) + body)
 
-    async def relay(self, answer: Answer) -> None:
-        """The backend's answer, streamed; one write when it is complete already."""
+    def relay_complete(self, answer: Answer) -> bool:
+        """`relay` without waiting, when the whole answer is here and its HSTS is known
+        from memory: True once written; False, nothing done (then `relay`)."""
+        if not answer.complete():
+            return False
+        policy = self._conn._paths.policy  # noqa: SLF001 (the connection's own paths)
+        known, hsts = policy.hsts_now(cast(web.Request, self._head)) if policy else (True, None)
+        if not known:
+            return False
+        parts, empty, framed = self._relayed_head(answer, hsts)
+        while chunk := answer.read_now():
+            if not empty:
+                parts.append(b"%x\r\n%b\r\n" % (len(chunk), chunk) if framed else chunk)
+        if framed:
+            parts.append(b"0\r\n\r\n")
+        self._write(b"".join(parts))
+        return True
+
+    def _relayed_head(self, answer: Answer, hsts: str | None) -> tuple[list[bytes], bool, bool]:
+        """The answer's head as aiohttp frames it; whether its body is dropped, chunked."""
         status = answer.status
         method = self._head.method
         headers: CIMultiDict[str] = CIMultiDict(relayed_headers(answer.headers))
@@ -472,11 +569,14 @@ class _Responder:
             headers["Transfer-Encoding"] = "chunked"
         length = None if chunked else headers.get("Content-Length")
         self._finish_headers(headers, status, not empty and length != "0")
-        self._add_hsts(headers, await self._hsts())
+        self._add_hsts(headers, hsts)
         self.started = True  # from here a failure cuts the connection (as `_relay`'s)
         self.status = status
-        parts = [_head_bytes(status, answer.reason, headers)]
-        framed = chunked and not empty
+        return [_head_bytes(status, answer.reason, headers)], empty, chunked and not empty
+
+    async def relay(self, answer: Answer) -> None:
+        """The backend's answer, streamed; one write when it is complete already."""
+        parts, empty, framed = self._relayed_head(answer, await self._hsts())
         try:
             while True:
                 chunk = answer.read_now()

@@ -28,19 +28,28 @@ import contextlib
 import functools
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_parser import RawResponseMessage
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.counters import Counters
 from proxy.http.backends import BackendPool
-from proxy.http.lean_client import Answer, ConnectFailed, Connection, LeanClient, request_head
+from proxy.http.lean_client import (
+    Answer,
+    BackendClosed,
+    ConnectFailed,
+    Connection,
+    LeanClient,
+    request_head,
+)
 from proxy.http.request_target import checked_host, origin_form
-from proxy.wire.coarse_timeouts import CoarseTimeouts
+from proxy.wire.coarse_timeouts import CoarseCall, CoarseTimeouts
 from proxy.wire.peers import TrustedNetworks, client_address, source_key
 
 log = logging.getLogger(__name__)
@@ -67,6 +76,17 @@ GATEWAY_TIMEOUT = "Gateway Timeout: the tracking backend did not answer in time"
 BAD_GATEWAY = "Bad Gateway: the tracking backend is unavailable"
 
 
+class DirectClick(Protocol):
+    """What `Forwarder.forward_now` tells the click's connection (the lean click protocol)."""
+
+    def done(self) -> None: ...  # answered: the click is over
+
+    # finish it in a task running `rest()` (not made at all if the task is cancelled first)
+    def adopt(self, rest: Callable[[], Coroutine[Any, Any, bool]]) -> None: ...
+
+    def retry(self) -> None: ...  # nothing was answered: forward it again, in a task
+
+
 class LeanResponder(Protocol):
     """How `Forwarder.handle_lean` answers: the lean click protocol writes it."""
 
@@ -81,6 +101,8 @@ class LeanResponder(Protocol):
     async def relay(self, answer: Answer) -> None: ...  # the backend's answer, streamed
 
     def cut(self) -> None: ...  # end the connection mid-answer
+
+    def relay_complete(self, answer: Answer) -> bool: ...  # `relay` if no wait is needed
 
 
 UNTRUSTED_FORWARDING = frozenset(
@@ -218,6 +240,42 @@ class Forwarder:
             if unwatch is not None:
                 unwatch()
             self._leave(source)
+
+    def forward_now(
+        self,
+        request: web.Request,
+        respond: LeanResponder,
+        click: DirectClick,
+        ended: Callable[[], None] = lambda: None,
+    ) -> bool:
+        """`handle_lean` for a GET without a task, when nothing needs a wait: the source
+        is under its bound, the first backend is plain HTTP and has an idle pooled
+        connection and a free slot. The answer is relayed from inside the backend
+        connection's `data_received` when it is whole; anything else (a body still
+        arriving, a failure, the deadline) finishes in a task through `click`. False:
+        not taken, nothing done. `ended` is called once the forward is over."""
+        lean = self._lean
+        if lean is None or request.method != "GET":
+            return False
+        source = self._source(request)
+        if self._in_flight.get(source, 0) >= self._max_per_source:
+            return False  # handle_lean answers the 429
+        candidates = self._backends.next_candidates()
+        if not candidates:
+            return False
+        base = _parsed_base(candidates[0].base)
+        if base.scheme != "http":
+            return False
+        headers = forwarded_headers(request, self._trusted)
+        head = request_head("GET", backend_target(base, origin_form(request.raw_path)), headers)
+        forward = _DirectForward(self, lean, request, respond, click, source, ended)
+        conn = lean.send_now(base, head, forward)
+        if conn is None:
+            return False
+        self._backends.rotate()  # as `candidates` would have
+        self._admit(source)  # under the bound: checked above
+        forward.begin(conn)
+        return True
 
     def _admit(self, source: str) -> bool:
         """One more forward for `source`, unless it has `max_per_source` in flight."""
@@ -361,6 +419,171 @@ class Forwarder:
                 return _error(502, BAD_GATEWAY)
             return answer, conn
         return _error(502, BAD_GATEWAY)
+
+
+class _DirectForward:
+    """One `Forwarder.forward_now` click, from its request's `send` to its end.
+
+    The same bounds as `handle_lean`: the forward deadline and the backend's answer
+    timeout (one coarse timer for the earlier of the two until the answer's head is
+    here), the client leaving (the backend connection is closed), the per-source count,
+    and the same answers: the backend's, 504 on a timeout, 502 on a failed or malformed
+    answer. A pooled connection that the backend had closed without a byte of answer is
+    the one failure that is retried: through `handle_lean`, like `LeanClient.exchange`.
+    """
+
+    __slots__ = (
+        "_forwarder",
+        "_lean",
+        "_request",
+        "_respond",
+        "_click",
+        "_source",
+        "_ended",
+        "_conn",
+        "_timer",
+        "_unwatch",
+        "_started",
+        "_over",
+    )
+
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        lean: LeanClient,
+        request: web.Request,
+        respond: LeanResponder,
+        click: DirectClick,
+        source: str,
+        ended: Callable[[], None],
+    ) -> None:
+        self._forwarder = forwarder
+        self._lean = lean
+        self._request = request
+        self._respond = respond
+        self._click = click
+        self._source = source
+        self._ended = ended
+        self._conn: Connection | None = None
+        self._timer: CoarseCall | None = None
+        self._unwatch: Callable[[], None] | None = None
+        self._started = 0.0
+        self._over = False
+
+    def begin(self, conn: Connection) -> None:
+        forwarder = self._forwarder
+        loop = asyncio.get_running_loop()
+        self._conn = conn
+        self._started = loop.time()
+        limit = min(forwarder._deadline, self._lean.timeout)  # noqa: SLF001
+        self._timer = forwarder._timeouts.call_later(loop, limit, self._timed_out)  # noqa: SLF001
+        when_lost = getattr(self._request.protocol, "call_when_lost", None)
+        if when_lost is not None:
+            self._unwatch = when_lost(self._client_left)
+
+    # -- what the backend connection says (AnswerWaiter) ----------------------------------
+
+    def answered(self, message: RawResponseMessage, payload: StreamReader) -> None:
+        conn = self._conn
+        assert conn is not None
+        answer = self._lean.answer(message, payload)
+        if self._respond.relay_complete(answer):  # a click's 302: all here, one write
+            self._end()
+            self._lean.release(conn)
+            self._click.done()
+            return
+        self._cancel_timer()  # the task keeps the deadline from here
+        self._click.adopt(functools.partial(self._relay_rest, answer, conn))
+
+    def failed(self, exc: BackendClosed) -> None:
+        conn = self._conn
+        assert conn is not None
+        self._lean.discard(conn)
+        self._end()
+        if not conn.got_bytes:  # a kept-alive connection the backend had closed
+            self._click.retry()
+            return
+        request = self._request
+        log.warning("backend error for %s %s: %s", request.method, request.raw_path, exc)
+        self._click.adopt(functools.partial(self._answer, _error(502, BAD_GATEWAY)))
+
+    # -- the other ends --------------------------------------------------------------------
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        conn = self._conn
+        assert conn is not None
+        self._lean.discard(conn)
+        forwarder = self._forwarder
+        request = self._request
+        if self._lean.timeout < forwarder._deadline:  # noqa: SLF001
+            log.warning("backend timeout for %s %s", request.method, request.raw_path)
+        else:
+            forwarder._deadline_reached(request)  # noqa: SLF001
+        self._end()
+        self._click.adopt(functools.partial(self._answer, _error(504, GATEWAY_TIMEOUT)))
+
+    def _client_left(self) -> None:
+        self._unwatch = None
+        if self._over:
+            return
+        conn = self._conn
+        assert conn is not None
+        self._forwarder.stats.cancelled += 1
+        self._lean.discard(conn)  # its answer is of no use now
+        self._end()
+
+    async def _relay_rest(self, answer: Answer, conn: Connection) -> bool:
+        """`handle_lean`'s relay for an answer whose body is still arriving."""
+        forwarder = self._forwarder
+        loop = asyncio.get_running_loop()
+        left = self._started + forwarder._deadline - loop.time()  # noqa: SLF001
+        respond = self._respond
+        # until this task ran, `_client_left` would have released the connection; from
+        # here the task's cancellation does (and counts the client leaving)
+        self._unwatch_client()
+        unwatch = forwarder._watch(self._request.protocol)  # noqa: SLF001
+        try:
+            async with forwarder._timeouts.timeout(max(left, 0.0)):  # noqa: SLF001
+                try:
+                    await respond.relay(answer)
+                finally:
+                    self._lean.release(conn)
+        except TimeoutError:
+            forwarder._deadline_reached(self._request)  # noqa: SLF001
+            if not respond.started:
+                await respond.edge(_error(504, GATEWAY_TIMEOUT))
+            else:  # headers are gone already: a truncated response
+                respond.cut()
+        finally:
+            if unwatch is not None:
+                unwatch()
+            self._end()
+        return True
+
+    async def _answer(self, response: web.Response) -> bool:
+        await self._respond.edge(response)
+        return True
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _unwatch_client(self) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+
+    def _end(self) -> None:
+        """The forward is over: its timer, its watch and its count go (once)."""
+        if self._over:
+            return
+        self._over = True
+        self._cancel_timer()
+        self._unwatch_client()
+        self._forwarder._leave(self._source)  # noqa: SLF001
+        self._ended()
 
 
 @functools.lru_cache(maxsize=64)
@@ -591,6 +814,15 @@ class ForwarderSlot:
             return await forwarder.handle(request)
         finally:
             self._done(key)
+
+    def forward_now(self, request: web.Request, respond: LeanResponder, click: DirectClick) -> bool:
+        forwarder = self.forwarder
+        key = id(forwarder)
+        self._active[key] = self._active.get(key, 0) + 1
+        if forwarder.forward_now(request, respond, click, lambda: self._done(key)):
+            return True
+        self._done(key)
+        return False
 
     async def handle_lean(self, request: web.Request, respond: LeanResponder) -> bool:
         forwarder = self.forwarder

@@ -143,18 +143,30 @@ class HostPolicy:
     async def hsts(self, request: web.Request) -> str | None:
         """The Strict-Transport-Security value every response to `request` gets (the
         edge replaces a backend's own), or None for none."""
+        known, value = self.hsts_now(request)
+        if known:
+            return value
+        # answer() has just loaded the view, so this is memory, unless the event feed
+        # dropped the entry while the request was at the backend: then it is read again
+        # (peeking would send this response without HSTS)
+        host = checked_host(request)
+        assert host is not None  # hsts_now knows every other case
+        return self._hsts_of(await self._views.get(host.lookup))
+
+    def hsts_now(self, request: web.Request) -> tuple[bool, str | None]:
+        """(True, `hsts`'s value) when known without a store read, else (False, None)."""
         if not self._is_https(request):  # RFC 6797 §7.2: meaningless over plain HTTP
-            return None
-        # answer() has just loaded the view (or the host is not registered), so this is
-        # memory, unless the event feed dropped the entry while the request was at the
-        # backend: then it is read again (peeking would send this response without HSTS)
+            return True, None
         try:
             host = checked_host(request)
         except BadRequest:
-            return None
-        if misdirected(host) is not None:  # the 421: no HSTS of another host
-            return None
-        view = await self._views.get(host.lookup) if host is not None else None
+            return True, None
+        if host is None or misdirected(host) is not None:  # the 421: no HSTS of another host
+            return True, None
+        known, view = self._views.recall(host.lookup)
+        return known, self._hsts_of(view)
+
+    def _hsts_of(self, view: HostView | None) -> str | None:
         if view is not None and view.hsts_max_age is not None and view.serves_https(self._clock()):
             return f"max-age={view.hsts_max_age}"
         return None

@@ -77,15 +77,23 @@ class HostViews:
         self._epoch = 0  # moves on every forget(): loads that began before are not kept
         self.store_reads = 0  # views and files read from the store (tests and benchmarks)
 
-    async def get(self, hostname: str) -> HostView | None:
-        """The host's view; None when it is not registered."""
+    def recall(self, hostname: str) -> tuple[bool, HostView | None]:
+        """`get` when memory knows the host: (True, the view or None when not
+        registered), as recently used; (False, None) when only a store read could tell."""
         entry = self._entries.get(hostname)
         if entry is not None:
             self._entries.move_to_end(hostname)
-            return entry.view
+            return True, entry.view
         if hostname in self._unknown:
             self._unknown.move_to_end(hostname)
-            return None
+            return True, None
+        return False, None
+
+    async def get(self, hostname: str) -> HostView | None:
+        """The host's view; None when it is not registered."""
+        known, view = self.recall(hostname)
+        if known:
+            return view
         pending = self._loading.get(hostname)
         if pending is None:
             # one read per host however many clicks arrive at once (a mailing's first

@@ -28,6 +28,7 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from aiohttp import ClientConnectionError, ClientPayloadError
 from aiohttp.base_protocol import BaseProtocol
@@ -53,11 +54,21 @@ class BackendClosed(ClientConnectionError):
     """The connection ended before the head of the answer arrived."""
 
 
+class AnswerWaiter(Protocol):
+    """Who is told about the answer of `LeanClient.send_now`'s request, from inside the
+    connection's `data_received` / `connection_lost` (no future, no task wake-up)."""
+
+    def answered(self, message: RawResponseMessage, payload: StreamReader) -> None: ...
+
+    def failed(self, exc: BackendClosed) -> None: ...
+
+
 class Connection(BaseProtocol):
     __slots__ = (
         "_parser",
         "_head_parser",
         "_head",
+        "_waiter",
         "_payload",
         "_got_bytes",
         "_reusable",
@@ -71,6 +82,7 @@ class Connection(BaseProtocol):
         self._parser: HttpResponseParser | None = None
         self._head_parser = False  # the parser is for the answer to a HEAD
         self._head: asyncio.Future[tuple[RawResponseMessage, StreamReader]] | None = None
+        self._waiter: AnswerWaiter | None = None  # instead of `_head`: `send_now`'s
         self._payload: StreamReader | None = None
         self._got_bytes = False
         self._reusable = False
@@ -81,6 +93,16 @@ class Connection(BaseProtocol):
     def send(
         self, data: bytes, *, head_request: bool = False
     ) -> asyncio.Future[tuple[RawResponseMessage, StreamReader]]:
+        self._head = self._loop.create_future()
+        self._write(data, head_request)
+        return self._head
+
+    def send_to(self, data: bytes, waiter: AnswerWaiter) -> None:
+        """`send` for a GET whose answer's head goes to `waiter` instead of a future."""
+        self._waiter = waiter
+        self._write(data, False)
+
+    def _write(self, data: bytes, head_request: bool) -> None:
         loop = self._loop
         if self._parser is None or head_request or self._head_parser:
             # one parser for the connection's life: it is back at a message boundary
@@ -96,17 +118,16 @@ class Connection(BaseProtocol):
                 auto_decompress=False,
             )
             self._head_parser = head_request
-        self._head = loop.create_future()
         self._payload = None
         self._got_bytes = False
         self._reusable = False
         assert self.transport is not None
         self.transport.write(data)
-        return self._head
 
     def rest(self) -> None:
         """Pooled: any byte from the backend until the next `send` closes the connection."""
         self._head = None
+        self._waiter = None
         self._payload = None
 
     @property
@@ -130,9 +151,10 @@ class Connection(BaseProtocol):
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
         parser = self._parser
-        if parser is None or self._head is None:  # bytes while idle: the backend is
-            if self.transport is not None:  # confused; drop the connection
-                self.transport.close()
+        idle = self._head is None and self._waiter is None and self._payload is None
+        if parser is None or idle:
+            if self.transport is not None:  # bytes while idle: the backend is confused;
+                self.transport.close()  # drop the connection
             return
         try:
             messages, _upgraded, _tail = parser.feed_data(data)
@@ -142,15 +164,19 @@ class Connection(BaseProtocol):
                 self.transport.close()
             return
         head = self._head
-        if head is None or head.done():  # bytes between answers: the backend is confused
-            if messages and self.transport is not None:
-                self.transport.close()
+        if self._waiter is None and (head is None or head.done()):
+            if messages and self.transport is not None:  # bytes between answers: the
+                self.transport.close()  # backend is confused
             return
         for message, payload in messages:
             if 100 <= message.code < 200:  # interim (we never send Expect): skip
                 continue
             self._payload = payload
             self._reusable = not message.should_close
+            waiter, self._waiter = self._waiter, None
+            if waiter is not None:
+                waiter.answered(message, payload)  # may release this connection at once
+                return
             head = self._head
             if head is not None and not head.done():
                 head.set_result((message, payload))
@@ -169,9 +195,13 @@ class Connection(BaseProtocol):
         self._fail(exc)
 
     def _fail(self, exc: BaseException | None) -> None:
+        closed = BackendClosed(str(exc) if exc else "backend closed the connection")
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.failed(closed)
         head = self._head
         if head is not None and not head.done():
-            head.set_exception(BackendClosed(str(exc) if exc else "backend closed the connection"))
+            head.set_exception(closed)
         payload = self._payload
         if payload is not None and not payload.is_eof():
             payload.set_exception(ClientPayloadError("backend closed the connection mid-answer"))
@@ -199,6 +229,10 @@ class Answer:
     @property
     def content(self) -> Answer:
         return self
+
+    def complete(self) -> bool:
+        """The whole body is here (`read_now` gives all of it, then b"")."""
+        return self._payload.is_eof()
 
     def read_now(self) -> bytes | None:
         """The next body bytes if no wait is needed (b"" at the end); None: `read_some`.
@@ -251,7 +285,8 @@ class LeanClient:
     ) -> None:
         self._connect_timeout = connect_timeout
         self._timeout = timeout
-        self._slots = asyncio.Semaphore(pool_size)
+        self.timeout = timeout  # for the answer's head and each body read
+        self._slots = _Slots(pool_size)
         self._pool_size = pool_size
         self._keepalive = keepalive
         self._timeouts = timeouts or CoarseTimeouts()
@@ -302,15 +337,13 @@ class LeanClient:
         """
         if url.scheme != "http":
             raise ValueError("the lean client speaks plain HTTP only")
-        key = f"{url.raw_host}:{url.port}"
-        if self._slots.locked():  # all in use: wait for one, bounded
+        key = _key(url)
+        if not self._slots.take_now():  # all in use: wait for one, bounded
             try:
                 async with asyncio.timeout(self._connect_timeout):
-                    await self._slots.acquire()
+                    await self._slots.take()
             except TimeoutError as exc:
                 raise ConnectFailed("no free backend connection in time", timeout=True) from exc
-        else:
-            await self._slots.acquire()  # free: returns at once (no timer armed for it)
         try:
             conn = self._take_idle(key)
             reused = conn is not None
@@ -331,9 +364,34 @@ class LeanClient:
                 self._drop(conn)
                 raise
         except BaseException:
-            self._slots.release()
+            self._slots.give()
             raise
-        return Answer(message, payload, self._timeout, self._timeouts), conn
+        return self.answer(message, payload), conn
+
+    def answer(self, message: RawResponseMessage, payload: StreamReader) -> Answer:
+        return Answer(message, payload, self._timeout, self._timeouts)
+
+    def send_now(self, url: URL, head: bytes, waiter: AnswerWaiter) -> Connection | None:
+        """`exchange` for a bodiless GET when it needs no wait: a free slot and an idle
+        pooled connection to `url` (else None, nothing done). The answer's head, or the
+        connection's failure, goes to `waiter`; the caller must `release` the connection
+        (or `discard` it), whatever happened. No retry here: a pooled connection the
+        backend had closed fails with nothing received (`Connection.got_bytes`), and the
+        caller may try again through `exchange`."""
+        if self._closed or not self._idle.get(_key(url)) or not self._slots.take_now():
+            return None
+        conn = self._take_idle(_key(url))
+        if conn is None:
+            self._slots.give()
+            return None
+        conn.send_to(head, waiter)
+        return conn
+
+    def discard(self, conn: Connection) -> None:
+        """Close the connection and free its slot (an exchange given up)."""
+        conn.rest()  # its waiter hears nothing more, not even the close
+        self._drop(conn)
+        self._slots.give()
 
     async def _connect(self, url: URL, key: str) -> Connection:
         loop = asyncio.get_running_loop()
@@ -361,12 +419,55 @@ class LeanClient:
             else:
                 self._drop(conn)
         finally:
-            self._slots.release()
+            self._slots.give()
 
     def _drop(self, conn: Connection) -> None:
         self._live.discard(conn)
         if conn.transport is not None:
             conn.transport.close()
+
+
+def _key(url: URL) -> str:
+    return f"{url.raw_host}:{url.port}"
+
+
+class _Slots:
+    """The connections a client may have in use at once: a semaphore that can also be
+    taken without awaiting (`take_now`). Waiters are served first come, first served."""
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def take_now(self) -> bool:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        if self.take_now():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.give()  # handed a slot just as it was cancelled: pass it on
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+
+    def give(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes to it, `_free` unchanged
+                return
+        self._free += 1
 
 
 def request_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:

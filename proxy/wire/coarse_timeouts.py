@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from types import TracebackType
+from typing import Protocol
 
 RESOLUTION = 0.1  # seconds per tick
 _EARLY = 1e-6  # a sweep this much before a tick's moment still takes the tick
@@ -29,18 +31,27 @@ class CoarseTimeouts:
 
     def __init__(self, resolution: float = RESOLUTION) -> None:
         self._resolution = resolution
-        self._buckets: dict[int, dict[CoarseTimeout, None]] = {}  # tick -> its entries
+        self._buckets: dict[int, dict[_Entry, None]] = {}  # tick -> its entries
         self._handle: asyncio.TimerHandle | None = None
         self._armed_tick = 0
 
     def timeout(self, seconds: float) -> CoarseTimeout:
         return CoarseTimeout(self, seconds)
 
+    def call_later(
+        self, loop: asyncio.AbstractEventLoop, seconds: float, callback: Callable[[], object]
+    ) -> CoarseCall:
+        """`callback()` once `seconds` have passed (within a tick after), unless the
+        returned call is cancelled first: a deadline for work that is not a task."""
+        call = CoarseCall(self, callback)
+        call.tick = self._add(call, loop, loop.time() + seconds)
+        return call
+
     def pending(self) -> int:
         """Operations with a deadline right now (for tests)."""
         return sum(len(bucket) for bucket in self._buckets.values())
 
-    def _add(self, entry: CoarseTimeout, loop: asyncio.AbstractEventLoop, when: float) -> int:
+    def _add(self, entry: _Entry, loop: asyncio.AbstractEventLoop, when: float) -> int:
         tick = math.ceil(when / self._resolution)
         bucket = self._buckets.get(tick)
         if bucket is None:
@@ -50,7 +61,7 @@ class CoarseTimeouts:
             self._arm(loop, tick)
         return tick
 
-    def _remove(self, entry: CoarseTimeout, tick: int) -> None:
+    def _remove(self, entry: _Entry, tick: int) -> None:
         bucket = self._buckets.get(tick)
         if bucket is not None:
             bucket.pop(entry, None)
@@ -77,6 +88,28 @@ class CoarseTimeouts:
                 entry._expire()  # noqa: SLF001 (this module's own class)
         if self._buckets:
             self._arm(loop, min(self._buckets))
+
+
+class _Entry(Protocol):
+    def _expire(self) -> None: ...
+
+
+class CoarseCall:
+    __slots__ = ("_owner", "_callback", "tick")
+
+    def __init__(self, owner: CoarseTimeouts, callback: Callable[[], object]) -> None:
+        self._owner = owner
+        self._callback = callback
+        self.tick: int | None = None
+
+    def cancel(self) -> None:
+        if self.tick is not None:
+            self._owner._remove(self, self.tick)  # noqa: SLF001 (this module's own class)
+            self.tick = None
+
+    def _expire(self) -> None:
+        self.tick = None
+        self._callback()
 
 
 class CoarseTimeout:
@@ -122,4 +155,4 @@ class CoarseTimeout:
         self._task.cancel()
 
 
-__all__ = ["CoarseTimeout", "CoarseTimeouts", "RESOLUTION"]
+__all__ = ["CoarseCall", "CoarseTimeout", "CoarseTimeouts", "RESOLUTION"]

@@ -1,0 +1,302 @@
+"""Issue 12: clicks forwarded without a task (`Forwarder.forward_now`).
+
+On a kept-alive client connection whose backend has an idle pooled connection, the
+lean click protocol forwards a GET from inside `data_received` and relays a whole
+answer from inside the backend connection's `data_received`. Everything else finishes
+in a task, with `handle_lean`'s answers and bounds. Each path is driven here through a
+real edge (TLS from Pebble's certificate) against a scripted raw backend: a whole answer,
+a body still arriving, no answer (the answer timeout and the forward deadline), a kept-
+alive backend connection closed without an answer (retried), a malformed answer, the
+client leaving, and the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from support.clicks import certify
+from support.edge import EdgeHandle
+from test_click_protocol import Conn, _clicks, lean_conn
+
+from proxy.demo.dnsserver import DNSServer
+from proxy.demo.pebble import PebbleServer
+from proxy.http.forward import Forwarder
+
+REDIRECT = b"HTTP/1.1 302 Found\r\nLocation: https://shop.test/x\r\nContent-Length: 0\r\n\r\n"
+
+
+class _Backend(asyncio.Protocol):
+    """Answers by path: a 302 by default; `/hang` never; `/close-once` closes the
+    connection without an answer the first time; `/garbage` is not HTTP; `/half` sends
+    its body in two parts 0.3 s apart; `/slow` answers after 0.5 s."""
+
+    seen: dict[str, int]
+    connections: list[_Backend]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.buffer = b""
+        self.closed = asyncio.get_running_loop().create_future()
+        self.connections.append(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            path = head.split(b" ", 2)[1].decode().partition("?")[0]
+            self.seen[path] = self.seen.get(path, 0) + 1
+            self.answer(path)
+
+    def answer(self, path: str) -> None:
+        loop = asyncio.get_running_loop()
+        if path == "/hang":
+            return
+        if path == "/close-once" and self.seen[path] == 1:
+            self.transport.close()
+        elif path == "/garbage":
+            self.transport.write(b"HTTP/1.1 2x0 What\r\nContent-Length: zero\r\n\r\n")
+        elif path == "/half":
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+            loop.call_later(0.3, self.transport.write, b"-last")
+        elif path == "/slow":
+            loop.call_later(0.5, self.transport.write, REDIRECT)
+        else:
+            self.transport.write(REDIRECT)
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[tuple[str, list[_Backend]]]:
+    """This module's backend (the edge fixtures take its URL)."""
+    connections: list[_Backend] = []
+    seen: dict[str, int] = {}
+
+    def factory() -> _Backend:
+        protocol = _Backend()
+        protocol.seen, protocol.connections = seen, connections
+        return protocol
+
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", connections
+    server.close()
+    for conn in connections:
+        conn.transport.abort()
+    await server.wait_closed()
+
+
+def _forwarder(edge: EdgeHandle) -> Forwarder:
+    assert edge.worker is not None and edge.worker.forwarder is not None
+    return edge.worker.forwarder
+
+
+async def _ready(edge: EdgeHandle, pebble: PebbleServer, dns: DNSServer) -> tuple[str, Conn]:
+    """A host with its certificate and a client connection whose click went the lean
+    way, so that the backend has a pooled idle connection for the next one."""
+    host = await certify(edge, pebble, dns)
+    conn = await lean_conn(edge, pebble, host)
+    direct = _clicks(edge).stats.direct
+    assert (await conn.get(host, "/c/warm")).startswith(b"HTTP/1.1 302 ")
+    assert _clicks(edge).stats.direct == direct + 1, "the second click went without a task"
+    return host, conn
+
+
+async def _drained(forwarder: Forwarder) -> None:
+    for _ in range(200):
+        if forwarder.in_flight() == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{forwarder.in_flight()} forwards still in flight")
+
+
+async def test_whole_answers_are_relayed_from_the_backend_connection(
+    edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer
+) -> None:
+    host, conn = await _ready(edge, pebble, dns_server)
+    clicks = _clicks(edge)
+    try:
+        direct, lean = clicks.stats.direct, clicks.stats.lean
+        for i in range(5):
+            answer = await conn.get(host, f"/c/{i}?utm=1")
+            assert answer.startswith(b"HTTP/1.1 302 Found\r\n"), answer
+            assert b"\r\nLocation: https://shop.test/x\r\n" in answer
+            assert b"\r\nServer: linkedge\r\n" in answer
+        assert clicks.stats.direct == direct + 5
+        assert clicks.stats.lean == lean + 5
+        assert _forwarder(edge).in_flight() == 0
+    finally:
+        conn.close()
+
+
+async def test_a_body_still_arriving_is_streamed_by_a_task(
+    edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer
+) -> None:
+    host, conn = await _ready(edge, pebble, dns_server)
+    direct = _clicks(edge).stats.direct
+    try:
+        answer = await conn.get(host, "/half")
+        assert _clicks(edge).stats.direct == direct + 1
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert answer.endswith(b"\r\n\r\nfirst-last")
+        assert (await conn.get(host, "/c/after")).startswith(b"HTTP/1.1 302 ")  # kept alive
+        await _drained(_forwarder(edge))
+    finally:
+        conn.close()
+
+
+async def test_a_pooled_connection_closed_without_an_answer_is_retried(
+    edge: EdgeHandle,
+    pebble: PebbleServer,
+    dns_server: DNSServer,
+    backend: tuple[str, list[_Backend]],
+) -> None:
+    host, conn = await _ready(edge, pebble, dns_server)
+    try:
+        before, direct = len(backend[1]), _clicks(edge).stats.direct
+        answer = await conn.get(host, "/close-once")
+        assert answer.startswith(b"HTTP/1.1 302 "), answer
+        assert _clicks(edge).stats.direct == direct + 1
+        assert len(backend[1]) == before + 1  # the retry went on a new backend connection
+        assert backend[1][0].seen["/close-once"] == 2
+        await _drained(_forwarder(edge))
+    finally:
+        conn.close()
+
+
+async def test_a_malformed_answer_is_a_502_and_its_connection_closed(
+    edge: EdgeHandle,
+    pebble: PebbleServer,
+    dns_server: DNSServer,
+    backend: tuple[str, list[_Backend]],
+) -> None:
+    host, conn = await _ready(edge, pebble, dns_server)
+    try:
+        direct = _clicks(edge).stats.direct
+        answer = await conn.get(host, "/garbage")
+        assert _clicks(edge).stats.direct == direct + 1
+        assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), answer
+        assert b"the tracking backend is unavailable" in answer
+        assert backend[1][0].seen["/garbage"] == 1  # not sent twice
+        await asyncio.wait_for(asyncio.gather(*(c.closed for c in backend[1])), 5)
+        await _drained(_forwarder(edge))
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("limit", ["timeout", "deadline"])
+async def test_no_answer_in_time_is_a_504(
+    edge_config: EdgeHandle,
+    pebble: PebbleServer,
+    dns_server: DNSServer,
+    backend: tuple[str, list[_Backend]],
+    limit: str,
+) -> None:
+    # the earlier of the backend's answer timeout and the forward deadline ends it
+    edge_config.config.backend.timeout = 1.0 if limit == "timeout" else 30
+    edge_config.config.backend.deadline = 1.0 if limit == "deadline" else 30
+    await edge_config.start()
+    try:
+        host, conn = await _ready(edge_config, pebble, dns_server)
+        forwarder = _forwarder(edge_config)
+        deadlines, direct = forwarder.stats.deadlines, _clicks(edge_config).stats.direct
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        answer = await conn.get(host, "/hang")
+        elapsed = loop.time() - started
+        conn.close()
+        assert answer.startswith(b"HTTP/1.1 504 Gateway Timeout\r\n"), answer
+        assert 0.9 < elapsed < 2.5
+        assert forwarder.stats.deadlines == deadlines + (limit == "deadline")
+        assert _clicks(edge_config).stats.direct == direct + 1
+        hung = [c for c in backend[1] if c.seen.get("/hang")]
+        await asyncio.wait_for(asyncio.gather(*(c.closed for c in hung)), 5)
+        await _drained(forwarder)
+    finally:
+        await edge_config.stop()
+
+
+async def test_a_client_leaving_closes_the_backend_connection(
+    edge: EdgeHandle,
+    pebble: PebbleServer,
+    dns_server: DNSServer,
+    backend: tuple[str, list[_Backend]],
+) -> None:
+    host, conn = await _ready(edge, pebble, dns_server)
+    forwarder = _forwarder(edge)
+    cancelled, direct = forwarder.stats.cancelled, _clicks(edge).stats.direct
+    await conn.send(f"GET /hang HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    for _ in range(200):
+        if forwarder.in_flight():
+            break
+        await asyncio.sleep(0.02)
+    assert forwarder.in_flight() == 1
+    assert _clicks(edge).stats.direct == direct + 1
+    conn.writer.transport.abort()
+    await _drained(forwarder)
+    assert forwarder.stats.cancelled == cancelled + 1
+    hung = [c for c in backend[1] if c.seen.get("/hang")]
+    await asyncio.wait_for(asyncio.gather(*(c.closed for c in hung)), 5)
+
+
+async def test_the_drain_finishes_a_click_in_flight(
+    edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer
+) -> None:
+    host, conn = await _ready(edge, pebble, dns_server)
+    clicks = _clicks(edge)
+    try:
+        direct = clicks.stats.direct
+        await conn.send(f"GET /slow HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        forwarder = _forwarder(edge)
+        for _ in range(200):
+            if forwarder.in_flight():
+                break
+            await asyncio.sleep(0.02)
+        assert clicks.stats.direct == direct + 1
+        assert edge.worker is not None
+        drain = asyncio.ensure_future(edge.worker.drain(10))
+        answer = await conn.response()  # in flight: answered, then closed
+        assert answer.startswith(b"HTTP/1.1 302 ")
+        assert await conn.closed_by_server()
+        await asyncio.wait_for(drain, 15)
+    finally:
+        conn.close()
+
+
+async def test_two_backends_still_take_turns(
+    edge_config: EdgeHandle,
+    pebble: PebbleServer,
+    dns_server: DNSServer,
+    backend: tuple[str, list[_Backend]],
+) -> None:
+    # a second backend of the same kind: clicks without a task keep the round robin
+    connections: list[_Backend] = []
+    seen: dict[str, int] = {}
+
+    def factory() -> _Backend:
+        protocol = _Backend()
+        protocol.seen, protocol.connections = seen, connections
+        return protocol
+
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    second = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    edge_config.config.backend.urls = [backend[0], second]
+    await edge_config.start()
+    try:
+        host, conn = await _ready(edge_config, pebble, dns_server)
+        first_seen = backend[1][0].seen
+        before = (first_seen.get("/c/turn", 0), seen.get("/c/turn", 0))
+        direct = _clicks(edge_config).stats.direct
+        for _ in range(6):
+            assert (await conn.get(host, "/c/turn")).startswith(b"HTTP/1.1 302 ")
+        conn.close()
+        assert (first_seen["/c/turn"] - before[0], seen["/c/turn"] - before[1]) == (3, 3)
+        assert _clicks(edge_config).stats.direct == direct + 6
+    finally:
+        await edge_config.stop()
+        server.close()
+        for c in connections:
+            c.transport.abort()
