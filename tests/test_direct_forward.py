@@ -13,7 +13,9 @@ client leaving, and the drain.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from support.clicks import certify
@@ -22,7 +24,8 @@ from test_click_protocol import Conn, _clicks, lean_conn
 
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.http.forward import Forwarder
+from proxy.http.backends import BackendPool
+from proxy.http.forward import Forwarder, _DirectForward
 
 REDIRECT = b"HTTP/1.1 302 Found\r\nLocation: https://shop.test/x\r\nContent-Length: 0\r\n\r\n"
 
@@ -300,3 +303,113 @@ async def test_two_backends_still_take_turns(
         server.close()
         for c in connections:
             c.transport.abort()
+
+
+# -- the hand-over to a task, with fakes: the client may leave before that task runs ------
+
+
+class _FakeProtocol:
+    def __init__(self) -> None:
+        self.lost: list[Callable[[], object]] = []
+
+    def call_when_lost(self, callback: Callable[[], object]) -> Callable[[], None]:
+        self.lost.append(callback)
+        return lambda: self.lost.remove(callback) if callback in self.lost else None
+
+    def leave(self) -> None:
+        for callback in list(self.lost):
+            callback()
+
+
+class _FakeLean:
+    timeout = 30.0
+
+    def __init__(self) -> None:
+        self.released: list[object] = []
+        self.discarded: list[object] = []
+
+    def answer(self, message: object, payload: object) -> object:
+        return (message, payload)
+
+    def release(self, conn: object) -> None:
+        self.released.append(conn)
+
+    def discard(self, conn: object) -> None:
+        self.discarded.append(conn)
+
+
+class _FakeRespond:
+    started = False
+    status = 0
+
+    def __init__(self) -> None:
+        self.relayed: list[object] = []
+
+    def relay_complete(self, answer: object) -> bool:
+        return False  # the body is still arriving
+
+    async def relay(self, answer: object) -> None:
+        self.relayed.append(answer)
+
+    async def edge(self, response: object) -> None:
+        raise AssertionError("no edge answer expected")
+
+    def cut(self) -> None:
+        raise AssertionError("no cut expected")
+
+
+class _FakeClick:
+    def __init__(self) -> None:
+        self.adopted: list[Callable[[], Coroutine[Any, Any, bool]]] = []
+
+    def done(self) -> None:
+        raise AssertionError("not answered whole")
+
+    def adopt(self, rest: Callable[[], Coroutine[Any, Any, bool]]) -> None:
+        self.adopted.append(rest)
+
+    def retry(self) -> None:
+        raise AssertionError("no retry expected")
+
+
+def _direct(
+    protocol: _FakeProtocol,
+) -> tuple[Forwarder, _DirectForward, _FakeLean, _FakeRespond, _FakeClick, list[int]]:
+    forwarder = Forwarder(BackendPool(["http://127.0.0.1:9"]))
+    lean, respond, click, ended = _FakeLean(), _FakeRespond(), _FakeClick(), [0]
+    request = SimpleNamespace(protocol=protocol, method="GET", raw_path="/c/1")
+    forward = _DirectForward(
+        forwarder,
+        lean,  # type: ignore[arg-type]
+        request,  # type: ignore[arg-type]
+        respond,  # type: ignore[arg-type]
+        click,
+        "src",
+        lambda: ended.__setitem__(0, ended[0] + 1),
+    )
+    forwarder._admit("src")  # as forward_now does before `begin`
+    forward.begin(object())  # type: ignore[arg-type]
+    return forwarder, forward, lean, respond, click, ended
+
+
+async def test_a_client_leaving_before_the_relay_task_runs_releases_everything() -> None:
+    protocol = _FakeProtocol()
+    forwarder, forward, lean, respond, click, ended = _direct(protocol)
+    forward.answered(object(), object())  # type: ignore[arg-type]
+    assert len(click.adopted) == 1 and forwarder.in_flight() == 1
+    protocol.leave()  # the task is cancelled before its first step: `rest` never runs
+    assert len(lean.discarded) == 1 and not lean.released
+    assert forwarder.in_flight() == 0 and ended == [1]
+    assert forwarder.stats.cancelled == 1
+
+
+async def test_the_relay_task_takes_over_the_client_watch() -> None:
+    protocol = _FakeProtocol()
+    forwarder, forward, lean, respond, click, ended = _direct(protocol)
+    forward.answered(object(), object())  # type: ignore[arg-type]
+    task = asyncio.ensure_future(click.adopted[0]())
+    assert await task is True
+    assert len(respond.relayed) == 1 and len(lean.released) == 1 and not lean.discarded
+    assert forwarder.in_flight() == 0 and ended == [1]
+    protocol.leave()  # afterwards: nothing more happens
+    assert not lean.discarded and ended == [1] and forwarder.stats.cancelled == 0

@@ -153,6 +153,7 @@ class _Head(dict[Any, Any]):
         "host",
         "read_view",
         "keep_alive",
+        "client",
     )
 
     body_exists = False
@@ -168,6 +169,7 @@ class _Head(dict[Any, Any]):
         self.protocol = conn
         self.secure = conn.secure
         self.keep_alive = not message.should_close  # `Connection: close` from the client
+        self.client = conn.client  # `client_address`, once per connection
         self.host = ""  # the checked host's lookup name (app.decide)
         self.read_view = False  # its view must be read before the policy can say
 
@@ -179,6 +181,7 @@ class LeanClickProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.secure = False
         self._source = ""
+        self.client: str | None = None  # the client's address (after a PROXY header)
         self._parser: HttpRequestParser | None = None
         self._buffer = b""  # what arrived while a click was being answered
         self._paused = False
@@ -247,7 +250,8 @@ class LeanClickProtocol(asyncio.Protocol):
             return
         tcp_keepalive(transport)  # as aiohttp's handler does
         self.secure = transport.get_extra_info("sslcontext") is not None
-        self._source = source_key(connection_client(transport) or "")
+        self.client = connection_client(transport)
+        self._source = source_key(self.client or "")
         self.opened_at = self._last_used = self._loop.time()
         paths.server.connection_made(self, transport)  # type: ignore[arg-type]
         self._idle_handle = self._loop.call_at(

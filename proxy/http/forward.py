@@ -207,14 +207,15 @@ class Forwarder:
         per-source bound, deadline, cancellation, failover and answers, the answer written
         by `respond` instead of an aiohttp response. False: not taken, nothing was sent
         (an https backend: aiohttp's client, so the protocol hands the request to aiohttp)."""
-        source = self._source(request)
+        client: str | None = getattr(request, "client", None)  # the lean protocol's, known
+        source = self._source(request, client)
         if not self._admit(source):
             await respond.edge(_error(429, TOO_MANY))
             return True
         unwatch = self._watch(request.protocol)
         try:
             async with self._timeouts.timeout(self._deadline):
-                headers = forwarded_headers(request, self._trusted)
+                headers = forwarded_headers(request, self._trusted, client)
                 path_qs = origin_form(request.raw_path)
                 exchanged = await self._lean_exchange(request, headers, path_qs)
                 if exchanged is None:
@@ -257,7 +258,8 @@ class Forwarder:
         lean = self._lean
         if lean is None or request.method != "GET":
             return False
-        source = self._source(request)
+        client: str | None = getattr(request, "client", None)  # the lean protocol's, known
+        source = self._source(request, client)
         if self._in_flight.get(source, 0) >= self._max_per_source:
             return False  # handle_lean answers the 429
         candidates = self._backends.next_candidates()
@@ -266,7 +268,7 @@ class Forwarder:
         base = _parsed_base(candidates[0].base)
         if base.scheme != "http":
             return False
-        headers = forwarded_headers(request, self._trusted)
+        headers = forwarded_headers(request, self._trusted, client)
         head = request_head("GET", backend_target(base, origin_form(request.raw_path)), headers)
         forward = _DirectForward(self, lean, request, respond, click, source, ended)
         conn = lean.send_now(base, head, forward)
@@ -311,9 +313,10 @@ class Forwarder:
             self.stats.cancelled += 1
             task.cancel()
 
-    def _source(self, request: web.Request) -> str:
-        """Whose forwards these are: the client; behind a trusted proxy, the client it names."""
-        client = client_address(request) or ""
+    def _source(self, request: web.Request, client: str | None = None) -> str:
+        """Whose forwards these are: the client; behind a trusted proxy, the client it names.
+        `client`: the request's `client_address`, when the caller knows it."""
+        client = client or client_address(request) or ""
         if client and client in self._trusted:
             chain = request.headers.getall("X-Forwarded-For", ())
             named = chain[-1].split(",")[-1].strip() if chain else ""
@@ -682,7 +685,7 @@ _NONE_LISTED: frozenset[str] = frozenset()
 
 
 def forwarded_headers(
-    request: web.Request, trusted: TrustedNetworks | None = None
+    request: web.Request, trusted: TrustedNetworks | None = None, client: str | None = None
 ) -> CIMultiDict[str]:
     """The request's headers as the backend gets them.
 
@@ -692,7 +695,7 @@ def forwarded_headers(
     """
     headers: CIMultiDict[str] = CIMultiDict()
     listed = connection_listed(request.headers)
-    client = client_address(request) or "unknown"
+    client = client or client_address(request) or "unknown"
     keep_chain = trusted is not None and bool(trusted) and client in trusted
     chain: dict[str, list[str]] = {}
     checked = checked_host(request)
