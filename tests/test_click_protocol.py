@@ -199,6 +199,7 @@ async def test_lean_answers_are_aiohttps_byte_for_byte(
         conn = await lean_conn(edge, pebble, host, tls=tls)
         try:
             lean_before, handed_before = clicks.stats.lean, clicks.stats.handed_off
+            direct_before = clicks.stats.direct
             lean = [await conn.get(host, path) for path in PATHS]
             for path in HEAD_PATHS:
                 lean.append(await conn.head(host, path))
@@ -209,6 +210,9 @@ async def test_lean_answers_are_aiohttps_byte_for_byte(
         # all on one lean connection
         assert clicks.stats.lean - lean_before == len(PATHS) + len(HEAD_PATHS) + 1
         assert clicks.stats.handed_off == handed_before
+        # the GETs without a task (Forwarder.forward_now: a pooled backend connection is
+        # idle), but for at most one whose host view the event feed made the worker forget
+        assert clicks.stats.direct - direct_before >= len(PATHS)
 
         # the same requests through aiohttp: every connection handed to it at once
         clicks.access_logged = lambda: True

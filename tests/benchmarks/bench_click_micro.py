@@ -23,6 +23,9 @@ test certificate, the compact TLS protocol) in front of the same click protocol,
 client process (not traced by callgrind) making N connections one after another, each a
 full TLS 1.3 handshake without tickets, one `GET /c/<n>`, the 302, close. Under callgrind,
 (instructions at N=300 − at N=100) / 200 is the edge's per connection, OpenSSL included.
+`--per-conn K` makes K clicks on each of those connections: (instructions at `--conns 10
+--per-conn 300` − at `--per-conn 100`) / 2,000 is a keep-alive HTTPS click through the real
+listener, the compact TLS protocol and real sockets.
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ HOST = "links.shop.test"
 CLIENT = """
 import socket, ssl, sys
 port, count, ca = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+per_conn = int(sys.argv[5])
 ctx = ssl.create_default_context(cafile=ca)
 ctx.options |= ssl.OP_NO_TICKET
 for i in range(count):
@@ -133,18 +137,21 @@ for i in range(count):
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with ctx.wrap_socket(raw, server_hostname=sys.argv[4]) as tls:
             assert not tls.session_reused
-            tls.sendall(b"GET /c/%d HTTP/1.1\\r\\nHost: %s\\r\\n\\r\\n" % (i, sys.argv[4].encode()))
-            answer = b""
-            while b"\\r\\n\\r\\n" not in answer:
-                chunk = tls.recv(4096)
-                assert chunk, answer
-                answer += chunk
-            assert answer.startswith(b"HTTP/1.1 302"), answer
+            for k in range(per_conn):
+                request = b"GET /c/%d HTTP/1.1\\r\\nHost: %s\\r\\n\\r\\n"
+                tls.sendall(request % (k, sys.argv[4].encode()))
+                answer = b""
+                while b"\\r\\n\\r\\n" not in answer:
+                    chunk = tls.recv(4096)
+                    assert chunk, answer
+                    answer += chunk
+                assert answer.startswith(b"HTTP/1.1 302"), answer
 """
 
 
-async def _conns(paths: ClickPaths, count: int) -> float:
-    """`count` new TLS connections + click from a client process; µs CPU per connection."""
+async def _conns(paths: ClickPaths, count: int, per_conn: int = 1) -> float:
+    """`count` new TLS connections + `per_conn` clicks each from a client process; µs CPU
+    per connection."""
     import trustme  # a test dependency: a CA and a certificate for HOST
 
     ca = trustme.CA()
@@ -163,7 +170,9 @@ async def _conns(paths: ClickPaths, count: int) -> float:
         ca.cert_pem.write_to_path(str(ca_file))
         command = [sys.executable, "-c", CLIENT, str(sock.getsockname()[1])]
         start = time.process_time()
-        client = await asyncio.create_subprocess_exec(*command, str(count), str(ca_file), HOST)
+        client = await asyncio.create_subprocess_exec(
+            *command, str(count), str(ca_file), HOST, str(per_conn)
+        )
         if await client.wait() != 0:
             raise SystemExit("the client failed")
         spent = time.process_time() - start
@@ -188,8 +197,17 @@ async def main(args: argparse.Namespace) -> None:
         idle_timeout=60.0,
     )
     if args.conns:
-        figure = await _conns(paths, args.conns)
-        print(f"new TLS connection + click, µs CPU per connection: {figure:.0f} ({args.conns})")
+        profiler = cProfile.Profile() if args.profile else None
+        if profiler is not None:
+            profiler.enable()
+        figure = await _conns(paths, args.conns, args.per_conn)
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+        print(
+            f"new TLS connection + {args.per_conn} click(s), µs CPU per connection: "
+            f"{figure:.0f} ({args.conns})"
+        )
         await forwarder.close()
         backend.close()
         return
@@ -221,6 +239,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--uvloop", action="store_true")
     parser.add_argument("--conns", type=int, default=0, help="new connections instead")
+    parser.add_argument(
+        "--per-conn", type=int, default=1, help="--conns: clicks per connection (keep-alive TLS)"
+    )
     parser.add_argument("--profile", help="cProfile one more round into this file")
     arguments = parser.parse_args()
     if arguments.uvloop:
