@@ -111,3 +111,31 @@ async def test_release_waits_until_connections_stop_closing(
     # looked until two looks in a row found 0 (the 5th and 6th), then released once
     assert seen_at_release == [6]
     assert trimmer.releases == 1
+
+
+async def test_a_burst_between_two_looks_is_released_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 2,000 connections open and close within one interval: no look sees them open,
+    # but the high-water mark does (bench_burst_memory.py's 6 s bursts were missed
+    # whenever they fell between two of the default 10 s looks)
+    stats = ConnectionStats()
+    monkeypatch.setattr(connections, "empty_free_lists", lambda loop: None)
+    trimmer = MemoryTrimmer(stats, interval=0.2, min_closed=500, settle=0.001)
+    trimmer._trim = None
+    trimmer.start()
+    try:
+        await asyncio.sleep(0.05)  # after the trimmer's first reading, before its look
+        stats.open = stats.peak_open = 2_000
+        stats.open = 0
+        for _ in range(100):
+            if trimmer.releases:
+                break
+            await asyncio.sleep(0.02)
+        assert trimmer.releases == 1
+        stats.open = stats.peak_open = 300  # fewer than min_closed: no release for them
+        stats.open = 0
+        await asyncio.sleep(0.5)
+        assert trimmer.releases == 1
+    finally:
+        await trimmer.close()

@@ -55,6 +55,8 @@ class ConnectionSettings:
 @dataclass
 class ConnectionStats(Counters):
     open: int = 0  # right now
+    # the most open at once since MemoryTrimmer last looked (a gauge it resets)
+    peak_open: int = 0
     opened: int = 0
     header_timeouts: int = 0  # aborted: headers not complete within header_timeout
     evicted_source: int = 0  # closed: its source went over max_per_source
@@ -205,8 +207,11 @@ class ConnectionLimits:
         conns = self._by_source.setdefault(source, {})
         self._resize(source, len(conns), len(conns) + 1)
         conns[conn] = None
-        self.stats.open += 1
-        self.stats.opened += 1
+        stats = self.stats
+        stats.open += 1
+        stats.opened += 1
+        if stats.open > stats.peak_open:
+            stats.peak_open = stats.open
         settings = self.settings
         if len(conns) > settings.max_per_source and source.split("/")[0] not in self._exempt:
             victim = _evictable(conns, conn)
@@ -392,10 +397,14 @@ class MemoryTrimmer:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        peak = self._stats.open
+        stats = self._stats
+        peak = stats.open
         while True:
             await asyncio.sleep(self._interval)
-            now = self._stats.open
+            now = stats.open
+            # `peak_open` holds a burst that opened and closed between two looks
+            peak = max(peak, stats.peak_open)
+            stats.peak_open = now
             if peak - now >= self._min_closed:
                 now = await self._closing_stopped(now)
                 await self.release()
