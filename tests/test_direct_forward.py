@@ -24,6 +24,7 @@ from test_click_protocol import Conn, _clicks, lean_conn
 
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.http import click_protocol
 from proxy.http.backends import BackendPool
 from proxy.http.forward import Forwarder, _DirectForward
 
@@ -413,3 +414,37 @@ async def test_the_relay_task_takes_over_the_client_watch() -> None:
     assert forwarder.in_flight() == 0 and ended == [1]
     protocol.leave()  # afterwards: nothing more happens
     assert not lean.discarded and ended == [1] and forwarder.stats.cancelled == 0
+
+
+@pytest.mark.parametrize("where", ["forward", "relay"])
+async def test_a_bug_outside_a_task_is_a_500_not_a_stuck_connection(
+    edge: EdgeHandle,
+    pebble: PebbleServer,
+    dns_server: DNSServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    where: str,
+) -> None:
+    # as a bug in a task's forward is (logged, a 500): one raised from a data_received
+    host, conn = await _ready(edge, pebble, dns_server)
+    forwarder = _forwarder(edge)
+
+    def broken(*_args: object) -> bool:
+        raise RuntimeError("a bug")
+
+    if where == "forward":
+        monkeypatch.setattr(forwarder, "forward_now", broken)
+    else:
+        monkeypatch.setattr(click_protocol._Responder, "relay_complete", broken)
+    try:
+        await conn.send(f"GET /c/bug HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        answer = await conn.response()  # nothing was written before the bug: the 500
+        assert answer.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"), answer
+        assert await conn.closed_by_server()
+    finally:
+        conn.close()
+    assert "Error handling request (lean click)" in caplog.text
+    assert "RuntimeError: a bug" in caplog.text
+    await _drained(forwarder)
+    assert edge.worker is not None and edge.worker.forwarding is not None
+    assert not any(edge.worker.forwarding._active.values())  # a reload need not wait

@@ -59,7 +59,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.http import app as http_app
 from proxy.http.app import MAX_HEADERS, Step, decide
-from proxy.http.forward import DirectClick, LeanResponder, relayed_headers
+from proxy.http.forward import DirectClick, LeanResponder, failing, relayed_headers
 from proxy.http.host_policy import HSTS, HostPolicy
 from proxy.http.lean_client import Answer
 from proxy.wire.peers import connection_client, source_key
@@ -308,15 +308,18 @@ class LeanClickProtocol(asyncio.Protocol):
         paths = self._paths
         paths.limits.touched(self)
         respond = _Responder(self, head)
+        forwarding: Callable[[], Coroutine[Any, Any, bool]]
+        forwarding = functools.partial(self._forward, head, respond)
         if not head.read_view:
             click = _DirectClick(self, head, data, respond)
-            if paths.forwarding.forward_now(cast(web.Request, head), respond, click):
-                self._direct = click
-                paths.stats.direct += 1
-                return
-        self._task = self._loop.create_task(
-            self._complete(functools.partial(self._forward, head, respond), data, respond)
-        )
+            try:
+                if paths.forwarding.forward_now(cast(web.Request, head), respond, click):
+                    self._direct = click
+                    paths.stats.direct += 1
+                    return
+            except Exception as exc:  # a bug of ours: the task's handling (logged, 500)
+                forwarding = functools.partial(failing, exc)
+        self._task = self._loop.create_task(self._complete(forwarding, data, respond))
 
     def _lean_click(self, data: bytes) -> _Head | None:
         """The parsed request when it is a lean click, else None (aiohttp's)."""

@@ -490,7 +490,14 @@ class _DirectForward:
         conn = self._conn
         assert conn is not None
         answer = self._lean.answer(message, payload)
-        if self._respond.relay_complete(answer):  # a click's 302: all here, one write
+        try:
+            whole = self._respond.relay_complete(answer)
+        except Exception as exc:  # a bug of ours: the task's handling (logged, 500 or cut)
+            self._lean.discard(conn)
+            self._end()
+            self._click.adopt(functools.partial(failing, exc))
+            return
+        if whole:  # a click's 302: all here, one write
             self._end()
             self._lean.release(conn)
             self._click.done()
@@ -587,6 +594,12 @@ class _DirectForward:
         self._unwatch_client()
         self._forwarder._leave(self._source)  # noqa: SLF001
         self._ended()
+
+
+async def failing(exc: Exception) -> bool:
+    """A forwarding that fails with `exc`: a task running it handles a bug of ours found
+    outside a task (as any: logged, a 500 if nothing was sent, else the connection cut)."""
+    raise exc
 
 
 @functools.lru_cache(maxsize=64)
@@ -822,10 +835,14 @@ class ForwarderSlot:
         forwarder = self.forwarder
         key = id(forwarder)
         self._active[key] = self._active.get(key, 0) + 1
-        if forwarder.forward_now(request, respond, click, lambda: self._done(key)):
-            return True
-        self._done(key)
-        return False
+        try:
+            taken = forwarder.forward_now(request, respond, click, lambda: self._done(key))
+        except BaseException:
+            self._done(key)
+            raise
+        if not taken:
+            self._done(key)
+        return taken
 
     async def handle_lean(self, request: web.Request, respond: LeanResponder) -> bool:
         forwarder = self.forwarder
