@@ -50,11 +50,15 @@ def store_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 @pytest.fixture(scope="module")
 def fleet_pebble(
-    tmp_path_factory: pytest.TempPathFactory, dns_server: DNSServer
+    tmp_path_factory: pytest.TempPathFactory, dns_server: DNSServer, store_url: str
 ) -> Iterator[PebbleServer]:
-    """A Pebble of the fleet's own. Pebble 2.4.0 can deadlock under hundreds of concurrent
-    orders (its in-memory store's lock and an authorization's, taken in both orders): the
-    300-host burst must not take the session's Pebble, and every later test, with it."""
+    """A Pebble of the fleet's own, one per store. Pebble 2.4.0 can deadlock under hundreds
+    of concurrent orders (its in-memory store's lock and an authorization's, taken in both
+    orders): the 300-host burst must not take the session's Pebble, and every later test,
+    with it. Each new order scans every authorization Pebble holds under that lock, so
+    the second store's burst on the first one's Pebble (600 orders in all) was where it
+    stalled (seen twice in session 7, once in a fresh-clone CI run)."""
+    del store_url  # a dependency only: a new Pebble for each store's module run
     with running_pebble(tmp_path_factory.mktemp("pebble-fleet"), dns_server) as server:
         yield server
 
