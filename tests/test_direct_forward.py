@@ -13,6 +13,7 @@ client leaving, and the drain.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
 from types import SimpleNamespace
 from typing import Any
@@ -74,9 +75,9 @@ class _Backend(asyncio.Protocol):
             self.transport.write(REDIRECT)
 
 
-@pytest.fixture
-async def backend() -> AsyncIterator[tuple[str, list[_Backend]]]:
-    """This module's backend (the edge fixtures take its URL)."""
+@contextlib.asynccontextmanager
+async def _scripted_backend() -> AsyncIterator[tuple[str, list[_Backend], dict[str, int]]]:
+    """A `_Backend` server on loopback: its URL, its connections and the paths they saw."""
     connections: list[_Backend] = []
     seen: dict[str, int] = {}
 
@@ -86,11 +87,20 @@ async def backend() -> AsyncIterator[tuple[str, list[_Backend]]]:
         return protocol
 
     server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
-    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", connections
-    server.close()
-    for conn in connections:
-        conn.transport.abort()
-    await server.wait_closed()
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", connections, seen
+    finally:
+        server.close()
+        for conn in connections:
+            conn.transport.abort()
+        await server.wait_closed()
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[tuple[str, list[_Backend]]]:
+    """This module's backend (the edge fixtures take its URL)."""
+    async with _scripted_backend() as (url, connections, _seen):
+        yield url, connections
 
 
 def _forwarder(edge: EdgeHandle) -> Forwarder:
@@ -277,33 +287,22 @@ async def test_two_backends_still_take_turns(
     backend: tuple[str, list[_Backend]],
 ) -> None:
     # a second backend of the same kind: clicks without a task keep the round robin
-    connections: list[_Backend] = []
-    seen: dict[str, int] = {}
-
-    def factory() -> _Backend:
-        protocol = _Backend()
-        protocol.seen, protocol.connections = seen, connections
-        return protocol
-
-    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
-    second = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    edge_config.config.backend.urls = [backend[0], second]
-    await edge_config.start()
-    try:
-        host, conn = await _ready(edge_config, pebble, dns_server)
-        first_seen = backend[1][0].seen
-        before = (first_seen.get("/c/turn", 0), seen.get("/c/turn", 0))
-        direct = _clicks(edge_config).stats.direct
-        for _ in range(6):
-            assert (await conn.get(host, "/c/turn")).startswith(b"HTTP/1.1 302 ")
-        conn.close()
-        assert (first_seen["/c/turn"] - before[0], seen["/c/turn"] - before[1]) == (3, 3)
-        assert _clicks(edge_config).stats.direct == direct + 6
-    finally:
-        await edge_config.stop()
-        server.close()
-        for c in connections:
-            c.transport.abort()
+    async with _scripted_backend() as (second, _connections, seen):
+        edge_config.config.backend.urls = [backend[0], second]
+        await edge_config.start()
+        try:
+            host, conn = await _ready(edge_config, pebble, dns_server)
+            first_seen = backend[1][0].seen
+            before = (first_seen.get("/c/turn", 0), seen.get("/c/turn", 0))
+            direct = _clicks(edge_config).stats.direct
+            for _ in range(6):
+                assert (await conn.get(host, "/c/turn")).startswith(b"HTTP/1.1 302 ")
+            conn.close()
+            turns = (first_seen["/c/turn"] - before[0], seen["/c/turn"] - before[1])
+            assert turns == (3, 3)
+            assert _clicks(edge_config).stats.direct == direct + 6
+        finally:
+            await edge_config.stop()
 
 
 # -- the hand-over to a task, with fakes: the client may leave before that task runs ------

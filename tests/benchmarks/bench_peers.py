@@ -137,6 +137,35 @@ def tree_rss_kib(pid: int) -> int:
 H2LOAD = shutil.which("h2load") or "h2load"
 
 
+def _per_unit(
+    server: str,
+    kind: str,
+    ok: int,
+    errors: dict[str, int],
+    seconds: float,
+    server_cpu: tuple[be.CpuSample, be.CpuSample],
+    backend_cpu: tuple[be.CpuSample, be.CpuSample],
+    wall: float,
+    tls_version: str,
+) -> dict[str, Any]:
+    """One load phase's result: CPU per successful operation (µs), before/after samples."""
+    (c0, c1), (b0, b1) = server_cpu, backend_cpu
+    per = 1e6 / ok if ok else math.nan
+    return {
+        "server": server,
+        "kind": kind,
+        "ok": ok,
+        "errors": errors,
+        "rate_per_s": ok / seconds if seconds else math.nan,
+        "cpu_us": (c1.total - c0.total) * per,
+        "user_us": (c1.utime - c0.utime) * per,
+        "sys_us": (c1.stime - c0.stime) * per,
+        "backend_us": (b1.total - b0.total) * per,
+        "wall_s": wall,
+        "tls_version": tls_version,
+    }
+
+
 def h2load_counts(out: str) -> dict[str, int]:
     """h2load's request and status counts from its report."""
     counts: dict[str, int] = {}
@@ -519,23 +548,9 @@ http:// {{
             reused = sum(r["reused"] for r in results)
             if reused:
                 raise RuntimeError(f"{server}: {reused} TLS sessions were resumed")
-        per = 1e6 / ok if ok else math.nan
         elapsed = max(r["elapsed_s"] for r in results)
-        return {
-            "server": server,
-            "kind": kind,
-            "ok": ok,
-            "errors": dict(errors),
-            "rate_per_s": ok / elapsed if elapsed else math.nan,
-            "cpu_us": (c1.total - c0.total) * per,
-            "user_us": (c1.utime - c0.utime) * per,
-            "sys_us": (c1.stime - c0.stime) * per,
-            "backend_us": (b1.total - b0.total) * per,
-            "wall_s": wall,
-            "tls_version": next(
-                (r.get("tls_version") for r in results if r.get("tls_version")), ""
-            ),
-        }
+        tls = next((r.get("tls_version") for r in results if r.get("tls_version")), "")
+        return _per_unit(server, kind, ok, dict(errors), elapsed, (c0, c1), (b0, b1), wall, tls)
 
     def load_h2load(self, server: str, kind: str, duration: float) -> dict[str, Any]:
         """`load` with h2load as the client: C, one thread on the clients' CPU.
@@ -579,23 +594,11 @@ http:// {{
         elapsed = re.search(r"finished in ([0-9.]+)s", proc.stdout)
         seconds = float(elapsed.group(1)) if elapsed else wall
         tls = re.search(r"TLS Protocol: (\S+)", proc.stdout)
-        per = 1e6 / ok if ok else math.nan
         errors = {
             k: counts[k] for k in ("2xx", "4xx", "5xx", "failed", "errored", "timeout") if counts[k]
         }
-        return {
-            "server": server,
-            "kind": kind,
-            "ok": ok,
-            "errors": errors,
-            "rate_per_s": ok / seconds if seconds else math.nan,
-            "cpu_us": (c1.total - c0.total) * per,
-            "user_us": (c1.utime - c0.utime) * per,
-            "sys_us": (c1.stime - c0.stime) * per,
-            "backend_us": (b1.total - b0.total) * per,
-            "wall_s": wall,
-            "tls_version": tls.group(1) if tls else "",
-        }
+        version = tls.group(1) if tls else ""
+        return _per_unit(server, kind, ok, errors, seconds, (c0, c1), (b0, b1), wall, version)
 
     def _on_client_cpus(self) -> None:
         cpus = sorted(os.sched_getaffinity(0))
