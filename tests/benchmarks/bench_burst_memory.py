@@ -17,7 +17,7 @@ linkedge's certificate, Caddy with on-demand TLS), each its own process tree:
   first click orders the certificate through Pebble and caches its TLS context; Caddy:
   on-demand TLS, the same), RSS delta / N after `--settle` seconds, measured after
   `--certs-warmup` other new hosts (not counted: the first orders' one-time growth, ~6 MiB
-  on linkedge, thread stacks, pools, code paths run once). Caddy's ACME client
+  on linkedge). Caddy's ACME client
   issues at most ~1 certificate per second, so N=150 takes ~2.5 min on Caddy; the whole
   run with the defaults stays under ~6 min.
 
