@@ -483,16 +483,13 @@ class _DirectClick:
         self._conn._answered(self._respond)  # noqa: SLF001 (the connection's own)
 
     def adopt(self, rest: Callable[[], Coroutine[Any, Any, bool]]) -> None:
-        self._in_task(rest)
-
-    def retry(self) -> None:
-        self._in_task(functools.partial(self._conn._forward, self._head, self._respond))  # noqa: SLF001
-
-    def _in_task(self, forwarding: Callable[[], Coroutine[Any, Any, bool]]) -> None:
         conn = self._conn
         self.finished()
-        finish = conn._complete(forwarding, self._data, self._respond)  # noqa: SLF001
+        finish = conn._complete(rest, self._data, self._respond)  # noqa: SLF001
         conn._task = conn._loop.create_task(finish)  # noqa: SLF001
+
+    def retry(self) -> None:
+        self.adopt(functools.partial(self._conn._forward, self._head, self._respond))  # noqa: SLF001
 
     def over(self) -> asyncio.Future[None]:
         """Done once the connection is no longer waiting on this click without a task."""

@@ -231,11 +231,7 @@ class Forwarder:
                     self._lean.release(conn)
                 return True
         except TimeoutError:
-            self._deadline_reached(request)
-            if not respond.started:
-                await respond.edge(_error(504, GATEWAY_TIMEOUT))
-            else:  # headers are gone already: a truncated response
-                respond.cut()
+            await self._deadline_answer(request, respond)
             return True
         finally:
             if unwatch is not None:
@@ -303,6 +299,15 @@ class Forwarder:
             return None
         unwatch: Callable[[], None] = when_lost(lambda: self._client_left(task))
         return unwatch
+
+    async def _deadline_answer(self, request: web.Request, respond: LeanResponder) -> None:
+        """A lean forward reached its deadline: a 504, or the connection cut when the
+        answer had started."""
+        self._deadline_reached(request)
+        if not respond.started:
+            await respond.edge(_error(504, GATEWAY_TIMEOUT))
+        else:  # headers are gone already: a truncated response
+            respond.cut()
 
     def _deadline_reached(self, request: web.Request) -> None:
         self.stats.deadlines += 1
@@ -560,11 +565,7 @@ class _DirectForward:
                 finally:
                     self._lean.release(conn)
         except TimeoutError:
-            forwarder._deadline_reached(self._request)  # noqa: SLF001
-            if not respond.started:
-                await respond.edge(_error(504, GATEWAY_TIMEOUT))
-            else:  # headers are gone already: a truncated response
-                respond.cut()
+            await forwarder._deadline_answer(self._request, respond)  # noqa: SLF001
         finally:
             if unwatch is not None:
                 unwatch()

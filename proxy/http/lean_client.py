@@ -284,7 +284,6 @@ class LeanClient:
         timeouts: CoarseTimeouts | None = None,
     ) -> None:
         self._connect_timeout = connect_timeout
-        self._timeout = timeout
         self.timeout = timeout  # for the answer's head and each body read
         self._slots = _Slots(pool_size)
         self._pool_size = pool_size
@@ -350,7 +349,7 @@ class LeanClient:
             if conn is None:
                 conn = await self._connect(url, key)
             try:
-                async with self._timeouts.timeout(self._timeout):
+                async with self._timeouts.timeout(self.timeout):
                     try:
                         message, payload = await conn.send(head, head_request=head_request)
                     except BackendClosed:
@@ -369,7 +368,7 @@ class LeanClient:
         return self.answer(message, payload), conn
 
     def answer(self, message: RawResponseMessage, payload: StreamReader) -> Answer:
-        return Answer(message, payload, self._timeout, self._timeouts)
+        return Answer(message, payload, self.timeout, self._timeouts)
 
     def send_now(self, url: URL, head: bytes, waiter: AnswerWaiter) -> Connection | None:
         """`exchange` for a bodiless GET when it needs no wait: a free slot and an idle
@@ -378,9 +377,10 @@ class LeanClient:
         (or `discard` it), whatever happened. No retry here: a pooled connection the
         backend had closed fails with nothing received (`Connection.got_bytes`), and the
         caller may try again through `exchange`."""
-        if self._closed or not self._idle.get(_key(url)) or not self._slots.take_now():
+        key = _key(url)
+        if self._closed or not self._idle.get(key) or not self._slots.take_now():
             return None
-        conn = self._take_idle(_key(url))
+        conn = self._take_idle(key)
         if conn is None:
             self._slots.give()
             return None
