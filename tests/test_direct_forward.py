@@ -25,9 +25,10 @@ from test_click_protocol import Conn, _clicks, lean_conn
 
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from proxy.http import click_protocol
+from proxy.http import click_protocol, forward
 from proxy.http.backends import BackendPool
 from proxy.http.forward import Forwarder, _DirectForward
+from proxy.http.lean_client import header_block
 
 REDIRECT = b"HTTP/1.1 302 Found\r\nLocation: https://shop.test/x\r\nContent-Length: 0\r\n\r\n"
 
@@ -38,6 +39,7 @@ class _Backend(asyncio.Protocol):
     its body in two parts 0.3 s apart; `/slow` answers after 0.5 s."""
 
     seen: dict[str, int]
+    heads: dict[str, bytes]  # the last request head seen per path
     connections: list[_Backend]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -56,6 +58,7 @@ class _Backend(asyncio.Protocol):
             head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
             path = head.split(b" ", 2)[1].decode().partition("?")[0]
             self.seen[path] = self.seen.get(path, 0) + 1
+            self.heads[path] = head
             self.answer(path)
 
     def answer(self, path: str) -> None:
@@ -80,10 +83,11 @@ async def _scripted_backend() -> AsyncIterator[tuple[str, list[_Backend], dict[s
     """A `_Backend` server on loopback: its URL, its connections and the paths they saw."""
     connections: list[_Backend] = []
     seen: dict[str, int] = {}
+    heads: dict[str, bytes] = {}
 
     def factory() -> _Backend:
         protocol = _Backend()
-        protocol.seen, protocol.connections = seen, connections
+        protocol.seen, protocol.heads, protocol.connections = seen, heads, connections
         return protocol
 
     server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
@@ -144,6 +148,52 @@ async def test_whole_answers_are_relayed_from_the_backend_connection(
         assert _forwarder(edge).in_flight() == 0
     finally:
         conn.close()
+
+
+async def test_a_repeated_header_block_is_forwarded_from_the_connections_memo(
+    edge: EdgeHandle,
+    pebble: PebbleServer,
+    dns_server: DNSServer,
+    backend: tuple[str, list[_Backend]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the forwarded block is made once per distinct header block on a connection; what
+    # the backend gets is the same as when it is made for every click
+    built: list[str] = []
+
+    def counted(headers: Any) -> str:
+        block = header_block(headers)
+        built.append(block)
+        return block
+
+    host, conn = await _ready(edge, pebble, dns_server)
+    monkeypatch.setattr(forward, "header_block", counted)
+    heads = backend[1][0].heads
+    try:
+        for path, extra in [
+            ("/m/1", "Cookie: a=1\r\n"),  # a new block: made
+            ("/m/2", "Cookie: a=1\r\n"),  # the same: reused
+            ("/m/3", "Cookie: a=2\r\n"),  # changed: made again
+            ("/m/4", "Cookie: a=2\r\n"),
+        ]:
+            assert (await conn.get(host, path, extra)).startswith(b"HTTP/1.1 302 "), path
+        # absolute-form: the target's authority is the Host, whatever the Host field says
+        await conn.send(f"GET https://{host}/m/5 HTTP/1.1\r\nHost: other.test\r\n\r\n".encode())
+        assert (await conn.response()).startswith(b"HTTP/1.1 302 ")
+        assert (await conn.get(host, "/m/6", "Cookie: a=2\r\n")).startswith(b"HTTP/1.1 302 ")
+    finally:
+        conn.close()
+    assert len(built) == 3  # /m/1, /m/3, /m/5 (never kept)
+
+    def fields(path: str) -> list[bytes]:
+        return heads[path].split(b"\r\n")[1:]
+
+    assert fields("/m/1") == fields("/m/2") != fields("/m/3") == fields("/m/4") == fields("/m/6")
+    assert b"Cookie: a=1" in fields("/m/1") and b"Cookie: a=2" in fields("/m/3")
+    assert fields("/m/1")[0] == f"Host: {host}".encode()
+    assert f"X-Forwarded-Host: {host}".encode() in fields("/m/1")
+    assert fields("/m/5")[0] == f"Host: {host}".encode()
+    assert b"other.test" not in heads["/m/5"] and b"Cookie" not in heads["/m/5"]
 
 
 async def test_a_body_still_arriving_is_streamed_by_a_task(

@@ -34,7 +34,7 @@ from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 from proxy.http.click_protocol import ClickPaths
 from proxy.http.forward import Forwarder, backend_target, backend_url
-from proxy.http.lean_client import ConnectFailed, LeanClient, request_head
+from proxy.http.lean_client import ConnectFailed, LeanClient, header_block, request_head
 
 USED = {"exchanges": 0}
 CLICKS: list[ClickPaths] = []  # every lean click protocol of the rerun tests' edges
@@ -88,7 +88,9 @@ async def _backend(handler: Any) -> tuple[web.AppRunner, str]:
 
 async def _get(client: LeanClient, url: URL) -> tuple[int, bytes]:
     headers: CIMultiDict[str] = CIMultiDict({"Host": "links.example.test", "X-Test": "1"})
-    answer, conn = await client.exchange(url, request_head("GET", url.raw_path_qs, headers))
+    answer, conn = await client.exchange(
+        url, request_head("GET", url.raw_path_qs, header_block(headers))
+    )
     try:
         body = b"".join([chunk async for chunk in answer.content.iter_any()])
     finally:

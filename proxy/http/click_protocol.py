@@ -59,7 +59,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.http import app as http_app
 from proxy.http.app import MAX_HEADERS, Step, decide
-from proxy.http.forward import DirectClick, LeanResponder, failing, relayed_headers
+from proxy.http.forward import (
+    DirectClick,
+    ForwardedMemo,
+    LeanResponder,
+    failing,
+    relayed_headers,
+)
 from proxy.http.host_policy import HSTS, HostPolicy
 from proxy.http.lean_client import Answer
 from proxy.wire.peers import connection_client, source_key
@@ -154,6 +160,7 @@ class _Head(dict[Any, Any]):
         "read_view",
         "keep_alive",
         "client",
+        "raw_headers",
     )
 
     body_exists = False
@@ -170,6 +177,7 @@ class _Head(dict[Any, Any]):
         self.secure = conn.secure
         self.keep_alive = not message.should_close  # `Connection: close` from the client
         self.client = conn.client  # `client_address`, once per connection
+        self.raw_headers = message.raw_headers  # the key of `forwarded_memo`
         self.host = ""  # the checked host's lookup name (app.decide)
         self.read_view = False  # its view must be read before the policy can say
 
@@ -193,6 +201,7 @@ class LeanClickProtocol(asyncio.Protocol):
         self._idle_handle: asyncio.TimerHandle | None = None
         self._last_used = 0.0
         self._lost_callbacks: list[Callable[[], object]] = []
+        self.forwarded_memo = ForwardedMemo()  # the last click's header block (Forwarder)
         self._task_handler = None  # web.Server.connection_lost looks for a handler task
         self.opened_at = 0.0
 

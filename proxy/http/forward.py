@@ -46,6 +46,7 @@ from proxy.http.lean_client import (
     ConnectFailed,
     Connection,
     LeanClient,
+    header_block,
     request_head,
 )
 from proxy.http.request_target import checked_host, origin_form
@@ -215,9 +216,9 @@ class Forwarder:
         unwatch = self._watch(request.protocol)
         try:
             async with self._timeouts.timeout(self._deadline):
-                headers = forwarded_headers(request, self._trusted, client)
+                block = self._forwarded_block(request, client)
                 path_qs = origin_form(request.raw_path)
-                exchanged = await self._lean_exchange(request, headers, path_qs)
+                exchanged = await self._lean_exchange(request, block, path_qs)
                 if exchanged is None:
                     return False
                 if isinstance(exchanged, web.Response):
@@ -264,8 +265,8 @@ class Forwarder:
         base = _parsed_base(candidates[0].base)
         if base.scheme != "http":
             return False
-        headers = forwarded_headers(request, self._trusted, client)
-        head = request_head("GET", backend_target(base, origin_form(request.raw_path)), headers)
+        block = self._forwarded_block(request, client)
+        head = request_head("GET", backend_target(base, origin_form(request.raw_path)), block)
         forward = _DirectForward(self, lean, request, respond, click, source, ended)
         conn = lean.send_now(base, head, forward)
         if conn is None:
@@ -274,6 +275,23 @@ class Forwarder:
         self._admit(source)  # under the bound: checked above
         forward.begin(conn)
         return True
+
+    def _forwarded_block(self, request: web.Request, client: str | None) -> str:
+        """The header block the backend gets for a lean click (`forwarded_headers`),
+        reused from the connection's previous click when it is made from the same
+        fields: a browser or a load client sends the same header block with every
+        request on a kept-alive connection, and nothing else it depends on changes
+        within a connection (the key holds the client, TLS and the trusted networks;
+        an absolute-form target, whose authority is the Host, is never reused)."""
+        memo: ForwardedMemo | None = getattr(request.protocol, "forwarded_memo", None)
+        raw: tuple[tuple[bytes, bytes], ...] | None = getattr(request, "raw_headers", None)
+        if memo is None or raw is None or not request.raw_path.startswith("/"):
+            return header_block(forwarded_headers(request, self._trusted, client))
+        key = (raw, client, request.secure, self._trusted)
+        if memo.key != key:
+            memo.block = header_block(forwarded_headers(request, self._trusted, client))
+            memo.key = key
+        return memo.block
 
     def _admit(self, source: str) -> bool:
         """One more forward for `source`, unless it has `max_per_source` in flight."""
@@ -340,7 +358,7 @@ class Forwarder:
             and request.method == "GET"
             and "Host" in headers
         ):
-            answered = await self._forward_lean(request, headers, path_qs, progress)
+            answered = await self._forward_lean(request, header_block(headers), path_qs, progress)
             if answered is not None:
                 return answered
         for backend in self._backends.candidates():
@@ -382,13 +400,13 @@ class Forwarder:
     async def _forward_lean(
         self,
         request: web.Request,
-        headers: CIMultiDict[str],
+        block: str,
         path_qs: str,
         progress: _Progress,
     ) -> web.StreamResponse | None:
         """`_forward` for a bodiless GET over the lean client: same failover and answers.
         None: an https backend, left to aiohttp's client."""
-        exchanged = await self._lean_exchange(request, headers, path_qs)
+        exchanged = await self._lean_exchange(request, block, path_qs)
         if exchanged is None or isinstance(exchanged, web.Response):
             return exchanged
         answer, conn = exchanged
@@ -399,7 +417,7 @@ class Forwarder:
             self._lean.release(conn)
 
     async def _lean_exchange(
-        self, request: web.Request, headers: CIMultiDict[str], path_qs: str
+        self, request: web.Request, block: str, path_qs: str
     ) -> tuple[Answer, Connection] | web.Response | None:
         """The backend's answer head over the lean client (the caller releases the
         connection), or the edge's error answer; None: an https backend."""
@@ -411,7 +429,7 @@ class Forwarder:
             try:
                 answer, conn = await self._lean.exchange(
                     base,  # where to connect; the path is in the head
-                    request_head(request.method, backend_target(base, path_qs), headers),
+                    request_head(request.method, backend_target(base, path_qs), block),
                     head_request=request.method == "HEAD",
                 )
             except ConnectFailed as exc:
@@ -696,6 +714,17 @@ def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
 
 
 _NONE_LISTED: frozenset[str] = frozenset()
+
+
+class ForwardedMemo:
+    """One connection's last forwarded header block and what it was made from
+    (`Forwarder._forwarded_block`)."""
+
+    __slots__ = ("key", "block")
+
+    def __init__(self) -> None:
+        self.key: tuple[object, ...] | None = None
+        self.block = ""
 
 
 def forwarded_headers(

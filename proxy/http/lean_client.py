@@ -470,12 +470,16 @@ class _Slots:
         self._free += 1
 
 
-def request_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
-    """The request line (`target`: path and query, percent-encoded) and the header
-    block, as one buffer, as aiohttp's client writes them: Host first, then the other
-    fields in their order (UTF-8)."""
+def header_block(headers: CIMultiDict[str]) -> str:
+    """The header block of a forwarded request as aiohttp's client writes it: Host
+    first, then the other fields in their order, and the blank line."""
     fields = "".join(
         [f"{name}: {value}\r\n" for name, value in headers.items() if name.lower() != "host"]
     )
-    head = f"{method} {target} HTTP/1.1\r\nHost: {headers['Host']}\r\n{fields}\r\n"
-    return head.encode("utf-8", "surrogateescape")
+    return f"Host: {headers['Host']}\r\n{fields}\r\n"
+
+
+def request_head(method: str, target: str, block: str) -> bytes:
+    """The request line (`target`: path and query, percent-encoded) and the header
+    block (`header_block`), as one buffer (UTF-8)."""
+    return f"{method} {target} HTTP/1.1\r\n{block}".encode("utf-8", "surrogateescape")
