@@ -60,11 +60,12 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.http import app as http_app
 from proxy.http.app import MAX_HEADERS, Step, decide
 from proxy.http.forward import (
+    HOP_BY_HOP,
     DirectClick,
     ForwardedMemo,
     LeanResponder,
+    connection_listed,
     failing,
-    relayed_headers,
 )
 from proxy.http.host_policy import HSTS, HostPolicy
 from proxy.http.lean_client import Answer
@@ -73,6 +74,7 @@ from proxy.wire.peers import connection_client, source_key
 log = logging.getLogger(__name__)
 
 # Fields that make a GET more than a lean click (a body, a 100-continue, an upgrade).
+_HSTS_LOWER = HSTS.lower()
 _NOT_LEAN = ("Content-Length", "Transfer-Encoding", "Expect", "Upgrade")
 # Bytes buffered while a click is being answered (pipelined requests) before reading pauses.
 _MAX_BUFFERED = 2**16
@@ -567,25 +569,53 @@ class _Responder:
         return True
 
     def _relayed_head(self, answer: Answer, hsts: str | None) -> tuple[list[bytes], bool, bool]:
-        """The answer's head as aiohttp frames it; whether its body is dropped, chunked."""
+        """The answer's head as aiohttp frames it (`_relay`, then `_finish_headers` and
+        `_add_hsts` on its fields: the same fields in the same order, made in one pass
+        over the backend's); whether its body is dropped, chunked."""
         status = answer.status
         method = self._head.method
-        headers: CIMultiDict[str] = CIMultiDict(relayed_headers(answer.headers))
+        upstream = answer.headers
         empty = must_be_empty_body(method, status)
         # `_relay` enables chunking when the backend gave no length (not for HEAD)
-        chunked = "Content-Length" not in answer.headers and method != "HEAD"
-        if empty:
-            if "Content-Length" in headers and should_remove_content_length(method, status):
-                del headers["Content-Length"]
-            headers.popall("Transfer-Encoding", None)
-        elif chunked:
-            headers["Transfer-Encoding"] = "chunked"
-        length = None if chunked else headers.get("Content-Length")
-        self._finish_headers(headers, status, not empty and length != "0")
-        self._add_hsts(headers, hsts)
+        chunked = not empty and "Content-Length" not in upstream and method != "HEAD"
+        drop_length = empty and should_remove_content_length(method, status)
+        listed = connection_listed(upstream)
+        fields: list[tuple[str, str]] = []
+        length: str | None = None
+        typed = dated = served = False
+        for name, value in upstream.items():
+            lname = name.lower()
+            if lname in HOP_BY_HOP or lname in listed or lname == _HSTS_LOWER:
+                continue  # Transfer-Encoding among them; the HSTS is the edge's
+            if lname == "content-length":
+                if drop_length:
+                    continue
+                if length is None:
+                    length = value
+            elif lname == "content-type":
+                typed = True
+            elif lname == "date":
+                dated = True
+            elif lname == "server":
+                served = True
+            fields.append((name, value))
+        if chunked:
+            fields.append(("Transfer-Encoding", "chunked"))
+        if not empty and not typed and (chunked or length != "0"):
+            fields.append(("Content-Type", "application/octet-stream"))
+        if not dated:
+            fields.append(("Date", rfc822_formatted_time()))
+        if not served:
+            fields.append(("Server", http_app.SERVER))
+        if not self._head.keep_alive:
+            self.close_after = True
+            fields.append(("Connection", "close"))
+        if hsts is not None:
+            fields.append((HSTS, hsts))
         self.started = True  # from here a failure cuts the connection (as `_relay`'s)
         self.status = status
-        return [_head_bytes(status, answer.reason, headers)], empty, chunked and not empty
+        head = _head_bytes(status, answer.reason, CIMultiDict(fields))
+        return [head], empty, chunked
 
     async def relay(self, answer: Answer) -> None:
         """The backend's answer, streamed; one write when it is complete already."""
