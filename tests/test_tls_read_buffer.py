@@ -8,7 +8,9 @@ large bodies at once, interleaved on the loop; each must reach the backend intac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import re
 import ssl
 
 from support.clicks import certify
@@ -76,3 +78,110 @@ def test_tls_protocols_have_no_read_buffer_of_their_own() -> None:
     assert all(view is first for view in others)
     assert first is tls_listener._shared_read_buffer()
     assert len(first) == tls_listener.TLS_READ_BUFFER
+
+
+class _RecordClient:
+    """A TLS client that decides its records and TCP writes itself (an `SSLObject` over
+    a plain stream), to feed the edge's read loop what browsers and stacks may send."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.plain = b""
+
+    @classmethod
+    async def open(cls, edge: EdgeHandle, pebble: PebbleServer, host: str) -> _RecordClient:
+        client = cls(*await asyncio.open_connection(edge.ip, edge.https_port))
+        ctx = client_context(pebble)
+        client.tls = ctx.wrap_bio(client.incoming, client.outgoing, server_hostname=host)
+        while True:
+            try:
+                client.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await client.send(client.outgoing.read())
+                await client.receive()
+        await client.send(client.outgoing.read())
+        return client
+
+    def records(self, *parts: bytes) -> bytes:
+        """Each part as a TLS record of its own, all in one buffer."""
+        for part in parts:
+            self.tls.write(part)
+        return self.outgoing.read()
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def receive(self) -> bool:
+        data = await asyncio.wait_for(self.reader.read(65536), 10)
+        if not data:
+            return False
+        self.incoming.write(data)
+        return True
+
+    async def answers(self, count: int) -> list[bytes]:
+        """The next `count` answers' heads (their bodies read past)."""
+        heads: list[bytes] = []
+        while len(heads) < count:
+            head, sep, rest = self.plain.partition(b"\r\n\r\n")
+            if sep:
+                length = re.search(rb"\r\ncontent-length: *(\d+)", head.lower())
+                size = int(length.group(1)) if length else 0
+                if len(rest) >= size:
+                    heads.append(head)
+                    self.plain = rest[size:]
+                    continue
+            try:
+                self.plain += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                assert await self.receive(), f"closed after {len(heads)} of {count} answers"
+        return heads
+
+    async def closed(self) -> bool:
+        """The edge ends the connection (its close_notify, then EOF)."""
+        while await self.receive():
+            pass
+        return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_records_in_any_grouping_reach_the_click_whole(
+    edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer, backend
+) -> None:
+    # the read loop stops when the BIO and OpenSSL are both empty (no trailing read
+    # that only raises SSLWantReadError): every grouping of records must still arrive
+    host = await certify(edge, pebble, dns_server)
+    get = f"GET /c/r HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    client = await _RecordClient.open(edge, pebble, host)
+    try:
+        # one request in three records, one TCP write
+        await client.send(client.records(get[:5], get[5:20], get[20:]))
+        assert (await client.answers(1))[0].startswith(b"HTTP/1.1 302 ")
+        # two requests, a record each, one TCP write
+        await client.send(client.records(get, get))
+        assert [h[:13] for h in await client.answers(2)] == [b"HTTP/1.1 302 "] * 2
+        # one record cut across two TCP writes
+        data = client.records(get)
+        await client.send(data[:7])
+        await asyncio.sleep(0.05)
+        await client.send(data[7:])
+        assert (await client.answers(1))[0].startswith(b"HTTP/1.1 302 ")
+        # a record and a half, then the rest
+        data = client.records(get, get)
+        cut = len(data) - 10
+        await client.send(data[:cut])
+        await asyncio.sleep(0.05)
+        await client.send(data[cut:])
+        assert [h[:13] for h in await client.answers(2)] == [b"HTTP/1.1 302 "] * 2
+        # close_notify right behind a request: the edge ends the connection
+        with contextlib.suppress(ssl.SSLWantReadError):
+            client.tls.write(get)
+            client.tls.unwrap()
+        await client.send(client.outgoing.read())
+        assert await asyncio.wait_for(client.closed(), 10)
+    finally:
+        client.close()
