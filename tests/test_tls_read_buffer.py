@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
+import socket
 import ssl
 
 from support.clicks import certify
@@ -185,3 +186,41 @@ async def test_records_in_any_grouping_reach_the_click_whole(
         assert await asyncio.wait_for(client.closed(), 10)
     finally:
         client.close()
+
+
+async def test_a_large_answer_to_a_slow_reader_arrives_whole(
+    edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer, backend
+) -> None:
+    # the TLS write's one-frame path covers a buffer written at once; a reader too slow
+    # for the answer pauses the socket's writing and asyncio's queue takes over: every
+    # byte still arrives, in order, and the connection serves the next click
+    host = await certify(edge, pebble, dns_server)
+    size = 12_000_000  # beyond the kernel's send buffer (at most 4 MiB here)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((edge.ip, edge.https_port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(
+        sock=sock, ssl=client_context(pebble), server_hostname=host, limit=4096
+    )
+    try:
+        for path in (f"/big?bytes={size}", "/c/after"):
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(re.search(rb"\r\ncontent-length: *(\d+)", head.lower()).group(1))
+            await asyncio.sleep(0.5)  # not reading: the edge's socket buffer fills
+            parts = []
+            received = 0
+            while received < length:
+                part = await asyncio.wait_for(reader.read(65536), 10)
+                assert part, f"closed after {received} of {length} bytes"
+                parts.append(part)
+                received += len(part)
+            body = b"".join(parts)
+            if path.startswith("/big"):
+                assert head.startswith(b"HTTP/1.1 200 ") and length == size
+                assert body == b"x" * size
+            else:
+                assert head.startswith(b"HTTP/1.1 302 "), head
+    finally:
+        writer.close()

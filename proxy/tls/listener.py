@@ -60,6 +60,7 @@ _PEEK_BYTES = MAX_CLIENT_HELLO + 4096  # the message plus the record headers aro
 # (16 KiB + overhead each) fit in 32 KiB.
 TLS_READ_BUFFER = 32 * 1024
 _read_buffers = threading.local()
+_WRAPPED = sslproto.SSLProtocolState.WRAPPED
 
 
 def _shared_read_buffer() -> memoryview:
@@ -125,6 +126,38 @@ class _CompactSSLProtocol(sslproto.SSLProtocol):
         if not chunk:
             self._call_eof_received()  # type: ignore[attr-defined]
             self._start_shutdown()
+
+    def _write_appdata(self, list_of_data: list[bytes]) -> None:
+        """asyncio's write for the usual case in one frame: one buffer (a click's whole
+        answer) on a connection with nothing queued and no writing paused is encrypted
+        and written at once; asyncio's chain (backlog, `_do_write`, `_process_outgoing`,
+        flow control) would do the same in five. Anything else is asyncio's."""
+        tls: Any = self  # asyncio's private state, which typeshed only partly knows
+        if (
+            len(list_of_data) != 1
+            or tls._state is not _WRAPPED
+            or tls._write_backlog
+            or tls._ssl_writing_paused
+            or tls._app_writing_paused
+        ):
+            super()._write_appdata(list_of_data)
+            return
+        data = list_of_data[0]
+        try:
+            written = tls._sslobj.write(data)
+        except sslproto.SSLAgainErrors:
+            written = 0
+        except Exception as exc:
+            tls._fatal_error(exc, "Fatal error on SSL protocol")
+            return
+        if written < len(data):  # mid-handshake (renegotiation): asyncio's backlog
+            tls._write_backlog.append(data[written:])
+            tls._write_buffer_size += len(data) - written
+        out = tls._outgoing.read()
+        if out:
+            tls._transport.write(out)
+        if tls._write_backlog:
+            tls._control_app_writing()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         transport = self._transport
