@@ -95,7 +95,7 @@ async def test_many_expire_together() -> None:
 class _Entry:
     expired = False
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
         self.expired = True
 
 
@@ -131,16 +131,23 @@ def test_a_sweep_at_the_ticks_moment_takes_it() -> None:
     assert timeouts.pending() == 0
 
 
-async def test_a_call_later_fires_once_within_a_tick_unless_cancelled() -> None:
+async def test_an_entry_expires_once_within_a_tick_unless_removed() -> None:
     timeouts = CoarseTimeouts()
     loop = asyncio.get_running_loop()
-    fired: list[float] = []
     started = loop.time()
-    timeouts.call_later(loop, 0.2, lambda: fired.append(loop.time() - started))
-    cancelled = timeouts.call_later(loop, 0.2, lambda: fired.append(-1.0))
-    cancelled.cancel()
-    cancelled.cancel()  # twice: nothing more
+    fired: list[float] = []
+
+    class Timed:
+        def expire(self) -> None:
+            fired.append(loop.time() - started)
+
+    timeouts.add(Timed(), loop, 0.2)
+    removed = _Entry()
+    tick = timeouts.add(removed, loop, 0.2)
+    timeouts.remove(removed, tick)
+    timeouts.remove(removed, tick)  # twice: nothing more
     assert timeouts.pending() == 1
     await asyncio.sleep(0.2 + RESOLUTION + 0.2)
     assert len(fired) == 1 and 0.2 <= fired[0] < 0.2 + RESOLUTION + 0.2
+    assert not removed.expired
     assert timeouts.pending() == 0

@@ -317,8 +317,7 @@ class LeanClickProtocol(asyncio.Protocol):
         paths = self._paths
         paths.limits.touched(self)
         respond = _Responder(self, head)
-        forwarding: Callable[[], Coroutine[Any, Any, bool]]
-        forwarding = functools.partial(self._forward, head, respond)
+        forwarding: Callable[[], Coroutine[Any, Any, bool]] | None = None
         if not head.read_view:
             click = _DirectClick(self, head, data, respond)
             try:
@@ -328,6 +327,8 @@ class LeanClickProtocol(asyncio.Protocol):
                     return
             except Exception as exc:  # a bug of ours: the task's handling (logged, 500)
                 forwarding = functools.partial(failing, exc)
+        if forwarding is None:
+            forwarding = functools.partial(self._forward, head, respond)
         self._task = self._loop.create_task(self._complete(forwarding, data, respond))
 
     def _lean_click(self, data: bytes) -> _Head | None:

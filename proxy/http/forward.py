@@ -50,7 +50,7 @@ from proxy.http.lean_client import (
     request_head,
 )
 from proxy.http.request_target import checked_host, origin_form
-from proxy.wire.coarse_timeouts import CoarseCall, CoarseTimeouts
+from proxy.wire.coarse_timeouts import CoarseTimeouts
 from proxy.wire.peers import TrustedNetworks, client_address, source_key
 
 log = logging.getLogger(__name__)
@@ -467,7 +467,7 @@ class _DirectForward:
         "_source",
         "_ended",
         "_conn",
-        "_timer",
+        "_tick",
         "_unwatch",
         "_started",
         "_over",
@@ -491,7 +491,7 @@ class _DirectForward:
         self._source = source
         self._ended = ended
         self._conn: Connection | None = None
-        self._timer: CoarseCall | None = None
+        self._tick: int | None = None  # its deadline's, in the forwarder's coarse timeouts
         self._unwatch: Callable[[], None] | None = None
         self._started = 0.0
         self._over = False
@@ -502,7 +502,7 @@ class _DirectForward:
         self._conn = conn
         self._started = loop.time()
         limit = min(forwarder._deadline, self._lean.timeout)  # noqa: SLF001
-        self._timer = forwarder._timeouts.call_later(loop, limit, self._timed_out)  # noqa: SLF001
+        self._tick = forwarder._timeouts.add(self, loop, limit)  # noqa: SLF001
         when_lost = getattr(self._request.protocol, "call_when_lost", None)
         if when_lost is not None:
             self._unwatch = when_lost(self._client_left)
@@ -542,8 +542,9 @@ class _DirectForward:
 
     # -- the other ends --------------------------------------------------------------------
 
-    def _timed_out(self) -> None:
-        self._timer = None
+    def expire(self) -> None:
+        """The answer timeout or the deadline (`CoarseTimeouts.add`)."""
+        self._tick = None
         conn = self._conn
         assert conn is not None
         self._lean.discard(conn)
@@ -595,9 +596,9 @@ class _DirectForward:
         return True
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._tick is not None:
+            self._forwarder._timeouts.remove(self, self._tick)  # noqa: SLF001
+            self._tick = None
 
     def _unwatch_client(self) -> None:
         if self._unwatch is not None:

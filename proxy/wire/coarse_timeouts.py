@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
@@ -31,27 +30,27 @@ class CoarseTimeouts:
 
     def __init__(self, resolution: float = RESOLUTION) -> None:
         self._resolution = resolution
-        self._buckets: dict[int, dict[_Entry, None]] = {}  # tick -> its entries
+        self._buckets: dict[int, dict[Expiring, None]] = {}  # tick -> its entries
         self._handle: asyncio.TimerHandle | None = None
         self._armed_tick = 0
 
     def timeout(self, seconds: float) -> CoarseTimeout:
         return CoarseTimeout(self, seconds)
 
-    def call_later(
-        self, loop: asyncio.AbstractEventLoop, seconds: float, callback: Callable[[], object]
-    ) -> CoarseCall:
-        """`callback()` once `seconds` have passed (within a tick after), unless the
-        returned call is cancelled first: a deadline for work that is not a task."""
-        call = CoarseCall(self, callback)
-        call.tick = self._add(call, loop, loop.time() + seconds)
-        return call
+    def add(self, entry: Expiring, loop: asyncio.AbstractEventLoop, seconds: float) -> int:
+        """`entry.expire()` once `seconds` have passed (within a tick after), unless
+        `remove(entry, tick)` with the tick returned comes first: a deadline for work
+        that is not a task, the object being its own callback (no call object per use)."""
+        return self._add(entry, loop, loop.time() + seconds)
+
+    def remove(self, entry: Expiring, tick: int) -> None:
+        self._remove(entry, tick)
 
     def pending(self) -> int:
         """Operations with a deadline right now (for tests)."""
         return sum(len(bucket) for bucket in self._buckets.values())
 
-    def _add(self, entry: _Entry, loop: asyncio.AbstractEventLoop, when: float) -> int:
+    def _add(self, entry: Expiring, loop: asyncio.AbstractEventLoop, when: float) -> int:
         tick = math.ceil(when / self._resolution)
         bucket = self._buckets.get(tick)
         if bucket is None:
@@ -61,7 +60,7 @@ class CoarseTimeouts:
             self._arm(loop, tick)
         return tick
 
-    def _remove(self, entry: _Entry, tick: int) -> None:
+    def _remove(self, entry: Expiring, tick: int) -> None:
         bucket = self._buckets.get(tick)
         if bucket is not None:
             bucket.pop(entry, None)
@@ -85,31 +84,13 @@ class CoarseTimeouts:
         now = loop.time() + _EARLY
         for tick in sorted(t for t in self._buckets if t * self._resolution <= now):
             for entry in list(self._buckets.pop(tick)):
-                entry._expire()  # noqa: SLF001 (this module's own class)
+                entry.expire()
         if self._buckets:
             self._arm(loop, min(self._buckets))
 
 
-class _Entry(Protocol):
-    def _expire(self) -> None: ...
-
-
-class CoarseCall:
-    __slots__ = ("_owner", "_callback", "tick")
-
-    def __init__(self, owner: CoarseTimeouts, callback: Callable[[], object]) -> None:
-        self._owner = owner
-        self._callback = callback
-        self.tick: int | None = None
-
-    def cancel(self) -> None:
-        if self.tick is not None:
-            self._owner._remove(self, self.tick)  # noqa: SLF001 (this module's own class)
-            self.tick = None
-
-    def _expire(self) -> None:
-        self.tick = None
-        self._callback()
+class Expiring(Protocol):
+    def expire(self) -> None: ...  # its limit has passed (called once, then forgotten)
 
 
 class CoarseTimeout:
@@ -148,11 +129,11 @@ class CoarseTimeout:
             if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
                 raise TimeoutError from exc
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
         self._tick = None
         self.expired = True
         assert self._task is not None
         self._task.cancel()
 
 
-__all__ = ["CoarseCall", "CoarseTimeout", "CoarseTimeouts", "RESOLUTION"]
+__all__ = ["CoarseTimeout", "CoarseTimeouts", "Expiring", "RESOLUTION"]
