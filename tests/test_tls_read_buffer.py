@@ -224,3 +224,34 @@ async def test_a_large_answer_to_a_slow_reader_arrives_whole(
                 assert head.startswith(b"HTTP/1.1 302 "), head
     finally:
         writer.close()
+
+
+async def test_requests_arriving_while_reading_is_paused_are_all_answered(
+    edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer, backend
+) -> None:
+    # a click in progress and 100 KiB of pipelined requests behind it: the click
+    # protocol pauses reading past 64 KiB, so records arrive while the TLS layer's
+    # reading is paused (asyncio's path, not the one-frame read); every request is
+    # answered, in order, once reading resumes
+    host = await certify(edge, pebble, dns_server)
+    client = await _RecordClient.open(edge, pebble, host)
+    count = 2000
+    try:
+        await client.send(
+            client.records(f"GET /slow?seconds=0.5 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        )
+        await asyncio.sleep(0.1)  # the slow click is in progress
+        flood = b"".join(
+            f"GET /c/p{i} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode() for i in range(count)
+        )
+        assert len(flood) > 100_000
+        await client.send(
+            client.records(*(flood[i : i + 16_000] for i in range(0, len(flood), 16_000)))
+        )
+        heads = await client.answers(1 + count)
+        assert heads[0].startswith(b"HTTP/1.1 200 ")
+        assert all(h.startswith(b"HTTP/1.1 302 ") for h in heads[1:])
+    finally:
+        client.close()
+    paths = [r.path_qs for r in backend[1] if r.path_qs.startswith("/c/p")]
+    assert paths == [f"/c/p{i}" for i in range(count)]

@@ -100,6 +100,40 @@ class _CompactSSLProtocol(sslproto.SSLProtocol):
             self._ssl_buffer = view.obj
             self._ssl_buffer_view = view
 
+    def get_buffer(self, n: int) -> memoryview:
+        # asyncio's, which only grows a buffer shorter than max_size: ours never is
+        return self._ssl_buffer_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """asyncio's for a connection past its handshake with nothing paused or queued:
+        the record(s) read and given to the application, then whatever OpenSSL wrote
+        meanwhile sent, in one frame instead of asyncio's four; flow control only when
+        something is left over. Anything else is asyncio's."""
+        tls: Any = self  # asyncio's private state, which typeshed only partly knows
+        if (
+            tls._state is not _WRAPPED
+            or tls._app_reading_paused
+            or tls._ssl_reading_paused
+            or tls._write_backlog
+        ):
+            super().buffer_updated(nbytes)
+            return
+        tls._incoming.write(tls._ssl_buffer_view[:nbytes])
+        try:
+            self._do_read__copied()
+            if tls._write_backlog:  # the application wrote while mid-handshake
+                tls._do_write()
+            elif not tls._ssl_writing_paused:
+                out = tls._outgoing.read()  # what OpenSSL answered (a KeyUpdate, an alert)
+                if out:
+                    tls._transport.write(out)
+            if tls._write_backlog or tls._outgoing.pending or tls._app_writing_paused:
+                tls._control_app_writing()
+            if tls._incoming.pending or tls._ssl_reading_paused:
+                tls._control_ssl_reading()
+        except Exception as exc:
+            tls._fatal_error(exc, "Fatal error on SSL protocol")
+
     def _do_read__copied(self) -> None:
         """asyncio's read loop without its last `read`: that one only finds both
         buffers empty and raises SSLWantReadError, ~4 µs for every record a client
