@@ -27,13 +27,16 @@ from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 
 STORES = ["sqlite", "postgresql"]
-# first clicks on new hosts in flight at once over the two clicking nodes (5 orders per
+# first clicks on new hosts in flight at once over the two clicking nodes (2-3 orders per
 # worker): each order keeps ACME threads busy, and a worker whose event loop waits too
-# long for the GIL on this small machine sees the store's own timeouts fire. Was 40: in
-# 2 of 9 fresh-clone CI runs Pebble 2.4.0 deadlocked in this burst (a lock-order bug
-# between NewOrder's FindValidAuthorization, the VA and AddChallenge, more likely the
-# more orders run at once; the Pebble log stops at ~140 orders, requests time out).
-CLICKS_IN_FLIGHT = 20
+# long for the GIL on this small machine sees the store's own timeouts fire. Was 40, then
+# 20: Pebble 2.4.0 deadlocks in this burst now and then (a lock-order bug between
+# NewOrder's FindValidAuthorization, the VA and AddChallenge, more likely the more orders
+# run at once; the Pebble log stops at ~140 orders, requests time out): 2 of 9 fresh-clone
+# CI runs at 40, and at 20 once more in session 8's local run (host r140, its order still
+# waiting when the edge's 60 s selection deadline ended the handshake). Still two nodes
+# ordering at once from one store, which is what the test is about.
+CLICKS_IN_FLIGHT = 10
 # a first test includes starting the fleet (nine processes; PostgreSQL too), and the
 # 300 orders take a minute or two on the shared 2-core machine: more than the default
 pytestmark = pytest.mark.timeout(600)
