@@ -72,8 +72,9 @@ from proxy.wire.peers import connection_client, source_key
 
 log = logging.getLogger(__name__)
 
-# Fields that make a GET more than a lean click (a body, a 100-continue, an upgrade).
+# The backend's HSTS field, as the relay's one pass meets it (the edge sets its own).
 _HSTS_LOWER = HSTS.lower()
+# Fields that make a GET more than a lean click (a body, a 100-continue, an upgrade).
 _NOT_LEAN = ("Content-Length", "Transfer-Encoding", "Expect", "Upgrade")
 # Bytes buffered while a click is being answered (pipelined requests) before reading pauses.
 _MAX_BUFFERED = 2**16
