@@ -9,9 +9,10 @@ import ssl
 import subprocess
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from proxy.wire import clienthello
 from proxy.wire.clienthello import (
     DECODE_ERROR,
     HANDSHAKE_FAILURE,
@@ -548,6 +549,91 @@ def test_fuzz_body_inside_valid_framing(body: bytes, declared: int, honest: bool
 @given(mutated_hellos())
 def test_fuzz_mutated_real_hellos(data: bytes) -> None:
     check_contract(data)
+
+
+@st.composite
+def framed_hellos(draw: st.DrawFn) -> bytes:
+    """Hellos whose record and vector lengths agree, with odd content inside: what gets
+    past the one-pass parser's framing checks to its SNI, ALPN and extension rules."""
+    name = st.one_of(
+        st.sampled_from([b"a.test", b"A.Test.", b"x", b"a_b-c.d", b"a" * 255]),
+        st.sampled_from([b".", b"a..b", b".a", b"a..", b"a b", b"\xc3\xa9.test", b"a" * 256]),
+        st.binary(min_size=0, max_size=12),
+    )
+    proto = st.one_of(
+        st.sampled_from([b"h2", b"http/1.1", b"\x0a\x0a", b"\x1a\x1a", b"acme-tls/1"]),
+        st.sampled_from([b"\xff", b"", b"h\x80"]),
+        st.binary(min_size=0, max_size=4),
+    )
+    sni = st.one_of(
+        st.builds(lambda n: sni_ext(n), name),
+        st.builds(
+            lambda ns, t: sni_ext(*ns, name_type=t), st.lists(name, max_size=3), st.integers(0, 2)
+        ),
+        st.builds(lambda b: ext(0, b), st.binary(max_size=8)),
+        st.builds(  # a list length that disagrees with its one entry
+            lambda n, d: ext(0, (len(n) + 3 + d).to_bytes(2, "big") + b"\x00" + vec(2, n)),
+            name,
+            st.sampled_from([-1, 1, 2]),
+        ),
+    )
+    alpn = st.one_of(
+        st.builds(lambda ps: alpn_ext(*ps), st.lists(proto, min_size=1, max_size=3)),
+        st.builds(lambda b: ext(16, b), st.binary(max_size=6)),
+    )
+    kinds = draw(st.lists(st.integers(17, 40), max_size=4, unique=True))
+    exts = [ext(k, draw(st.binary(max_size=6))) for k in kinds]
+    exts += draw(st.lists(sni, max_size=1)) + draw(st.lists(alpn, max_size=1))
+    if draw(st.integers(0, 9)) == 0 and exts:  # a duplicate extension
+        exts.append(draw(st.sampled_from(exts)))
+    exts = draw(st.permutations(exts))
+
+    def mostly(usual: bytes, *odd: bytes) -> bytes:  # an odd value one time in ten
+        return usual if draw(st.integers(0, 9)) else draw(st.sampled_from(odd))
+
+    body = hello_body(
+        b"".join(exts) if exts or draw(st.booleans()) else None,
+        session_id=mostly(bytes(32), b"", bytes(33)),
+        suites=mostly(b"\x13\x01\x00\xff", b"\x13\x01", b"\x13", b"\x13\x01\x00", b""),
+        compression=mostly(b"\x00", b"", b"\x00\x01"),
+        version=mostly(b"\x03\x03", b"\x02\x00"),
+    )
+    return records(handshake(body), draw(st.sampled_from([2**14] * 5 + [64])))
+
+
+def test_one_pass_parser_takes_real_hellos() -> None:
+    """The usual hellos go the one-pass way (else it would be dead code)."""
+    for data in REAL_HELLOS:
+        if len(unframe(data)) + 5 == len(data):  # one record
+            assert clienthello._parse_usual(data, MAX_CLIENT_HELLO) == parsed(data)
+    data = synthetic(sni_ext(b"A.test."), alpn_ext(b"\x0a\x0a", b"h2"))
+    assert clienthello._parse_usual(data, MAX_CLIENT_HELLO) == ClientHello(
+        "a.test", ("h2",), len(data)
+    )
+
+
+@FUZZ
+@given(st.one_of(framed_hellos(), mutated_hellos()))
+@example(synthetic(sni_ext(b"a" * 256)))
+@example(synthetic(sni_ext(b"a..b")))
+@example(synthetic(sni_ext(b"a.test", b"b.test")))
+@example(synthetic(ext(0, b"\x00\x0b\x00\x00\x07a.test.")))  # list length off by one
+@example(synthetic(alpn_ext(b"h\x80")))
+@example(synthetic(alpn_ext(b"h2"), alpn_ext(b"h2")))
+@example(records(handshake(hello_body(b"", suites=b"\x13\x01\x00"))))
+@example(records(handshake(hello_body(b"", session_id=bytes(33)))))
+@example(records(handshake(hello_body(b"", compression=b""))))
+def test_fuzz_one_pass_parser_agrees_with_the_careful_one(data: bytes) -> None:
+    """Whatever the one-pass parser accepts, the record-by-record parser returns too;
+    anything it declines is the careful parser's to judge."""
+    usual = clienthello._parse_usual(data, MAX_CLIENT_HELLO)
+    try:
+        careful = clienthello._parse_records(data, MAX_CLIENT_HELLO)
+    except ClientHelloError as exc:
+        assert usual is None, f"one-pass accepted what the careful parser refuses: {exc}"
+        return
+    if usual is not None:
+        assert usual == careful
 
 
 @FUZZ

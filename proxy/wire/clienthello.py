@@ -46,7 +46,8 @@ _MAX_RECORD = 2**14 + 2048  # largest TLSCiphertext fragment; plaintext is 2^14 
 _EXT_SERVER_NAME = 0  # RFC 6066 §3
 _EXT_ALPN = 16  # RFC 7301 §3.1
 _EXT_NAMES = {_EXT_SERVER_NAME: "extension 0 (server_name)", _EXT_ALPN: "extension 16 (ALPN)"}
-_HOST_NAME_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
+_HOST_NAME_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._"
+_HOST_NAME_CHARS = frozenset(_HOST_NAME_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +143,114 @@ def parse_client_hello(data: bytes, max_size: int = MAX_CLIENT_HELLO) -> ClientH
     None means: valid so far, need more bytes.  Raises NotTLS or
     MalformedClientHello as soon as the bytes received prove it.
     """
+    hello = _parse_usual(data, max_size)
+    if hello is not None:
+        return hello
+    return _parse_records(data, max_size)
+
+
+def _parse_usual(data: bytes, max_size: int) -> ClientHello | None:
+    """The usual case in one pass: the whole ClientHello in one record, every field in
+    bounds, one SNI host name. None for anything else (several records, a partial
+    message, anything the least bit off), which `_parse_records` then judges, with its
+    reasons.
+
+    Each connection's first step, so it reads offsets into ``data`` directly: the
+    `_Reader` walk costs ~55 µs for Python's ClientHello (12 extensions), this ~10. A
+    test holds the two equal on fuzzed input: whatever this accepts, the other returns.
+    """
+    try:
+        if data[0] != _HANDSHAKE or data[1] != 3 or data[2] > 4 or data[5] != _CLIENT_HELLO:
+            return None
+        record = 5 + ((data[3] << 8) | data[4])
+        length = (data[6] << 16) | (data[7] << 8) | data[8]
+        end = 9 + length
+        if end != record or record > len(data) or length + 4 > _MAX_RECORD or length > max_size:
+            return None
+        # legacy_version at 9, random at 11, legacy_session_id's length at 43
+        if data[9] != 3 or data[43] > 32:
+            return None
+        p = 44 + data[43]
+        suites = (data[p] << 8) | data[p + 1]
+        p += 2 + suites
+        if suites < 2 or suites % 2:
+            return None
+        compression = data[p]
+        p += 1 + compression
+        if not compression or p > end:
+            return None
+        if p == end:  # no extensions (SSL 3.0 era)
+            return ClientHello(None, (), record)
+        if p + 2 + ((data[p] << 8) | data[p + 1]) != end:
+            return None
+        p += 2
+        server_name: str | None = None
+        alpn: tuple[str, ...] = ()
+        kinds = []
+        while p < end:
+            kind = (data[p] << 8) | data[p + 1]
+            start = p + 4
+            p = start + ((data[p + 2] << 8) | data[p + 3])
+            kinds.append(kind)
+            if kind == _EXT_SERVER_NAME:
+                server_name = _usual_server_name(data, start, p)
+                if server_name is None:
+                    return None
+            elif kind == _EXT_ALPN:
+                offered = _usual_alpn(data, start, p)
+                if offered is None:
+                    return None
+                alpn = offered
+    except IndexError:  # ran past the bytes received: the careful parse says why
+        return None
+    if p != end or len(set(kinds)) != len(kinds):
+        return None
+    return ClientHello(server_name, alpn, record)
+
+
+def _usual_server_name(data: bytes, p: int, end: int) -> str | None:
+    """The server_name extension at ``data[p:end]`` as `_parse_server_name` reads it,
+    if it holds one valid host_name and nothing else; else None."""
+    size = (data[p + 3] << 8) | data[p + 4]
+    if not size or p + 5 + size != end or data[p + 2] != 0:
+        return None
+    if (data[p] << 8) | data[p + 1] != size + 3:
+        return None
+    raw = data[p + 5 : end]
+    if len(raw) > 255 or raw.translate(None, _HOST_NAME_BYTES):
+        return None
+    name = raw.decode("ascii").lower()
+    if name[-1] == ".":
+        name = name[:-1]
+    if not name or name[0] == "." or name[-1] == "." or ".." in name:
+        return None
+    return name
+
+
+def _usual_alpn(data: bytes, p: int, end: int) -> tuple[str, ...] | None:
+    """The ALPN extension at ``data[p:end]`` as `_parse_alpn` reads it, if nothing in it
+    is amiss; else None."""
+    if (data[p] << 8) | data[p + 1] != end - p - 2 or end - p < 4:
+        return None
+    p += 2
+    protocols = []
+    while p < end:
+        size = data[p]
+        p += 1 + size
+        if not size or p > end:
+            return None
+        raw = data[p - size : p]
+        if size == 2 and raw[0] == raw[1] and raw[0] & 0x0F == 0x0A:
+            continue  # GREASE (RFC 8701)
+        if not raw.isascii():
+            return None
+        protocols.append(raw.decode("ascii"))
+    return tuple(protocols)
+
+
+def _parse_records(data: bytes, max_size: int) -> ClientHello | None:
+    """`parse_client_hello`'s careful way, for any input: record by record, field by
+    field, with the reason for every refusal."""
     # Reassemble the handshake message from its records: a ClientHello may be
     # fragmented over several handshake records (RFC 8446 §5.1).
     message = bytearray()
