@@ -13,6 +13,9 @@ binary is missing is left out of the table. Everything runs on loopback:
   on Pebble's HTTP-01 port), `reverse_proxy` to the backend, HTTPS and plain HTTP;
 * nginx 1.22 (`worker_processes 1`), linkedge's Pebble certificate as a static
   certificate, `proxy_pass` with an upstream keep-alive pool, HTTPS and plain HTTP;
+* optional (`--peers ...,floor`): `floor_server.py`, the least a Python TLS forwarder does
+  (uvloop's TLS transport, a static certificate, a pooled backend connection), the same
+  certificate as nginx: how far linkedge is from Python's own floor;
 * optional extra linkedge variants (`--variants`): `uvloop` (uvloop's loop), `malloc`
   (`PYTHONMALLOC=malloc`: glibc's allocator for Python's small objects), and any
   `key=value` edits of the Config (e.g. `tls.num_tickets=0`, `listen.lean_clicks=false`:
@@ -64,6 +67,7 @@ import bench_edge as be  # noqa: E402
 
 CADDY_IP = "127.0.0.204"
 NGINX_IP = "127.0.0.205"
+FLOOR_IP = "127.0.0.206"
 VARIANT_IPS = [f"127.0.0.{n}" for n in range(210, 220)]
 CADDY_HOST = "links.caddy-bench.test"
 KINDS = ("conns", "keepalive", "plain")
@@ -352,6 +356,40 @@ class PeerBench(be.Bench):
         self.hosts[name] = self.hosts["linkedge"]
         self.servers.append(name)
 
+    def static_certificate(self) -> tuple[Path, Path]:
+        """linkedge's Pebble certificate for its host as PEM files (chain, key), for the
+        peers that serve one static certificate (nginx, the floor server)."""
+        d = self.workdir / "static-cert"
+        if not d.exists():
+            import asyncio
+
+            from certstore.crypto import parse_key_text
+
+            host = self.hosts["linkedge"]
+            key = parse_key_text(self.key_text, "bench")
+            cert = asyncio.run(self._get_certificate(host, key))
+            d.mkdir()
+            (d / "chain.pem").write_bytes(cert.chain_pem)
+            (d / "key.pem").write_bytes(cert.key_pem)
+        return d / "chain.pem", d / "key.pem"
+
+    def start_floor(self) -> None:
+        """floor_server.py: the least a Python TLS forwarder does (issue 12's floor)."""
+        chain, key = self.static_certificate()
+        sp, hp = be.free_port(FLOOR_IP), be.free_port(FLOOR_IP)
+        backend = self.backend_url.split("://", 1)[1].rstrip("/")
+        cmd = [sys.executable, str(Path(__file__).with_name("floor_server.py"))]
+        cmd += ["--https", f"{FLOOR_IP}:{sp}", "--http", f"{FLOOR_IP}:{hp}"]
+        cmd += ["--cert", str(chain), "--key", str(key), "--backend", backend]
+        proc = self._popen("floor", cmd)
+        self._wait_port(FLOOR_IP, sp, proc, "floor")
+        self.pids["floor"] = proc.pid
+        self.ports["floor"] = sp
+        self.plain_ports["floor"] = hp
+        self.ips["floor"] = FLOOR_IP
+        self.hosts["floor"] = self.hosts["linkedge"]
+        self.servers.append("floor")
+
     def start_nginx(self) -> None:
         nginx = shutil.which("nginx") or (
             "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
@@ -359,16 +397,12 @@ class PeerBench(be.Bench):
         if nginx is None:
             print("nginx not installed: left out", file=sys.stderr)
             return
-        from certstore.crypto import parse_key_text
-
         host = self.hosts["linkedge"]
-        import asyncio
-
-        cert = asyncio.run(self._get_certificate(host, parse_key_text(self.key_text, "bench")))
+        chain, key = self.static_certificate()
         d = self.workdir / "nginx"
         (d / "logs").mkdir(parents=True)
-        (d / "chain.pem").write_bytes(cert.chain_pem)
-        (d / "key.pem").write_bytes(cert.key_pem)
+        (d / "chain.pem").write_bytes(chain.read_bytes())
+        (d / "key.pem").write_bytes(key.read_bytes())
         sp, hp = be.free_port(NGINX_IP), be.free_port(NGINX_IP)
         backend = self.backend_url.split("://", 1)[1].rstrip("/")
         conf = f"""
@@ -691,7 +725,7 @@ http:// {{
 
 def summarize(servers: list[str], rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
-    peers = [p for p in ("nginx", "caddy") if p in servers]
+    peers = [p for p in ("nginx", "caddy", "floor") if p in servers]
     for kind, results in rounds.items():
         block: dict[str, Any] = {}
         for server in servers:
@@ -781,7 +815,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--conn-rate", type=int, default=600, help="h2load: new connections per second (600)"
     )
     p.add_argument("--kinds", default="conns,keepalive,plain")
-    p.add_argument("--peers", default="nginx,caddy", help="comma list of nginx,caddy ('' for none)")
+    p.add_argument(
+        "--peers", default="nginx,caddy", help="comma list of nginx,caddy,floor ('' for none)"
+    )
     p.add_argument(
         "--variants",
         default="",
@@ -835,6 +871,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench.start_nginx()
             if "caddy" in peers:
                 bench.start_caddy()
+            if "floor" in peers:
+                bench.start_floor()
             results["pinning"] = bench.pin_all() if args.pin else {}
             results["servers"] = bench.servers
             results["rss_kib_before"] = {s: tree_rss_kib(bench.pids[s]) for s in bench.servers}
