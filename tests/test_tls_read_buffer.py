@@ -13,6 +13,7 @@ import hashlib
 import re
 import socket
 import ssl
+from asyncio import sslproto
 
 from support.clicks import certify
 from support.edge import EdgeHandle, client_context
@@ -79,6 +80,37 @@ def test_tls_protocols_have_no_read_buffer_of_their_own() -> None:
     assert all(view is first for view in others)
     assert first is tls_listener._shared_read_buffer()
     assert len(first) == tls_listener.TLS_READ_BUFFER
+
+
+def test_server_connections_start_with_asyncios_state() -> None:
+    """The compact protocol's server __init__ sets only a connection's own state and
+    takes asyncio's immutable first values from class attributes: every attribute
+    asyncio's __init__ sets must read the same (a newer asyncio that adds or changes
+    one fails here, not in production)."""
+
+    async def pair() -> tuple[dict[str, object], tls_listener._CompactSSLProtocol]:
+        loop = asyncio.get_running_loop()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        kwargs = {"server_side": True, "ssl_handshake_timeout": 7.0, "ssl_shutdown_timeout": 9.0}
+        stock = sslproto.SSLProtocol(loop, asyncio.Protocol(), ctx, None, **kwargs)
+        compact = tls_listener._CompactSSLProtocol(loop, asyncio.Protocol(), ctx, None, **kwargs)
+        return vars(stock), compact
+
+    stock, compact = asyncio.run(pair())
+    own = vars(compact)
+    assert "_conn_lost" not in own and "_state" not in own  # the lean __init__ ran
+    per_connection = {
+        "_ssl_buffer", "_ssl_buffer_view", "_extra", "_write_backlog", "_waiter", "_loop",
+        "_app_protocol", "_incoming", "_outgoing", "_sslobj", "_app_transport", "_sslcontext",
+    }  # fmt: skip
+    for name, value in stock.items():
+        assert hasattr(compact, name), name
+        if name in per_connection:
+            assert name in own, name
+        else:
+            assert getattr(compact, name) == value, name
+    assert own["_extra"] == stock["_extra"]
+    assert compact._app_transport._ssl_protocol is compact  # type: ignore[attr-defined]
 
 
 class _RecordClient:
