@@ -220,6 +220,32 @@ async def test_records_in_any_grouping_reach_the_click_whole(
         client.close()
 
 
+async def test_the_edge_answers_close_notify_with_its_own(
+    edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer, backend
+) -> None:
+    # a client's close_notify, alone on an idle connection or right behind a request
+    # (asyncio's TLS layer then ends the connection, answered or not: see the test
+    # above), gets the edge's own close_notify, then EOF: a clean shutdown
+    host = await certify(edge, pebble, dns_server)
+    get = f"GET /c/n HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    for behind_a_request in (False, True):
+        client = await _RecordClient.open(edge, pebble, host)
+        try:
+            if behind_a_request:
+                client.tls.write(get)
+            else:
+                await client.send(client.records(get))
+                assert (await client.answers(1))[0].startswith(b"HTTP/1.1 302 ")
+            with contextlib.suppress(ssl.SSLWantReadError):
+                client.tls.unwrap()
+            await client.send(client.outgoing.read())
+            while await client.receive():
+                pass
+            client.tls.unwrap()  # SSLWantReadError if the edge's close_notify is missing
+        finally:
+            client.close()
+
+
 async def test_a_large_answer_to_a_slow_reader_arrives_whole(
     edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer, backend
 ) -> None:

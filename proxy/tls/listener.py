@@ -247,8 +247,43 @@ class _CompactSSLProtocol(sslproto.SSLProtocol):
             app = cast(asyncio.Protocol, self._app_protocol)
             app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if not chunk:
-            self._call_eof_received()  # type: ignore[attr-defined]
-            self._start_shutdown()
+            self._peer_closed()
+
+    def _peer_closed(self) -> None:
+        """The peer's close_notify was read. asyncio would enter its flush state (a
+        timer, a read that finds nothing more), then shut down; with nothing queued the
+        shutdown completes at once (the peer's close_notify is in), so here our own
+        close_notify goes out and the transport closes in one frame. Anything else (a
+        backlog, paused reading or writing, a shutdown that would wait) is asyncio's."""
+        tls: Any = self  # asyncio's private state, which typeshed only partly knows
+        tls._call_eof_received()
+        if (
+            tls._state is not _WRAPPED
+            or tls._write_backlog
+            or tls._ssl_writing_paused
+            or tls._app_reading_paused
+        ):
+            tls._start_shutdown()
+            return
+        if tls._app_transport is not None:
+            tls._app_transport._closed = True
+        tls._set_state(sslproto.SSLProtocolState.FLUSHING)
+        tls._set_state(sslproto.SSLProtocolState.SHUTDOWN)
+        try:
+            tls._sslobj.unwrap()
+        except sslproto.SSLAgainErrors:  # cannot be after a close_notify: asyncio's wait
+            tls._shutdown_timeout_handle = tls._loop.call_later(
+                tls._ssl_shutdown_timeout, tls._check_shutdown_timeout
+            )
+            tls._process_outgoing()
+            return
+        except ssl.SSLError as exc:
+            tls._on_shutdown_complete(exc)
+            return
+        out = tls._outgoing.read()
+        if out:
+            tls._transport.write(out)
+        tls._loop.call_soon(tls._transport.close)
 
     def _write_appdata(self, list_of_data: list[bytes]) -> None:
         """asyncio's write for the usual case in one frame: one buffer (a click's whole
