@@ -132,6 +132,7 @@ class _CompactSSLProtocol(sslproto.SSLProtocol):
         if (
             type(self).max_size != TLS_READ_BUFFER  # a benchmark's stock buffer
             or not server_side
+            or sslcontext is None  # asyncio makes a default one
             or not call_connection_made
             or isinstance(app_protocol, asyncio.BufferedProtocol)
             or not (ssl_handshake_timeout or 0) > 0
