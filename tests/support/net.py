@@ -17,6 +17,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def next_edge_address() -> tuple[str, str]:
-    """(ip, target name) for a new edge: 127.0.0.N and edge-N.linkedge.test."""
+    """(ip, target name) for a new edge: edge-N.linkedge.test on 127.0.0.N for N up to
+    254, then on 127.0.1.10 onwards, and so on (a full run starts more than 245 edges;
+    Linux answers on all of 127.0.0.0/8)."""
     n = next(_addresses)
-    return f"127.0.0.{n}", f"edge-{n}.linkedge.test"
+    block, host = divmod(n - 10, 245)
+    return f"127.0.{block}.{10 + host}", f"edge-{n}.linkedge.test"
