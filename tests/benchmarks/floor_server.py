@@ -24,6 +24,15 @@ from typing import cast
 import uvloop
 
 
+def header_fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    """A message head's fields after its first line: (lower-case name, value)."""
+    fields = []
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        fields.append((name.lower(), value.strip()))
+    return fields
+
+
 class Upstream(asyncio.Protocol):
     """One keep-alive backend connection; one exchange at a time."""
 
@@ -50,9 +59,8 @@ class Upstream(asyncio.Protocol):
             self.buf = buf
             return
         length = 0
-        for line in buf[:end].split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.lower() == b"content-length":
+        for name, value in header_fields(buf[:end]):
+            if name == b"content-length":
                 length = int(value)
         total = end + 4 + length
         if len(buf) < total:
@@ -93,15 +101,12 @@ class Click(asyncio.Protocol):
             self.buf = buf
             return
         self.buf = buf[end + 4 :]
-        lines = buf[:end].split(b"\r\n")
-        method, target, _ = lines[0].split(b" ", 2)
+        method, target, _ = buf[: buf.find(b"\r\n")].split(b" ", 2)
         host = b""
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            low = name.lower()
-            if low == b"host":
-                host = value.strip()
-            elif low == b"connection" and value.strip().lower() == b"close":
+        for name, value in header_fields(buf[:end]):
+            if name == b"host":
+                host = value
+            elif name == b"connection" and value.lower() == b"close":
                 self.close_after = True
         head = b"".join(
             (
