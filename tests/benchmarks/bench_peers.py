@@ -401,8 +401,6 @@ class PeerBench(be.Bench):
         chain, key = self.static_certificate()
         d = self.workdir / "nginx"
         (d / "logs").mkdir(parents=True)
-        (d / "chain.pem").write_bytes(chain.read_bytes())
-        (d / "key.pem").write_bytes(key.read_bytes())
         sp, hp = be.free_port(NGINX_IP), be.free_port(NGINX_IP)
         backend = self.backend_url.split("://", 1)[1].rstrip("/")
         conf = f"""
@@ -420,8 +418,8 @@ http {{
   server {{
     listen {NGINX_IP}:{sp} ssl;
     listen {NGINX_IP}:{hp};
-    ssl_certificate {d}/chain.pem;
-    ssl_certificate_key {d}/key.pem;
+    ssl_certificate {chain};
+    ssl_certificate_key {key};
     ssl_protocols TLSv1.2 TLSv1.3;
     ssl_ecdh_curve X25519:prime256v1:secp384r1;
     keepalive_requests 1000000;
