@@ -21,7 +21,12 @@ import ssl
 from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpRequestParser
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from support.clicks import certify
 from support.edge import EdgeHandle, client_context
 
@@ -352,6 +357,127 @@ async def test_a_kept_alive_connection_goes_to_aiohttp_at_a_request_boundary(
             conn.close()
         assert clicks.stats.lean == lean_before, request
         assert clicks.stats.handed_off == handed_before + 1, request
+
+
+class _CountingParser:
+    """A lean connection's request parser, counting the heads it is given."""
+
+    def __init__(self, parser: object) -> None:
+        self.parser = parser
+        self.fed: list[bytes] = []
+
+    def feed_data(self, data: bytes) -> object:
+        self.fed.append(data)
+        return self.parser.feed_data(data)  # type: ignore[attr-defined]
+
+
+def _lean_protocols(edge: EdgeHandle) -> list[click_protocol.LeanClickProtocol]:
+    assert edge.worker is not None and edge.worker.connections is not None
+    by_source = edge.worker.connections._by_source  # noqa: SLF001
+    protocols = [p for conns in by_source.values() for p in conns]
+    return [p for p in protocols if isinstance(p, click_protocol.LeanClickProtocol)]
+
+
+async def test_a_repeated_header_block_is_not_parsed_again(
+    edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer
+) -> None:
+    """A request whose header block is byte for byte the last lean click's needs only its
+    request line read; a line outside the strict pattern, or another block, goes to
+    aiohttp's parser, and what that parser refuses or what is not a lean click is still
+    aiohttp's answer."""
+    host = await certify(edge, pebble, dns_server)
+    clicks = _clicks(edge)
+    block = f"Host: {host}\r\nUser-Agent: repeat/1\r\nAccept: */*\r\n\r\n"
+    conn = await lean_conn(edge, pebble, host)
+    try:
+        (protocol,) = _lean_protocols(edge)
+        counting = protocol._parser = _CountingParser(protocol._parser)  # noqa: SLF001
+        lean_before = clicks.stats.lean
+        for n in range(3):  # the first is parsed, the two after it are not
+            await conn.send(f"GET /echo?n={n} HTTP/1.1\r\n{block}".encode())
+            assert (await conn.response()).endswith(f"GET /echo?n={n} \n".encode())
+        await conn.send(f"HEAD /c/h HTTP/1.1\r\n{block}".encode())
+        assert (await conn.response(head_request=True)).startswith(b"HTTP/1.1 302 Found\r\n")
+        assert len(counting.fed) == 1 and counting.fed[0].startswith(b"GET /echo?n=0 ")
+        assert clicks.stats.lean == lean_before + 4
+        # another block (a Connection field): parsed, and its `close` is kept
+        await conn.send(f"GET /echo?n=9 HTTP/1.1\r\nConnection: close\r\n{block}".encode())
+        answer = await conn.response()
+        assert b"\r\nConnection: close\r\n" in answer and answer.endswith(b"GET /echo?n=9 \n")
+        assert len(counting.fed) == 2
+        assert await conn.closed_by_server()
+    finally:
+        conn.close()
+
+    # behind the same block, each line the pattern refuses is parsed; whatever is not a
+    # lean click (a refused line, another version or method, an association file) is
+    # handed to aiohttp on its first byte, as on a fresh connection
+    not_lean = [
+        ("GET /c/6 HTTP/1.0", b"HTTP/1.0 302 ", True),
+        ("GET /c/\x01 HTTP/1.1", b"HTTP/1.0 400 ", True),  # aiohttp's parser error
+        ("get /c/6 HTTP/1.1", b"HTTP/1.0 400 ", True),
+        ("POST /echo HTTP/1.1", b"HTTP/1.1 200 ", True),
+        ("GET /.well-known/assetlinks.json HTTP/1.1", b"HTTP/1.1 404 ", False),
+    ]
+    for line, status, parsed in not_lean:
+        conn = await lean_conn(edge, pebble, host)
+        try:
+            (protocol,) = _lean_protocols(edge)
+            await conn.send(f"GET /c/1 HTTP/1.1\r\n{block}".encode())
+            assert (await conn.response()).startswith(b"HTTP/1.1 302 ")
+            counting = protocol._parser = _CountingParser(protocol._parser)  # noqa: SLF001
+            lean_before, handed_before = clicks.stats.lean, clicks.stats.handed_off
+            await conn.send(f"{line}\r\n{block}".encode())
+            answer = await conn.response()
+            assert answer.startswith(status), (line, answer)
+            assert len(counting.fed) == parsed, line
+            assert clicks.stats.lean == lean_before, line
+            assert clicks.stats.handed_off == handed_before + 1, line
+        finally:
+            conn.close()
+
+
+_LINE_PIECES = st.sampled_from(["GET", "HEAD", "get", "POST", "GETS", "HEAD "])
+_TARGETS = st.text(
+    alphabet=st.characters(min_codepoint=0, max_codepoint=0x7F) | st.sampled_from("é\u2028"),
+    max_size=30,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    method=_LINE_PIECES,
+    target=_TARGETS,
+    slash=st.booleans(),
+    version=st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/1.1 ", "HTTP/2.0", "http/1.1"]),
+)
+@example(method="GET", target="c/1?a=%2F&b=:@!$'()*+,;=~", slash=True, version="HTTP/1.1")
+@example(method="HEAD", target="", slash=True, version="HTTP/1.1")
+@example(method="GET", target="c/ 1", slash=True, version="HTTP/1.1")
+@example(method="GET", target="c/1#top", slash=True, version="HTTP/1.1")
+@example(method="GET", target="c/\x7f", slash=True, version="HTTP/1.1")
+def test_a_request_line_read_alone_is_read_as_aiohttps_parser_reads_it(
+    method: str, target: str, slash: bool, version: str
+) -> None:
+    """Whatever request line the lean pattern takes, aiohttp's parser takes too, as the
+    same method, target and version: reading the line alone never accepts a request
+    aiohttp would refuse, nor reads one differently."""
+    line = f"{method} {'/' if slash else ''}{target} {version}".encode("utf-8", "surrogateescape")
+    match = click_protocol._LEAN_REQUEST_LINE.fullmatch(line)  # noqa: SLF001
+    if match is None:
+        return  # the parser reads it (the path every first request takes)
+    loop = asyncio.new_event_loop()
+    try:
+        parser = HttpRequestParser(
+            BaseProtocol(loop), loop, 2**16, payload_exception=HttpProcessingError
+        )
+        messages, upgraded, tail = parser.feed_data(line + b"\r\nHost: a.test\r\n\r\n")
+    finally:
+        loop.close()
+    assert len(messages) == 1 and not upgraded and not tail
+    message = messages[0][0]
+    assert (message.method, message.path) == (match[1].decode(), match[2].decode())
+    assert message.version == HttpVersion11
 
 
 @pytest.mark.parametrize("tls", [True, False], ids=["https", "http"])

@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, cast
 
@@ -78,6 +79,12 @@ _HSTS_LOWER = HSTS.lower()
 _NOT_LEAN = ("Content-Length", "Transfer-Encoding", "Expect", "Upgrade")
 # Bytes buffered while a click is being answered (pipelined requests) before reading pauses.
 _MAX_BUFFERED = 2**16
+# A request line read without aiohttp's parser, behind a header block it accepted before:
+# GET or HEAD, an origin-form target of RFC 3986's characters only (no fragment, nothing
+# llhttp could refuse or read differently), HTTP/1.1. Anything else goes to the parser.
+_LEAN_REQUEST_LINE = re.compile(rb"(GET|HEAD) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.1")
+# The longest header block kept for the connection's next request (a browser's is ~1 KiB).
+_MAX_KEPT_BLOCK = 8192
 
 
 class LeanForwarding(Protocol):
@@ -168,20 +175,35 @@ class _Head(dict[Any, Any]):
     body_exists = False
     content_length = None
 
-    def __init__(self, message: RawRequestMessage, conn: LeanClickProtocol) -> None:
+    def __init__(self, method: str, path: str, fields: _Fields, conn: LeanClickProtocol) -> None:
         super().__init__()
-        self.method = message.method
-        self.raw_path = message.path
-        self.version = message.version
-        self.headers: CIMultiDictProxy[str] = message.headers
+        self.method = method
+        self.raw_path = path
+        self.version = HttpVersion11
+        self.headers: CIMultiDictProxy[str] = fields.headers
         self.transport = conn.transport
         self.protocol = conn
         self.secure = conn.secure
-        self.keep_alive = not message.should_close  # `Connection: close` from the client
+        self.keep_alive = fields.keep_alive  # no `Connection: close` from the client
         self.client = conn.client  # `client_address`, once per connection
-        self.raw_headers = message.raw_headers  # the key of `forwarded_memo`
+        self.raw_headers = fields.raw_headers  # the key of `forwarded_memo`
         self.host = ""  # the checked host's lookup name (app.decide)
         self.read_view = False  # its view must be read before the policy can say
+
+
+class _Fields:
+    """A lean click's header block as aiohttp's parser read it, kept for the connection's
+    next request: a client sends the same block with every request on a kept-alive
+    connection, and a request whose block is byte for byte the same needs only its
+    request line read (`_repeated_block`)."""
+
+    __slots__ = ("block", "headers", "raw_headers", "keep_alive")
+
+    def __init__(self, block: bytes, message: RawRequestMessage) -> None:
+        self.block = block  # from the request line's CRLF to the blank line's end
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.raw_headers = message.raw_headers
+        self.keep_alive = not message.should_close
 
 
 class LeanClickProtocol(asyncio.Protocol):
@@ -193,6 +215,7 @@ class LeanClickProtocol(asyncio.Protocol):
         self._source = ""
         self.client: str | None = None  # the client's address (after a PROXY header)
         self._parser: HttpRequestParser | None = None
+        self._fields: _Fields | None = None  # the last lean click's header block, parsed
         self._buffer = b""  # what arrived while a click was being answered
         self._paused = False
         self._busy = False
@@ -337,6 +360,12 @@ class LeanClickProtocol(asyncio.Protocol):
         end = data.find(b"\r\n\r\n")
         if end < 0 or end + 4 != len(data):  # partial, pipelined or with a body
             return None
+        line_end = data.find(b"\r\n")
+        fields = self._fields
+        if fields is not None and data[line_end:] == fields.block:
+            line = _LEAN_REQUEST_LINE.fullmatch(data, 0, line_end)
+            if line is not None:  # the block was accepted as it is: only the line is new
+                return self._decided(_Head(line[1].decode(), line[2].decode(), fields, self))
         parser = self._parser
         if parser is None:
             parser = self._parser = HttpRequestParser(
@@ -365,7 +394,13 @@ class LeanClickProtocol(asyncio.Protocol):
         for name in _NOT_LEAN:
             if name in headers:
                 return None
-        head = _Head(message, self)
+        block = data[line_end:]
+        fields = _Fields(block, message)
+        self._fields = fields if len(block) <= _MAX_KEPT_BLOCK else None
+        return self._decided(_Head(message.method, message.path, fields, self))
+
+    def _decided(self, head: _Head) -> _Head | None:
+        """The request when the edge's checks and the host's policy say "forward"."""
         request = cast(web.Request, head)  # the attributes the rule functions read
         paths = self._paths
         step, host = decide(request, paths.is_suspended)
