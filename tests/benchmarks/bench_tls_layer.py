@@ -5,7 +5,9 @@ callgrind counts instructions, which understate interpreted code. This drives th
 side of whole connections through `_CompactSSLProtocol` (`proxy/tls/listener.py`) in
 memory: a client `SSLObject` (TLS 1.3, no tickets) and the protocol over a fake transport,
 a full handshake, one request answered by a trivial app protocol, the client's
-close_notify, `connection_lost`. Only the server side's calls are timed, per phase. The
+close_notify, `connection_lost`; with `--keepalive K`, K more requests answered on the
+connection before the close, timed per click (the TLS layer's share of a keep-alive click).
+Only the server side's calls are timed, per phase. The
 variants run alternately in one process with the garbage collector off, so a slow spell
 of the machine hits all of them alike; `bare` does the same TLS work with plain
 `SSLObject`s, the floor for any protocol around OpenSSL.
@@ -37,6 +39,7 @@ HOST = "links.tls-layer.test"
 REQUEST = f"GET /c/1 HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
 ANSWER = b"HTTP/1.1 302 Found\r\nLocation: /x\r\nContent-Length: 0\r\n\r\n"
 Timings = dict[str, float]
+KEEPALIVE = "keep-alive clicks"
 
 
 def contexts(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -111,6 +114,13 @@ class _Client:
         self.tls.write(REQUEST)
         return self.outgoing.read()
 
+    def again(self, received: bytes) -> bytes:
+        """The answer received, and the next request on the connection."""
+        self.incoming.write(received)
+        assert self.tls.read(65536).startswith(b"HTTP/1.1 302")
+        self.tls.write(REQUEST)
+        return self.outgoing.read()
+
     def close(self, received: bytes) -> bytes:
         self.incoming.write(received)
         assert self.tls.read(65536).startswith(b"HTTP/1.1 302")
@@ -122,7 +132,11 @@ class _Client:
 
 
 def through_protocol(
-    cls: type, loop: asyncio.AbstractEventLoop, server: ssl.SSLContext, client_ctx: ssl.SSLContext
+    cls: type,
+    loop: asyncio.AbstractEventLoop,
+    server: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    keepalive: int,
 ) -> Callable[[Timings], None]:
     def feed(protocol: Any, data: bytes) -> None:
         buffer = protocol.get_buffer(len(data))
@@ -153,7 +167,14 @@ def through_protocol(
         start = clock()
         feed(protocol, finished)
         t["Finished + request"] += clock() - start
-        close_notify = client.close(transport.take())
+        answer = transport.take()
+        for _ in range(keepalive):
+            request = client.again(answer)
+            start = clock()
+            feed(protocol, request)
+            t[KEEPALIVE] += clock() - start
+            answer = transport.take()
+        close_notify = client.close(answer)
         start = clock()
         feed(protocol, close_notify)
         protocol.connection_lost(None)
@@ -163,7 +184,9 @@ def through_protocol(
     return once
 
 
-def bare(server: ssl.SSLContext, client_ctx: ssl.SSLContext) -> Callable[[Timings], None]:
+def bare(
+    server: ssl.SSLContext, client_ctx: ssl.SSLContext, keepalive: int
+) -> Callable[[Timings], None]:
     def once(t: Timings) -> None:
         client = _Client(client_ctx)
         clock = time.perf_counter
@@ -188,6 +211,14 @@ def bare(server: ssl.SSLContext, client_ctx: ssl.SSLContext) -> Callable[[Timing
         tls.write(ANSWER)
         answer = outgoing.read()
         t["Finished + request"] += clock() - start
+        for _ in range(keepalive):
+            request = client.again(answer)
+            start = clock()
+            incoming.write(request)
+            assert tls.read(65536) == REQUEST
+            tls.write(ANSWER)
+            answer = outgoing.read()
+            t[KEEPALIVE] += clock() - start
         close_notify = client.close(answer)
         start = clock()
         incoming.write(close_notify)
@@ -214,12 +245,15 @@ async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as directory:
         server, client_ctx = contexts(Path(directory))
-        variants: dict[str, Callable[[Timings], None]] = {"bare": bare(server, client_ctx)}
+        keepalive = args.keepalive
+        variants: dict[str, Callable[[Timings], None]] = {
+            "bare": bare(server, client_ctx, keepalive)
+        }
         trees = [("this tree", Path(__file__).resolve().parents[2])]
         trees += [(spec.split("=", 1)[0], Path(spec.split("=", 1)[1])) for spec in args.src]
         for name, tree in trees:
             cls = listener_class(name, tree)
-            variants[name] = through_protocol(cls, loop, server, client_ctx)
+            variants[name] = through_protocol(cls, loop, server, client_ctx, keepalive)
         timings: dict[str, Timings] = {name: defaultdict(float) for name in variants}
         order = list(variants.items())
         for _ in range(args.warmup):
@@ -235,19 +269,24 @@ async def run(args: argparse.Namespace) -> None:
         finally:
             gc.enable()
     n = args.connections
-    phases = list(timings["bare"])
+    phases = [phase for phase in timings["bare"] if phase != KEEPALIVE]
     print(f"server-side µs per connection, {n} connections each, paired in one process")
     width = max(len(name) for name in timings) + 2
     print(f"  {'variant':{width}s}" + "".join(f"{p:>20s}" for p in phases) + f"{'total':>10s}")
     for name, t in timings.items():
         cells = "".join(f"{t[p] / n * 1e6:20.1f}" for p in phases)
-        print(f"  {name:{width}s}{cells}{sum(t.values()) / n * 1e6:10.1f}")
+        print(f"  {name:{width}s}{cells}{sum(t[p] for p in phases) / n * 1e6:10.1f}")
+    if args.keepalive:
+        print(f"server-side µs per keep-alive click ({args.keepalive} per connection)")
+        for name, t in timings.items():
+            print(f"  {name:{width}s}{t[KEEPALIVE] / n / args.keepalive * 1e6:20.2f}")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--connections", type=int, default=4000)
     p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--keepalive", type=int, default=0, help="requests after the first, per conn")
     p.add_argument(
         "--src", action="append", default=[], metavar="NAME=DIR", help="another tree's listener"
     )
