@@ -4,6 +4,7 @@ tests/test_store_contract.py."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import stat
 from pathlib import Path
@@ -18,11 +19,13 @@ from support.edge import EdgeHandle
 from certstore import (
     DomainState,
     Sealer,
+    Store,
     StoreError,
     StoreKeyError,
     generate_key_text,
     open_store,
 )
+from certstore import sqlite as sqlite_store
 from certstore.crypto import parse_key_text
 from certstore.schema import SCHEMA_VERSION
 from proxy.demo.dnsserver import DNSServer
@@ -151,3 +154,67 @@ def test_key_text_validation() -> None:
     with pytest.raises(StoreKeyError, match="32 bytes"):
         parse_key_text("AAAA", "test")
     assert len(parse_key_text(generate_key_text() + "\n", "test")) == 32
+
+
+# -- following the event log on SQLite -----------------------------------------------------
+
+
+class _CountedReads:
+    """A store's `last_event_id`, counted (what `wait_for_events` reads the newest id with)."""
+
+    def __init__(self, store: Store) -> None:
+        self.reads = 0
+        self._read = store.last_event_id
+        store.last_event_id = self  # type: ignore[method-assign]
+
+    async def __call__(self) -> int:
+        self.reads += 1
+        return await self._read()
+
+
+async def test_an_idle_follower_reads_the_newest_event_only_when_the_files_change(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`wait_for_events` looks every 0.1 s, but reads the newest id only when the store's
+    files changed (here: never by its own recheck, pushed out of reach)."""
+    path = tmp_path / "follow.db"
+    follower, writer = await open_store(path, key), await open_store(path, key)
+    try:
+        await writer.record_event(None, "first", "-")
+        cursor = await follower.last_event_id()
+        counted = _CountedReads(follower)
+        monkeypatch.setattr(sqlite_store, "_WAIT_RECHECK", 3600.0)
+        await follower.wait_for_events(cursor, 0.6)  # six looks, nothing new
+        assert counted.reads == 1
+        for round_ in range(3):  # another connection's commit is noticed by its files
+            woken = asyncio.create_task(follower.wait_for_events(cursor, 3600))
+            await asyncio.sleep(0.25)  # typically parked by now (not required)
+            await writer.record_event(f"r{round_}.test", "follow", "-")
+            await asyncio.wait_for(woken, 60)
+            cursor = await writer.last_event_id()
+        assert counted.reads <= 1 + 3 * 2
+        await follower.wait_for_events(cursor, 0.6)  # quiet again: no read
+        assert counted.reads <= 1 + 3 * 2 + 1
+    finally:
+        await follower.close()
+        await writer.close()
+
+
+async def test_a_commit_the_files_do_not_show_is_read_at_the_recheck(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "recheck.db"
+    follower, writer = await open_store(path, key), await open_store(path, key)
+    try:
+        cursor = await follower.last_event_id()
+        # the rare commit within the clock tick of a look: the files look the same
+        monkeypatch.setattr(sqlite_store._FileState, "look", lambda _self: ("same",))
+        monkeypatch.setattr(sqlite_store, "_WAIT_RECHECK", 0.3)
+        await follower.wait_for_events(cursor, 0.2)  # read once: the files' state kept
+        waiting = asyncio.create_task(follower.wait_for_events(cursor, 3600))
+        await writer.record_event("late.test", "follow", "-")
+        await asyncio.wait_for(waiting, 60)
+        assert [e.hostname for e in await follower.events_after(cursor)] == ["late.test"]
+    finally:
+        await follower.close()
+        await writer.close()
