@@ -69,6 +69,13 @@ class _Backend(asyncio.Protocol):
             self.transport.close()
         elif path == "/garbage":
             self.transport.write(b"HTTP/1.1 2x0 What\r\nContent-Length: zero\r\n\r\n")
+        elif path == "/control":  # a control byte in a field's value
+            self.transport.write(REDIRECT.replace(b"/x\r\n", b"/x\x01y\r\n"))
+        elif path == "/control-half":  # the same, its body still arriving
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nX-A: a\x7fb\r\nContent-Length: 10\r\n\r\nfirst"
+            )
+            loop.call_later(0.3, self.transport.write, b"-last")
         elif path == "/half":
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
             loop.call_later(0.3, self.transport.write, b"-last")
@@ -248,6 +255,43 @@ async def test_a_malformed_answer_is_a_502_and_its_connection_closed(
         await asyncio.wait_for(asyncio.gather(*(c.closed for c in backend[1])), 5)
         await _drained(_forwarder(edge))
     finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "way", ["direct", "direct, body arriving", "HEAD in a task", "aiohttp's", "aiohttp's HEAD"]
+)
+async def test_an_answer_with_a_control_byte_in_its_head_is_a_502(
+    edge: EdgeHandle,
+    pebble: PebbleServer,
+    dns_server: DNSServer,
+    backend: tuple[str, list[_Backend]],
+    caplog: pytest.LogCaptureFixture,
+    way: str,
+) -> None:
+    """aiohttp's answer parser lets a control byte in a field through; relayed, it would
+    be a header injection, and aiohttp's serializer refuses it. Whichever way the click
+    goes, the client gets the 502 of a malformed answer, and no traceback is logged."""
+    host, conn = await _ready(edge, pebble, dns_server)
+    clicks = _clicks(edge)
+    try:
+        if way.startswith("aiohttp's"):
+            clicks.access_logged = lambda: True  # every new connection is aiohttp's
+            conn.close()
+            conn = await Conn.open(edge, pebble, host)
+        direct = clicks.stats.direct
+        path = "/control-half" if "arriving" in way else "/control"
+        if way.endswith("HEAD") or way.startswith("HEAD"):
+            answer = await conn.head(host, path)
+        else:
+            answer = await conn.get(host, path)
+        assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), answer
+        assert b"\x01" not in answer and b"\x7f" not in answer
+        assert clicks.stats.direct == direct + way.startswith("direct")
+        assert "a control character in the answer's head" in caplog.text
+        assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text
+    finally:
+        clicks.access_logged = lambda: False
         conn.close()
 
 

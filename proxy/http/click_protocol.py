@@ -64,6 +64,7 @@ from proxy.http.forward import (
     DirectClick,
     ForwardedMemo,
     LeanResponder,
+    MalformedAnswer,
     connection_listed,
     failing,
 )
@@ -647,9 +648,12 @@ class _Responder:
             fields.append(("Connection", "close"))
         if hsts is not None:
             fields.append((HSTS, hsts))
+        try:
+            head = _head_bytes(status, answer.reason, _FieldList(fields))
+        except ValueError:  # a control character, which the serializer refuses
+            raise MalformedAnswer("a control character in the answer's head") from None
         self.started = True  # from here a failure cuts the connection (as `_relay`'s)
         self.status = status
-        head = _head_bytes(status, answer.reason, CIMultiDict(fields))
         return [head], empty, chunked
 
     async def relay(self, answer: Answer) -> None:
@@ -711,9 +715,21 @@ class _Responder:
             transport.write(data)
 
 
-def _head_bytes(status: int, reason: str, headers: CIMultiDict[str]) -> bytes:
-    # aiohttp's own serializer (the C one when built): the same bytes as its answers
-    return cast(bytes, _serialize_headers(f"HTTP/1.1 {status} {reason}", headers))
+class _FieldList(list[tuple[str, str]]):
+    """Header fields as aiohttp's serializer reads them (it only calls `items`): the
+    relayed head needs no multidict built to be written out."""
+
+    __slots__ = ()
+
+    def items(self) -> _FieldList:
+        return self
+
+
+def _head_bytes(status: int, reason: str, headers: CIMultiDict[str] | _FieldList) -> bytes:
+    # aiohttp's own serializer (the C one when built): the same bytes as its answers;
+    # it refuses control characters, which aiohttp's lenient answer parser lets through
+    serialize = cast(Callable[[str, object], bytes], _serialize_headers)
+    return serialize(f"HTTP/1.1 {status} {reason}", headers)
 
 
 __all__ = ["ClickPaths", "ClickStats", "LeanClickProtocol"]

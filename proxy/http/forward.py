@@ -28,6 +28,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol
 
@@ -228,6 +229,9 @@ class Forwarder:
                 assert self._lean is not None
                 try:
                     await respond.relay(answer)
+                except MalformedAnswer as exc:  # refused before anything was written
+                    refused_answer(request, exc)
+                    await respond.edge(_error(502, BAD_GATEWAY))
                 finally:
                     self._lean.release(conn)
                 return True
@@ -515,6 +519,12 @@ class _DirectForward:
         answer = self._lean.answer(message, payload)
         try:
             whole = self._respond.relay_complete(answer)
+        except MalformedAnswer as exc:  # refused before anything was written
+            self._lean.discard(conn)
+            self._end()
+            refused_answer(self._request, exc)
+            self._click.adopt(functools.partial(self._answer, _error(502, BAD_GATEWAY)))
+            return
         except Exception as exc:  # a bug of ours: the task's handling (logged, 500 or cut)
             self._lean.discard(conn)
             self._end()
@@ -581,6 +591,9 @@ class _DirectForward:
             async with forwarder._timeouts.timeout(max(left, 0.0)):  # noqa: SLF001
                 try:
                     await respond.relay(answer)
+                except MalformedAnswer as exc:  # refused before anything was written
+                    refused_answer(self._request, exc)
+                    await respond.edge(_error(502, BAD_GATEWAY))
                 finally:
                     self._lean.release(conn)
         except TimeoutError:
@@ -778,6 +791,26 @@ def forwarded_headers(
     return headers
 
 
+class MalformedAnswer(ValueError):
+    """The backend's answer cannot be relayed as it came: a control character in its
+    reason phrase or in a field. aiohttp's answer parser is lenient about them, and its
+    serializer refuses them (a header injection otherwise). Answered 502, as any
+    malformed answer."""
+
+
+# What aiohttp's serializer refuses in a status line or a field: controls but HTAB, DEL
+_FORBIDDEN_IN_HEAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def check_relayable(reason: str, fields: list[tuple[str, str]]) -> None:
+    """Raise MalformedAnswer when the head could not be written out as it is."""
+    if _FORBIDDEN_IN_HEAD.search(reason) or any(
+        _FORBIDDEN_IN_HEAD.search(name) or _FORBIDDEN_IN_HEAD.search(value)
+        for name, value in fields
+    ):
+        raise MalformedAnswer("a control character in the answer's head")
+
+
 def relayed_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
     """The backend's answer fields the client gets: all but the hop-by-hop ones."""
     listed = connection_listed(upstream)
@@ -791,8 +824,14 @@ def relayed_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
 async def _relay(
     request: web.Request, upstream: aiohttp.ClientResponse, progress: _Progress
 ) -> web.StreamResponse:
+    fields = relayed_headers(upstream.headers)
+    try:
+        check_relayable(upstream.reason or "", fields)
+    except MalformedAnswer as exc:
+        refused_answer(request, exc)
+        return _error(502, BAD_GATEWAY)
     response = _RelayedResponse(status=upstream.status, reason=upstream.reason)
-    for name, value in relayed_headers(upstream.headers):
+    for name, value in fields:
         response.headers.add(name, value)
     if "Content-Length" not in upstream.headers and request.method != "HEAD":
         response.enable_chunked_encoding()
@@ -811,6 +850,10 @@ async def _relay(
             return response
     await response.write_eof()
     return response
+
+
+def refused_answer(request: web.Request, exc: MalformedAnswer) -> None:
+    log.warning("backend error for %s %s: %s", request.method, request.raw_path, exc)
 
 
 @functools.lru_cache(maxsize=4096)  # per click otherwise: ipaddress parses the string each time
