@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable, Coroutine
 from types import SimpleNamespace
 from typing import Any
@@ -31,6 +32,41 @@ from proxy.http.forward import Forwarder, _DirectForward
 from proxy.http.lean_client import header_block
 
 REDIRECT = b"HTTP/1.1 302 Found\r\nLocation: https://shop.test/x\r\nContent-Length: 0\r\n\r\n"
+
+
+ODD_ANSWERS = [
+    b"HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 302 Trouv\xe9\r\nLocation: /x\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 302 Found\r\nLocation: /caf\xc3\xa9\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 302 Found\r\nLocation: /caf\xe9\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 302 Found\r\nX-\xe9: 1\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 302 Found\r\nLocation: /x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 302 Found\r\nLocation:\r\n /folded\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 302 Found\r\nLocation: /x\rX-B: y\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 302 Found\nLocation: /x\nContent-Length: 0\n\n",
+    b"HTTP/1.1 302\r\nLocation: /x\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 302 Found\r\nLocation: /x\x00y\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+    b"HTTP/1.1 302 Found\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+]
+
+
+# What each becomes (its status line's start; the rest is compared between the two ways)
+ODD_EXPECTED = [
+    b"HTTP/1.1 999 Odd\r\n",
+    b"HTTP/1.1 302 ",  # aiohttp's parser drops the reason's non-UTF-8 byte and what follows
+    b"HTTP/1.1 302 Found\r\nLocation: /caf\xc3\xa9\r\n",
+    b"HTTP/1.1 302 Found\r\nLocation: /caf\r\n",  # likewise a field value's
+    b"HTTP/1.1 502 ",
+    b"HTTP/1.1 502 ",  # two Content-Length fields
+    b"HTTP/1.1 302 Found\r\nLocation: /folded\r\n",
+    b"HTTP/1.1 502 ",  # a bare CR
+    b"HTTP/1.1 302 Found\r\n",  # bare LFs
+    b"HTTP/1.1 302 \r\n",
+    b"HTTP/1.1 502 ",  # NUL
+    b"HTTP/1.1 204 No Content\r\n",
+    b"HTTP/1.1 502 ",  # Transfer-Encoding and Content-Length
+]
 
 
 class _Backend(asyncio.Protocol):
@@ -71,6 +107,8 @@ class _Backend(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 2x0 What\r\nContent-Length: zero\r\n\r\n")
         elif path == "/control":  # a control byte in a field's value
             self.transport.write(REDIRECT.replace(b"/x\r\n", b"/x\x01y\r\n"))
+        elif path.startswith("/odd/"):  # an odd answer head, by number
+            self.transport.write(ODD_ANSWERS[int(path[5:])])
         elif path == "/control-half":  # the same, its body still arriving
             self.transport.write(
                 b"HTTP/1.1 200 OK\r\nX-A: a\x7fb\r\nContent-Length: 10\r\n\r\nfirst"
@@ -541,3 +579,35 @@ async def test_a_bug_outside_a_task_is_a_500_not_a_stuck_connection(
     await _drained(forwarder)
     assert edge.worker is not None and edge.worker.forwarding is not None
     assert not any(edge.worker.forwarding._active.values())  # a reload need not wait
+
+
+@pytest.mark.parametrize("number", range(len(ODD_ANSWERS)))
+async def test_odd_answer_heads_get_the_same_answer_both_ways_and_no_traceback(
+    edge: EdgeHandle,
+    pebble: PebbleServer,
+    dns_server: DNSServer,
+    backend: tuple[str, list[_Backend]],
+    caplog: pytest.LogCaptureFixture,
+    number: int,
+) -> None:
+    """Each odd answer head is relayed or refused (502) alike by the lean path and by
+    aiohttp's handler, never with a traceback."""
+    host, conn = await _ready(edge, pebble, dns_server)
+    clicks = _clicks(edge)
+    heads = []
+    try:
+        for aiohttps in (False, True):
+            if aiohttps:  # every new connection is aiohttp's
+                clicks.access_logged = lambda: True
+                conn.close()
+                conn = await Conn.open(edge, pebble, host)
+            await conn.send(f"GET /odd/{number} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            head = await asyncio.wait_for(conn.reader.readuntil(b"\r\n\r\n"), 10)
+            heads.append(re.sub(rb"\r\nDate: [^\r]*", b"", head))
+    finally:
+        clicks.access_logged = lambda: False
+        conn.close()
+    lean, theirs = heads
+    assert lean == theirs
+    assert lean.startswith(ODD_EXPECTED[number]), lean
+    assert "Traceback" not in caplog.text, caplog.text
