@@ -51,7 +51,7 @@ _WAIT_RECHECK = 1.0
 
 
 class _FileState:
-    """The database file's and its WAL's size and modification time, as one value: a
+    """The database file's and its WAL's inode, size and modification time, as one value: a
     commit by any connection, in any process, writes to the WAL (a checkpoint to the
     database file), so an unchanged value means, nearly always, no new event. Nearly:
     a file's time stamp is only as fine as the kernel's coarse clock (a few ms), and a

@@ -196,7 +196,7 @@ class _Fields:
     """A lean click's header block as aiohttp's parser read it, kept for the connection's
     next request: a client sends the same block with every request on a kept-alive
     connection, and a request whose block is byte for byte the same needs only its
-    request line read (`_repeated_block`)."""
+    request line read (`_lean_click`)."""
 
     __slots__ = ("block", "headers", "raw_headers", "keep_alive")
 

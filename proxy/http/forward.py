@@ -228,10 +228,7 @@ class Forwarder:
                 answer, conn = exchanged
                 assert self._lean is not None
                 try:
-                    await respond.relay(answer)
-                except MalformedAnswer as exc:  # refused before anything was written
-                    refused_answer(request, exc)
-                    await respond.edge(_error(502, BAD_GATEWAY))
+                    await relay_or_refuse(request, respond, answer)
                 finally:
                     self._lean.release(conn)
                 return True
@@ -590,10 +587,7 @@ class _DirectForward:
         try:
             async with forwarder._timeouts.timeout(max(left, 0.0)):  # noqa: SLF001
                 try:
-                    await respond.relay(answer)
-                except MalformedAnswer as exc:  # refused before anything was written
-                    refused_answer(self._request, exc)
-                    await respond.edge(_error(502, BAD_GATEWAY))
+                    await relay_or_refuse(self._request, respond, answer)
                 finally:
                     self._lean.release(conn)
         except TimeoutError:
@@ -854,6 +848,16 @@ async def _relay(
 
 def refused_answer(request: web.Request, exc: MalformedAnswer) -> None:
     log.warning("backend error for %s %s: %s", request.method, request.raw_path, exc)
+
+
+async def relay_or_refuse(request: web.Request, respond: LeanResponder, answer: Answer) -> None:
+    """`respond.relay`, or the 502 of a malformed answer (refused before anything was
+    written)."""
+    try:
+        await respond.relay(answer)
+    except MalformedAnswer as exc:
+        refused_answer(request, exc)
+        await respond.edge(_error(502, BAD_GATEWAY))
 
 
 @functools.lru_cache(maxsize=4096)  # per click otherwise: ipaddress parses the string each time
