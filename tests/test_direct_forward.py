@@ -54,9 +54,9 @@ ODD_ANSWERS = [
 # What each becomes (its status line's start; the rest is compared between the two ways)
 ODD_EXPECTED = [
     b"HTTP/1.1 999 Odd\r\n",
-    b"HTTP/1.1 302 ",  # aiohttp's parser drops the reason's non-UTF-8 byte and what follows
+    b"HTTP/1.1 302 Trouv\r\n",  # aiohttp drops the reason's non-UTF-8 byte
     b"HTTP/1.1 302 Found\r\nLocation: /caf\xc3\xa9\r\n",
-    b"HTTP/1.1 302 Found\r\nLocation: /caf\r\n",  # likewise a field value's
+    b"HTTP/1.1 302 Found\r\nLocation: /caf\r\n",  # and a field value's (a surrogate)
     b"HTTP/1.1 502 ",
     b"HTTP/1.1 502 ",  # two Content-Length fields
     b"HTTP/1.1 302 Found\r\nLocation: /folded\r\n",
