@@ -117,7 +117,7 @@ def make_config(
     tmp_path: Path, ip: str, target: str, pebble: PebbleServer, dns: DNSServer, backend_url: str
 ) -> Config:
     config = Config()
-    config.listen.https = f"{ip}:{free_port(ip)}"
+    config.listen.https = f"{ip}:{free_port(ip, avoid={pebble.http_port})}"
     config.listen.http = f"{ip}:{pebble.http_port}"
     config.backend.url = backend_url
     config.backend.timeout = 5

@@ -257,10 +257,22 @@ class Fleet:
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.target = self.target or f"edge-{os.getpid()}-{id(self) % 10_000}.fleet.test"
-        https_port = free_port(self.ips[0])
-        for ip in self.ips[1:]:  # one port number for all: probe that it is free everywhere
-            while not _port_free(ip, https_port):
-                https_port = free_port(self.ips[0])
+        shared = {self.pebble.http_port}  # every node listens on it, at its own address
+        https_port = free_port(self.ips[0], avoid=shared)
+        # one port number for all: probe that it is free everywhere
+        while not all(_port_free(ip, https_port) for ip in self.ips[1:]):
+            https_port = free_port(self.ips[0], avoid=shared)
+        # a node's own ports must not be one the nodes share: those are still free at a
+        # fleet address until the nodes start (a fresh-clone CI run once had a node that
+        # could not listen on Pebble's HTTP-01 port at 127.0.0.4; a port drawn this way
+        # could have taken it)
+        taken = {https_port, *shared}
+
+        def own_port(ip: str) -> int:
+            port = free_port(ip, avoid=taken)
+            taken.add(port)
+            return port
+
         for ip in self.ips:
             name = f"node-{ip.rsplit('.', 1)[1]}"
             env = {
@@ -279,9 +291,9 @@ class Fleet:
                 "LINKEDGE_DNS_NAMESERVERS": self.dns.nameserver,
                 "LINKEDGE_DNS_TIMEOUT": "5",
                 "LINKEDGE_TLS_ISSUANCE_WAIT": "60",
-                "LINKEDGE_ADMIN_LISTEN": f"{ip}:{free_port(ip)}",
+                "LINKEDGE_ADMIN_LISTEN": f"{ip}:{own_port(ip)}",
                 "LINKEDGE_ADMIN_TOKEN": ADMIN_TOKEN,
-                "LINKEDGE_METRICS_LISTEN": f"{ip}:{free_port(ip)}",
+                "LINKEDGE_METRICS_LISTEN": f"{ip}:{own_port(ip)}",
                 "LINKEDGE_METRICS_MULTIPROC_DIR": str(self.workdir / f"{name}.metrics"),
                 # each node its own read-through copy of a remote store, as on separate
                 # machines (the default path is one file every process here would share)

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import itertools
 import socket
+from collections.abc import Collection
 
 # Every edge gets its own loopback address 127.0.0.N (and target edge-N.linkedge.test):
 # Pebble validates HTTP-01 on one fixed port, so edges share it on distinct addresses.
 _addresses = itertools.count(10)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def free_port(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
+    """A port nothing listens on at `host` right now, and not one of `avoid`: ports the
+    caller is about to listen on at `host` itself (Pebble's HTTP-01 port, a port several
+    listeners share), which are still free there."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in avoid:
+            return port
 
 
 def next_edge_address() -> tuple[str, str]:
