@@ -489,11 +489,7 @@ async def test_lean_connections_have_tcp_keepalive_and_nodelay(
     host = await certify(edge, pebble, dns_server)
     conn = await lean_conn(edge, pebble, host, tls=tls)
     try:
-        assert edge.worker is not None and edge.worker.connections is not None
-        by_source = edge.worker.connections._by_source  # noqa: SLF001
-        protocols = [p for conns in by_source.values() for p in conns]
-        lean = [p for p in protocols if isinstance(p, click_protocol.LeanClickProtocol)]
-        socks = [p.transport.get_extra_info("socket") for p in lean if p.transport]
+        socks = [p.transport.get_extra_info("socket") for p in _lean_protocols(edge) if p.transport]
         assert socks, "no lean connection open"
         for sock in socks:
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
