@@ -139,6 +139,12 @@ class FailoverIssuer:
     async def renewal_info(self, chain_pem: bytes, directory_url: str) -> AriAnswer | None:
         return await self.for_directory(directory_url).renewal_info(chain_pem)
 
+    def may_offer_ari(self, directory_url: str) -> bool:
+        """False only when the CA that issued at `directory_url` is known to offer no ARI
+        (its directory was read and has no renewalInfo): then asking it is pointless."""
+        issuer = self.for_directory(directory_url)
+        return not issuer.started or issuer.offers_ari
+
     async def revoke(
         self,
         chain_pem: bytes,

@@ -14,6 +14,7 @@ from support.edge import FakeClock, client_context
 from support.pebble import running_pebble
 from support.renewal import Edge, new_edge_config, served_serial
 
+from certstore.errors import StoreUnavailable
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
 
@@ -53,7 +54,8 @@ async def test_renewal_in_background_replaces_the_served_certificate(
         first = await edge.served_serial(host, short_pebble)
         orders = short_pebble.order_count()
 
-        assert await edge.run_maintenance() == 1  # plans the new certificate
+        # planned by its order, under its lease (Maintainer.plan_new): nothing to visit
+        assert await edge.run_maintenance() == 0
         cert = await store.get_certificate(host)
         plan = await store.get_renewal(host)
         assert cert is not None and plan is not None and plan.source == "ratio"
@@ -75,6 +77,48 @@ async def test_renewal_in_background_replaces_the_served_certificate(
         # planned from the new certificate (Pebble's real time; our clock is ahead of it)
         assert new_plan is not None and new_plan.last_error is None
         assert renewed.not_before < new_plan.due_at < renewed.not_after
+    finally:
+        await store.close()
+        await edge.stop()
+
+
+async def test_a_plan_the_order_could_not_write_is_made_by_the_next_visit(
+    tmp_path: Path,
+    short_pebble: PebbleServer,
+    dns_server: DNSServer,
+    backend,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store refuses the plan written under the order's lease (Maintainer.plan_new):
+    the certificate is still stored and served, and the maintenance visit plans it."""
+    clock = FakeClock()
+    edge = await _edge(tmp_path, short_pebble, dns_server, backend[0], clock)
+    store = await edge.open_store()
+    try:
+        host = f"links.unplanned-{edge.ip.split('.')[-1]}.test"
+        await store.add_domain(host, "acct")
+        dns_server.set_cname(host, edge.config.edge.cname_target)
+        assert edge.worker is not None and edge.worker.maintainer is not None
+        worker_store = edge.worker.maintainer._store  # noqa: SLF001 (the worker's own)
+        refused: list[str] = []
+
+        async def put_renewal_down(plan: object) -> None:
+            refused.append(getattr(plan, "hostname", "?"))
+            raise StoreUnavailable("store down for this write")
+
+        monkeypatch.setattr(worker_store, "put_renewal", put_renewal_down)
+        serial = await edge.served_serial(host, short_pebble)
+        assert refused == [host]
+        cert = await store.get_certificate(host)
+        assert cert is not None and cert.serial == serial
+        assert await store.get_renewal(host) is None
+
+        monkeypatch.undo()
+        assert await edge.run_maintenance() == 1  # the visit the plan would have saved
+        plan = await store.get_renewal(host)
+        assert plan is not None and plan.source == "ratio"
+        assert cert.not_before < plan.due_at < cert.not_after
+        assert await edge.served_serial(host, short_pebble) == serial
     finally:
         await store.close()
         await edge.stop()

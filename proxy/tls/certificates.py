@@ -24,7 +24,7 @@ import ssl
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -228,6 +228,10 @@ class CertificateManager:
         self._store_refusals = LogBudget(1.0)
         self._kept_contexts = LogBudget(settings.revalidate_seconds)
         self.on_stored: Callable[[str], None] | None = None  # e.g. wake the maintenance loop
+        # Plans a first-click certificate's renewal while its order still holds the name's
+        # lease (Maintainer.plan_new): one store write instead of a maintenance visit later
+        # (its own lease, certificate and plan reads, and the passes around it).
+        self.plan_new: Callable[[StoredCertificate], Awaitable[None]] | None = None
         self.holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stats = IssuanceStats()
 
@@ -447,10 +451,21 @@ class CertificateManager:
         )
         self._refusals.discard(hostname)
         self._ca_refusal_logged.pop(hostname, None)
+        if self.plan_new is not None and not renewal:  # renewals are planned by their visit
+            await self._plan_new(stored)
         await self._remember(stored)
         if self.on_stored is not None:
             self.on_stored(hostname)
         return stored
+
+    async def _plan_new(self, stored: StoredCertificate) -> None:
+        assert self.plan_new is not None
+        try:
+            await self.plan_new(stored)
+        except StoreUnavailable as exc:  # logged by the store; the maintenance visit plans it
+            log.debug("%s: renewal not planned at issuance: %s", stored.hostname, exc)
+        except Exception:  # the certificate is stored: serve it, the visit plans it
+            log.exception("%s: planning the renewal at issuance failed", stored.hostname)
 
     async def _ca_unavailable(self, hostname: str, what: str, exc: AcmeError) -> None:
         """Log (and record) a CA-level refusal once per host per `refusal_seconds`."""

@@ -49,6 +49,7 @@ MIN_SLEEP = 0.25  # between passes when something is due (a lease held elsewhere
 CA_RETRY_SPREAD = 10.0  # renewals refused by a CA outage come back spread over this many s
 LOAD_CACHE_SECONDS = 60.0  # a worker re-reads the store's renewal load at most this often
 LOAD_HORIZON = 70 * 86400.0  # the load read covers at least this far ahead (90-day certs)
+PLANNED_MEMO_SECONDS = 60.0  # wakes about a certificate this worker planned itself: ignored
 
 
 class RenewalLoadSource(Protocol):
@@ -160,6 +161,11 @@ class Maintainer:
         # its own lease holder: a first-click order in this very process must exclude it too
         self._holder = f"{manager.holder}:maintenance"
         self.planner = RenewalPlanner(store, clock, uniform, level=settings.level_renewals)
+        # when the loop next reads the store (inf during a pass), and the first-click
+        # certificates planned by this worker: host -> (due, memo expiry, monotonic)
+        self._next_pass_at = float("inf")
+        self._planned: dict[str, tuple[float, float]] = {}
+        manager.plan_new = self.plan_new
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self.run_forever())
@@ -170,10 +176,36 @@ class Maintainer:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    def wake(self, _hostname: str | None = None) -> None:
+    def wake(self, hostname: str | None = None) -> None:
         """Something changed the schedule (a new certificate here or in another worker):
-        look again now instead of at the planned moment."""
+        look again now instead of at the planned moment. Not for a certificate this worker
+        planned at issuance (`plan_new`) whose renewal is not due before the next pass
+        anyway: its own store notice and event-log echo would cost two passes for nothing."""
+        planned = self._planned.get(hostname) if hostname else None
+        if planned is not None and time.monotonic() < planned[1]:
+            if planned[0] >= self._next_pass_at:
+                return
         self._wake.set()
+
+    async def plan_new(self, cert: StoredCertificate) -> None:
+        """Plan a first-click certificate's renewal, called by its order under the name's
+        lease (CertificateManager.plan_new): what this worker's visit would write, without
+        the visit. Left to the visit when the CA may offer ARI (asked there, off the click
+        path) or when the certificate is due at once."""
+        now = self._clock()
+        may_offer_ari = getattr(self._ari, "may_offer_ari", None)
+        if now >= cert.not_after or may_offer_ari is None or may_offer_ari(cert.directory_url):
+            return
+        due = await self.planner.due_at(cert.not_before, cert.not_after)
+        if due <= now:
+            return
+        await self._store.put_renewal(
+            RenewalPlan(cert.hostname, due_at=due, next_check_at=due, source="ratio")
+        )
+        if len(self._planned) >= 1000:  # bounded: a burst of first clicks
+            mono = time.monotonic()
+            self._planned = {h: p for h, p in self._planned.items() if p[1] > mono}
+        self._planned[cert.hostname] = (due, time.monotonic() + PLANNED_MEMO_SECONDS)
 
     async def run_forever(self) -> None:
         """Sleep until the earliest moment the store says a host needs a visit (a renewal
@@ -183,6 +215,7 @@ class Maintainer:
         await asyncio.sleep(min(interval, 1.0) * self._uniform())  # workers out of step
         while True:
             self._wake.clear()  # a wake during the pass below means: pass again at once
+            self._next_pass_at = float("inf")  # a plan made meanwhile may be missed: wake
             try:
                 visited = await self.run_once()
                 delay = await self._sleep_for(visited)
@@ -194,6 +227,7 @@ class Maintainer:
                 delay = interval * (0.5 + self._uniform())
             if self._wake.is_set():
                 continue
+            self._next_pass_at = self._clock() + delay
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except TimeoutError:
