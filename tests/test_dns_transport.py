@@ -2,21 +2,35 @@
 
 Real sockets: the test DNS server for truncation and TCP, and a hand-driven UDP
 nameserver for what a resolver must ignore (a datagram from elsewhere, garbage, an
-answer to another query) and for silence.
+answer to another query) and for silence. Each on asyncio's loop and on uvloop (the
+edge's default, whose `sock_recvfrom` is not implemented).
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 import dns.message
+import dns.nameserver
 import dns.rrset
 import pytest
 
 from proxy.demo.dnsserver import DNSServer
 from proxy.hosts.dnscheck import CnameChecker, CnameStatus, LeanNameserver, make_resolver
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def _run(loop: str, coro: Coroutine[Any, Any, None]) -> None:
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(coro)
+    else:
+        asyncio.run(coro)
 
 
 def test_configured_nameservers_use_the_lean_transport(dns_server: DNSServer) -> None:
@@ -24,14 +38,39 @@ def test_configured_nameservers_use_the_lean_transport(dns_server: DNSServer) ->
     assert all(type(ns) is LeanNameserver for ns in resolver.nameservers)
 
 
-async def test_a_truncated_answer_is_asked_again_over_tcp(dns_server: DNSServer) -> None:
+@pytest.mark.parametrize("loop", LOOPS)
+def test_udp_queries_on_either_loop_skip_dnspythons_transport(
+    dns_server: DNSServer, loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refused(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("dnspython's own UDP transport was used")
+
+    monkeypatch.setattr(dns.nameserver.Do53Nameserver, "async_query", refused)
+    host = "lean.lean-dns.test"
+    dns_server.set_a(host, ["192.0.2.44"])
+
+    async def lookups() -> None:
+        resolver = make_resolver([dns_server.nameserver], 3.0)
+        for _ in range(3):
+            answer = await resolver.resolve(host, "A")
+            assert [str(r) for r in answer] == ["192.0.2.44"]
+
+    _run(loop, lookups())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_truncated_answer_is_asked_again_over_tcp(dns_server: DNSServer, loop: str) -> None:
     host = "many.lean-dns.test"
     addresses = [f"10.0.{i // 250}.{i % 250 + 1}" for i in range(60)]  # > 512 bytes
     dns_server.set_a(host, addresses)
     dns_server.reset_counts()
-    resolver = make_resolver([dns_server.nameserver], 3.0)
-    answer = await resolver.resolve(host, "A")
-    assert sorted(str(r) for r in answer) == sorted(addresses)
+
+    async def lookup() -> None:
+        resolver = make_resolver([dns_server.nameserver], 3.0)
+        answer = await resolver.resolve(host, "A")
+        assert sorted(str(r) for r in answer) == sorted(addresses)
+
+    _run(loop, lookup())
     assert dns_server.query_count(host, "A", "udp") == 1
     assert dns_server.query_count(host, "A", "tcp") == 1
 
@@ -81,19 +120,33 @@ def unruly_nameserver() -> Iterator[tuple[str, int, list[str]]]:
     other.close()
 
 
-async def test_only_the_servers_answer_to_this_query_counts(
-    unruly_nameserver: tuple[str, int, list[str]],
+@pytest.mark.parametrize("loop", LOOPS)
+def test_only_the_servers_answer_to_this_query_counts(
+    unruly_nameserver: tuple[str, int, list[str]], loop: str
 ) -> None:
     host, port, seen = unruly_nameserver
-    resolver = make_resolver([f"{host}:{port}"], 3.0)
-    answer = await resolver.resolve("links.unruly.test", "A")
-    assert [str(r) for r in answer] == ["192.0.2.7"]
+
+    async def lookup() -> None:
+        resolver = make_resolver([f"{host}:{port}"], 3.0)
+        answer = await resolver.resolve("links.unruly.test", "A")
+        assert [str(r) for r in answer] == ["192.0.2.7"]
+
+    _run(loop, lookup())
     assert seen == ["links.unruly.test."]
 
 
-async def test_silence_is_unknown_not_wrong(unruly_nameserver: tuple[str, int, list[str]]) -> None:
+@pytest.mark.parametrize("loop", LOOPS)
+def test_silence_is_unknown_not_wrong(
+    unruly_nameserver: tuple[str, int, list[str]], loop: str
+) -> None:
     host, port, seen = unruly_nameserver
-    checker = CnameChecker([f"{host}:{port}"], timeout=0.6)
-    result = await checker.check("silent.unruly.test", "edge.linkedge.test")
-    assert result.status is CnameStatus.UNKNOWN
+
+    async def check() -> None:
+        checker = CnameChecker([f"{host}:{port}"], timeout=0.6)
+        result = await checker.check("silent.unruly.test", "edge.linkedge.test")
+        assert result.status is CnameStatus.UNKNOWN
+        # the query left no task behind on the loop
+        assert not asyncio.all_tasks() - {asyncio.current_task()}
+
+    _run(loop, check())
     assert seen and all(name == "silent.unruly.test." for name in seen)

@@ -23,8 +23,9 @@ import asyncio
 import enum
 import socket
 import time
-from asyncio.selector_events import BaseSelectorEventLoop
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import dns.asyncbackend
 import dns.asyncresolver
@@ -35,6 +36,8 @@ import dns.nameserver
 import dns.resolver
 
 from proxy.wire.addresses import nameserver_address
+
+T = TypeVar("T")
 
 
 class CnameStatus(enum.StrEnum):
@@ -67,13 +70,14 @@ class LeanNameserver(dns.nameserver.Do53Nameserver):
 
     dnspython's asyncio backend makes a socket, a transport and a protocol per query
     (`create_datagram_endpoint`), about a third of a lookup's CPU here. A query is one
-    datagram out and one in: a plain non-blocking socket and the loop's
-    `sock_sendto`/`sock_recvfrom` do the same with less. The rest is dnspython's as
-    before: the message is built and parsed by it, and answers are accepted by its rules
-    (`ignore_unexpected`, `ignore_errors`: from the server's address, a response to this
-    query, well formed; a truncated answer raises Truncated so the resolver retries over
-    TCP, which goes through dnspython unchanged, as do queries from a source address
-    and queries on loops without `sock_recvfrom`, such as uvloop's).
+    datagram out and one in: a plain non-blocking socket, sent at once and read when the
+    loop says it is readable (`add_reader`, which asyncio's loops and uvloop both have;
+    uvloop's `sock_recvfrom` raises NotImplementedError), does the same with less. The
+    rest is dnspython's as before: the message is built and parsed by it, and answers
+    are accepted by its rules (`ignore_unexpected`, `ignore_errors`: from the server's
+    address, a response to this query, well formed; a truncated answer raises Truncated
+    so the resolver retries over TCP, which goes through dnspython unchanged, as do
+    queries from a source address).
     """
 
     async def async_query(
@@ -88,8 +92,7 @@ class LeanNameserver(dns.nameserver.Do53Nameserver):
         ignore_trailing: bool = False,
     ) -> dns.message.Message:
         loop = asyncio.get_running_loop()
-        # uvloop has no sock_sendto/sock_recvfrom: dnspython's own transport there
-        if max_size or source or source_port or not isinstance(loop, BaseSelectorEventLoop):
+        if max_size or source or source_port:
             return await super().async_query(
                 request,
                 timeout,
@@ -106,13 +109,17 @@ class LeanNameserver(dns.nameserver.Do53Nameserver):
         destination = (self.address, self.port)
         with socket.socket(dns.inet.af_for_address(self.address), socket.SOCK_DGRAM) as sock:
             sock.setblocking(False)
-            await loop.sock_sendto(sock, wire, destination)
+            try:
+                await _datagram_io(
+                    loop, sock, deadline, lambda: sock.sendto(wire, destination), sending=True
+                )
+            except TimeoutError:
+                raise dns.exception.Timeout(timeout=timeout) from None
             while True:
-                left = deadline - loop.time()
-                if left <= 0:
-                    raise dns.exception.Timeout(timeout=timeout)
                 try:
-                    data, sender = await asyncio.wait_for(loop.sock_recvfrom(sock, 65535), left)
+                    data, sender = await _datagram_io(
+                        loop, sock, deadline, lambda: sock.recvfrom(65535)
+                    )
                 except TimeoutError:
                     raise dns.exception.Timeout(timeout=timeout) from None
                 if sender[:2] != destination:
@@ -136,6 +143,47 @@ class LeanNameserver(dns.nameserver.Do53Nameserver):
                     continue
                 response.time = time.time() - begin
                 return response
+
+
+async def _datagram_io(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    deadline: float,
+    attempt: Callable[[], T],
+    *,
+    sending: bool = False,
+) -> T:
+    """`attempt` (a receive on the non-blocking `sock`, or a send) once it does not
+    block; TimeoutError at `deadline` (the loop's clock). Waits with `add_reader` (or
+    `add_writer`) and one timer: no task, no transport."""
+    while True:
+        try:
+            return attempt()
+        except (BlockingIOError, InterruptedError):
+            pass
+        left = deadline - loop.time()
+        if left <= 0:
+            raise TimeoutError
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+        if sending:
+            loop.add_writer(fd, _set_done, ready)
+        else:
+            loop.add_reader(fd, _set_done, ready)
+        timer = loop.call_later(left, _set_done, ready)
+        try:
+            await ready
+        finally:
+            timer.cancel()
+            if sending:
+                loop.remove_writer(fd)
+            else:
+                loop.remove_reader(fd)
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _lean(nameserver: str | dns.nameserver.Nameserver, port: int) -> dns.nameserver.Nameserver:
