@@ -21,7 +21,7 @@ from proxy.demo.backend import HEALTH_PATH, RecordedRequest
 from proxy.http.forward import Forwarder
 
 HOST = "links.bounds.test"
-ATTACKER, CLICKER = "127.0.0.2", "127.0.0.3"
+ATTACKER, CLICKER = "127.0.99.2", "127.0.99.3"
 PER_SOURCE = 32
 BODY_TIMEOUT = 1.5
 

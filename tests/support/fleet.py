@@ -40,9 +40,8 @@ from proxy.demo.backend import HEALTH_PATH, start_backend
 from proxy.demo.client import edge_session, verifying_context
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from support.net import free_port
+from support.net import FLEET_IPS, free_port, free_port_everywhere
 
-FLEET_IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 ADMIN_TOKEN = "fleet-admin-token-0123456789abcdef"
 _READY = "edge worker ready"
 _WORKER_READY = re.compile(r"\[(\d+)\] proxy\.app\.wiring: edge worker ready")
@@ -258,10 +257,7 @@ class Fleet:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.target = self.target or f"edge-{os.getpid()}-{id(self) % 10_000}.fleet.test"
         shared = {self.pebble.http_port}  # every node listens on it, at its own address
-        https_port = free_port(self.ips[0], avoid=shared)
-        # one port number for all: probe that it is free everywhere
-        while not all(_port_free(ip, https_port) for ip in self.ips[1:]):
-            https_port = free_port(self.ips[0], avoid=shared)
+        https_port = free_port_everywhere(self.ips, avoid=shared)
         # a node's own ports must not be one the nodes share: those are still free at a
         # fleet address until the nodes start (a fresh-clone CI run once had a node that
         # could not listen on Pebble's HTTP-01 port at 127.0.0.4; a port drawn this way
@@ -499,17 +495,6 @@ async def handshake(ip: str, port: int, host: str, root: Path, timeout: float = 
 
 def _finalized(pebble: PebbleServer) -> int:
     return pebble.log_text().count(_FINALIZE)
-
-
-def _port_free(ip: str, port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind((ip, port))
-        except OSError:
-            return False
-    return True
 
 
 @contextlib.contextmanager

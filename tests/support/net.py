@@ -9,6 +9,14 @@ from collections.abc import Collection
 # Every edge gets its own loopback address 127.0.0.N (and target edge-N.linkedge.test):
 # Pebble validates HTTP-01 on one fixed port, so edges share it on distinct addresses.
 _addresses = itertools.count(10)
+# The fleets' nodes (support/fleet.py), each listening on Pebble's HTTP-01 port there.
+FLEET_IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+# Tests that need clients from several source addresses (per-source bounds) bind them in
+# 127.0.99.0/24, where no test server listens: a client socket bound to a server's
+# address holds its port there, and a server started later cannot listen on that port
+# (two full runs had a fleet node refused Pebble's HTTP-01 port at 127.0.0.2 and .4,
+# where test_connection_bounds' clients had been).
+CLIENT_SOURCES = "127.0.99."
 
 
 def free_port(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
@@ -20,6 +28,25 @@ def free_port(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
             s.bind((host, 0))
             port = int(s.getsockname()[1])
         if port not in avoid:
+            return port
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_everywhere(hosts: Collection[str], avoid: Collection[int] = ()) -> int:
+    """A port free at every one of `hosts` right now (one port number that servers on
+    several addresses will all listen on)."""
+    first, *rest = hosts
+    while True:
+        port = free_port(first, avoid)
+        if all(port_free(host, port) for host in rest):
             return port
 
 

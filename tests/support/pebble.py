@@ -9,7 +9,10 @@ from typing import Any
 
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
-from support.net import free_port
+from support.net import FLEET_IPS, free_port, free_port_everywhere
+
+# where edges listen on Pebble's HTTP-01 port: the default address and the fleets'
+_HTTP_01_AT = ("127.0.0.1", *FLEET_IPS)
 
 
 @contextlib.contextmanager
@@ -21,7 +24,8 @@ def running_pebble(
     server = PebbleServer(
         workdir,
         dns.nameserver,
-        http_port=http_port if http_port is not None else free_port(),
+        # free at the fleets' addresses too: their nodes listen on it there
+        http_port=http_port if http_port is not None else free_port_everywhere(_HTTP_01_AT),
         tls_port=free_port(),
         **options,
     )
