@@ -14,6 +14,7 @@ from support.edge import FakeClock, client_context
 from support.pebble import running_pebble
 from support.renewal import Edge, new_edge_config, served_serial
 
+from certstore import Store
 from certstore.errors import StoreUnavailable
 from proxy.demo.dnsserver import DNSServer
 from proxy.demo.pebble import PebbleServer
@@ -41,6 +42,14 @@ async def _edge(
     return await Edge(config, key_text, clock, ip).start()
 
 
+async def _cnamed_host(edge: Edge, store: Store, dns: DNSServer, label: str) -> str:
+    """A host registered in the store and CNAME'd to the edge: its first click orders."""
+    host = f"links.{label}-{edge.ip.split('.')[-1]}.test"
+    await store.add_domain(host, "acct")
+    dns.set_cname(host, edge.config.edge.cname_target)
+    return host
+
+
 async def test_renewal_in_background_replaces_the_served_certificate(
     tmp_path: Path, short_pebble: PebbleServer, dns_server: DNSServer, backend
 ) -> None:
@@ -48,9 +57,7 @@ async def test_renewal_in_background_replaces_the_served_certificate(
     edge = await _edge(tmp_path, short_pebble, dns_server, backend[0], clock)
     store = await edge.open_store()
     try:
-        host = f"links.renew-{edge.ip.split('.')[-1]}.test"
-        await store.add_domain(host, "acct")
-        dns_server.set_cname(host, edge.config.edge.cname_target)
+        host = await _cnamed_host(edge, store, dns_server, "renew")
         first = await edge.served_serial(host, short_pebble)
         orders = short_pebble.order_count()
 
@@ -95,9 +102,7 @@ async def test_a_plan_the_order_could_not_write_is_made_by_the_next_visit(
     edge = await _edge(tmp_path, short_pebble, dns_server, backend[0], clock)
     store = await edge.open_store()
     try:
-        host = f"links.unplanned-{edge.ip.split('.')[-1]}.test"
-        await store.add_domain(host, "acct")
-        dns_server.set_cname(host, edge.config.edge.cname_target)
+        host = await _cnamed_host(edge, store, dns_server, "unplanned")
         assert edge.worker is not None and edge.worker.maintainer is not None
         worker_store = edge.worker.maintainer._store  # noqa: SLF001 (the worker's own)
         refused: list[str] = []
@@ -131,9 +136,7 @@ async def test_renewal_skipped_when_cname_moved_keeps_serving(
     edge = await _edge(tmp_path, short_pebble, dns_server, backend[0], clock)
     store = await edge.open_store()
     try:
-        host = f"links.moved-{edge.ip.split('.')[-1]}.test"
-        await store.add_domain(host, "acct")
-        dns_server.set_cname(host, edge.config.edge.cname_target)
+        host = await _cnamed_host(edge, store, dns_server, "moved")
         serial = await edge.served_serial(host, short_pebble)
         await edge.run_maintenance()
         plan = await store.get_renewal(host)
@@ -190,9 +193,7 @@ async def test_ca_down_during_renewal_then_back(
     edge = await _edge(tmp_path, short_pebble, dns_server, backend[0], clock)
     store = await edge.open_store()
     try:
-        host = f"links.outage-{edge.ip.split('.')[-1]}.test"
-        await store.add_domain(host, "acct")
-        dns_server.set_cname(host, edge.config.edge.cname_target)
+        host = await _cnamed_host(edge, store, dns_server, "outage")
         old_root = client_context(short_pebble)  # Pebble makes a new root when restarted
         serial = await edge.served_serial(host, short_pebble)
         await edge.run_maintenance()

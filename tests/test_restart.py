@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from support.clicks import certify, edge_store, get_status
 from support.edge import EdgeHandle, client_context, tls_handshake
+from support.net import port_free
 
 from certstore import StoreKeyError, generate_key_text
 from proxy.app.wiring import EdgeWorker
@@ -58,15 +58,6 @@ async def test_certificate_comes_back_from_the_store_after_restart(
     assert all_kinds.count("acme_account_registered") == 1
 
 
-def port_is_free(ip: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((ip, port))
-        except OSError:
-            return False
-    return True
-
-
 async def test_wrong_store_key_is_a_startup_error(
     edge: EdgeHandle, pebble: PebbleServer, dns_server: DNSServer
 ) -> None:
@@ -81,7 +72,7 @@ async def test_wrong_store_key_is_a_startup_error(
     finally:
         await worker.close()
     assert worker.tls_listener is None  # failed before listening
-    assert port_is_free(edge.ip, edge.https_port)
+    assert port_free(edge.ip, edge.https_port)
 
     # the right key still opens it: nothing was damaged by the failed start
     Path(edge.config.store.key_file).write_text(edge.key_text)
