@@ -162,7 +162,8 @@ class Maintainer:
         self._holder = f"{manager.holder}:maintenance"
         self.planner = RenewalPlanner(store, clock, uniform, level=settings.level_renewals)
         # when the loop next reads the store (inf during a pass), and the first-click
-        # certificates planned by this worker: host -> (due, memo expiry, monotonic)
+        # certificates planned by this worker: host -> (due, memo expiry on the monotonic
+        # clock); entries live PLANNED_MEMO_SECONDS, so at most a minute's first clicks
         self._next_pass_at = float("inf")
         self._planned: dict[str, tuple[float, float]] = {}
         manager.plan_new = self.plan_new
@@ -202,7 +203,7 @@ class Maintainer:
         await self._store.put_renewal(
             RenewalPlan(cert.hostname, due_at=due, next_check_at=due, source="ratio")
         )
-        if len(self._planned) >= 1000:  # bounded: a burst of first clicks
+        if len(self._planned) >= 1000:  # a burst of first clicks: drop the expired ones
             mono = time.monotonic()
             self._planned = {h: p for h, p in self._planned.items() if p[1] > mono}
         self._planned[cert.hostname] = (due, time.monotonic() + PLANNED_MEMO_SECONDS)
