@@ -218,16 +218,24 @@ class ConnectionLimits:
             if victim is None:
                 # all its other connections are working on requests: this one waits its turn
                 self.stats.refused_source += 1
-                conn.abort()
+                self._close(conn)
             else:
                 self.stats.evicted_source += 1
-                victim.abort()
+                self._close(victim)
         if self.stats.open > settings.max_total:
             largest = next(iter(self._sizes.get(self._largest, {})), source)
             victim = _evictable(self._by_source[largest], conn, busy_too=True)
             if victim is not None:
                 self.stats.evicted_total += 1
-                victim.abort()
+                self._close(victim)
+
+    def _close(self, conn: BoundedHandler) -> None:
+        """Close a connection over a cap, and stop counting it now: its transport lets
+        go of it a turn or two of the loop later, and until then it would still be its
+        source's oldest, so every newcomer meanwhile "evicted" that same connection and
+        stayed (a busy worker reached its descriptor limit that way)."""
+        self.closed(conn)
+        conn.abort()
 
     def replace(self, old: object, conn: BoundedHandler) -> None:
         """`conn` serves `old`'s connection from now on, in its place (least recently
