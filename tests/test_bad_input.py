@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from support.clicks import certify, get_status, python_hello, read_to_close, url
 from support.edge import EdgeHandle, client_context
+from support.net import client_source
 
 from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer
@@ -259,13 +260,13 @@ async def test_one_source_cannot_hold_more_than_its_share_of_pending_slots(serve
 
     held = []
     for _ in range(cap):
-        held.append(await silent("127.0.99.5"))
+        held.append(await silent(client_source(5)))
         await asyncio.sleep(0.002)  # accepted in this order: the first is the oldest
     async with asyncio.timeout(10):
         while served.stats.awaiting_hello < cap:
             await asyncio.sleep(0.01)
-    extra = [await silent("127.0.99.5") for _ in range(5)]
-    other = await silent("127.0.99.6")
+    extra = [await silent(client_source(5)) for _ in range(5)]
+    other = await silent(client_source(6))
     try:
         # the five oldest end long before the 1 s hello timeout: evicted, not timed out
         evicted = await asyncio.gather(*(read_to_close(r, 5) for r, _ in held[:5]))
@@ -279,7 +280,7 @@ async def test_one_source_cannot_hold_more_than_its_share_of_pending_slots(serve
         connector = aiohttp.TCPConnector(
             resolver=StaticResolver(served.edge.ip),
             ssl=client_context(served.pebble),
-            local_addr=("127.0.99.5", 0),
+            local_addr=(client_source(5), 0),
         )
         async with (
             aiohttp.ClientSession(connector=connector) as session,

@@ -1,7 +1,7 @@
 """Issue 9: established connections are bounded in time and number, per source and in total.
 
-Real edge workers on loopback; sources are distinct loopback addresses (127.0.99.x,
-where no test server listens: see support/net.py).
+Real edge workers on loopback; sources are distinct loopback addresses (support.net's
+client_source: 127.0.99.x, where no test server listens).
 Small limits and timeouts are configured so every case ends within seconds.
 """
 
@@ -14,6 +14,7 @@ import time
 import pytest
 from support.clicks import certify, get_status, read_to_close
 from support.edge import EdgeHandle, client_context
+from support.net import client_source
 
 from proxy.app.config import Config, ConfigError, check_backends, check_listen, load_config
 from proxy.demo.dnsserver import DNSServer
@@ -103,11 +104,11 @@ async def test_slowloris_is_closed_at_the_header_deadline(bounded: Bounded, list
     """Headers trickled a byte every 0.2 s: closed HEADERS after the first byte, although
     bytes keep coming (an idle timer alone would be reset or be far later)."""
     opener = bounded.plain if listener == "http" else bounded.tls
-    reader, writer = await opener("127.0.99.2")
+    reader, writer = await opener(client_source(2))
     before = bounded.stats.header_timeouts
     sender = asyncio.ensure_future(trickle(writer, bounded.request() * 10, 0.2))
     try:
-        await bounded.wait_open("127.0.99.2", 1)
+        await bounded.wait_open(client_source(2), 1)
         data, _how, elapsed = await read_to_close(reader, HEADERS + 4)
     finally:
         sender.cancel()
@@ -124,9 +125,9 @@ async def test_idle_connections_are_closed_after_the_idle_timeout(
 ) -> None:
     opener = bounded.plain if listener == "http" else bounded.tls
     # never sends a request
-    silent_reader, silent_writer = await opener("127.0.99.2")
+    silent_reader, silent_writer = await opener(client_source(2))
     # one request, then keeps the connection open
-    reader, writer = await opener("127.0.99.2")
+    reader, writer = await opener(client_source(2))
     try:
         writer.write(bounded.request())
         assert (await one_response(reader)).startswith(b"HTTP/1.1 302")
@@ -147,7 +148,7 @@ async def test_over_the_per_source_cap_the_oldest_idle_connection_is_closed(
 ) -> None:
     """Cap 6 per source: a 7th connection closes the source's oldest *idle* one, not a
     busy one and not the newcomer; other sources are untouched."""
-    source, other = "127.0.99.2", "127.0.99.3"
+    source, other = client_source(2), client_source(3)
     neighbour = await bounded.plain(other)
     conns = []
     for _ in range(6):
@@ -177,7 +178,7 @@ async def test_over_the_per_source_cap_the_oldest_idle_connection_is_closed(
 async def test_over_the_worker_cap_another_source_is_never_refused(bounded: Bounded) -> None:
     """16 connections per worker: a full worker closes an idle connection of the source
     holding the most, and serves the newcomer from another source."""
-    hog = ["127.0.99.2", "127.0.99.3", "127.0.99.4"]  # 6 + 6 + 4 = 16
+    hog = [client_source(2), client_source(3), client_source(4)]  # 6 + 6 + 4 = 16
     held = []
     for source, n in zip(hog, (6, 6, 4), strict=True):
         for _ in range(n):
@@ -187,15 +188,15 @@ async def test_over_the_worker_cap_another_source_is_never_refused(bounded: Boun
     before = bounded.stats.evicted_total
     try:
         for i in range(3):  # three newcomers from three more sources, over TLS too
-            reader, writer = await bounded.tls(f"127.0.99.{5 + i}")
+            reader, writer = await bounded.tls(client_source(5 + i))
             held.append((reader, writer))
             writer.write(bounded.request())
             assert (await one_response(reader)).startswith(b"HTTP/1.1 302")
         assert bounded.stats.evicted_total == before + 3
         assert bounded.stats.open <= 16
         # taken from the two largest sources, never from the small one
-        assert bounded.count("127.0.99.4") == 4
-        assert bounded.count("127.0.99.2") + bounded.count("127.0.99.3") == 9
+        assert bounded.count(client_source(4)) == 4
+        assert bounded.count(client_source(2)) + bounded.count(client_source(3)) == 9
     finally:
         for _, writer in held:
             writer.close()
@@ -205,7 +206,7 @@ async def test_tls_connections_of_one_source_are_capped_after_the_handshake(
     bounded: Bounded,
 ) -> None:
     """Idle TLS connections beyond the per-source cap evict that source's oldest."""
-    source = "127.0.99.2"
+    source = client_source(2)
     held = []
     try:
         for _ in range(10):

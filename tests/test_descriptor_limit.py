@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 from support.clicks import certify, url
 from support.edge import EdgeHandle, client_context
+from support.net import client_source
 
 from proxy.demo.client import StaticResolver
 from proxy.demo.dnsserver import DNSServer
@@ -69,7 +70,7 @@ async def test_edge_stays_under_its_descriptor_limit(
 
         peak = 0
         for i in range(1100):
-            source = f"127.0.99.{2 + i % 5}"  # 220 per source: under the per-source cap
+            source = client_source(2 + i % 5)  # 220 per source: under the per-source cap
             _, writer = await asyncio.open_connection(
                 edge_config.ip, edge_config.http_port, local_addr=(source, 0)
             )
@@ -77,7 +78,7 @@ async def test_edge_stays_under_its_descriptor_limit(
             if i % 100 == 0:
                 peak = max(peak, open_fds(child.pid))
         for i in range(300):
-            source = f"127.0.99.{7 + i % 2}"
+            source = client_source(7 + i % 2)
             _, writer = await asyncio.open_connection(
                 edge_config.ip, edge_config.https_port, local_addr=(source, 0)
             )
@@ -89,7 +90,7 @@ async def test_edge_stays_under_its_descriptor_limit(
         connector = aiohttp.TCPConnector(
             resolver=StaticResolver(edge_config.ip),
             ssl=client_context(pebble),
-            local_addr=("127.0.99.9", 0),
+            local_addr=(client_source(9), 0),
             force_close=True,
         )
         async with aiohttp.ClientSession(connector=connector) as session:

@@ -16,12 +16,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 from support.edge import EdgeHandle
+from support.net import client_source
 
 from proxy.demo.backend import HEALTH_PATH, RecordedRequest
 from proxy.http.forward import Forwarder
 
 HOST = "links.bounds.test"
-ATTACKER, CLICKER = "127.0.99.2", "127.0.99.3"
+ATTACKER, CLICKER = client_source(2), client_source(3)
 PER_SOURCE = 32
 BODY_TIMEOUT = 1.5
 

@@ -11,12 +11,6 @@ from collections.abc import Collection
 _addresses = itertools.count(10)
 # The fleets' nodes (support/fleet.py), each listening on Pebble's HTTP-01 port there.
 FLEET_IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
-# Tests that need clients from several source addresses (per-source bounds) bind them in
-# 127.0.99.0/24, where no test server listens: a client socket bound to a server's
-# address holds its port there, and a server started later cannot listen on that port
-# (two full runs had a fleet node refused Pebble's HTTP-01 port at 127.0.0.2 and .4,
-# where test_connection_bounds' clients had been).
-CLIENT_SOURCES = "127.0.99."
 
 
 def free_port(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
@@ -48,6 +42,15 @@ def free_port_everywhere(hosts: Collection[str], avoid: Collection[int] = ()) ->
         port = free_port(first, avoid)
         if all(port_free(host, port) for host in rest):
             return port
+
+
+def client_source(n: int) -> str:
+    """The `n`th source address for a test's clients (per-source bounds): 127.0.99.n,
+    where no test server listens. A client socket bound to a server's address holds its
+    port there, and a server started later cannot listen on that port (two full runs had
+    a fleet node refused Pebble's HTTP-01 port at 127.0.0.2 and .4, where
+    test_connection_bounds' clients had been)."""
+    return f"127.0.99.{n}"
 
 
 def next_edge_address() -> tuple[str, str]:
